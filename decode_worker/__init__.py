@@ -1,0 +1,4 @@
+"""Decode worker (D): reservations, continuous batching, preemption, server.
+
+Built in the workers issue; empty until then.
+"""

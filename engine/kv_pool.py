@@ -1,0 +1,65 @@
+"""The paged KV pool: one tensor, block-major, owned here for the life of the engine.
+
+Layout (DESIGN.md §2): [num_blocks, num_layers, 2 (K, V), block_size, num_kv_heads, head_dim].
+One block holds every layer's K and V of `block_size` tokens in one contiguous span, so the
+KV transfer moves a prompt as a few large copies. The block manager hands out block *ids*;
+kv_transfer borrows this tensor and never allocates.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+POOL_LAYOUT = "block-major:[block][layer][kv][slot][kv_head][head_dim]/v1"
+
+
+@dataclass(frozen=True)
+class KVPoolSpec:
+    """Shape of one pool; the compatibility record carries it to peers."""
+
+    num_blocks: int
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads,
+                self.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads,
+                               self.head_dim, self.dtype)
+
+
+def bytes_per_block(
+    num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+
+
+class KVPool:
+    """Allocates the pool once (zeroed: padded reads in attention must see finite values)."""
+
+    def __init__(self, spec: KVPoolSpec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        logger.info(
+            "KV pool: %d blocks x %d tokens = %d token slots, %.1f MiB on %s",
+            spec.num_blocks, spec.block_size, spec.num_blocks * spec.block_size,
+            self.tensor.numel() * self.tensor.element_size() / 2**20, device,
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.spec.num_blocks * self.spec.block_size

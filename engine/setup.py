@@ -1,0 +1,170 @@
+"""Build an engine's parts from its config, once, at start: device, dtype, model, weights,
+KV pool (sized from a memory budget), block manager, model runner, tokenizer.
+
+Refuses to start with a message naming the option when the pieces cannot fit: a
+max_model_len above the config's, or a KV pool that cannot hold one sequence of
+max_model_len (an explicit max_model_len is refused; a defaulted one is capped and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_pool import KVPool, KVPoolSpec, bytes_per_block
+from pdserve.engine.loader import init_dummy, load_safetensors
+from pdserve.engine.model import CausalLM
+from pdserve.engine.model_config import ModelConfig, resolve_max_model_len
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
+from pdserve.kernels.ops import get_ops
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_BUDGET_BYTES = 1 << 30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineSetupError(RuntimeError):
+    """The engine cannot start with this configuration; the message says which option."""
+
+
+@dataclass
+class EngineParts:
+    config: EngineConfig
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    model: CausalLM
+    pool: KVPool
+    block_manager: BlockManager
+    runner: ModelRunner
+    tokenizer: Tokenizer | None
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.isdigit():
+        spec = f"cuda:{spec}"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineSetupError(f"--device {spec}: no CUDA device is available")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise EngineSetupError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+def resolve_dtype(spec: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    if spec != "auto":
+        return _DTYPES[spec]
+    if device.type == "cpu":
+        return torch.float32  # exact reference path; bf16 matmuls are slow on CPU anyway
+    dtype = _DTYPES[model_config.dtype]
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+def set_torch_threads(num: int | None) -> int:
+    """Bound intra-op threads so several processes can share a small machine."""
+    if num is None:
+        num = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, int(num or 1)))
+    return torch.get_num_threads()
+
+
+def build_model(model_config: ModelConfig, cfg: EngineConfig, device: torch.device,
+                dtype: torch.dtype, max_positions: int, progress: bool = True) -> CausalLM:
+    """Allocate the model on `device` without initialising it, then load or draw weights."""
+    with torch.device("meta"):
+        model = CausalLM(model_config, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    model.post_init(max_positions)
+    if cfg.load_format == "dummy":
+        init_dummy(model, cfg.seed)
+    else:
+        load_safetensors(model, cfg.model, progress=progress)
+    return model.eval()
+
+
+def plan_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, device: torch.device,
+                   dtype: torch.dtype, max_model_len: int) -> int:
+    """Number of KV blocks: the override, else the memory budget / bytes per block."""
+    if cfg.num_gpu_blocks_override is not None:
+        return cfg.num_gpu_blocks_override
+    per_block = bytes_per_block(model_config.num_hidden_layers, cfg.block_size,
+                                model_config.num_key_value_heads, model_config.head_dim, dtype)
+    if cfg.kv_cache_memory_bytes is not None:
+        budget = cfg.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used_by_us = torch.cuda.memory_allocated(device)
+        budget = int(total * cfg.gpu_memory_utilization) - used_by_us - (total - free - used_by_us)
+        budget -= _activation_reserve(cfg, model_config, dtype)
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+        # on CPU never allocate more than the batch could ever use
+        need = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
+        budget = min(budget, need * per_block)
+    return max(budget // per_block, 0)
+
+
+def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> int:
+    """A conservative bound on one step's activations (the kernels issue replaces it with a
+    profiled peak)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    t = cfg.max_num_batched_tokens
+    per_token = (4 * mc.hidden_size + 3 * mc.intermediate_size
+                 + (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim) * itemsize
+    logits = cfg.max_num_seqs * mc.vocab_size * 4 * 3
+    return 2 * t * per_token + logits + (256 << 20)
+
+
+def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
+    """Everything an engine needs, or an EngineSetupError naming what to change."""
+    set_torch_threads(cfg.torch_threads)
+    model_config = ModelConfig.from_pretrained(cfg.model)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, model_config, device)
+    max_model_len, note = resolve_max_model_len(model_config, cfg.max_model_len)
+    if note:
+        logger.warning(note)
+    tokenizer = None
+    if not cfg.skip_tokenizer_init:
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+            raise EngineSetupError(
+                f"tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
+                f"{model_config.vocab_size}: wrong --tokenizer?")
+    model = build_model(model_config, cfg, device, dtype, max_model_len, progress)
+    num_blocks = plan_kv_blocks(cfg, model_config, device, dtype, max_model_len)
+    capacity = num_blocks * cfg.block_size
+    if capacity < max_model_len:
+        if cfg.max_model_len is not None or capacity < cfg.block_size:
+            raise EngineSetupError(
+                f"the KV pool holds {capacity} tokens ({num_blocks} blocks of {cfg.block_size}) "
+                f"but max_model_len is {max_model_len}: lower --max-model-len or give the pool "
+                "more memory (--kv-cache-memory-bytes / --gpu-memory-utilization)")
+        logger.warning("max_model_len capped from %d to %d: the KV pool holds %d tokens",
+                       max_model_len, capacity, capacity)
+        max_model_len = capacity
+    spec = KVPoolSpec(num_blocks, model_config.num_hidden_layers, cfg.block_size,
+                      model_config.num_key_value_heads, model_config.head_dim, dtype)
+    pool = KVPool(spec, device)
+    ops = get_ops(cfg.kernel_backend, device.type)
+    logger.info("engine: %s on %s in %s, max_model_len %d, ops %s", model_config.architecture,
+                device, str(dtype).removeprefix("torch."), max_model_len, ops.name)
+    return EngineParts(
+        config=cfg, model_config=model_config, device=device, dtype=dtype,
+        max_model_len=max_model_len, model=model, pool=pool,
+        block_manager=BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
+        runner=ModelRunner(model, pool, ops), tokenizer=tokenizer,
+    )

@@ -1,0 +1,154 @@
+"""The `pdserve` command line: one subcommand per role, each built from its frozen config.
+
+    pdserve generate --model PATH --prompt TEXT      offline generation in this process
+    pdserve make-tiny-model --out DIR                a tiny random checkpoint (tests, demos)
+
+Expected failures (bad option, unreadable checkpoint, prompt too long) print one line naming
+the cause and exit non-zero; a traceback means a bug. The serving roles (serve, prefill,
+decode) arrive with the issues that build them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pdserve import __version__
+from pdserve.config import ConfigError, build_config, option, role_config
+from pdserve.engine.config import EngineConfig
+
+logger = logging.getLogger("pdserve")
+
+
+@role_config("generate")
+@dataclass(frozen=True)
+class GenerateConfig(EngineConfig):
+    """`pdserve generate`: an engine plus the prompts and how to sample them."""
+
+    prompt: list[str] | None = option(None, help="Prompt text (repeat the flag or give several).")
+    prompt_token_ids: str | None = option(
+        None, help="Token-id prompts instead of text: '1,2,3' or a JSON list of lists.",
+        metavar="IDS")
+    max_tokens: int = option(16, check=lambda v: None if v >= 1 else "must be >= 1",
+                             help="Tokens to generate per prompt.")
+    temperature: float = option(0.0, check=lambda v: None if v >= 0 else "must be >= 0",
+                                help="0 = greedy (the default here, for reproducible output).")
+    ignore_eos: bool = option(False, help="Keep generating past end-of-sequence tokens.")
+    json_output: bool = option(False, flag="--json", help="One JSON object per prompt.")
+
+
+@role_config("make-tiny-model")
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """`pdserve make-tiny-model`: write a tiny random Hugging Face checkpoint."""
+
+    out: str = option(help="Directory to write (created).", metavar="DIR")
+    arch: str = option("llama", choices=("llama", "llama3", "qwen2", "mistral"),
+                       help="Architecture family of the checkpoint.")
+    seed: int = option(0, help="Seed of the random weights.")
+
+
+def _parse_token_prompts(text: str) -> list[list[int]]:
+    try:
+        value = json.loads(text) if text.strip().startswith("[") else [
+            [int(t) for t in text.split(",")]]
+    except ValueError as e:
+        raise ConfigError(f"--prompt-token-ids={text!r}: not '1,2,3' or a JSON list ({e})",
+                          "prompt_token_ids") from e
+    if value and all(isinstance(t, int) for t in value):
+        value = [value]
+    if not value or not all(isinstance(p, list) and p and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in p) for p in value):
+        raise ConfigError(f"--prompt-token-ids={text!r}: expected lists of integers",
+                          "prompt_token_ids")
+    return value
+
+
+def run_generate(argv: Sequence[str]) -> int:
+    cfg = build_config(GenerateConfig, argv, prog="pdserve generate",
+                       description="Generate text offline with one engine in this process.")
+    _setup_logging(cfg.log_level)
+    prompts: list = list(cfg.prompt or [])
+    if cfg.prompt_token_ids:
+        prompts += [{"prompt_token_ids": p} for p in _parse_token_prompts(cfg.prompt_token_ids)]
+    if not prompts:
+        raise ConfigError("nothing to generate: give --prompt TEXT or --prompt-token-ids IDS",
+                          "prompt")
+    from pdserve import LLM, SamplingParams
+
+    engine_kwargs = {f: getattr(cfg, f) for f in EngineConfig.__dataclass_fields__ if f != "model"}
+    llm = LLM(cfg.model, **engine_kwargs)
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                            ignore_eos=cfg.ignore_eos, seed=cfg.seed)
+    for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
+        o = out.outputs[0]
+        if cfg.json_output:
+            print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
+                              "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason}))
+        else:
+            shown = out.prompt if out.prompt is not None else out.prompt_token_ids
+            print(f"prompt: {shown!r}\noutput: {o.text!r}\ntoken_ids: {o.token_ids}  "
+                  f"(finish: {o.finish_reason})\n")
+    return 0
+
+
+def run_make_tiny_model(argv: Sequence[str]) -> int:
+    cfg = build_config(TinyModelConfig, argv, prog="pdserve make-tiny-model",
+                       description="Write a tiny random Hugging Face checkpoint (with a small "
+                       "tokenizer) for tests and demos. Needs transformers; no downloads.")
+    _setup_logging("info")
+    from pdserve.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(cfg.out, arch=cfg.arch, seed=cfg.seed)
+    print(path)
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "generate": (run_generate, "offline generation with one engine in this process"),
+    "make-tiny-model": (run_make_tiny_model, "write a tiny random checkpoint (tests, demos)"),
+}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _usage() -> str:
+    lines = ["usage: pdserve COMMAND [options]   (pdserve COMMAND --help for its options)", "",
+             "commands:"]
+    lines += [f"  {name:<16} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "Every option can also come from a PDSERVE_* environment variable or a "
+              "--config YAML file (flags win, then environment, then file)."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"pdserve {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"pdserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    from pdserve.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[name][0](rest)
+    except ConfigError as e:
+        print(f"pdserve {name}: error: {e}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"pdserve {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
