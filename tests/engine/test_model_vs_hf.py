@@ -18,13 +18,15 @@ NUM_DECODE_STEPS = 33
 
 
 def run_engine_steps(parts, prompts, num_steps):
-    """Prefill all prompts in one step, then greedy-decode them together; returns the
-    generated tokens and the logits of every step per sequence."""
+    """Prefill all prompts in one step (logits at every prompt position), then greedy-decode
+    them together; returns the generated tokens and, per sequence, the logits of every prompt
+    position followed by those of every decode step."""
     bm, runner = parts.block_manager, parts.runner
     tables = [bm.allocate(p, num_slots=len(p) + num_steps).block_table for p in prompts]
-    logits = runner.execute([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)])
-    steps = [logits]
-    tokens = [[int(t)] for t in logits.argmax(-1)]
+    logits = runner.execute([SeqChunk(p, 0, t, num_logits=len(p)) for p, t in zip(prompts, tables)])
+    prefill = list(logits.split([len(p) for p in prompts]))
+    steps = []
+    tokens = [[int(pl[-1].argmax())] for pl in prefill]
     for _ in range(num_steps - 1):
         chunks = [SeqChunk([toks[-1]], len(p) + len(toks) - 1, t)
                   for p, toks, t in zip(prompts, tokens, tables)]
@@ -34,7 +36,8 @@ def run_engine_steps(parts, prompts, num_steps):
             toks.append(int(t))
     for t in tables:
         bm.free(t)
-    return tokens, [torch.stack([s[i] for s in steps]) for i in range(len(prompts))]
+    return tokens, [torch.cat([prefill[i], *(s[i:i + 1] for s in steps)])
+                    for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -48,7 +51,7 @@ def test_step_logits_match_transformers(arch, tiny_checkpoint):
     for p, toks, ours in zip(prompts, tokens, logits):
         ids = torch.tensor([p + toks[:-1]])
         with torch.no_grad():
-            ref = model(ids).logits[0, len(p) - 1:].float()  # [prefill last + each decode step]
+            ref = model(ids).logits[0].float()  # every prompt position, then each decode step
         assert ref.shape == ours.shape
         worst = max(worst, (ref - ours).abs().max().item())
     assert worst <= 1e-4, f"{arch}: max |logits - transformers| = {worst:.2e}"
