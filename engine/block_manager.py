@@ -161,11 +161,28 @@ class BlockManager:
         block_table.extend(new)
         return new
 
-    def fork(self, block_table: Sequence[int]) -> list[int]:
-        """Share every block of `block_table` with one more holder (n > 1 choices)."""
-        for b in block_table:
+    def can_fork(self, num_tokens: int) -> bool:
+        """Whether `fork(table, num_tokens)` would succeed now (a partial last block needs
+        one free block for its copy)."""
+        return num_tokens % self.block_size == 0 or self.num_free_blocks >= 1
+
+    def fork(self, block_table: Sequence[int], num_tokens: int) -> tuple[list[int], tuple[int, int] | None]:
+        """A block table for one more holder of the first `num_tokens` tokens (n > 1 choices).
+
+        Full blocks are shared by reference count; a partial last block is copied on write:
+        the fork gets a fresh block and the caller copies the KV (returned as (src, dst))
+        before either holder writes into it."""
+        num_full = num_tokens // self.block_size
+        shared = list(block_table[:num_full])
+        for b in shared:
             self._take(b)
-        return list(block_table)
+        if num_tokens % self.block_size == 0:
+            return shared, None
+        if self.num_free_blocks < 1:
+            self.free(shared)
+            raise MemoryError("not enough free KV blocks")
+        dst = self._take_free()
+        return shared + [dst], (block_table[num_full], dst)
 
     def mark_computed(
         self, block_table: Sequence[int], block_hashes: Sequence[int], num_computed_tokens: int

@@ -37,8 +37,9 @@ def _device(v: str) -> str | None:
 class EngineConfig:
     """Model, memory and batching options of one engine."""
 
-    model: str = option(help="Local Hugging Face checkpoint directory (config.json + "
-                        "*.safetensors). No hub downloads.", metavar="PATH")
+    model: str | None = option(None, help="Local Hugging Face checkpoint directory (config.json "
+                               "+ *.safetensors). No hub downloads. Default: the built-in tiny "
+                               "model, generated locally on first use.", metavar="PATH")
     tokenizer: str | None = option(None, help="Tokenizer directory (default: the model's).",
                                    metavar="PATH")
     skip_tokenizer_init: bool = option(False, help="Token-ids-only mode: no tokenizer; prompts "
@@ -66,9 +67,9 @@ class EngineConfig:
                                          help="Most tokens in one step (long prompts are chunked).")
     enable_prefix_caching: bool = option(True, help="Reuse KV blocks of shared prompt prefixes.")
     device: str = option("auto", check=_device, help="auto, cpu, cuda, cuda:N or N (GPU index).")
-    kernel_backend: Literal["auto", "torch"] = option(
-        "auto", help="Ops implementation: torch references (the CPU path). Triton joins in the "
-        "kernels issue.")
+    kernel_backend: Literal["auto", "torch", "triton"] = option(
+        "auto", help="Ops implementation. auto: Triton kernels on CUDA, torch references on "
+        "CPU; triton on CPU needs TRITON_INTERPRET=1 (tests).")
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
                                        "process may use).")

@@ -60,6 +60,13 @@ class KVPool:
             self.tensor.numel() * self.tensor.element_size() / 2**20, device,
         )
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (all layers, K and V) src -> dst: copy-on-write of n > 1 forks."""
+        if pairs:
+            src = torch.tensor([s for s, _ in pairs], device=self.device)
+            dst = torch.tensor([d for _, d in pairs], device=self.device)
+            self.tensor[dst] = self.tensor[src]
+
     @property
     def num_slots(self) -> int:
         return self.spec.num_blocks * self.spec.block_size

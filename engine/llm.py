@@ -1,7 +1,7 @@
 """The offline API, as vLLM users know it:
 
     from pdserve import LLM, SamplingParams
-    llm = LLM(model="/path/to/checkpoint")
+    llm = LLM(model="/path/to/checkpoint")   # or LLM() for the built-in tiny model
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text, .token_ids, .finish_reason
 
@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampler import Logprob
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sequence import Sequence
+from pdserve.engine.sequence import Request
 from pdserve.engine.setup import EngineParts, build_engine
 
 PromptType = str | dict[str, Any]
@@ -32,6 +33,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per output position, when asked
 
 
 @dataclass
@@ -46,7 +49,7 @@ class RequestOutput:
 class LLM:
     """An engine in this process. Keyword arguments are `EngineConfig` fields (vLLM names)."""
 
-    def __init__(self, model: str, *, use_tqdm_on_load: bool = True, **kwargs: Any):
+    def __init__(self, model: str | None = None, *, use_tqdm_on_load: bool = True, **kwargs: Any):
         names = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
@@ -92,24 +95,37 @@ class LLM:
         encoded = [self._prompt_ids(p) for p in prompts]
         for _, ids in encoded:
             self.engine.check_prompt(ids)
-        seqs: list[Sequence] = [self.engine.add_request(ids, sp)
-                                for (_, ids), sp in zip(encoded, params, strict=True)]
-        bar = tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm, leave=False)
+        reqs: list[Request] = []
+        for (_, ids), sp in zip(encoded, params, strict=True):
+            reqs.append(self.engine.add_request(ids, sp, request_id=str(self._next_request)))
+            self._next_request += 1
+        bar = tqdm(total=len(reqs), desc="Generating", disable=not use_tqdm, leave=False)
         try:
+            done = 0
             while self.engine.has_unfinished():
-                bar.update(len(self.engine.step()))
+                self.engine.step()
+                now = sum(r.finished for r in reqs)
+                bar.update(now - done)
+                done = now
         except BaseException:
-            for s in seqs:
-                self.engine.abort(s)
+            for r in reqs:
+                self.engine.abort(r)
             raise
         finally:
             bar.close()
-        outs = []
-        for (text, ids), seq in zip(encoded, seqs, strict=True):
-            rid = str(self._next_request)
-            self._next_request += 1
-            out_text = (self.parts.tokenizer.decode(seq.output_token_ids)
-                        if self.parts.tokenizer is not None else "")
-            outs.append(RequestOutput(rid, text, ids, [CompletionOutput(
-                0, out_text, list(seq.output_token_ids), seq.finish_reason)]))
-        return outs
+        return [RequestOutput(r.request_id, text, r.prompt_token_ids,
+                              [self._completion(s) for s in sorted(r.seqs, key=lambda s: s.choice_index)])
+                for (text, _), r in zip(encoded, reqs, strict=True)]
+
+    def _completion(self, seq) -> CompletionOutput:
+        tok = self.parts.tokenizer
+        logprobs = seq.logprobs
+        if logprobs is not None and tok is not None:
+            logprobs = [{t: dataclasses.replace(lp, decoded_token=tok.decode([t],
+                         skip_special_tokens=False)) for t, lp in pos.items()} for pos in logprobs]
+        return CompletionOutput(
+            index=seq.choice_index,
+            text=tok.decode(seq.output_token_ids) if tok is not None else "",
+            token_ids=list(seq.output_token_ids), finish_reason=seq.finish_reason,
+            cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
+            logprobs=logprobs)

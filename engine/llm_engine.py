@@ -8,7 +8,10 @@ Algorithm of `step()` (one forward per step):
 2. Waiting sequences join, first come first served, while the token budget, max_num_seqs and
    free blocks allow; leading full blocks found in the prefix cache are not recomputed.
 3. The runner computes the chunks; sequences whose chunk ends at their last token sample one
-   token; finished sequences free their blocks at once.
+   token; finished sequences free their blocks at once. A request with n > 1 choices samples
+   n first tokens from its one prefill and forks: prompt blocks are shared by reference
+   count, the last partial block is copied (if no block is free for the copy, the choice
+   waits and recomputes, mostly from the prefix cache).
 
 The prefill and decode workers get their own schedulers in the workers issue; this one keeps
 the offline path small and exact.
@@ -18,16 +21,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections import deque
 from collections.abc import Sequence as Seq
 
-import torch
-
 from pdserve.engine.block_manager import prefix_block_hashes
 from pdserve.engine.model_runner import SeqChunk
-from pdserve.engine.sampler import sample
+from pdserve.engine.sampler import SampleResult, SampleRow
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.sequence import Request, Sequence, SequenceStatus
 from pdserve.engine.setup import EngineParts
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class LLMEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._ids = itertools.count()
+        self._seed_rng = random.Random(self.cfg.seed)  # seeds for requests that bring none
         self.num_preemptions = 0
 
     def check_prompt(self, ids: Seq[int]) -> None:
@@ -70,28 +73,40 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                 "at most max_model_len - 1 prompt tokens leave room for one output token")
 
-    def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams) -> Sequence:
-        """Queue one sequence (after `check_prompt`)."""
+    def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
+                    request_id: str | None = None, choice_index: int = 0) -> Request:
+        """Queue one request (after `check_prompt`); its choices appear in `request.seqs`.
+
+        `choice_index` > 0 runs that one choice of a request alone (params.n must be 1): the
+        record a retry or failover re-submits draws exactly what that choice drew."""
         ids = [int(t) for t in prompt_token_ids]
         self.check_prompt(ids)
-        seq = Sequence(seq_id=next(self._ids), prompt_token_ids=ids, params=params,
-                       eos_token_ids=() if params.ignore_eos else self.eos_token_ids)
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else self.cfg.seed + seq.seq_id
-            seq.generator = torch.Generator(device=self.parts.device).manual_seed(seed)
-        self.waiting.append(seq)
+        if choice_index and params.n != 1:
+            raise ValueError("choice_index > 0 needs SamplingParams.n == 1")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        req = Request(request_id if request_id is not None else str(next(self._ids)), ids,
+                      params, seed)
+        self.waiting.append(self._new_sequence(req, choice_index))
+        return req
+
+    def _new_sequence(self, req: Request, choice: int) -> Sequence:
+        seq = Sequence(seq_id=next(self._ids), request=req, choice_index=choice,
+                       eos_token_ids=() if req.params.ignore_eos else self.eos_token_ids,
+                       logprobs=[] if req.params.logprobs is not None else None)
+        req.seqs.append(seq)
         return seq
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop a sequence now; its blocks are freed."""
-        if seq.status is SequenceStatus.FINISHED:
-            return
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        self._finish(seq, "abort")
+    def abort(self, req: Request) -> None:
+        """Drop every choice of a request now; their blocks are freed."""
+        for seq in req.seqs:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._finish(seq, "abort")
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -161,24 +176,65 @@ class LLMEngine:
             chunks.append(SeqChunk(seq.all_token_ids[start:start + n], start, seq.block_table,
                                    num_logits=1 if ends else 0))
         logits = self.parts.runner.execute(chunks)
-        sampling = [seq for (seq, _), c in zip(scheduled, chunks, strict=True) if c.num_logits]
-        tokens = sample(logits, [s.params.temperature for s in sampling],
-                        [s.generator for s in sampling]) if sampling else []
         for seq, n in scheduled:
             seq.num_computed_tokens += n
+        sampling = [seq for (seq, _), c in zip(scheduled, chunks) if c.num_logits]
+        # a request's first draw makes all n choices from the same logits row
+        rows, row_of, owners = [], [], []
+        for i, seq in enumerate(sampling):
+            req = seq.request
+            forking = len(req.seqs) == 1 and req.params.n > 1 and not seq.output_token_ids
+            for choice in range(req.params.n) if forking else [seq.choice_index]:
+                rows.append(self._sample_row(seq, choice))
+                row_of.append(i)
+                owners.append((seq, choice))
+        results = self.parts.sampler(logits[row_of], rows) if rows else []
         finished = []
-        for seq, token in zip(sampling, tokens, strict=True):
-            seq.output_token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+        # forks first: they share the parent's blocks before its first token can finish it
+        order = sorted(range(len(owners)), key=lambda k: owners[k][1] == owners[k][0].choice_index)
+        for (seq, choice), res in ((owners[k], results[k]) for k in order):
+            target = seq if choice == seq.choice_index else self._fork(seq, choice)
+            self._append(target, res)
+            reason = self._finish_reason(target, res.token)
             if reason:
-                self._finish(seq, reason)
-                finished.append(seq)
+                self._finish(target, reason)
+                finished.append(target)
         for seq, _ in scheduled:
             if seq.status is SequenceStatus.RUNNING:
                 seq.block_hashes = prefix_block_hashes(seq.all_token_ids, self.block_size,
                                                        seq.block_hashes)
                 self.bm.mark_computed(seq.block_table, seq.block_hashes, seq.num_computed_tokens)
         return finished
+
+    def _sample_row(self, seq: Sequence, choice: int) -> SampleRow:
+        req = seq.request
+        return SampleRow(req.params, req.seed, choice, req.prompt_token_ids,
+                         seq.output_token_ids,
+                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids))
+
+    def _append(self, seq: Sequence, res: SampleResult) -> None:
+        seq.output_token_ids.append(res.token)
+        if seq.logprobs is not None and res.logprobs is not None:
+            seq.logprobs.append(res.logprobs)
+            seq.cumulative_logprob += res.logprobs[res.token].logprob
+
+    def _fork(self, parent: Sequence, choice: int) -> Sequence:
+        """Choice `choice` of parent's request, sharing the parent's computed prompt blocks.
+        Called before the parent's first output token is appended."""
+        child = self._new_sequence(parent.request, choice)
+        child.block_hashes = list(parent.block_hashes)
+        n = parent.num_computed_tokens
+        if parent.status is SequenceStatus.RUNNING and len(self.running) < self.cfg.max_num_seqs \
+                and self.bm.can_fork(n):
+            child.block_table, copy = self.bm.fork(parent.block_table, n)
+            if copy is not None:
+                self.parts.pool.copy_blocks([copy])
+            child.num_computed_tokens = n
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            self.waiting.appendleft(child)  # recomputes; prompt blocks come from the prefix cache
+        return child
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.eos_token_ids or token in seq.params.stop_token_ids:
@@ -191,6 +247,8 @@ class LLMEngine:
         return None
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
         # its computed full blocks stay in the prefix cache after the free

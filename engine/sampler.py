@@ -1,28 +1,172 @@
-"""Token sampling for one step: greedy (argmax) or temperature sampling.
+"""Token sampling for one step, batched over every sequence that samples.
 
-Greedy rows take the first maximum, as transformers' greedy search does. Temperature rows
-draw by an exponential race on softmax(logits / T) with the request's own seeded generator.
-The counter-based sampler (Philox keyed by seed and choice, bit-equal on CPU and GPU) and the
-remaining parameters replace this in the sampler issue.
+Order, as vLLM applies it: penalties (repetition on prompt and output tokens, presence and
+frequency on output tokens) -> min_tokens masks EOS and stop ids -> greedy rows take the
+argmax; random rows divide by temperature, drop tokens under min_p * max prob, keep the
+top-k by value and the top-p nucleus, and draw by an exponential race: the token maximising
+p / E, E = -log(u). Each u comes from a counter-based generator (kernels/sampling.py) keyed
+by (seed, choice_index) with counter (output position, token id), so a seeded request draws
+the same tokens alone, in any batch, after a retry, and on CPU or GPU (bit-equal uniforms).
+Nothing here holds per-request generator state.
+
+Logprobs are those of the distribution the token was drawn from: after penalties and
+masks, and after temperature for random rows (greedy rows: temperature 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.sampling_params import SamplingParams
 
-def sample(
-    logits: torch.Tensor, temperatures: Sequence[float],
-    generators: Sequence[torch.Generator | None],
-) -> list[int]:
-    """logits [N, V] fp32 -> one token id per row."""
-    out = logits.argmax(dim=-1)
-    for i, t in enumerate(temperatures):
-        if t > 0.0:
-            probs = torch.softmax(logits[i] / t, dim=-1)
-            # exponential race: argmax p / E with E ~ Exp(1) draws from p
-            e = torch.empty_like(probs).exponential_(generator=generators[i])
-            out[i] = torch.argmax(probs / e)
-    return out.tolist()
+RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One entry of a position's logprobs, as vLLM reports it."""
+
+    logprob: float
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs of one sequence for one draw."""
+
+    params: SamplingParams
+    seed: int
+    choice_index: int
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]  # so far; the draw is for position len(output_token_ids)
+    min_tokens_blocked: Sequence[int] = ()  # EOS and stop ids masked until min_tokens
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token: int
+    logprobs: dict[int, Logprob] | None  # sampled token first, then the top-N
+
+
+def _rows(idx: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """In place on logits [N, V] for rows that have penalties."""
+    idx = [i for i, r in enumerate(rows) if r.params.has_penalties]
+    if not idx:
+        return
+    device, V = logits.device, logits.shape[1]
+    sel = _rows(idx, device)
+    sub = logits[sel]
+    counts = torch.zeros(len(idx), V + 1, device=device)  # column V absorbs padding
+    seen_prompt = torch.zeros(len(idx), V + 1, dtype=torch.bool, device=device)
+
+    def padded(lists: list[Sequence[int]]) -> torch.Tensor:
+        width = max(1, max(len(x) for x in lists))
+        return torch.tensor([list(x) + [V] * (width - len(x)) for x in lists], device=device)
+
+    out_ids = padded([rows[i].output_token_ids for i in idx])
+    counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
+    seen_prompt.scatter_(1, padded([rows[i].prompt_token_ids for i in idx]), True)
+    counts, seen_prompt = counts[:, :V], seen_prompt[:, :V]
+    p = [rows[i].params for i in idx]
+    rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
+    freq = torch.tensor([x.frequency_penalty for x in p], device=device)[:, None]
+    pres = torch.tensor([x.presence_penalty for x in p], device=device)[:, None]
+    seen = seen_prompt | (counts > 0)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    logits[sel] = sub
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    for i, r in enumerate(rows):
+        if len(r.output_token_ids) < r.params.min_tokens and r.min_tokens_blocked:
+            logits[i, list(r.min_tokens_blocked)] = float("-inf")
+
+
+def apply_filters(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor) -> torch.Tensor:
+    """min-p, then top-k (by value: ties with the k-th logit stay) and top-p on x [N, V]
+    (temperature-scaled logits); returns x with filtered tokens at -inf."""
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(x, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        x = x.masked_fill(probs < threshold, float("-inf"))
+    use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
+    if not (use_k or use_p):
+        return x
+    xs, order = x.sort(dim=-1, descending=False)
+    V = x.shape[1]
+    if use_k:
+        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+        kth = xs.gather(1, (V - k)[:, None])
+        xs = xs.masked_fill(xs < kth, float("-inf"))
+    if use_p:
+        cum = torch.softmax(xs, dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p)[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        xs = xs.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, xs)
+
+
+def _logprobs(logp: torch.Tensor, tokens: torch.Tensor, num: int) -> dict[int, Logprob]:
+    """logp [V] of one row -> {sampled token, then the top `num`}."""
+    tok = int(tokens)
+    lp = logp[tok]
+    out = {tok: Logprob(float(lp), int((logp > lp).sum()) + 1)}
+    if num > 0:
+        vals, ids = logp.topk(num)
+        for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist(), strict=True), start=1):
+            out.setdefault(t, Logprob(v, rank))
+    return out
+
+
+class Sampler:
+    """Draws one token per row. `race` is the exponential-race kernel for the device."""
+
+    def __init__(self, race: RaceFn):
+        self.race = race
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
+        """logits [N, V] fp32 (modified in place) -> one result per row, in order."""
+        if not rows:
+            return []
+        device = logits.device
+        apply_penalties(logits, rows)
+        apply_min_tokens(logits, rows)
+        tokens = logits.argmax(dim=-1)
+        dist_logits = logits  # the distribution each row draws from (greedy: as is)
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if rand:
+            sel = _rows(rand, device)
+            p = [rows[i].params for i in rand]
+            x = logits[sel] / torch.tensor([q.temperature for q in p], device=device)[:, None]
+            x = apply_filters(
+                x,
+                torch.tensor([q.top_k for q in p], device=device),
+                torch.tensor([q.top_p for q in p], device=device),
+                torch.tensor([q.min_p for q in p], device=device),
+            )
+            probs = torch.softmax(x, dim=-1)
+            t = lambda vals: torch.tensor(vals, dtype=torch.int64, device=device)  # noqa: E731
+            tokens[sel] = self.race(
+                probs, t([rows[i].seed for i in rand]), t([rows[i].choice_index for i in rand]),
+                t([len(rows[i].output_token_ids) for i in rand]),
+            )
+            if any(q.logprobs is not None for q in p):
+                dist_logits = logits.clone()
+                dist_logits[sel] = x
+        want = [r.params.logprobs for r in rows]
+        logp = torch.log_softmax(dist_logits, dim=-1) if any(w is not None for w in want) else None
+        tokens_list = tokens.tolist()
+        return [
+            SampleResult(tok, None if n is None else _logprobs(logp[i], tokens[i], n))
+            for i, (tok, n) in enumerate(zip(tokens_list, want, strict=True))
+        ]

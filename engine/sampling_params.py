@@ -1,48 +1,96 @@
 """Sampling parameters of one request, as vLLM users know them, checked at construction.
 
-This issue's sampler does greedy (temperature 0) and temperature sampling; top-k/top-p/min-p,
-penalties, logprobs and n > 1 arrive with the sampler issue.
+Defaults and ranges follow vLLM's `SamplingParams`: a bad value raises ValueError naming the
+parameter, e.g. "SamplingParams.top_p must be in (0, 1], got 1.5".
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. Invalid values raise ValueError naming the field."""
+    """How to pick tokens and when to stop.
+
+    temperature 0 is greedy; top_k 0 or -1, top_p 1 and min_p 0 disable those filters.
+    repetition_penalty (> 1 discourages) applies to tokens of the prompt and the output;
+    presence and frequency penalties to output tokens only. min_tokens keeps EOS and
+    stop_token_ids from being drawn until that many tokens exist. logprobs = N returns the
+    sampled token's logprob and the N most likely, from the distribution it was drawn from.
+    """
 
     n: int = 1
     temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
+    min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
-        if self.n != 1:
-            raise bad("n", "must be 1 for now (n > 1 comes with the sampler issue)")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0.0 or t == float("inf"):
+        if not _is_num(self.temperature) or self.temperature < 0:
             raise bad("temperature", "must be a finite number >= 0")
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
-            or self.max_tokens < 1
-        ):
-            raise bad("max_tokens", "must be an integer >= 1 or None")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "must be -1 or 0 (disabled) or an integer >= 1")
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be a number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_num(v) or not -2.0 <= v <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "must be an integer or None")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                   for t in self.stop_token_ids):
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise bad("seed", "must fit in 64 bits")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "must be an integer >= 1 or None")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
+        if self.seed is not None and self.seed >= 2**63:  # keep the bits, store as int64
+            object.__setattr__(self, "seed", self.seed - 2**64)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)

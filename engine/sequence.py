@@ -1,12 +1,11 @@
-"""A sequence being generated: its tokens, its blocks, and how much of it is in the KV cache."""
+"""A request and its sequences (one per choice): tokens, blocks, and how much is cached."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-import torch
-
+from pdserve.engine.sampler import Logprob
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -17,23 +16,49 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
-    seq_id: int
+class Request:
+    """One prompt with n choices. It starts with choice 0 alone; the others fork from it
+    when the prompt's logits are ready (one prefill for all n)."""
+
+    request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    seed: int
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(
+            s.status is SequenceStatus.FINISHED for s in self.seqs)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    choice_index: int = 0
     eos_token_ids: tuple[int, ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of full blocks of all tokens
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     finish_reason: str | None = None
-    generator: torch.Generator | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        return self.request.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.builtin_model import builtin_model_path
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_pool import KVPool, KVPoolSpec, bytes_per_block
@@ -21,6 +22,7 @@ from pdserve.engine.loader import init_dummy, load_safetensors
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_config import ModelConfig, resolve_max_model_len
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampler import Sampler
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.kernels.ops import get_ops
 
@@ -37,6 +39,7 @@ class EngineSetupError(RuntimeError):
 @dataclass
 class EngineParts:
     config: EngineConfig
+    model_path: str
     model_config: ModelConfig
     device: torch.device
     dtype: torch.dtype
@@ -45,6 +48,7 @@ class EngineParts:
     pool: KVPool
     block_manager: BlockManager
     runner: ModelRunner
+    sampler: Sampler
     tokenizer: Tokenizer | None
 
 
@@ -81,8 +85,9 @@ def set_torch_threads(num: int | None) -> int:
     return torch.get_num_threads()
 
 
-def build_model(model_config: ModelConfig, cfg: EngineConfig, device: torch.device,
-                dtype: torch.dtype, max_positions: int, progress: bool = True) -> CausalLM:
+def build_model(model_config: ModelConfig, cfg: EngineConfig, model_path: str,
+                device: torch.device, dtype: torch.dtype, max_positions: int,
+                progress: bool = True) -> CausalLM:
     """Allocate the model on `device` without initialising it, then load or draw weights."""
     with torch.device("meta"):
         model = CausalLM(model_config, max_positions)
@@ -91,7 +96,7 @@ def build_model(model_config: ModelConfig, cfg: EngineConfig, device: torch.devi
     if cfg.load_format == "dummy":
         init_dummy(model, cfg.seed)
     else:
-        load_safetensors(model, cfg.model, progress=progress)
+        load_safetensors(model, model_path, progress=progress)
     return model.eval()
 
 
@@ -131,7 +136,8 @@ def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) 
 def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
     """Everything an engine needs, or an EngineSetupError naming what to change."""
     set_torch_threads(cfg.torch_threads)
-    model_config = ModelConfig.from_pretrained(cfg.model)
+    model_path = cfg.model if cfg.model is not None else str(builtin_model_path())
+    model_config = ModelConfig.from_pretrained(model_path)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, model_config, device)
     max_model_len, note = resolve_max_model_len(model_config, cfg.max_model_len)
@@ -139,12 +145,12 @@ def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
         logger.warning(note)
     tokenizer = None
     if not cfg.skip_tokenizer_init:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        tokenizer = load_tokenizer(cfg.tokenizer or model_path)
         if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
             raise EngineSetupError(
                 f"tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
                 f"{model_config.vocab_size}: wrong --tokenizer?")
-    model = build_model(model_config, cfg, device, dtype, max_model_len, progress)
+    model = build_model(model_config, cfg, model_path, device, dtype, max_model_len, progress)
     num_blocks = plan_kv_blocks(cfg, model_config, device, dtype, max_model_len)
     capacity = num_blocks * cfg.block_size
     if capacity < max_model_len:
@@ -163,8 +169,17 @@ def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
     logger.info("engine: %s on %s in %s, max_model_len %d, ops %s", model_config.architecture,
                 device, str(dtype).removeprefix("torch."), max_model_len, ops.name)
     return EngineParts(
-        config=cfg, model_config=model_config, device=device, dtype=dtype,
+        config=cfg, model_path=model_path, model_config=model_config, device=device, dtype=dtype,
         max_model_len=max_model_len, model=model, pool=pool,
         block_manager=BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-        runner=ModelRunner(model, pool, ops), tokenizer=tokenizer,
+        runner=ModelRunner(model, pool, ops), sampler=Sampler(_race_for(device)),
+        tokenizer=tokenizer,
     )
+
+
+def _race_for(device: torch.device):
+    """The exponential-race draw: the fused Triton kernel on GPU, the reference on CPU
+    (bit-equal uniforms either way)."""
+    from pdserve.kernels import sampling
+
+    return sampling.exponential_race if device.type == "cuda" else sampling.exponential_race_ref

@@ -1,6 +1,6 @@
 """The `pdserve` command line: one subcommand per role, each built from its frozen config.
 
-    pdserve generate --model PATH --prompt TEXT      offline generation in this process
+    pdserve generate --prompt TEXT [--model PATH]    offline generation in this process
     pdserve make-tiny-model --out DIR                a tiny random checkpoint (tests, demos)
 
 Expected failures (bad option, unreadable checkpoint, prompt too long) print one line naming

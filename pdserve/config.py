@@ -28,6 +28,11 @@ T = TypeVar("T")
 
 ENV_PREFIX = "PDSERVE_"
 CONFIG_ENV = "PDSERVE_CONFIG"
+# PDSERVE_* variables read outside any role config (they are not typos)
+OTHER_ENV_VARS = frozenset({
+    CONFIG_ENV,
+    "PDSERVE_CACHE_DIR",  # where the built-in model is materialised (pdserve/builtin_model.py)
+})
 _META_KEY = "pdserve"
 _SOURCES_ATTR = "_pdserve_sources"
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -395,7 +400,7 @@ def build_config(
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
     env = os.environ if env is None else env
 
-    known_env = {CONFIG_ENV, *(o.env for o in opts)}
+    known_env = {*OTHER_ENV_VARS, *(o.env for o in opts)}
     for _, names in _REGISTRY.values():
         known_env |= names
     for var in env:

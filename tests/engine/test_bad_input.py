@@ -126,6 +126,18 @@ def test_text_prompt_without_tokenizer(tiny_checkpoint):
     ({"n": 0}, "n"),
     ({"seed": "x"}, "seed"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"n": -1}, "n"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
+    ({"seed": 2**64}, "seed"),
 ])
 def test_invalid_sampling_values(kwargs, field):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

@@ -66,7 +66,10 @@ def test_can_allocate_then_allocate_always_succeeds_random_workload():
                 new = bm.append(table, n)
                 assert len(table) == bm.num_blocks_for(n) and len(new) >= 1
         elif op < 0.7 and live:
-            live.append(bm.fork(rng.choice(live)))
+            table = rng.choice(live)
+            n = len(table) * BS - rng.randrange(0, BS)
+            if bm.can_fork(n):
+                live.append(bm.fork(table, n)[0])
         elif live:
             bm.free(live.pop(rng.randrange(len(live))))
         held = {b for t in live for b in t}
@@ -134,15 +137,34 @@ def test_can_allocate_counts_evictable_hits_once():
     assert bm.num_free_blocks == 4
 
 
-def test_fork_shares_blocks_until_every_holder_frees():
+def test_fork_shares_full_blocks_and_copies_the_partial_one():
     bm = BlockManager(num_blocks=8, block_size=BS)
-    a = bm.allocate(toks(20))
-    f = bm.fork(a.block_table)
-    assert f == a.block_table and all(bm.ref_count(b) == 2 for b in f)
+    a = bm.allocate(toks(20))  # one full block + a partial one
+    f, copy = bm.fork(a.block_table, 20)
+    assert f[0] == a.block_table[0] and bm.ref_count(f[0]) == 2
+    assert f[1] != a.block_table[1] and bm.ref_count(f[1]) == 1
+    assert copy == (a.block_table[1], f[1])
     bm.free(a.block_table)
     assert bm.num_free_blocks == 6
     bm.free(f)
     assert bm.num_free_blocks == 8
+
+
+def test_fork_on_a_block_boundary_copies_nothing():
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    a = bm.allocate(toks(32))
+    f, copy = bm.fork(a.block_table, 32)
+    assert f == a.block_table and copy is None
+    assert bm.can_fork(32)
+
+
+def test_fork_without_room_for_the_copy_is_refused_cleanly():
+    bm = BlockManager(num_blocks=2, block_size=BS)
+    a = bm.allocate(toks(20))
+    assert not bm.can_fork(20)
+    with pytest.raises(MemoryError):
+        bm.fork(a.block_table, 20)
+    assert bm.ref_count(a.block_table[0]) == 1  # the refused fork took nothing
 
 
 def test_double_free_is_an_error():

@@ -95,3 +95,12 @@ def test_runtime_errors_are_one_line(tmp_path, tiny_checkpoint):
 def test_unknown_command():
     r = pdserve("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_generate_with_no_model_uses_the_builtin_one(tmp_path):
+    r = pdserve("generate", "--prompt", "Hello, world", "--max-tokens", "5", "--ignore-eos",
+                "--json", env={"PDSERVE_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(got["token_ids"]) == 5 and got["prompt_token_ids"][0] == 0  # <|begin_of_text|>
+    assert any(p.name.startswith("pdserve-builtin-tiny") for p in tmp_path.iterdir())
