@@ -9,7 +9,10 @@ kv_transfer borrows this tensor and never allocates.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,13 +50,43 @@ def bytes_per_block(
     return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
 
 
-class KVPool:
-    """Allocates the pool once (zeroed: padded reads in attention must see finite values)."""
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "pdserve-kv"
 
-    def __init__(self, spec: KVPoolSpec, device: torch.device):
+
+def shm_pool_path(epoch: int) -> Path:
+    """/dev/shm/pdserve-kv-<pid>-<epoch>.pool: the pid lets a later process tell a stale
+    file (its owner is gone) from a live one; the epoch tells incarnations apart."""
+    return SHM_DIR / f"{SHM_PREFIX}-{os.getpid()}-{epoch:x}.pool"
+
+
+class KVPool:
+    """Allocates the pool once (zeroed: padded reads in attention must see finite values).
+
+    With `shm_epoch` (CPU only) the tensor lives in a file under /dev/shm, so a decode
+    worker on the same host can map it and pull blocks without a copy through a socket.
+    The file is unlinked by `close()` (and by the next process's stale-file sweep if this
+    one dies)."""
+
+    def __init__(self, spec: KVPoolSpec, device: torch.device, shm_epoch: int | None = None):
         self.spec = spec
         self.device = device
-        self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        self.shm_path: Path | None = None
+        if shm_epoch is not None:
+            if device.type != "cpu":
+                raise ValueError("a shared-memory KV pool must be on the CPU")
+            self.shm_path = shm_pool_path(shm_epoch)
+            numel = math.prod(spec.shape)
+            nbytes = numel * torch.empty((), dtype=spec.dtype).element_size()
+            fd = os.open(self.shm_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)  # sparse and zero-filled
+            finally:
+                os.close(fd)
+            flat = torch.from_file(str(self.shm_path), shared=True, size=numel, dtype=spec.dtype)
+            self.tensor = flat.view(spec.shape)
+        else:
+            self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
         logger.info(
             "KV pool: %d blocks x %d tokens = %d token slots, %.1f MiB on %s",
             spec.num_blocks, spec.block_size, spec.num_blocks * spec.block_size,
@@ -70,3 +103,9 @@ class KVPool:
     @property
     def num_slots(self) -> int:
         return self.spec.num_blocks * self.spec.block_size
+
+    def close(self) -> None:
+        """Unlink the shared-memory file (mappings stay valid until dropped)."""
+        if self.shm_path is not None:
+            self.shm_path.unlink(missing_ok=True)
+            self.shm_path = None

@@ -1,4 +1,12 @@
-"""KV transfer between P and D: ZMQ control plane, cuda_ipc / shm / tcp data planes.
+"""KV transfer between P and D: ZMQ control plane, shm / tcp (and cuda_ipc) data planes.
 
-Built in the kv_transfer issue; empty until then.
+D reserves blocks for a request (`KVReceiver.reserve`); P, once the prompt's KV is written,
+offers its blocks (`KVSender.offer`); the data moves (D pulls over shared memory or CUDA IPC,
+or P pushes over TCP); D confirms after its copy is complete; P frees. Every state has a
+deadline, a cancel from either side frees both, and every message carries the sender's
+epoch so a restarted peer's stale state is dropped. See DESIGN.md §1, §2, §6.
+
+Modules: `protocol` (messages, compatibility record), `channel` (ZMQ sockets), `shm` (CPU
+pools in /dev/shm), `states` (the Enum state machines), `receiver` (D), `sender` (P),
+`metrics` (Prometheus).
 """

@@ -1,0 +1,63 @@
+"""The shared-memory data plane (CPU pools on one host): D maps P's pool file read-only
+in spirit (D never writes it) and copies offered blocks into its own reserved blocks.
+
+Pool files are plain files under /dev/shm named by owner pid and epoch
+(`engine/kv_pool.py`), not `multiprocessing.shared_memory` (whose resource tracker unlinks
+segments from the attaching side on Python 3.11). `sweep_stale` removes files whose owner
+process is gone; every worker runs it at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from pdserve.engine.kv_pool import SHM_DIR, SHM_PREFIX
+from pdserve.kv_transfer.protocol import pid_alive
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NAME = re.compile(rf"{SHM_PREFIX}-(\d+)-([0-9a-f]+)\.pool")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sweep_stale(directory: Path = SHM_DIR) -> list[Path]:
+    """Unlink pool files whose owner process no longer exists; returns what was removed."""
+    removed = []
+    for f in directory.glob(f"{SHM_PREFIX}-*.pool"):
+        m = _NAME.fullmatch(f.name)
+        if m and not pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    if removed:
+        logger.info("removed %d stale KV pool file(s) from %s", len(removed), directory)
+    return removed
+
+
+def attach(path: str, shape: list[int], dtype: str) -> torch.Tensor:
+    """Map a peer's pool file; raises OSError/ValueError with the reason if it cannot."""
+    p = Path(path)
+    if p.parent != SHM_DIR or not _NAME.fullmatch(p.name):
+        raise ValueError(f"{path!r} is not a pdserve pool file")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown pool dtype {dtype!r}")
+    numel = math.prod(shape)
+    need = numel * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if p.stat().st_size != need:
+        raise ValueError(f"{path} holds {p.stat().st_size} bytes, the announced shape needs {need}")
+    flat = torch.from_file(str(p), shared=True, size=numel, dtype=DTYPES[dtype])
+    return flat.view(shape)
+
+
+def copy_blocks(dst_pool: torch.Tensor, dst_ids: list[int], src_pool: torch.Tensor,
+                src_ids: list[int]) -> None:
+    """One gather-scatter of whole blocks (each a contiguous span in both pools)."""
+    dst_pool[torch.tensor(dst_ids)] = src_pool[torch.tensor(src_ids)]

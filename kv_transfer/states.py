@@ -1,0 +1,75 @@
+"""The state machines of one transfer, on each side. Every non-terminal state has a deadline.
+
+D (receiver), per reservation:
+    RESERVED --offer--> PULLING --data complete--> DONE
+    any non-terminal --cancel--> CANCELLED;  RESERVED past deadline --> EXPIRED;
+    PULLING past deadline or bad data --> FAILED
+P (sender), per offer:
+    CONNECTING --welcome--> OFFERED --send (tcp)--> SENDING --done--> RELEASED
+    any non-terminal --cancel / refuse / deadline--> RELEASED (with that outcome)
+Terminal states produce one `TransferEvent` for the owner (the scheduler), which frees or
+reuses the blocks: kv_transfer borrows block ids, it never allocates or frees them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class ReservationState(enum.Enum):
+    RESERVED = "reserved"
+    PULLING = "pulling"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class OfferState(enum.Enum):
+    CONNECTING = "connecting"  # waiting for the handshake with D
+    OFFERED = "offered"
+    SENDING = "sending"
+    RELEASED = "released"
+
+
+class EventKind(enum.Enum):
+    ARRIVED = "arrived"  # D: the KV is in the reserved blocks
+    FAILED = "failed"  # D or P: the transfer broke (peer gone, bad data, refused, deadline)
+    EXPIRED = "expired"  # D: no offer came before the reservation's deadline
+    CANCELLED = "cancelled"  # the peer cancelled
+    RELEASED = "released"  # P: D confirmed; the blocks are P's to free
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    rid: str
+    kind: EventKind
+    reason: str = ""
+    transport: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class Reservation:
+    rid: str
+    block_ids: list[int]
+    deadline: float
+    state: ReservationState = ReservationState.RESERVED
+    peer: bytes | None = None  # the ROUTER identity of the P that offered
+    src_blocks: list[int] = field(default_factory=list)
+    received: set[int] = field(default_factory=set)
+    offered_at: float = 0.0
+
+
+@dataclass(eq=False)
+class Offer:
+    rid: str
+    address: str
+    block_ids: list[int]
+    num_tokens: int
+    deadline: float
+    state: OfferState = OfferState.CONNECTING
+    created: float = field(default_factory=time.monotonic)

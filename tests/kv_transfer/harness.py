@@ -1,0 +1,189 @@
+"""Real P and D processes for KV-transfer tests: each owns a CPU pool, a block manager and a
+transfer endpoint, and obeys commands from the test over a multiprocessing pipe.
+
+P fills blocks with seeded random data and offers them; D reserves blocks and reports what
+arrived. Both free blocks exactly as a worker would: D on a failed, expired or cancelled
+reservation (and after the test reads what arrived), P on every terminal event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+
+SPEC = dict(num_blocks=256, num_layers=2, block_size=16, num_kv_heads=2, head_dim=16)
+
+
+def compat(**overrides):
+    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    from pdserve.engine.kv_pool import POOL_LAYOUT
+    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION, CompatRecord
+
+    fields = dict(protocol_version=PROTOCOL_VERSION, model_id="test", config_hash="c",
+                  tokenizer_hash="t", dtype="float32", block_size=SPEC["block_size"],
+                  pool_layout=POOL_LAYOUT, num_layers=SPEC["num_layers"],
+                  num_kv_heads=SPEC["num_kv_heads"], head_dim=SPEC["head_dim"],
+                  max_model_len=4096, prefix_hash=PREFIX_HASH_FUNCTION)
+    fields.update(overrides)
+    return CompatRecord(**fields)
+
+
+def block_data(seed: int, num_blocks: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, SPEC["num_layers"], 2, SPEC["block_size"], SPEC["num_kv_heads"],
+             SPEC["head_dim"])
+    return torch.randn(shape, generator=g)
+
+
+def digest(t) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _main(role: str, conn, opts: dict) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from pdserve.engine.block_manager import BlockManager
+    from pdserve.engine.kv_pool import KVPool, KVPoolSpec
+    from pdserve.kv_transfer.protocol import new_epoch
+    from pdserve.kv_transfer.states import EventKind
+
+    spec = KVPoolSpec(**SPEC, dtype=torch.float32)
+    pool = KVPool(spec, torch.device("cpu"), shm_epoch=new_epoch() if opts.get("shm") else None)
+    bm = BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching=False)
+    tables: dict[str, list[int]] = {}
+    arrived: dict[str, float] = {}
+    log: list[tuple[str, str, str]] = []
+    c = compat(**opts.get("compat", {}))
+    if role == "D":
+        from pdserve.kv_transfer.receiver import KVReceiver
+
+        ep = KVReceiver(pool, c, internal_token=opts.get("token", "tok"),
+                        transfer_timeout=opts.get("transfer_timeout", 30.0),
+                        transports=tuple(opts.get("transports", ("shm", "tcp"))))
+    else:
+        from pdserve.kv_transfer.sender import KVSender
+
+        ep = KVSender(pool, c, name=opts.get("name", "P0"), internal_token=opts.get("token", "tok"),
+                      transfer_timeout=opts.get("transfer_timeout", 30.0))
+        if opts.get("stall_push"):
+            ep._push = lambda d, offer: None  # P hangs mid-transfer (tcp)
+
+    def pump() -> None:
+        for ev in ep.events():
+            log.append((ev.rid, ev.kind.value, ev.reason))
+            if ev.kind is EventKind.ARRIVED:
+                arrived[ev.rid] = time.monotonic()
+            elif ev.rid in tables:
+                bm.free(tables.pop(ev.rid))
+
+    while True:
+        pump()
+        if not conn.poll(0.005):
+            continue
+        cmd, *args = conn.recv()
+        if cmd == "stop":
+            ep.close()
+            pool.close()
+            conn.send(None)
+            return
+        if cmd == "address":
+            conn.send(getattr(ep, "address", None))
+        elif cmd == "reserve":  # D: rid, num_tokens, timeout
+            rid, num_tokens, timeout = args
+            table = bm.allocate([0] * num_tokens).block_table
+            tables[rid] = table
+            ep.reserve(rid, table, timeout)
+            conn.send(table)
+        elif cmd == "fill":  # P: rid, num_tokens, seed -> digest of the data
+            rid, num_tokens, seed = args
+            table = bm.allocate([0] * num_tokens).block_table
+            tables[rid] = table
+            data = block_data(seed, len(table))
+            pool.tensor[torch.tensor(table)] = data
+            conn.send(digest(data))
+        elif cmd == "offer":  # P: rid, address, num_tokens, timeout
+            rid, address, num_tokens, timeout = args
+            ep.offer(rid, address, tables[rid], num_tokens, timeout)
+            conn.send(None)
+        elif cmd == "cancel":
+            ep.cancel(args[0])
+            if role == "D" and args[0] in tables:
+                bm.free(tables.pop(args[0]))
+            conn.send(None)
+        elif cmd == "read":  # D: rid -> digest of the arrived blocks, then free them
+            rid = args[0]
+            table = tables.pop(rid)
+            conn.send(digest(pool.tensor[torch.tensor(table)]))
+            bm.free(table)
+        elif cmd == "drain":  # D: free every arrived reservation (what a scheduler would use)
+            n = 0
+            for rid in list(arrived):
+                if rid in tables:
+                    bm.free(tables.pop(rid))
+                    n += 1
+                del arrived[rid]
+            conn.send(n)
+        elif cmd == "log":
+            conn.send(list(log))
+        elif cmd == "arrived":
+            conn.send(sorted(arrived))
+        elif cmd == "free":
+            conn.send((bm.num_free_blocks, bm.num_blocks, len(tables)))
+        elif cmd == "stats":
+            conn.send(ep.stats())
+
+
+@dataclass
+class Proc:
+    role: str
+    proc: mp.Process
+    conn: object
+
+    def call(self, *cmd, timeout: float = 30.0):
+        self.conn.send(cmd)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.role} did not answer {cmd[0]!r} in {timeout} s")
+        return self.conn.recv()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("stop", timeout=10)
+            except (TimeoutError, OSError, EOFError):
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.kill()
+
+
+def start(role: str, **opts) -> Proc:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_main, args=(role, child, opts), daemon=True)
+    proc.start()
+    p = Proc(role, proc, parent)
+    p.call("free", timeout=60)  # ready
+    return p
+
+
+def wait_for(fn, timeout: float = 20.0, interval: float = 0.05):
+    """Poll fn() until it returns a truthy value; returns it, or raises TimeoutError."""
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"condition not met in {timeout} s (last: {value!r})")
+        time.sleep(interval)
