@@ -13,21 +13,28 @@ Algorithm of `step()` (one forward per step):
    count, the last partial block is copied (if no block is free for the copy, the choice
    waits and recomputes, mostly from the prefix cache).
 
-The prefill and decode workers get their own schedulers in the workers issue; this one keeps
-the offline path small and exact.
+Roles. `both` (offline `LLM`, `pdserve worker --role both`) does all of the above. `prefill`
+(P) stops each request after its first draw: the n first tokens come from one logits row
+(no fork) and the blocks are held for the KV transfer until `release(rid)`. `decode` (D)
+takes `reserve` (blocks for a prompt whose KV P will send) and `join` (the first tokens
+from P: the choices start decoding from the transferred KV, or recompute it when the
+transfer failed); the rest is the same continuous batching. `step()` returns one `SeqOutput`
+per token drawn, which is what the workers stream.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import random
 from collections import deque
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from pdserve.engine.block_manager import prefix_block_hashes
 from pdserve.engine.model_runner import SeqChunk
-from pdserve.engine.sampler import SampleResult, SampleRow
+from pdserve.engine.sampler import Logprob, SampleResult, SampleRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Request, Sequence, SequenceStatus
 from pdserve.engine.setup import EngineParts
@@ -39,11 +46,29 @@ class PromptTooLongError(ValueError):
     """The prompt leaves no room to generate within max_model_len."""
 
 
+class Role(enum.Enum):
+    BOTH = "both"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class SeqOutput:
+    """One token drawn for one choice in one step."""
+
+    request_id: str
+    choice_index: int
+    token_id: int
+    logprobs: dict[int, Logprob] | None
+    finish_reason: str | None  # "stop" | "length" | None
+
+
 class LLMEngine:
     """Owns the sequences of one engine; `add_request` then `step` until `has_unfinished()` is
-    False. Not thread-safe."""
+    False. Not thread-safe: one thread (the worker's step loop) calls everything."""
 
-    def __init__(self, parts: EngineParts):
+    def __init__(self, parts: EngineParts, role: Role = Role.BOTH):
+        self.role = role
         self.parts = parts
         self.cfg = parts.config
         self.bm = parts.block_manager
@@ -58,6 +83,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_rng = random.Random(self.cfg.seed)  # seeds for requests that bring none
         self.num_preemptions = 0
+        self.held: dict[str, Sequence] = {}  # P: prefilled, blocks kept for the transfer
+        self.reserved: dict[str, Request] = {}  # D: blocks reserved, waiting for the KV
+        self._outputs: list[SeqOutput] = []
 
     def check_prompt(self, ids: Seq[int]) -> None:
         """Raise ValueError for an empty prompt or token ids outside the vocabulary, and
@@ -100,18 +128,83 @@ class LLMEngine:
         return bool(self.waiting or self.running)
 
     def abort(self, req: Request) -> None:
-        """Drop every choice of a request now; their blocks are freed."""
+        """Drop every choice of a request now; their blocks are freed (held and reserved
+        blocks too)."""
+        self.reserved.pop(req.request_id, None)
+        held = self.held.pop(req.request_id, None)
+        if held is not None and held.block_table:
+            self.bm.free(held.block_table)
+            held.block_table = []
         for seq in req.seqs:
             if seq.status is SequenceStatus.FINISHED:
                 continue
-            if seq in self.waiting:
-                self.waiting.remove(seq)
             self._finish(seq, "abort")
+
+    # ---- P: prefill only -----------------------------------------------------------------
+
+    def release(self, request_id: str) -> None:
+        """P: the KV transfer of a prefilled request ended (either way): free its blocks."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None and seq.block_table:
+            self.bm.free(seq.block_table)
+            seq.block_table = []
+
+    # ---- D: reservations -----------------------------------------------------------------
+
+    def can_reserve(self, num_tokens: int) -> bool:
+        return len(self.running) < self.cfg.max_num_seqs and self.bm.can_allocate(
+            [0] * num_tokens, block_hashes=[])
+
+    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str,
+                seed: int, output_token_ids: Seq[int] = (), choice_index: int = 0) -> Request:
+        """D: blocks for a prompt (and any output so far) whose KV P will send. Raises
+        MemoryError if `can_reserve` is False. The request runs once `join`ed."""
+        ids = [int(t) for t in prompt_token_ids]
+        self.check_prompt(ids + list(output_token_ids))
+        req = Request(request_id, ids, params, seed)
+        seq = self._new_sequence(req, choice_index)
+        seq.output_token_ids = list(output_token_ids)
+        # no prefix lookup (block_hashes=[]): P fills every block
+        seq.block_table = self.bm.allocate([0] * seq.num_tokens, block_hashes=[]).block_table
+        self.reserved[request_id] = req
+        return req
+
+    def join(self, request_id: str, first: Seq[tuple[int, int, dict | None]],
+             kv_ready: bool) -> None:
+        """D: start the reserved request with P's first tokens, one (choice_index, token_id,
+        logprobs) per choice still running. With kv_ready the prompt's KV is in the reserved
+        blocks; otherwise (transfer failed) the sequence recomputes it in chunks under the
+        step budget. A request none of whose choices still runs just frees its blocks."""
+        req = self.reserved.pop(request_id)
+        seq = req.seqs[0]
+        if not first:
+            self.bm.free(seq.block_table)
+            seq.block_table = []
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "stop"
+            return
+        base = list(seq.output_token_ids)
+        seq.block_hashes = prefix_block_hashes(seq.all_token_ids, self.block_size)
+        seq.num_computed_tokens = seq.num_tokens if kv_ready else 0
+        if kv_ready:
+            self.bm.mark_computed(seq.block_table, seq.block_hashes, seq.num_computed_tokens)
+        (c0, t0, lp0), rest = first[0], first[1:]
+        seq.choice_index = c0
+        self._append(seq, SampleResult(t0, lp0))
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        for choice, tok, lp in rest:
+            child = self._fork(seq, choice) if kv_ready else self._new_sequence(req, choice)
+            if child.status is SequenceStatus.WAITING and child not in self.waiting:
+                self.waiting.append(child)
+            child.output_token_ids = list(base)
+            self._append(child, SampleResult(tok, lp))
+        req.expected = len(first)  # finished choices never come to D
 
     # ---- one step ------------------------------------------------------------------------
 
-    def step(self) -> list[Sequence]:
-        """Run one forward; returns the sequences that finished in it."""
+    def step(self) -> list[SeqOutput]:
+        """Run one forward; returns every token drawn in it (with its finish reason)."""
         budget = self.cfg.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []  # (sequence, tokens this step)
         for seq in list(self.running):
@@ -144,7 +237,9 @@ class LLMEngine:
                 raise RuntimeError("no sequence fits in the KV pool (cannot happen: "
                                    "max_model_len is checked against the pool at start)")
             return []
-        return self._run(scheduled)
+        self._run(scheduled)
+        out, self._outputs = self._outputs, []
+        return out
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for `num_tokens` tokens of `seq`, preempting the newest running sequences if
@@ -183,28 +278,58 @@ class LLMEngine:
         rows, row_of, owners = [], [], []
         for i, seq in enumerate(sampling):
             req = seq.request
-            forking = len(req.seqs) == 1 and req.params.n > 1 and not seq.output_token_ids
+            forking = (len(req.seqs) == 1 and req.params.n > 1 and not seq.output_token_ids
+                       and req.expected is None)
             for choice in range(req.params.n) if forking else [seq.choice_index]:
                 rows.append(self._sample_row(seq, choice))
                 row_of.append(i)
                 owners.append((seq, choice))
         results = self.parts.sampler(logits[row_of], rows) if rows else []
-        finished = []
-        # forks first: they share the parent's blocks before its first token can finish it
-        order = sorted(range(len(owners)), key=lambda k: owners[k][1] == owners[k][0].choice_index)
-        for (seq, choice), res in ((owners[k], results[k]) for k in order):
-            target = seq if choice == seq.choice_index else self._fork(seq, choice)
-            self._append(target, res)
-            reason = self._finish_reason(target, res.token)
-            if reason:
-                self._finish(target, reason)
-                finished.append(target)
+        if self.role is Role.PREFILL:
+            self._prefilled(owners, results)
+        else:
+            # forks first: they share the parent's blocks before its first token can finish it
+            order = sorted(range(len(owners)),
+                           key=lambda k: owners[k][1] == owners[k][0].choice_index)
+            for (seq, choice), res in ((owners[k], results[k]) for k in order):
+                target = seq if choice == seq.choice_index else self._fork(seq, choice)
+                self._append(target, res)
+                reason = self._finish_reason(target.params, target.eos_token_ids, res.token,
+                                             len(target.output_token_ids), target.num_tokens)
+                self._emit(target, choice, res, reason)
+                if reason:
+                    self._finish(target, reason)
         for seq, _ in scheduled:
             if seq.status is SequenceStatus.RUNNING:
                 seq.block_hashes = prefix_block_hashes(seq.all_token_ids, self.block_size,
                                                        seq.block_hashes)
                 self.bm.mark_computed(seq.block_table, seq.block_hashes, seq.num_computed_tokens)
-        return finished
+
+    def _prefilled(self, owners: list[tuple[Sequence, int]], results: list[SampleResult]) -> None:
+        """P: report each choice's first token; hold the blocks for the KV transfer unless
+        every choice already finished (then nothing goes to D)."""
+        unfinished: dict[Sequence, bool] = {}
+        for (seq, choice), res in zip(owners, results):
+            reason = self._finish_reason(seq.params, seq.eos_token_ids, res.token,
+                                         len(seq.output_token_ids) + 1, seq.num_tokens + 1)
+            self._emit(seq, choice, res, reason)
+            unfinished[seq] = unfinished.get(seq, False) or reason is None
+        for seq, keep in unfinished.items():
+            self.running.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "prefilled"
+            seq.block_hashes = prefix_block_hashes(seq.all_token_ids, self.block_size,
+                                                   seq.block_hashes)
+            self.bm.mark_computed(seq.block_table, seq.block_hashes, seq.num_computed_tokens)
+            if keep:
+                self.held[seq.request.request_id] = seq
+            else:
+                self.bm.free(seq.block_table)
+                seq.block_table = []
+
+    def _emit(self, seq: Sequence, choice: int, res: SampleResult, reason: str | None) -> None:
+        self._outputs.append(SeqOutput(seq.request.request_id, choice, res.token, res.logprobs,
+                                       reason))
 
     def _sample_row(self, seq: Sequence, choice: int) -> SampleRow:
         req = seq.request
@@ -236,13 +361,14 @@ class LLMEngine:
             self.waiting.appendleft(child)  # recomputes; prompt blocks come from the prefix cache
         return child
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        if token in seq.eos_token_ids or token in seq.params.stop_token_ids:
+    def _finish_reason(self, params: SamplingParams, eos: tuple[int, ...], token: int,
+                       num_output: int, num_tokens: int) -> str | None:
+        """Why a sequence stops after drawing `token` (counts include it), or None."""
+        if token in eos or token in params.stop_token_ids:
             return "stop"
-        max_tokens = seq.params.max_tokens
-        if max_tokens is not None and len(seq.output_token_ids) >= max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return "length"
-        if seq.num_tokens >= self.max_model_len:
+        if num_tokens >= self.max_model_len:
             return "length"
         return None
 

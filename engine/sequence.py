@@ -25,10 +25,12 @@ class Request:
     params: SamplingParams
     seed: int
     seqs: list[Sequence] = field(default_factory=list)
+    expected: int | None = None  # D: choices P left running (default: params.n)
 
     @property
     def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(
+        want = self.expected if self.expected is not None else self.params.n
+        return len(self.seqs) >= want and all(
             s.status is SequenceStatus.FINISHED for s in self.seqs)
 
 

@@ -93,7 +93,8 @@ class KVReceiver(IOThread):
         self.submit(lambda: self._reserve(rid, list(block_ids), deadline))
 
     def cancel(self, rid: str, reason: str = "cancelled by D") -> None:
-        """Drop the reservation; P is told to free its copy. The caller frees the blocks."""
+        """Drop the reservation; P is told to free its copy. A CANCELLED event follows once
+        no data can land in the blocks any more: only then may the caller reuse them."""
         self.submit(lambda: self._cancel(rid, reason))
 
     def stats(self) -> dict:
@@ -119,11 +120,14 @@ class KVReceiver(IOThread):
             self._on_offer(early[0], early[1])
 
     def _cancel(self, rid: str, reason: str) -> None:
-        r = self._res.pop(rid, None)
+        r = self._res.get(rid)
         self._early.pop(rid, None)
-        if r is not None and r.peer is not None:
+        if r is None:
+            return self.emit(TransferEvent(rid, EventKind.CANCELLED, reason))
+        if r.peer is not None:
             self._send(r.peer, Kind.CANCEL, rid=rid, reason=reason)
-        self._update_active()
+        self._finish(r, ReservationState.CANCELLED, EventKind.CANCELLED, reason,
+                     notify_peer=False)
 
     def _finish(self, r: Reservation, state: ReservationState, kind: EventKind,
                 reason: str = "", notify_peer: bool = True) -> None:

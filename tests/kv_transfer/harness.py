@@ -112,10 +112,8 @@ def _main(role: str, conn, opts: dict) -> None:
             rid, address, num_tokens, timeout = args
             ep.offer(rid, address, tables[rid], num_tokens, timeout)
             conn.send(None)
-        elif cmd == "cancel":
+        elif cmd == "cancel":  # both sides free on the CANCELLED event that follows
             ep.cancel(args[0])
-            if role == "D" and args[0] in tables:
-                bm.free(tables.pop(args[0]))
             conn.send(None)
         elif cmd == "read":  # D: rid -> digest of the arrived blocks, then free them
             rid = args[0]

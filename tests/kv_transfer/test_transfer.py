@@ -119,7 +119,7 @@ def test_mismatched_layout_refused_with_the_reason(procs):
                                      "reason": reason.removeprefix("D refused: ")}
     assert all_free(p)
     d.call("cancel", "r")
-    assert all_free(d)
+    wait_for(lambda: all_free(d), timeout=5)
 
 
 def test_wrong_internal_token_refused(procs):
