@@ -1,4 +1,3 @@
-"""Decode worker (D): reservations, continuous batching, preemption, server.
-
-Built in the workers issue; empty until then.
-"""
+"""Decode worker (D) and the single-engine `both` worker: reservations, continuous batching,
+preemption, one STEP frame per engine step. `server.DecodeLoop` / `server.BothLoop`;
+`pdserve decode` / `pdserve worker --role both` start them."""

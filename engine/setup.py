@@ -133,8 +133,10 @@ def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) 
     return 2 * t * per_token + logits + (256 << 20)
 
 
-def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
-    """Everything an engine needs, or an EngineSetupError naming what to change."""
+def build_engine(cfg: EngineConfig, progress: bool = True,
+                 pool_shm_epoch: int | None = None) -> EngineParts:
+    """Everything an engine needs, or an EngineSetupError naming what to change.
+    `pool_shm_epoch` puts a CPU pool in a /dev/shm file (P, for the shm transport)."""
     set_torch_threads(cfg.torch_threads)
     model_path = cfg.model if cfg.model is not None else str(builtin_model_path())
     model_config = ModelConfig.from_pretrained(model_path)
@@ -164,7 +166,7 @@ def build_engine(cfg: EngineConfig, progress: bool = True) -> EngineParts:
         max_model_len = capacity
     spec = KVPoolSpec(num_blocks, model_config.num_hidden_layers, cfg.block_size,
                       model_config.num_key_value_heads, model_config.head_dim, dtype)
-    pool = KVPool(spec, device)
+    pool = KVPool(spec, device, shm_epoch=pool_shm_epoch if device.type == "cpu" else None)
     ops = get_ops(cfg.kernel_backend, device.type)
     logger.info("engine: %s on %s in %s, max_model_len %d, ops %s", model_config.architecture,
                 device, str(dtype).removeprefix("torch."), max_model_len, ops.name)

@@ -108,8 +108,37 @@ def run_make_tiny_model(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
+    """`pdserve prefill|decode|worker`: one worker process until SIGTERM/SIGINT."""
+
+    def run(argv: Sequence[str]) -> int:
+        from pdserve.engine.service import WorkerConfig
+
+        argv = list(argv)
+        if role is not None:
+            if "--role" in argv:
+                raise ConfigError(f"pdserve {role} fixes the role; use pdserve worker --role",
+                                  "role")
+            argv += ["--role", role]
+        cfg = build_config(WorkerConfig, argv, prog=f"pdserve {role or 'worker'}",
+                           description=WORKER_HELP)
+        _setup_logging(cfg.log_level)
+        from pdserve.worker import run_worker
+
+        return run_worker(cfg)
+
+    return run
+
+
+WORKER_HELP = ("Run one engine worker: prefill (P), decode (D) or both. It serves the proxy "
+               "over a ZMQ data path (--data-port), moves KV between P and D (D listens on "
+               "--kv-port), and answers operators on HTTP --port: /health /load /info /metrics.")
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "generate": (run_generate, "offline generation with one engine in this process"),
+    "prefill": (run_worker_role("prefill"), "run a prefill worker (P)"),
+    "decode": (run_worker_role("decode"), "run a decode worker (D)"),
+    "worker": (run_worker_role(None), "run a worker with --role both|prefill|decode"),
     "make-tiny-model": (run_make_tiny_model, "write a tiny random checkpoint (tests, demos)"),
 }
 

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible HTTP surface over any `Backend`: `create_app(backend, ...)`.
+
+A completion request: read the JSON body (400 unless `application/json`; 413 when too
+large) -> pydantic request (400 naming the parameter) -> model name (404) -> chat template
+and tokenization in a worker thread -> max_tokens against max_model_len (400, vLLM's
+messages) -> `SamplingParams` with a seed always set (a random 63-bit one when the client
+sent none, so retries reproduce) -> `Generation.start()` (a refused request is still a plain
+400/503) -> JSON body, or SSE (`data: {...}` chunks, usage chunk, `data: [DONE]`). A client
+that disconnects at any point cancels the work and the backend aborts the request.
+
+Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokenize,
+/detokenize; GET /health (200 empty / 503), /version; GET|POST /ping and POST /invocations
+(SageMaker). Only /v1 needs the API key. Token-ids-only mode (backend.tokenizer is None):
+completions with token-id prompts work and return `text: ""` with `token_ids` in each
+choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pdserve import __version__
+from pdserve.proxy.auth import APIKeyMiddleware, resolve_api_keys
+from pdserve.proxy.backend import Backend, GenerationRequest
+from pdserve.proxy.errors import OpenAIError, install_error_handlers, model_not_found
+from pdserve.proxy.formatting import ResponseFormatter, models_response
+from pdserve.proxy.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from pdserve.proxy.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_request,
+    resolve_max_tokens,
+)
+from pdserve.proxy.serving import Generation, collect
+from pdserve.proxy.streaming import ClientDisconnected, SSEResponse, cancel_on_disconnect, sse_stream
+from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
+
+logger = logging.getLogger(__name__)
+
+_seed_source = random.SystemRandom()
+NO_TOKENIZER = ("this server has no tokenizer (token-ids-only mode): {what}; send token ids "
+                "as the prompt of /v1/completions")
+
+
+async def read_json(request: Request) -> Any:
+    """The decoded JSON body; 400 for another content type or malformed JSON."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise OpenAIError("Unsupported Media Type: Only 'application/json' is allowed")
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OpenAIError(f"the request body is not valid JSON: {e}") from e
+
+
+class OpenAIServer:
+    """Request handling shared by the routes; one per app."""
+
+    def __init__(self, backend: Backend, served_model_name: str | None):
+        self.backend = backend
+        self.model_name = served_model_name or backend.model_name
+        self.tokenizer = ProxyTokenizer(backend.tokenizer) if backend.tokenizer is not None \
+            else None
+        self.created = int(time.time())
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise model_not_found(name)
+
+    def need_tokenizer(self, what: str, param: str | None) -> ProxyTokenizer:
+        if self.tokenizer is None:
+            raise OpenAIError(NO_TOKENIZER.format(what=what), param=param)
+        return self.tokenizer
+
+    # ---- completions ---------------------------------------------------------------------
+
+    async def chat(self, request: Request, data: Any) -> Response:
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, data)
+        self.check_model(req.model)
+        tok = self.need_tokenizer("chat completions need a chat template", "messages")
+        req.sampling_params(req.requested_max_tokens(), req.seed)  # params first, then work
+        try:
+            prompt_ids = await asyncio.to_thread(
+                tok.apply_chat_template, req.template_messages(),
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template_kwargs=req.chat_template_kwargs)
+        except ChatTemplateError as e:
+            raise OpenAIError(str(e), param="messages") from e
+        return await self._run(request, req, "chatcmpl", prompt_ids, "messages", "")
+
+    async def completion(self, request: Request, data: Any) -> Response:
+        req: CompletionRequest = parse_request(CompletionRequest, data)
+        self.check_model(req.model)
+        prompt = req.single_prompt()
+        if req.stop_list():
+            self.need_tokenizer("stop strings need one (stop_token_ids do not)", "stop")
+        req.sampling_params(None, req.seed)
+        if isinstance(prompt, str):
+            tok = self.need_tokenizer("a text prompt needs one", "prompt")
+            prompt_ids = await asyncio.to_thread(tok.encode, prompt, req.add_special_tokens)
+            echo = prompt if req.echo else ""
+        else:
+            prompt_ids = list(prompt)
+            echo = ""
+            if req.echo and self.tokenizer is not None:
+                echo = await asyncio.to_thread(self.tokenizer.decode, prompt_ids,
+                                               req.skip_special_tokens)
+        return await self._run(request, req, "cmpl", prompt_ids, "prompt", echo)
+
+    async def _run(self, request: Request, req: ChatCompletionRequest | CompletionRequest,
+                   prefix: str, prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
+        max_tokens = resolve_max_tokens(req, len(prompt_ids), self.backend.max_model_len,
+                                        prompt_param)
+        seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
+        params = req.sampling_params(max_tokens, seed)
+        rid = request.state.request_id
+        response_id = f"{prefix}-{rid}"
+        # unique inside the backend even when a client reuses its X-Request-Id
+        gen_req = GenerationRequest(f"{response_id}-{uuid.uuid4().hex[:8]}", prompt_ids, params)
+        gen = Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
+                         include_stop_str_in_output=req.include_stop_str_in_output,
+                         skip_special_tokens=req.skip_special_tokens)
+        fmt = ResponseFormatter(
+            kind="chat" if prefix == "chatcmpl" else "completion", response_id=response_id,
+            model=self.model_name, tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
+            return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
+            prompt_token_ids=prompt_ids, include_usage=req.include_usage)
+        try:
+            if req.stream:
+                await cancel_on_disconnect(request, gen.start())
+                return SSEResponse(sse_stream(gen, fmt, echo), on_close=gen.aclose)
+
+            async def whole() -> dict[str, Any]:
+                await gen.start()
+                choices = await collect(gen)
+                return fmt.response(choices, gen.num_completion_tokens, echo)
+
+            return JSONResponse(await cancel_on_disconnect(request, whole()))
+        except ClientDisconnected:
+            logger.info("request %s: client disconnected before the response", rid)
+            return Response(status_code=499)
+
+    # ---- tokenizer endpoints -------------------------------------------------------------
+
+    async def tokenize(self, data: Any) -> dict[str, Any]:
+        req: TokenizeRequest = parse_request(TokenizeRequest, data)
+        self.check_model(req.model)
+        tok = self.need_tokenizer("/tokenize needs one", "prompt")
+        if req.messages is not None:
+            msgs = [m.for_template(i) for i, m in enumerate(req.messages)]
+            try:
+                text = await asyncio.to_thread(
+                    tok.render_chat, msgs, add_generation_prompt=req.add_generation_prompt,
+                    continue_final_message=req.continue_final_message,
+                    chat_template_kwargs=req.chat_template_kwargs)
+            except ChatTemplateError as e:
+                raise OpenAIError(str(e), param="messages") from e
+            ids = await asyncio.to_thread(tok.encode, text, bool(req.add_special_tokens))
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(tok.encode, req.prompt or "", add)
+        return {"count": len(ids), "max_model_len": self.backend.max_model_len, "tokens": ids,
+                "token_strs": [tok.token_text(t) for t in ids] if req.return_token_strs else None}
+
+    async def detokenize(self, data: Any) -> dict[str, Any]:
+        req: DetokenizeRequest = parse_request(DetokenizeRequest, data)
+        self.check_model(req.model)
+        tok = self.need_tokenizer("/detokenize needs one", "tokens")
+        vocab = len(tok.tokenizer)
+        if any(t >= vocab for t in req.tokens):
+            raise OpenAIError(f"tokens: token ids must be < {vocab}", param="tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, req.tokens)}
+
+    async def healthy(self) -> bool:
+        try:
+            return bool((await self.backend.health()).get("healthy", False))
+        except Exception:
+            logger.exception("backend health check failed")
+            return False
+
+
+def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
+               served_model_name: str | None = None, max_body_bytes: int = 4 << 20) -> FastAPI:
+    """The app over `backend` (owned by the caller, who closes it). `api_keys` empty: the
+    PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth."""
+    server = OpenAIServer(backend, served_model_name)
+    app = FastAPI(title="pdserve", version=__version__)
+    app.state.server = server
+    install_error_handlers(app)
+    # added last = outermost: every response, 401 and 413 included, gets X-Request-Id
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, api_keys=resolve_api_keys(api_keys))
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat(request, await read_json(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completion(request, await read_json(request))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return models_response([server.model_name], root=getattr(backend, "model_path", None),
+                               max_model_len=backend.max_model_len, created=server.created)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        return await server.tokenize(await read_json(request))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        return await server.detokenize(await read_json(request))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if await server.healthy() else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        return Response(status_code=200 if await server.healthy() else 503)
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> Response:
+        data = await read_json(request)
+        if isinstance(data, dict) and "messages" in data:
+            return await server.chat(request, data)
+        if isinstance(data, dict) and "prompt" in data:
+            return await server.completion(request, data)
+        raise OpenAIError("Cannot find suitable handler for request. Expected one of: "
+                          "['ChatCompletionRequest', 'CompletionRequest']")
+
+    return app

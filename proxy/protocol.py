@@ -1,0 +1,318 @@
+"""Request bodies of /v1/chat/completions and /v1/completions, as OpenAI and vLLM define them,
+and their mapping onto `SamplingParams`.
+
+Parsing is pydantic (types only); ranges are checked once, by `SamplingParams`, whose
+ValueError names the field, mapped back here to the request's parameter name. Unknown fields
+are ignored, as OpenAI and vLLM do, and logged. Features this server does not implement
+(tool calls, structured output, beam search, prompt logprobs, logit_bias, suffix, best_of > n)
+are refused with a 400 naming the parameter rather than silently ignored.
+
+Defaults (vLLM 0.12): temperature/top_p/top_k/min_p/repetition_penalty null -> 1/1/0/0/1;
+max_tokens 16 for completions, the rest of max_model_len for chat.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proxy.errors import OpenAIError
+
+logger = logging.getLogger(__name__)
+
+MAX_N = 128  # choices per request; beyond this a client is better served by separate requests
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields both endpoints share (OpenAI's and vLLM's extras)."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields: ignored, logged
+
+    model: str | None = None
+    n: int = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    return_token_ids: bool | None = None  # vLLM extra: token ids in every choice
+    user: str | None = None  # accepted, unused
+    logit_bias: dict[str, float] | None = None
+    use_beam_search: bool = False
+    prompt_logprobs: int | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def check_common(self) -> None:
+        """Request-level rules that SamplingParams cannot see."""
+        if self.extra_fields():
+            logger.info("ignored unknown request fields: %s", sorted(self.extra_fields()))
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError("stream_options can only be set when stream is true",
+                              param="stream_options")
+        if not 1 <= self.n <= MAX_N:
+            raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
+        if self.logit_bias:
+            raise OpenAIError("logit_bias is not supported", param="logit_bias")
+        if self.use_beam_search:
+            raise OpenAIError("beam search is not supported", param="use_beam_search")
+        if self.prompt_logprobs is not None:
+            raise OpenAIError("prompt_logprobs is not supported", param="prompt_logprobs")
+
+    def extra_fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    # ---- SamplingParams ------------------------------------------------------------------
+
+    def _param_name(self, field: str) -> str:
+        return field
+
+    def _num_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def requested_max_tokens(self) -> int | None:
+        raise NotImplementedError
+
+    def sampling_params(self, max_tokens: int | None, seed: int | None) -> SamplingParams:
+        """The engine's params; a bad value raises OpenAIError(400) naming the parameter."""
+        try:
+            return SamplingParams(
+                n=self.n,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=0 if self.top_k is None else self.top_k,
+                min_p=0.0 if self.min_p is None else self.min_p,
+                repetition_penalty=1.0 if self.repetition_penalty is None
+                else self.repetition_penalty,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                seed=seed,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                stop_token_ids=list(self.stop_token_ids or []),
+                ignore_eos=self.ignore_eos,
+                logprobs=self._num_logprobs(),
+            )
+        except ValueError as e:
+            m = re.match(r"SamplingParams\.(\w+) (.*)", str(e), re.S)
+            if m is None:
+                raise OpenAIError(str(e)) from e
+            param = self._param_name(m.group(1))
+            raise OpenAIError(f"{param} {m.group(2)}", param=param) from e
+
+
+class ChatMessage(BaseModel):
+    """One message; extra keys (name, tool_call_id, ...) pass through to the template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as the chat template sees it: content parts joined into one string
+        (newline-separated, as vLLM does for string-content templates)."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    param = f"messages.{index}.content.{j}"
+                    raise OpenAIError(f"{param}: only text content parts are supported, got "
+                                      f"type {part.get('type')!r}", param=param)
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        out = {k: v for k, v in self.model_dump().items() if v is not None}
+        out["content"] = content if content is not None else ""
+        return out
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI, still sent by many clients
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise OpenAIError("structured output (response_format) is not supported",
+                              param="response_format")
+        if self.tools and self.tool_choice != "none":
+            raise OpenAIError("tool calling is not supported; send tool_choice \"none\" or no "
+                              "tools", param="tools")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
+                              "true", param="continue_final_message")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    def _param_name(self, field: str) -> str:
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return field
+
+    def _num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
+
+
+PromptInput = str | list[int] | list[str] | list[list[int]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: PromptInput
+    max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+    add_special_tokens: bool = True
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise OpenAIError("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError("best_of other than n is not supported", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError("echo with logprobs needs prompt logprobs, which are not "
+                              "supported", param="echo")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt: a string or token ids; a batch of several is refused."""
+        p = self.prompt
+        if isinstance(p, list) and p and not isinstance(p[0], int):
+            if len(p) != 1:
+                raise OpenAIError("batched prompts are not supported: send one prompt per "
+                                  "request", param="prompt")
+            p = p[0]
+        if (isinstance(p, list) and not p) or p == "":
+            raise OpenAIError("the prompt is empty", param="prompt")
+        return p  # type: ignore[return-value]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def _num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+def parse_request(model: type[BaseModel], data: Any) -> Any:
+    """Validate a decoded JSON body; errors become OpenAIError(400) naming the parameter."""
+    if not isinstance(data, dict):
+        raise OpenAIError("the request body must be a JSON object", param=None)
+    try:
+        req = model.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from e
+    req.check()
+    return req
+
+
+def validation_error(errors: list[Any]) -> OpenAIError:
+    """The first pydantic error as an OpenAI 400 (param = its dotted location)."""
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    # a union's branch names (str, list[int], ...) are not parameters
+    loc = [x for x in loc if not re.fullmatch(r"(str|int|list\[.*\]|dict\[.*\]|function-.*)", x)]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    return OpenAIError(f"{param}: {msg}" if param else msg, param=param)
+
+
+def resolve_max_tokens(req: _SamplingRequest, num_prompt_tokens: int, max_model_len: int,
+                       prompt_param: str) -> int:
+    """The effective max_tokens, or a 400 with vLLM's messages when the prompt leaves no room
+    or the requested budget does not fit. An unset completions max_tokens (default 16) is
+    capped to the room left instead of refused."""
+    if num_prompt_tokens >= max_model_len:
+        raise OpenAIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"request has {num_prompt_tokens} input tokens. Please reduce the length of the "
+            "input messages.", param=prompt_param, code="context_length_exceeded")
+    room = max_model_len - num_prompt_tokens
+    requested = req.requested_max_tokens()
+    explicit = requested is not None and (
+        not isinstance(req, CompletionRequest) or "max_tokens" in req.model_fields_set)
+    if requested is None:
+        return room
+    if not explicit:
+        return min(requested, room)
+    if requested > room:
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) \
+            is not None else "max_tokens"
+        raise OpenAIError(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has "
+            f"{num_prompt_tokens} input tokens ({requested} > {max_model_len} - "
+            f"{num_prompt_tokens}).", param=param, code="context_length_exceeded")
+    return requested
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise OpenAIError("send exactly one of prompt and messages", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        if any(t < 0 for t in self.tokens):
+            raise OpenAIError("tokens: token ids must be >= 0", param="tokens")

@@ -1,0 +1,139 @@
+"""The app over other backends: token-ids-only mode (no tokenizer), and backends that fail
+(refusal before streaming, failure mid-stream, unhealthy)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest, LocalBackend, create_app
+from tests.proxy.conftest import MODEL, Served, serve, sse_events, wait_until_idle
+from tests.proxy.openapi_schema import COMPLETION_CHUNK, validate
+
+
+class TokenIdsOnly:
+    """The session's engine, presented without a tokenizer."""
+
+    def __init__(self, inner: LocalBackend):
+        self.inner = inner
+        self.model_name = inner.model_name
+        self.max_model_len = inner.max_model_len
+        self.tokenizer = None
+        self.eos_token_ids = inner.eos_token_ids
+
+    def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
+        return self.inner.generate(req)
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(request_id)
+
+    async def health(self) -> dict[str, Any]:
+        return await self.inner.health()
+
+
+class Failing:
+    """Yields `good` batches of one token, then fails with `error` (or refuses at once)."""
+
+    model_name = MODEL
+    max_model_len = 2048
+    eos_token_ids = (1,)
+
+    def __init__(self, tokenizer: Any, error: Exception, good: int = 2, healthy: bool = True):
+        self.tokenizer = tokenizer
+        self.error = error
+        self.good = good
+        self.healthy = healthy
+        self.closed = 0
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
+        try:
+            for _ in range(self.good):
+                yield [ChoiceDelta(i, [300]) for i in req.choice_indices()]
+            raise self.error
+        finally:
+            self.closed += 1
+
+    async def abort(self, request_id: str) -> None:
+        pass
+
+    async def health(self) -> dict[str, Any]:
+        return {"healthy": self.healthy}
+
+
+@pytest.fixture(scope="module")
+def ids_only(backend: LocalBackend) -> Iterator[Served]:
+    with serve(create_app(TokenIdsOnly(backend), served_model_name="ids-model")) as s:
+        yield s
+
+
+def test_token_ids_only_mode(ids_only: Served, backend: LocalBackend) -> None:
+    with httpx.Client(base_url=ids_only.url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"model": "ids-model", "prompt": [0, 5, 6],
+                                            "max_tokens": 5, "ignore_eos": True, "logprobs": 1,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        validate("CreateCompletionResponse", data)
+        choice = data["choices"][0]
+        assert choice["text"] == "" and len(choice["token_ids"]) == 5
+        assert data["prompt_token_ids"] == [0, 5, 6]
+        assert choice["logprobs"]["tokens"][0] == f"token_id:{choice['token_ids'][0]}"
+        with c.stream("POST", "/v1/completions", json={
+                "prompt": [[0, 5, 6]], "max_tokens": 5, "ignore_eos": True, "stream": True,
+                "temperature": 0}) as s:
+            events = sse_events(s)
+        for e in events[:-1]:
+            validate(COMPLETION_CHUNK, e)
+        assert [t for e in events[:-1] for ch in e["choices"] for t in ch["token_ids"]] \
+            == choice["token_ids"]
+        for path, body, param in [
+            ("/v1/completions", {"prompt": "text"}, "prompt"),
+            ("/v1/completions", {"prompt": [0, 5], "stop": ["x"]}, "stop"),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+             "messages"),
+            ("/tokenize", {"prompt": "hi"}, "prompt"),
+        ]:
+            r = c.post(path, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "token-ids-only" in r.json()["error"]["message"]
+        models = c.get("/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["ids-model"]
+        assert c.post("/v1/completions", json={"model": MODEL, "prompt": [5]}).status_code == 404
+    wait_until_idle(backend)
+
+
+def test_failures(backend: LocalBackend) -> None:
+    mid = Failing(backend.tokenizer, BackendError("decode worker lost"))
+    with serve(create_app(mid)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        err = events[-2]
+        validate("ErrorResponse", err)
+        assert err["error"]["type"] == "ServiceUnavailableError"
+        assert "decode worker lost" in err["error"]["message"]
+        for e in events[:-2]:
+            validate("CreateChatCompletionStreamResponse", e)
+        r = c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+        sdk = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.APIError):
+            for _ in sdk.completions.create(model=MODEL, prompt="x", stream=True):
+                pass
+        sdk.close()
+        assert mid.closed == 3  # every backend generator was closed
+    refused = Failing(backend.tokenizer, ValueError("prompt refused by the worker"), good=0,
+                      healthy=False)
+    with serve(create_app(refused)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        for stream in (False, True):
+            r = c.post("/v1/completions", json={"prompt": "x", "stream": stream})
+            assert r.status_code == 400, r.text  # before any byte of the stream
+            assert r.json()["error"]["message"] == "prompt refused by the worker"
+        assert c.get("/health").status_code == 503
+        assert c.get("/ping").status_code == 503

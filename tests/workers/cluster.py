@@ -1,0 +1,103 @@
+"""Real worker processes for tests: `pdserve prefill|decode|worker` as subprocesses on free
+loopback ports, with bounded threads, killed (and their shm files checked) at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port_block(n: int = 3) -> int:
+    """A base port p such that p, p+1 .. p+n-1 were all free a moment ago."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                t = socket.socket()
+                t.bind(("127.0.0.1", base + i))
+                socks.append(t)
+            for t in socks:
+                t.close()
+            return base
+        except OSError:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port block")
+
+
+@dataclass
+class Worker:
+    role: str
+    port: int
+    proc: subprocess.Popen
+    log: Path
+    token: str
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def data(self) -> str:
+        return f"tcp://127.0.0.1:{self.port + 1}"
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        headers.update(kw.pop("headers", {}))
+        return httpx.get(self.http + path, headers=headers, timeout=10, **kw)
+
+    def load(self) -> dict:
+        return self.get("/load").json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_worker(role: str, tmp: Path, *args: str, token: str = "secret",
+                 env: dict | None = None) -> Worker:
+    port = free_port_block()
+    log = tmp / f"{role}-{port}.log"
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PDSERVE_TORCH_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "pdserve", "worker", "--role", role, "--port", str(port),
+           "--internal-token", token, "--num-gpu-blocks-override", "400",
+           "--max-model-len", "512", *args]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env)
+    return Worker(role, port, proc, log, token)
+
+
+def wait_healthy(workers: list[Worker], timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    pending = list(workers)
+    while pending:
+        w = pending[0]
+        if w.proc.poll() is not None:
+            raise RuntimeError(f"{w.role} worker exited:\n{w.log.read_text()[-3000:]}")
+        try:
+            if w.get("/health").status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > end:
+            raise TimeoutError(f"{w.role} worker not healthy:\n{w.log.read_text()[-3000:]}")
+        time.sleep(0.2)

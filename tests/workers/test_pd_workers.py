@@ -1,0 +1,213 @@
+"""P and D as separate processes on the built-in model (CPU): outputs equal the offline LLM
+token for token over shm and tcp, under forced preemption and forced transfer failure;
+aborts leak nothing; bad input gets an error reply and the workers keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import msgpack
+import pytest
+import zmq
+
+from pdserve import LLM, SamplingParams
+from pdserve.engine.record import Msg, RequestRecord, decode, encode
+from pdserve.proxy.workers import WorkerError, WorkerLink, run_both, run_pd  # noqa: F401 (see fixture)
+from tests.workers.cluster import start_worker, wait_healthy
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    env = {"PDSERVE_CACHE_DIR": str(tmp / "cache")}
+    ws = {
+        "P": start_worker("prefill", tmp, env=env),
+        "D": start_worker("decode", tmp, env=env),
+        "Dtcp": start_worker("decode", tmp, "--kv-transports", "tcp", env=env),
+        "Dsmall": start_worker("decode", tmp, "--num-gpu-blocks-override", "40", env=env),
+        "Dnone": start_worker("decode", tmp, env={**env, "PDSERVE_KV_TRANSPORTS": ""}),
+        "both": start_worker("both", tmp, env=env),
+    }
+    try:
+        wait_healthy(list(ws.values()))
+        yield ws
+    finally:
+        for w in ws.values():
+            w.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cluster):
+    """The offline engine on the same built-in model (the workers' cache dir)."""
+    import os
+
+    os.environ["PDSERVE_CACHE_DIR"] = str(cluster["P"].log.parent / "cache")
+    return LLM(None, use_tqdm_on_load=False, max_model_len=512, num_gpu_blocks_override=400)
+
+
+def workload(n: int = 64, seed: int = 0):
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        prompt = [rng.randrange(5, 4096) for _ in range(rng.randrange(3, 90))]
+        kind = i % 4
+        if kind == 0:
+            sp = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 30), seed=i)
+        elif kind == 1:
+            sp = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, seed=i, n=2)
+        elif kind == 2:
+            sp = SamplingParams(temperature=1.0, top_k=50, max_tokens=25, seed=i,
+                                ignore_eos=True, logprobs=2)
+        else:
+            sp = SamplingParams(temperature=0.7, max_tokens=rng.randrange(1, 4), seed=i,
+                                repetition_penalty=1.2)
+        recs.append(RequestRecord(f"req-{seed}-{i}", prompt, sp))
+    return recs
+
+
+def expected(llm, recs):
+    outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in recs],
+                        [r.params for r in recs], use_tqdm=False)
+    return {(r.request_id, c.index): (c.token_ids, c.finish_reason)
+            for r, o in zip(recs, outs) for c in o.outputs}
+
+
+async def collect(recs, p, d, token="secret", both=False, abort_some=False):
+    links = {}
+
+    def link(w):
+        if w.data not in links:
+            links[w.data] = WorkerLink(w.data, token)
+        return links[w.data]
+
+    got: dict = {}
+
+    async def one(rec, i):
+        gen = run_both(rec, link(d)) if both else run_pd(rec, link(p), link(d))
+        n = 0
+        async for rows in gen:
+            for r in rows:
+                toks, _ = got.setdefault((rec.request_id, r.choice_index), ([], None))
+                toks.append(r.token_id)
+                got[(rec.request_id, r.choice_index)] = (toks, r.finish_reason)
+            n += 1
+            if abort_some and i % 3 == 0 and n == 2:
+                await gen.aclose()
+                return
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(r, i) for i, r in enumerate(recs))), 300)
+    finally:
+        for lk in links.values():
+            await lk.close()
+    return got
+
+
+@pytest.mark.parametrize("d_name", ["D", "Dtcp", "Dsmall", "Dnone", "both"],
+                         ids=["shm", "tcp", "preemption", "transfer-failure", "both-role"])
+def test_64_concurrent_requests_equal_offline(cluster, reference, d_name):
+    recs = workload(64, seed=hash(d_name) % 1000)
+    want = expected(reference, recs)
+    got = asyncio.run(collect(recs, cluster["P"], cluster[d_name], both=d_name == "both"))
+    assert got == want
+    d = cluster[d_name]
+    load = d.load()
+    if d_name == "Dsmall":
+        assert load["num_preemptions"] > 0
+    if d_name == "Dnone":
+        assert load["kv_transfer_fallbacks"] > 0
+    if d_name in ("D", "Dtcp"):
+        assert load["kv_transfer_fallbacks"] == 0
+        assert set(load["kv_transports"].values()) == {"shm" if d_name == "D" else "tcp"}
+
+
+def pools_idle(cluster) -> bool:
+    p, loads = cluster["P"].load(), {k: cluster[k].load() for k in ("D", "Dtcp")}
+    return (p["blocks_awaiting_transfer"] == 0 and p["num_requests_running"] == 0
+            and p["num_requests_waiting"] == 0
+            and all(v["num_free_blocks"] == 400 and v["num_reserved_blocks"] == 0
+                    and v["num_requests_running"] == 0 and v["num_requests_waiting"] == 0
+                    for v in loads.values()))
+
+
+def test_burst_with_random_aborts_leaves_pools_free(cluster):
+    from tests.kv_transfer.harness import wait_for
+
+    recs = workload(48, seed=77)
+    for d_name in ("D", "Dtcp"):
+        asyncio.run(collect(recs, cluster["P"], cluster[d_name], abort_some=True))
+        recs = workload(48, seed=78)
+    # P's prefix cache keeps freed blocks evictable: they count as free
+    wait_for(lambda: pools_idle(cluster), timeout=30, interval=0.3)
+
+
+def raw_call(worker, frames, token="secret", timeout_ms=5000):
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, timeout_ms)
+    s.connect(worker.data)
+    try:
+        s.send(frames)
+        return decode(s.recv())
+    finally:
+        s.close()
+
+
+def rec_wire(**over):
+    rec = RequestRecord("bad-1", [5, 6, 7], SamplingParams(max_tokens=3, seed=1)).to_wire()
+    rec.update(over)
+    return rec
+
+
+@pytest.mark.parametrize("worker, frame, needle", [
+    ("D", encode(Msg.ABORT, "secret", rid="nope"), "unknown request id"),
+    ("P", encode(Msg.ABORT, "secret", rid="nope"), "unknown request id"),
+    ("D", encode(Msg.JOIN, "secret", rid="nope", first=[]), "unknown request id"),
+    ("D", b"\xc1\x00garbage", "not a msgpack"),
+    ("P", msgpack.packb({"k": "bogus"}), "unknown message kind"),
+    ("P", encode(Msg.PREFILL, "secret", rec=rec_wire(prompt=[5, 10**7]), kv=None), "vocabulary"),
+    ("D", encode(Msg.RESERVE, "secret", rec=rec_wire(prompt=[5] * 600)), "max_model_len"),
+    ("both", encode(Msg.GENERATE, "secret", rec=rec_wire(params={"top_p": 3})), "top_p"),
+    ("D", encode(Msg.RESERVE, "wrong", rec=rec_wire()), "wrong internal token"),
+    ("P", encode(Msg.RESERVE, "secret", rec=rec_wire()), "does not take reserve"),
+])
+def test_bad_input_on_the_data_path_gets_an_error_reply(cluster, worker, frame, needle):
+    reply = raw_call(cluster[worker], frame)
+    assert reply["k"] is Msg.ERROR and needle in reply["reason"]
+    # and the worker keeps serving
+    assert cluster[worker].get("/health").status_code == 200
+
+
+def test_workers_keep_serving_after_bad_input(cluster, reference):
+    recs = workload(4, seed=5)
+    got = asyncio.run(collect(recs, cluster["P"], cluster["D"]))
+    assert got == expected(reference, recs)
+
+
+def test_ops_http(cluster):
+    d = cluster["D"]
+    assert httpx.get(d.http + "/load").status_code == 401  # internal token required
+    assert d.get("/load", headers={"authorization": "Bearer wrong"}).status_code == 401
+    r = d.get("/load", headers={"endpoint-load-metrics-format": "TEXT"})
+    assert r.status_code == 200
+    assert r.headers["endpoint-load-metrics"].startswith(
+        "TEXT named_metrics.kv_cache_usage_perc=")
+    r = d.get("/health", headers={"endpoint-load-metrics-format": "json"})
+    assert r.headers["endpoint-load-metrics"].startswith('JSON {"named_metrics": {')
+    assert "endpoint-load-metrics" not in d.get("/health").headers
+    info = d.get("/info").json()
+    assert info["role"] == "decode" and info["compat"]["block_size"] == 16
+    assert info["compat"] == cluster["P"].get("/info").json()["compat"] | {
+        "max_model_len": info["compat"]["max_model_len"]}
+    metrics = httpx.get(d.http + "/metrics").text
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                 "vllm:kv_cache_usage_perc", "kv_transfer_transfers_total",
+                 "pdserve_inter_token_latency_seconds_bucket", "kv_transfer_fallback_total"):
+        assert name in metrics, name
+    assert "pdserve_time_to_first_token_seconds_bucket" in httpx.get(
+        cluster["P"].http + "/metrics").text
