@@ -4,11 +4,37 @@ block table; the new tokens' K/V are already written (`write_kv`) before these r
 
 References gather each sequence's blocks into a padded [B, max_seq_len] view and run a masked
 softmax for the whole batch at once: no per-sequence loop, exact fp32 math, O(B * L) memory.
+
+Launchers `prefill_attention` / `decode_attention` check shapes and dtypes, pick fixed tile
+sizes from the head dim and dtype (and, for prefill, the batch's longest sequence; no
+autotuning: the same inputs always run the same code) and launch the kernels of
+`attention_triton.py`, which read K/V tile by tile through the block table with an online
+softmax, never materialising the gathered K/V or the scores. Decode results do not depend on
+the batch (fixed split size, fixed tiles); 16-bit prefill results may change in the last bit
+with the batch's longest sequence (it picks the key-tile width), as DESIGN.md §2 allows.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import triton
+
+from pdserve.kernels.attention_triton import (
+    _decode_attention_kernel,
+    _decode_reduce_kernel,
+    _prefill_attention_kernel,
+)
+from pdserve.kernels.triton_utils import (
+    check_device,
+    check_index,
+    check_power_of_two,
+    interpreting,
+)
+
+LOG2E = math.log2(math.e)
+DECODE_SPLIT_SIZE = 512  # tokens per decode split (fixed: results never depend on the batch)
 
 
 def _gather_kv(
@@ -83,3 +109,138 @@ def decode_attention_ref(
     cols = torch.arange(max_seq_len, device=q.device)
     mask = (cols[None, :] < seq_lens[:, None])[:, None, :]  # [B, 1, Sk]
     return _attend(q.unsqueeze(1), k, v, mask, scale).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launchers
+
+
+def _check_attention_inputs(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[int, int]:
+    """Shared checks; returns (GQA group size, block_size)."""
+    check_device(q, kv_cache, block_tables, seq_lens)
+    if q.dim() != 3 or kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+        raise ValueError(f"q must be 3-d and kv_cache [NB, L, 2, bs, Hkv, D]; got {tuple(q.shape)} "
+                         f"and {tuple(kv_cache.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = kv_cache.shape[3], kv_cache.shape[4]
+    if kv_cache.shape[5] != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"q heads/head_dim {num_heads}/{head_dim} do not fit the cache's "
+                         f"{num_kv_heads}/{kv_cache.shape[5]}")
+    if q.dtype != kv_cache.dtype or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q ({q.dtype}) and kv_cache ({kv_cache.dtype}) must share one float dtype")
+    if not 0 <= layer < kv_cache.shape[1]:
+        raise ValueError(f"layer {layer} out of range for {kv_cache.shape[1]} layers")
+    check_power_of_two("head_dim", head_dim)
+    check_power_of_two("block_size", block_size)
+    check_index("block_tables", block_tables, 2)
+    check_index("seq_lens", seq_lens, 1)
+    if block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("block_tables and seq_lens disagree on the batch size")
+    return num_heads // num_kv_heads, block_size
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 promises exactness: full-precision FMA dots, never tf32; 16-bit inputs ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _prefill_config(head_dim: int, dtype: torch.dtype,
+                    max_seq_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), fixed by shape (no autotuning; measured on
+    an H200 with bench/kernels.py --tune, BENCHMARKS.md)."""
+    if interpreting():
+        return 32, 32, 4, 1  # fewer, larger tiles: the interpreter pays per op, not per flop
+    if dtype == torch.float32:  # ieee fp32 dots run on CUDA cores: registers bound the tile
+        return (64, 32, 8, 2) if head_dim <= 64 else (32, 16, 8, 2)
+    if head_dim <= 128:
+        # wgmma tiles, 3-stage cp.async pipeline over K/V; 128-key tiles pay off once the
+        # loops are long (+14% at 4k keys, +24% at 16k), 64-key tiles keep short ones cheap
+        return (128, 128, 8, 3) if max_seq_len >= 4096 else (128, 64, 8, 3)
+    return 64, 32, 8, 2
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel, fixed by shape."""
+    if interpreting():
+        return 32, 4, 1
+    if dtype == torch.float32:
+        return 32, 8, 2
+    # K/V-bandwidth bound: a 3-deep cp.async pipeline of 64-token tiles keeps bytes in flight
+    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+
+
+def prefill_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    max_query_len: int, max_seq_len: int, *, block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Triton `prefill_attention_ref` (same contract). block_m/block_n override the tile
+    (powers of two >= 16; tests use them to put tiles across and inside cache blocks)."""
+    group, block_size = _check_attention_inputs(q, kv_cache, layer, block_tables, seq_lens)
+    check_device(q, query_start_loc)
+    check_index("query_start_loc", query_start_loc, 1)
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError("query_start_loc must hold B + 1 offsets")
+    T, num_heads, head_dim = q.shape
+    bm, bn, num_warps, num_stages = _prefill_config(head_dim, q.dtype, max_seq_len)
+    bm, bn = block_m or bm, block_n or bn
+    check_power_of_two("block_m", bm)
+    check_power_of_two("block_n", bn)
+    out = torch.empty((T, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    B = seq_lens.shape[0]
+    if T == 0 or B == 0:
+        return out
+    kv = kv_cache[:, layer]  # [NB, 2, bs, Hkv, D], a view: only the base pointer moves
+    num_m_blocks = triton.cdiv(max_query_len, bm)
+    # head on axis 0: a GQA group's programs run side by side and share K/V tiles in L2
+    grid = (num_heads, B, num_m_blocks)
+    _prefill_attention_kernel[grid](
+        q, kv, out, block_tables, query_start_loc, seq_lens, scale * LOG2E,
+        *q.stride(), *kv.stride(), *out.stride(), *block_tables.stride(), num_m_blocks,
+        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, layer: int, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, max_seq_len: int, *,
+    split_size: int = DECODE_SPLIT_SIZE, block_n: int | None = None,
+) -> torch.Tensor:
+    """Triton `decode_attention_ref` (same contract). Contexts are cut into fixed splits of
+    `split_size` tokens (a multiple of the tile, block_n); a reduce kernel merges them."""
+    group, block_size = _check_attention_inputs(q, kv_cache, layer, block_tables, seq_lens)
+    B, num_heads, head_dim = q.shape
+    bn, num_warps, num_stages = _decode_config(head_dim, q.dtype)
+    bn = block_n or min(bn, split_size)
+    check_power_of_two("block_n", bn)
+    if split_size % bn:
+        raise ValueError(f"split_size {split_size} must be a multiple of the tile ({bn})")
+    out = torch.empty((B, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    kv = kv_cache[:, layer]  # [NB, 2, bs, Hkv, D]
+    num_splits = max(triton.cdiv(max_seq_len, split_size), 1)
+    direct = num_splits == 1
+    # partials, fp32: m/l [B, Hq, S], acc [B, Hq, S, D] (contiguous: the kernels rely on it)
+    shape = (B, num_heads, num_splits) if not direct else (1, 1, 1)
+    part_m = torch.empty(shape, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(shape, dtype=torch.float32, device=q.device)
+    part_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=q.device)
+    group_pad = max(16, triton.next_power_of_2(group))  # a dot needs M >= 16
+    _decode_attention_kernel[(B, num_heads // group, num_splits)](
+        q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, scale * LOG2E,
+        *q.stride(), *kv.stride(), *out.stride(), *block_tables.stride(), *part_m.stride(),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        BLOCK_N=bn, SPLIT_SIZE=split_size, DIRECT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(B, num_heads)](
+            out, seq_lens, part_m, part_l, part_acc, *out.stride(), *part_m.stride(),
+            HEAD_DIM=head_dim, SPLIT_SIZE=split_size, SPLITS_PER_STEP=16, num_warps=4,
+        )
+    return out

@@ -1,7 +1,9 @@
 """The table of ops the model calls, chosen once at engine start (no hidden globals).
 
-`get_ops("torch")` gives the references. The Triton backend is added by the kernels issue;
-asking for it before then is a clear error, never a silent fallback.
+`get_ops("torch")` gives the references (the CPU path); `get_ops("triton")` the Triton
+kernels (on CUDA; on the CPU only under the Triton interpreter, TRITON_INTERPRET=1, which
+the tests use); `get_ops("auto")` Triton on CUDA, torch on the CPU. An unknown backend, or
+Triton on the CPU without the interpreter, is a clear error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -9,11 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pdserve.kernels.activation import silu_and_mul_ref
-from pdserve.kernels.attention import decode_attention_ref, prefill_attention_ref
-from pdserve.kernels.kv_cache import write_kv_ref
-from pdserve.kernels.norm import rms_norm_ref
-from pdserve.kernels.rotary import rotary_ref
+from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+from pdserve.kernels.attention import (
+    decode_attention,
+    decode_attention_ref,
+    prefill_attention,
+    prefill_attention_ref,
+)
+from pdserve.kernels.kv_cache import write_kv, write_kv_ref
+from pdserve.kernels.norm import rms_norm, rms_norm_ref
+from pdserve.kernels.rotary import rotary, rotary_ref
+from pdserve.kernels.triton_utils import interpreting
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,29 @@ TORCH_OPS = KernelOps(
     silu_and_mul=silu_and_mul_ref,
 )
 
-BACKENDS = ("auto", "torch")
+TRITON_OPS = KernelOps(
+    name="triton",
+    rms_norm=rms_norm,
+    rotary=rotary,
+    write_kv=write_kv,
+    prefill_attention=prefill_attention,
+    decode_attention=decode_attention,
+    silu_and_mul=silu_and_mul,
+)
+
+BACKENDS = ("auto", "torch", "triton")
 
 
 def get_ops(backend: str, device_type: str) -> KernelOps:
-    """Ops for `backend` ("auto" picks the best one available for `device_type`)."""
-    if backend in ("auto", "torch"):
+    """Ops for `backend` on `device_type` ("cuda" or "cpu"); "auto" picks Triton on CUDA and
+    the torch references elsewhere."""
+    if backend == "auto":
+        return TRITON_OPS if device_type == "cuda" else TORCH_OPS
+    if backend == "torch":
         return TORCH_OPS
+    if backend == "triton":
+        if device_type != "cuda" and not interpreting():
+            raise ValueError(f"kernel backend 'triton' on {device_type} needs the Triton "
+                             "interpreter (TRITON_INTERPRET=1 set before start); use 'torch'")
+        return TRITON_OPS
     raise ValueError(f"kernel backend {backend!r} is not available (choose from {BACKENDS})")

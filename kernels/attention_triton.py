@@ -1,0 +1,227 @@
+"""Triton kernels of paged attention; their launchers and references live in `attention.py`.
+
+Both kernels read one layer's K/V straight out of the block-major pool through the block
+table, a tile of BLOCK_N tokens at a time. A tile may span several cache blocks
+(BLOCK_N > block_size) or part of one: each token's row is found as
+`block_tables[b, n // BLOCK_SIZE] * stride_cb + (n % BLOCK_SIZE) * stride_cs` (BLOCK_SIZE is a
+power-of-two constexpr, so that is a shift and a mask). A token's head_dim row is contiguous,
+so the loads are 16-byte vectors and the software pipeliner overlaps them with the dots.
+
+Softmax is online (flash-attention style) in fp32, in log2 units: scores are scaled by
+`scale * log2(e)` once, and exp2 replaces exp.
+
+- `_prefill_attention_kernel`: one program = BLOCK_M queries of one sequence for ONE query
+  head. Prefill is bound by tensor-core math, not bytes: a program per query head keeps the
+  dot's M at BLOCK_M tokens (packing a GQA group would not cut the flops), and the group's
+  programs run next to each other (head is grid axis 0), so each K/V tile is fetched from
+  memory once and read by the group out of L2. Keys below the tile's first query position
+  are visible to all its rows and run without masks; only the diagonal tiles are masked.
+- `_decode_attention_kernel`: one program = ONE KV head's query group of one sequence over a
+  fixed split of SPLIT_SIZE tokens. Decode is bound by K/V bytes: the group's queries are the
+  rows of one dot (padded to 16), so each K/V byte is read once for the whole group. Long
+  contexts are cut into fixed-size splits (split-K) so that a small batch still fills the
+  GPU; each split writes a partial (max, sum, acc) and `_decode_reduce_kernel` merges them.
+  The split size is fixed, never chosen from the batch, so a sequence's result does not
+  depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kv_offsets(bt_ptr, stride_btn, offs_n, stride_cb, stride_cs, mask_n,
+                BLOCK_SIZE: tl.constexpr):
+    """Element offsets [BLOCK_N] (int64) of tokens offs_n in one layer's K (or V) plane."""
+    if mask_n is None:
+        blk = tl.load(bt_ptr + (offs_n // BLOCK_SIZE) * stride_btn)
+    else:
+        blk = tl.load(bt_ptr + (offs_n // BLOCK_SIZE) * stride_btn, mask=mask_n, other=0)
+    # int64: block * stride_cb passes 2^31 elements in pools of a few GiB
+    return blk.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, q, k_ptrs, v_ptrs, qk_scale, mask_n, keep,
+                         DOT_PRECISION: tl.constexpr):
+    """One K/V tile: scores, running max/sum update, acc += p @ v. k_ptrs/v_ptrs [BLOCK_N,
+    HEAD_DIM]; keep [M, BLOCK_N] (or None) marks the scores that take part."""
+    if mask_n is None:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_n[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N] fp32
+    if keep is not None:
+        qk = tl.where(keep, qk, float("-inf"))
+    # running max in log2 units; every row has a finite score by its first tile, so m_new is
+    # finite and no NaN appears. The scale folds into the exponent's FMA (one pass, not two).
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if mask_n is None:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=mask_n[:, None], other=0.0)
+    acc = acc * alpha[:, None]
+    # fp16/bf16: p rounds to the input dtype so the dot runs on tensor cores; fp32 stays fp32
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, kv_ptr, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt, stride_qh, stride_qd,
+    stride_cb, stride_ckv, stride_cs, stride_ch, stride_cd,  # kv_ptr: the layer's [NB, 2, bs, Hkv, D]
+    stride_ot, stride_oh, stride_od,
+    stride_btb, stride_btn,
+    num_m_blocks,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    hq = tl.program_id(0)
+    b = tl.program_id(1)
+    # largest query blocks (most keys) first: the long programs start early, short ones fill in
+    pid_m = num_m_blocks - 1 - tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # prior context: query i sits at position ctx_len + i
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < q_len
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_qt + hq * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    pos = ctx_len + offs_m
+
+    k_base = kv_ptr + (hq // GROUP) * stride_ch + offs_d[None, :] * stride_cd
+    v_base = k_base + stride_ckv
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # keys < lo_full are visible to every row: whole tiles of them run unmasked
+    lo_full = ctx_len + pid_m * BLOCK_M
+    num_full = lo_full // BLOCK_N
+    for t in range(0, num_full):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_off = _kv_offsets(bt_row, stride_btn, offs_n, stride_cb, stride_cs, None, BLOCK_SIZE)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_base + kv_off[:, None],
+                                             v_base + kv_off[:, None], qk_scale, None, None,
+                                             DOT_PRECISION)
+    # diagonal tiles: causal mask, and keys past the tile's last query (or the sequence) out
+    hi = tl.minimum(ctx_len + (pid_m + 1) * BLOCK_M, seq_len)
+    for t in range(num_full, tl.cdiv(hi, BLOCK_N)):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        kv_off = _kv_offsets(bt_row, stride_btn, offs_n, stride_cb, stride_cs, mask_n, BLOCK_SIZE)
+        keep = (offs_n[None, :] <= pos[:, None]) & mask_n[None, :]
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_base + kv_off[:, None],
+                                             v_base + kv_off[:, None], qk_scale, mask_n, keep,
+                                             DOT_PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_ckv, stride_cs, stride_ch, stride_cd,
+    stride_ob, stride_oh, stride_od,
+    stride_btb, stride_btn,
+    stride_pb, stride_ph, stride_ps,  # partial m/l [B, Hq, S]; acc [B, Hq, S, HEAD_DIM] adds D
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_SIZE: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split covers every sequence: write the output, no partials
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = split * SPLIT_SIZE
+    if start >= seq_len:
+        return  # the reduce reads only the splits that hold tokens
+    end = tl.minimum(start + SPLIT_SIZE, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)  # rows = the group's query heads, padded to a dot's 16
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_g = offs_g < GROUP
+    heads = hkv * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_g[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+
+    k_base = kv_ptr + hkv * stride_ch + offs_d[None, :] * stride_cd
+    v_base = k_base + stride_ckv
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        kv_off = _kv_offsets(bt_row, stride_btn, offs_n, stride_cb, stride_cs, mask_n, BLOCK_SIZE)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_base + kv_off[:, None],
+                                             v_base + kv_off[:, None], qk_scale, mask_n,
+                                             mask_n[None, :], DOT_PRECISION)
+
+    if DIRECT:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
+        part = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps  # [GROUP_PAD]
+        tl.store(part_m_ptr + part, m_i, mask=mask_g)
+        tl.store(part_l_ptr + part, l_i, mask=mask_g)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=mask_g[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    stride_ob, stride_oh, stride_od,
+    stride_pb, stride_ph, stride_ps,
+    HEAD_DIM: tl.constexpr, SPLIT_SIZE: tl.constexpr, SPLITS_PER_STEP: tl.constexpr,
+):
+    """Merge the splits of one (sequence, query head): out = sum_s w_s acc_s / sum_s w_s l_s
+    with w_s = exp2(m_s - max_s m_s)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    num_splits = tl.cdiv(tl.load(seq_lens_ptr + b), SPLIT_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * stride_pb + h * stride_ph
+    m_run = tl.full([], float("-inf"), tl.float32)
+    l_run = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, SPLITS_PER_STEP):
+        offs_s = s0 + tl.arange(0, SPLITS_PER_STEP)
+        mask_s = offs_s < num_splits
+        part = base + offs_s * stride_ps
+        m_s = tl.load(part_m_ptr + part, mask=mask_s, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + part, mask=mask_s, other=0.0)
+        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                        mask=mask_s[:, None], other=0.0)  # [SPLITS_PER_STEP, HEAD_DIM]
+        m_new = tl.maximum(m_run, tl.max(m_s, 0))  # finite: the first step has split 0
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m_s - m_new)
+        l_run = l_run * alpha + tl.sum(w * l_s, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * acc_s, 0)
+        m_run = m_new
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+             (acc / l_run).to(out_ptr.dtype.element_ty))

@@ -1,0 +1,151 @@
+"""Paged prefill and decode attention: Triton kernels against the torch references.
+
+CPU cases run under the Triton interpreter in fp32 and fp16 with small shapes that would also
+compile (head_dim >= 16, dots >= 16x16x16); gpu cases run compiled, in bf16 against an fp32
+reference of the same bf16 inputs, in fp32 with ieee dots, and at Llama-3-8B shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.kernels.attention import (
+    decode_attention,
+    decode_attention_ref,
+    prefill_attention,
+    prefill_attention_ref,
+)
+from tests.kernels.paged import make_paged_batch, poisoned_outputs, rel_err, seed_for
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+INTERP_DTYPES = [torch.float32, torch.float16]  # the interpreter's bf16 dot is wrong
+
+# (head_dim, q heads, kv heads, block_size, q_lens, prior context lens, block_m, block_n):
+# GQA groups 1/4/8; chunks ending on and just past block boundaries; empty and long context;
+# tiles across several blocks (block_n > block_size) and inside one (block_n < block_size)
+PREFILL_CASES = [
+    (16, 4, 4, 16, [16, 17, 1], [0, 0, 5], None, None),
+    (32, 8, 2, 16, [32, 33, 7], [0, 16, 200], None, None),
+    (64, 8, 1, 32, [31, 32, 65], [0, 1, 40], 16, 64),
+    (32, 4, 1, 32, [5, 40], [300, 0], 16, 16),
+    (16, 8, 2, 16, [100], [400], 32, 64),
+    (64, 8, 2, 16, [48, 1, 1], [64, 15, 16], None, None),  # prefill chunk beside decode tokens
+]
+
+# (head_dim, q heads, kv heads, block_size, seq_lens, split_size, block_n): one split (direct
+# write) and split-K with a small split size, splits ending on and past tile/block boundaries
+DECODE_CASES = [
+    (16, 4, 4, 16, [1, 16, 17, 33], 512, None),
+    (32, 8, 2, 16, [1, 63, 64, 65, 200], 64, 32),
+    (64, 8, 1, 32, [500, 33, 32], 64, 16),
+    (32, 16, 2, 32, [512, 1], 32, 32),
+    (64, 8, 2, 16, [96, 97, 160], 32, 16),
+]
+
+
+def check_prefill(batch, dtype, tol, **tiles):
+    args = (batch.kv_cache, batch.layer, batch.block_tables, batch.query_start_loc,
+            batch.seq_lens, 0.37, batch.max_query_len, batch.max_seq_len)
+    with poisoned_outputs():
+        out = prefill_attention(batch.q, *args, **tiles)
+    assert out.dtype == dtype and out.shape == batch.q.shape
+    assert not out.isnan().any(), "unwritten output elements"
+    ref = prefill_attention_ref(batch.q.float(), batch.kv_cache.float(), *args[1:])
+    err = rel_err(out, ref)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def check_decode(batch, dtype, tol, **kw):
+    args = (batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens, 0.29,
+            batch.max_seq_len)
+    with poisoned_outputs():
+        out = decode_attention(batch.q, *args, **kw)
+    assert out.dtype == dtype and out.shape == batch.q.shape
+    assert not out.isnan().any(), "unwritten output elements"
+    ref = decode_attention_ref(batch.q.float(), batch.kv_cache.float(), *args[1:])
+    err = rel_err(out, ref)
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-bs{c[3]}")
+def test_prefill_attention(case, dtype, request):
+    head_dim, hq, hkv, bs, q_lens, ctx_lens, bm, bn = case
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    batch = make_paged_batch(q_lens, ctx_lens, hq, hkv, head_dim, bs, dtype, "cpu", gen)
+    check_prefill(batch, dtype, TOL[dtype], block_m=bm, block_n=bn)
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-split{c[5]}")
+def test_decode_attention(case, dtype, request):
+    head_dim, hq, hkv, bs, seq_lens, split, bn = case
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    batch = make_paged_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, head_dim,
+                             bs, dtype, "cpu", gen)
+    check_decode(batch, dtype, TOL[dtype], split_size=split, block_n=bn)
+
+
+def test_int32_indices_and_strided_q(request):
+    """int32 metadata and a q that is a strided view (as the model's fused qkv split gives)."""
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    batch = make_paged_batch([20, 3], [10, 40], 4, 2, 16, 16, torch.float32, "cpu", gen,
+                             index_dtype=torch.int32)
+    wide = torch.randn(batch.q.shape[0], 4 + 2 * 2, 16, generator=gen)
+    wide[:, :4] = batch.q
+    batch.q = wide[:, :4]  # non-contiguous view
+    check_prefill(batch, torch.float32, TOL[torch.float32])
+    dec = make_paged_batch([1, 1], [70, 9], 4, 2, 16, 16, torch.float32, "cpu", gen,
+                           index_dtype=torch.int32)
+    check_decode(dec, torch.float32, TOL[torch.float32], split_size=32)
+
+
+def test_launchers_refuse_bad_shapes():
+    q = torch.randn(4, 6, 16)
+    cache = torch.randn(4, 1, 2, 16, 4, 16)  # 6 q heads do not group over 4 kv heads
+    tables = torch.zeros(1, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="heads"):
+        decode_attention(q[:1], cache, 0, tables, torch.tensor([4]), 1.0, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        decode_attention(torch.randn(1, 4, 16).half(), cache, 0, tables, torch.tensor([4]), 1.0, 4)
+    with pytest.raises(ValueError, match="block_size"):
+        decode_attention(torch.randn(1, 4, 16), torch.randn(4, 1, 2, 24, 4, 16), 0, tables,
+                         torch.tensor([4]), 1.0, 4)
+
+
+# --- compiled, on a GPU ----------------------------------------------------------------------
+
+GPU_PREFILL_CASES = [
+    # Llama-3-8B attention shapes: 32 q heads, 8 kv heads, head_dim 128
+    (128, 32, 8, 16, [1024, 17, 300], [0, 2000, 513]),
+    (128, 32, 8, 32, [129, 64, 1], [4096, 0, 777]),
+    (64, 8, 1, 16, [16, 1000], [48, 3]),
+]
+GPU_DECODE_CASES = [
+    (128, 32, 8, 16, [1, 17, 512, 513, 4000, 8192]),
+    (128, 32, 8, 32, [100, 2047, 1025]),
+    (64, 16, 2, 16, [33, 3000]),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_PREFILL_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-bs{c[3]}")
+def test_prefill_attention_gpu(case, dtype, request):
+    head_dim, hq, hkv, bs, q_lens, ctx_lens = case
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    batch = make_paged_batch(q_lens, ctx_lens, hq, hkv, head_dim, bs, dtype, "cuda", gen)
+    check_prefill(batch, dtype, TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [512, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-bs{c[3]}")
+def test_decode_attention_gpu(case, dtype, split, request):
+    head_dim, hq, hkv, bs, seq_lens = case
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    batch = make_paged_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, head_dim,
+                             bs, dtype, "cuda", gen)
+    check_decode(batch, dtype, TOL[dtype], split_size=split)
