@@ -99,6 +99,22 @@ class StreamingLoop(WorkerLoop):
                 REQUESTS.labels(self.role, "stop" if "stop" in reasons else "length").inc()
                 E2E.observe(now - r.received)
 
+    def _generate(self, identity: bytes, msg: dict) -> None:
+        """GENERATE {rec}: prefill here and decode (both role; D when the proxy skips P)."""
+        rec = RequestRecord.from_wire(msg.get("rec"))
+        if rec.request_id in self.reqs:
+            raise WireError(f"request id {rec.request_id} is already in flight", rec.request_id)
+        if rec.output_token_ids:
+            raise WireError("GENERATE takes new requests (re-submissions use RESERVE + JOIN)",
+                            rec.request_id)
+        try:
+            req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
+                                          choice_index=rec.choice_index)
+        except ValueError as e:
+            raise WireError(str(e), rec.request_id) from e
+        self.reqs[rec.request_id] = _DReq(identity, rec, float("inf"), req=req)
+        PROMPT_TOKENS.labels(self.role).inc(len(rec.prompt_token_ids))
+
     def _abort_running(self, r: _DReq) -> None:
         self.engine.abort(r.req)
         self.reqs.pop(r.rec.request_id, None)
@@ -126,20 +142,7 @@ class BothLoop(StreamingLoop):
     def on_message(self, identity: bytes, msg: dict) -> None:
         kind = msg["k"]
         if kind is Msg.GENERATE:
-            rec = RequestRecord.from_wire(msg.get("rec"))
-            if rec.request_id in self.reqs:
-                raise WireError(f"request id {rec.request_id} is already in flight",
-                                rec.request_id)
-            if rec.output_token_ids:
-                raise WireError("resubmitted records go to a D (no output so far here)",
-                                rec.request_id)
-            try:
-                req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
-                                              choice_index=rec.choice_index)
-            except ValueError as e:
-                raise WireError(str(e), rec.request_id) from e
-            self.reqs[rec.request_id] = _DReq(identity, rec, float("inf"), req=req)
-            PROMPT_TOKENS.labels("both").inc(len(rec.prompt_token_ids))
+            self._generate(identity, msg)
         elif kind is Msg.ABORT:
             r = self.reqs.get(msg.get("rid"))
             if r is None:
@@ -165,7 +168,9 @@ class DecodeLoop(StreamingLoop):
     def on_message(self, identity: bytes, msg: dict) -> None:
         kind = msg["k"]
         rid = msg.get("rid")
-        if kind is Msg.RESERVE:
+        if kind is Msg.GENERATE:  # the proxy skipped P (short or cached prompt)
+            self._generate(identity, msg)
+        elif kind is Msg.RESERVE:
             rec = RequestRecord.from_wire(msg.get("rec"))
             if rec.request_id in self.reqs:
                 raise WireError(f"request id {rec.request_id} is already in flight",

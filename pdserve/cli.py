@@ -134,7 +134,19 @@ WORKER_HELP = ("Run one engine worker: prefill (P), decode (D) or both. It serve
                "over a ZMQ data path (--data-port), moves KV between P and D (D listens on "
                "--kv-port), and answers operators on HTTP --port: /health /load /info /metrics.")
 
+def run_serve_cmd(argv: Sequence[str]) -> int:
+    from pdserve.serve import ServeConfig, run_serve
+
+    cfg = build_config(ServeConfig, argv, prog="pdserve serve", description=(
+        "The OpenAI-compatible proxy. With --prefill/--decode (or --worker) URLs it routes to "
+        "running workers; with none it starts a local cluster (1 P + 1 D on the built-in model "
+        "unless told otherwise) and serves it at http://127.0.0.1:8000/v1."))
+    _setup_logging(cfg.log_level)
+    return run_serve(cfg)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "serve": (run_serve_cmd, "the OpenAI API over P/D workers (a local cluster by default)"),
     "generate": (run_generate, "offline generation with one engine in this process"),
     "prefill": (run_worker_role("prefill"), "run a prefill worker (P)"),
     "decode": (run_worker_role("decode"), "run a decode worker (D)"),
@@ -146,6 +158,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _usage() -> str:

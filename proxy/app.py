@@ -9,8 +9,8 @@ sent none, so retries reproduce) -> `Generation.start()` (a refused request is s
 that disconnects at any point cancels the work and the backend aborts the request.
 
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokenize,
-/detokenize; GET /health (200 empty / 503), /version; GET|POST /ping and POST /invocations
-(SageMaker). Only /v1 needs the API key. Token-ids-only mode (backend.tokenizer is None):
+/detokenize; GET /health (200 / 503, the backend's report as JSON), /version; GET|POST
+/ping and POST /invocations (SageMaker). Only /v1 needs the API key. Token-ids-only mode (backend.tokenizer is None):
 completions with token-id prompts work and return `text: ""` with `token_ids` in each
 choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
 """
@@ -185,12 +185,18 @@ class OpenAIServer:
             raise OpenAIError(f"tokens: token ids must be < {vocab}", param="tokens")
         return {"prompt": await asyncio.to_thread(tok.decode, req.tokens)}
 
-    async def healthy(self) -> bool:
+    async def health_report(self) -> dict[str, Any]:
+        """The backend's health snapshot ({"healthy": bool, ...}); unhealthy if it fails."""
         try:
-            return bool((await self.backend.health()).get("healthy", False))
-        except Exception:
+            report = dict(await self.backend.health())
+        except Exception as e:
             logger.exception("backend health check failed")
-            return False
+            return {"healthy": False, "reason": f"health check failed: {e}"}
+        report["healthy"] = bool(report.get("healthy", False))
+        return report
+
+    async def healthy(self) -> bool:
+        return (await self.health_report())["healthy"]
 
 
 def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
@@ -229,7 +235,9 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if await server.healthy() else 503)
+        # 200/503 for probes; the body says why (e.g. workers refused, and the reason)
+        report = await server.health_report()
+        return JSONResponse(report, status_code=200 if report["healthy"] else 503)
 
     @app.get("/version")
     async def version() -> dict[str, str]:

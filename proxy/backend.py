@@ -12,11 +12,11 @@ and single-process serving); the P/D routing backend comes with the routing issu
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from pdserve.engine.record import RequestRecord
 from pdserve.engine.sampler import Logprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -27,29 +27,10 @@ class BackendError(RuntimeError):
     no worker): the front answers 503, or an error event mid-stream."""
 
 
-@dataclass
-class GenerationRequest:
-    """The request record that crosses every boundary (and that failover re-submits).
-
-    `params.seed` is always set: the front draws a random 63-bit seed for unseeded requests,
-    so a retry or a re-submission draws the same tokens. `output_token_ids` are the tokens
-    generated so far (empty for a new request); `choice_index` > 0 names one choice of an
-    n > 1 request run alone (then params.n == 1). `deadline` is a `time.monotonic()` instant
-    after which the backend aborts the request.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    output_token_ids: list[int] = field(default_factory=list)
-    choice_index: int = 0
-    deadline: float | None = None
-
-    def choice_indices(self) -> list[int]:
-        """The choices this record generates: 0..n-1, or just `choice_index` when n == 1."""
-        if self.params.n > 1:
-            return list(range(self.params.n))
-        return [self.choice_index]
+# The request record of DESIGN.md §1: one type from the front through every worker.
+# `params.seed` is always set (the front draws one for unseeded requests, so a retry or a
+# re-submission draws the same tokens); see engine/record.py.
+GenerationRequest = RequestRecord
 
 
 @dataclass

@@ -56,6 +56,8 @@ class WorkerLink:
     load: dict[str, Any] = field(default_factory=dict)
     load_seq: int = 0
 
+    on_transfer: Any = None  # callback(rid, ok, reason) for P's TRANSFER reports
+
     def __post_init__(self) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -76,6 +78,11 @@ class WorkerLink:
     def unsubscribe(self, rid: str) -> None:
         self.queues.pop(rid, None)
 
+    def fail_all(self, reason: str) -> None:
+        """The worker is gone: every request waiting on it fails over (retryable)."""
+        for q in self.queues.values():
+            q.put_nowait((Msg.ERROR, {"reason": reason, "retryable": True}))
+
     def _update_load(self, load: Any) -> None:
         if isinstance(load, dict) and load.get("seq", 0) >= self.load_seq:
             self.load, self.load_seq = load, load.get("seq", 0)
@@ -95,6 +102,10 @@ class WorkerLink:
                     q = self.queues.get(row[0])
                     if q is not None:
                         q.put_nowait((Msg.STEP, row))
+                continue
+            if msg["k"] is Msg.TRANSFER:
+                if self.on_transfer is not None:
+                    self.on_transfer(msg.get("rid"), bool(msg.get("ok")), msg.get("reason", ""))
                 continue
             q = self.queues.get(msg.get("rid"))
             if q is not None:
@@ -119,7 +130,8 @@ async def _expect(q: asyncio.Queue, deadline: float, *kinds: Msg) -> tuple[Msg, 
     except TimeoutError:
         raise WorkerError("the worker did not answer in time", retryable=True) from None
     if kind is Msg.ERROR:
-        raise WorkerError(f"worker refused the request: {msg.get('reason')}")
+        raise WorkerError(f"worker failed the request: {msg.get('reason')}",
+                          retryable=bool(msg.get("retryable")))
     if kind not in kinds and kind is not Msg.STEP:
         raise WorkerError(f"unexpected {kind.value} from a worker")
     return kind, msg
@@ -159,7 +171,8 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
             while not qd.empty():  # every row of the same step goes out together
                 k2, row2 = qd.get_nowait()
                 if k2 is Msg.ERROR:
-                    raise WorkerError(f"D failed the request: {row2.get('reason')}")
+                    raise WorkerError(f"D failed the request: {row2.get('reason')}",
+                                      retryable=bool(row2.get("retryable")))
                 batch.append(_row(row2))
             for r in batch:
                 if r.finish_reason is not None:
@@ -187,7 +200,11 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
             _, row = await _expect(q, deadline, Msg.STEP)
             batch = [_row(row)]
             while not q.empty():
-                batch.append(_row(q.get_nowait()[1]))
+                k2, row2 = q.get_nowait()
+                if k2 is Msg.ERROR:
+                    raise WorkerError(f"the worker failed the request: {row2.get('reason')}",
+                                      retryable=bool(row2.get("retryable")))
+                batch.append(_row(row2))
             for r in batch:
                 if r.finish_reason is not None:
                     running.discard(r.choice_index)
@@ -196,3 +213,29 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
         if running:
             w.send(Msg.ABORT, rid=rid)
         w.unsubscribe(rid)
+
+
+async def run_resume(rec: RequestRecord, d: WorkerLink, last_token: int,
+                     timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
+    """Continue one choice on a D after its first D died: `rec.output_token_ids` are the
+    tokens before `last_token` (the choice's latest). D recomputes prompt + output and draws
+    on from the same (seed, choice, position), so the text continues as it would have."""
+    rid = rec.request_id
+    deadline = time.monotonic() + timeout
+    q = d.subscribe(rid)
+    running = True
+    try:
+        d.send(Msg.RESERVE, rec=rec.to_wire())
+        kind, msg = await _expect(q, deadline, Msg.RESERVED, Msg.REJECTED)
+        if kind is Msg.REJECTED:
+            raise WorkerError(f"D rejected the re-submission: {msg['reason']}", retryable=True)
+        d.send(Msg.JOIN, rid=rid, first=[[rec.choice_index, last_token, None]])
+        while running:
+            _, row = await _expect(q, deadline, Msg.STEP)
+            r = _row(row)
+            running = r.finish_reason is None
+            yield [r]
+    finally:
+        if running:
+            d.send(Msg.ABORT, rid=rid)
+        d.unsubscribe(rid)

@@ -154,7 +154,7 @@ def test_tokenize_detokenize(http: httpx.Client) -> None:
 
 def test_health_ping_version(http: httpx.Client) -> None:
     r = http.get("/health")
-    assert r.status_code == 200 and r.content == b""
+    assert r.status_code == 200 and r.json()["healthy"] is True
     assert http.get("/ping").status_code == 200
     assert http.post("/ping").status_code == 200
     assert http.get("/version").json() == {"version": "0.1.0"}

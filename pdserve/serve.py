@@ -1,0 +1,308 @@
+"""`pdserve serve`: the OpenAI-compatible proxy in front of P/D workers.
+
+With `--prefill URL... --decode URL...` (or `--worker URL...` for both-role workers) it
+routes to running workers. With none it starts a local cluster first (`--num-prefill` P and
+`--num-decode` D processes of `pdserve worker` on the engine options given here, on loopback
+ports from `--worker-base-port`), stops them on exit, and serves at http://HOST:PORT.
+
+Startup: workers (if local) -> the proxy's tokenizer and its model's hashes (workers with
+another model are refused) -> registry and health checks -> uvicorn (TLS, CORS, keep-alive,
+graceful drain of in-flight streams on SIGTERM). `--api-server-count N` runs N proxy
+processes on the same port (SO_REUSEPORT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+
+from pdserve.config import option, role_config
+from pdserve.engine.config import EngineConfig
+
+logger = logging.getLogger("pdserve.serve")
+
+
+def _urls(v: list[str]) -> str | None:
+    bad = [u for u in v if not u.startswith(("http://", "https://"))]
+    return f"not http(s) URLs: {bad}" if bad else None
+
+
+def _json_list(v: str) -> str | None:
+    try:
+        ok = isinstance(json.loads(v), list)
+    except ValueError:
+        ok = False
+    return None if ok else "must be a JSON list, e.g. '[\"*\"]'"
+
+
+@role_config("serve")
+@dataclass(frozen=True)
+class ServeConfig(EngineConfig):
+    """The proxy's options; the engine options configure a local cluster's workers."""
+
+    host: str = option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
+    port: int = option(8000, help="HTTP port of the OpenAI API.")
+    api_key: list[str] = option(default_factory=list, secret=True,
+                                help="API key(s) required on /v1/* (stored hashed).")
+    served_model_name: str | None = option(None, help="Model name clients use (default: the "
+                                           "model directory's name).")
+    prefill: list[str] = option(default_factory=list, check=_urls, metavar="URL",
+                                help="Prefill workers' HTTP URLs (http://host:port).")
+    decode: list[str] = option(default_factory=list, check=_urls, metavar="URL",
+                               help="Decode workers' HTTP URLs.")
+    worker: list[str] = option(default_factory=list, check=_urls, metavar="URL",
+                               help="Both-role workers' HTTP URLs.")
+    internal_token: str | None = option(None, secret=True, help="Secret shared with the "
+                                        "workers (a local cluster gets a random one).")
+    num_prefill: int = option(1, help="Local cluster: prefill workers to start.")
+    num_decode: int = option(1, help="Local cluster: decode workers to start.")
+    worker_base_port: int = option(8100, help="Local cluster: first worker port (each "
+                                   "worker takes 3).")
+    local_devices: list[str] = option(default_factory=list, help="Local cluster: devices for "
+                                      "the workers in order P..., D... (cycled).")
+    min_pd_prompt_tokens: int = option(16, help="Prompts shorter than this skip P (D "
+                                       "prefills them itself).")
+    max_retries: int = option(2, help="Retries on other workers before a request's first "
+                              "token.")
+    request_timeout: float = option(600.0, help="Seconds a request may take in all.")
+    health_interval: float = option(1.0, help="Seconds between worker health checks.")
+    allowed_origins: str = option('["*"]', check=_json_list, help="CORS origins (JSON list).")
+    allowed_methods: str = option('["*"]', check=_json_list, help="CORS methods (JSON list).")
+    allowed_headers: str = option('["*"]', check=_json_list, help="CORS headers (JSON list).")
+    allow_credentials: bool = option(False, help="CORS: allow credentials.")
+    ssl_keyfile: str | None = option(None, help="TLS private key file.")
+    ssl_certfile: str | None = option(None, help="TLS certificate file.")
+    ssl_ca_certs: str | None = option(None, help="CA certificates for client verification.")
+    ssl_cert_reqs: int = option(0, choices=(0, 1, 2), help="Client certificates: 0 none, "
+                                "1 optional, 2 required (mTLS).")
+    max_body_bytes: int = option(4 << 20, help="Largest request body accepted (413 above).")
+    keep_alive_timeout: float = option(5.0, help="Seconds an idle keep-alive connection "
+                                       "stays open.")
+    shutdown_timeout: float = option(30.0, help="On SIGTERM, seconds to drain in-flight "
+                                     "streams before closing them.")
+    api_server_count: int = option(1, help="Proxy processes sharing the port.")
+
+
+# ---- local cluster ------------------------------------------------------------------------
+
+_WORKER_FIELDS = [f for f in EngineConfig.__dataclass_fields__ if f not in ("device",)]
+
+
+def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None) -> list[str]:
+    # the internal token travels in the environment, not argv (visible to every user in ps)
+    cmd = [sys.executable, "-m", "pdserve", "worker", "--role", role, "--port", str(port)]
+    defaults = EngineConfig.__dataclass_fields__
+    for name in _WORKER_FIELDS:
+        value = getattr(cfg, name)
+        if value == defaults[name].default or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            cmd.append(flag if value else "--no-" + flag[2:])
+        else:
+            cmd += [flag, str(value)]
+    if device is not None:
+        cmd += ["--device", device]
+    return cmd
+
+
+def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, list]:
+    """Start P and D workers; returns the config pointing at them and their processes."""
+    roles = ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
+    procs, urls = [], {"prefill": [], "decode": []}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+           "PDSERVE_INTERNAL_TOKEN": cfg.internal_token or ""}
+    env.pop("PDSERVE_CONFIG", None)
+    for i, role in enumerate(roles):
+        port = cfg.worker_base_port + 3 * i
+        device = cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None
+        log = open(log_dir / f"{role}-{port}.log", "w")  # noqa: SIM115 - lives with the worker
+        procs.append(subprocess.Popen(_worker_cmd(cfg, role, port, device), stdout=log,
+                                      stderr=subprocess.STDOUT, env=env))
+        urls[role].append(f"http://127.0.0.1:{port}")
+        logger.info("started local %s worker on port %d (log %s)", role, port, log.name)
+    return replace(cfg, prefill=urls["prefill"], decode=urls["decode"]), procs
+
+
+def wait_for_workers(cfg: ServeConfig, procs: list, timeout: float = 600.0) -> None:
+    urls = cfg.prefill + cfg.decode + cfg.worker
+    end = time.monotonic() + timeout
+    pending = list(urls)
+    while pending:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a local worker exited with code {p.returncode}; see its "
+                                   "log in the log directory")
+        try:
+            if httpx.get(pending[0] + "/health", timeout=2).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"worker {pending[0]} not healthy after {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def stop_processes(procs: list, timeout: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# ---- the proxy ----------------------------------------------------------------------------
+
+def _model_hashes(model_path: str) -> dict[str, str]:
+    from pdserve.engine.model_config import ModelConfig
+
+    out = {"config_hash": ModelConfig.from_pretrained(model_path).config_hash}
+    tok = Path(model_path) / "tokenizer.json"
+    out["tokenizer_hash"] = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.exists() else "none"
+    return out
+
+
+def build_app(cfg: ServeConfig):
+    """The FastAPI app over a ClusterBackend for `cfg`'s workers (started in its lifespan)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from pdserve.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
+    from pdserve.engine.tokenizer import load_tokenizer
+    from pdserve.proxy import metrics
+    from pdserve.proxy.app import create_app
+    from pdserve.proxy.cluster_backend import ClusterBackend
+    from pdserve.proxy.registry import Registry
+
+    model_path = cfg.model or str(builtin_model_path())
+    tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer or model_path)
+    registry = Registry({"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.worker},
+                        token=cfg.internal_token or "", expected=_model_hashes(model_path),
+                        interval=cfg.health_interval)
+    default_name = BUILTIN_MODEL_NAME if cfg.model is None else Path(model_path).name
+    backend = ClusterBackend(registry, tokenizer, cfg.served_model_name or default_name,
+                             min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
+                             max_retries=cfg.max_retries, request_timeout=cfg.request_timeout)
+    backend.model_path = model_path
+    app = create_app(backend, api_keys=cfg.api_key, served_model_name=cfg.served_model_name,
+                     max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
+                       allow_methods=json.loads(cfg.allowed_methods),
+                       allow_headers=json.loads(cfg.allowed_headers),
+                       allow_credentials=cfg.allow_credentials)
+
+    @app.middleware("http")
+    async def count_requests(request, call_next):
+        response = await call_next(request)
+        metrics.HTTP_REQUESTS.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        for w in registry.workers:
+            metrics.WORKER_HEALTHY.labels(w.url, w.role).set(1.0 if w.usable else 0.0)
+            for k, v in w.load.items():
+                if isinstance(v, int | float) and k not in ("seq", "time"):
+                    metrics.WORKER_LOAD.labels(w.url, w.role, k).set(v)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/load")
+    async def load() -> JSONResponse:
+        return JSONResponse({"server_load": sum(w.active for w in registry.workers),
+                             "workers": registry.snapshot()})
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a):
+        await backend.start(wait=30.0)
+        async with inner(a):
+            yield
+        await backend.close()
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_proxy(cfg: ServeConfig) -> None:
+    """One proxy process (blocks until SIGTERM/SIGINT; drains streams first)."""
+    import uvicorn
+
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
+    sock = _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1)
+    config = uvicorn.Config(
+        build_app(cfg), log_level="warning", access_log=False,
+        timeout_keep_alive=int(cfg.keep_alive_timeout),
+        timeout_graceful_shutdown=int(cfg.shutdown_timeout),
+        ssl_keyfile=cfg.ssl_keyfile, ssl_certfile=cfg.ssl_certfile,
+        ssl_ca_certs=cfg.ssl_ca_certs, ssl_cert_reqs=cfg.ssl_cert_reqs)
+    scheme = "https" if cfg.ssl_certfile else "http"
+    logger.info("serving the OpenAI API at %s://%s:%d/v1 (pid %d)", scheme, cfg.host, cfg.port,
+                os.getpid())
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def run_serve(cfg: ServeConfig) -> int:
+    import secrets
+    import tempfile
+
+    procs: list = []
+    if not (cfg.prefill or cfg.decode or cfg.worker):
+        if cfg.internal_token is None:
+            cfg = replace(cfg, internal_token=secrets.token_hex(16))
+        log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
+        logger.info("no workers given: starting a local cluster (%d P + %d D); logs in %s",
+                    cfg.num_prefill, cfg.num_decode, log_dir)
+        cfg, procs = start_local_cluster(cfg, log_dir)
+    try:
+        if procs:
+            wait_for_workers(cfg, procs)
+        extra = []
+        ctx = mp.get_context("spawn")
+        for _ in range(cfg.api_server_count - 1):
+            p = ctx.Process(target=serve_proxy, args=(cfg,), daemon=True)
+            p.start()
+            extra.append(p)
+        try:
+            serve_proxy(cfg)
+        finally:
+            for p in extra:
+                p.terminate()
+                p.join(10)
+    finally:
+        stop_processes(procs)
+    return 0
+
+

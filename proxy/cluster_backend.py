@@ -1,0 +1,264 @@
+"""`ClusterBackend`: the `Backend` that routes each request over P/D pairs (or both-role
+workers) through the data path, with retries and failover.
+
+Per request: compute the prompt's block hashes (the same function and block size as the
+workers' prefix caches) -> route: with P and D available, pick D first (room, queue, then
+power of two choices), then P (longest cached prefix if not overloaded, else power of two
+choices, avoiding P->D links whose circuit breaker is open); a prompt shorter than
+`min_pd_prompt_tokens`, or mostly cached on the chosen D, skips P and D prefills it itself;
+without P/D pairs, a both-role worker serves it -> stream the rows as `ChoiceDelta`s.
+Failures: before the first token, retry on other workers (up to `max_retries`); a D that
+dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
+D, which continues the same draws; a failed KV transfer is recomputed by D (counted) and
+feeds the P->D link's breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+from pdserve.engine.block_manager import prefix_block_hashes
+from pdserve.engine.record import RequestRecord
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proxy import metrics
+from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest
+from pdserve.proxy.registry import Registry, Worker
+from pdserve.proxy.workers import TokenRow, WorkerError, run_both, run_pd, run_resume
+
+logger = logging.getLogger(__name__)
+
+BREAKER_THRESHOLD = 3  # consecutive failed transfers that open a P->D link
+BREAKER_OPEN_S = 30.0
+AFFINITY_SLACK = 2.0  # a cached prefix wins unless its worker is this much busier
+
+
+class ClusterBackend:
+    """See the module docstring. `await start()` before serving; `await close()` after."""
+
+    def __init__(self, registry: Registry, tokenizer: Tokenizer | None, model_name: str, *,
+                 min_pd_prompt_tokens: int = 16, skip_p_cached_fraction: float = 0.8,
+                 max_retries: int = 2, request_timeout: float = 600.0):
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.min_pd_prompt_tokens = min_pd_prompt_tokens
+        self.skip_p_cached_fraction = skip_p_cached_fraction
+        self.max_retries = max_retries
+        self.request_timeout = request_timeout
+        self.max_model_len = 0
+        self.eos_token_ids: list[int] = []
+        self._rng = random.Random()
+        self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
+        self._pairs: dict[str, tuple[str, str]] = {}  # rid -> (P url, D url) awaiting TRANSFER
+        registry.on_transfer = self._on_transfer
+        self._attempt = itertools.count(1)
+
+    async def start(self, wait: float = 60.0) -> None:
+        await self.registry.start(wait)
+        if not self.registry.ready():
+            logger.warning("no healthy prefill/decode pair yet; requests get 503 until one is up")
+        self.max_model_len = self.registry.max_model_len()
+        eos = {t for w in self.registry.workers for t in w.info.get("eos_token_ids", [])}
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+    async def abort(self, request_id: str) -> None:
+        """Closing the generator aborts on every worker; nothing to do by id."""
+
+    async def health(self) -> dict[str, Any]:
+        return {"healthy": self.registry.ready(), "workers": self.registry.snapshot()}
+
+    # ---- routing -------------------------------------------------------------------------
+
+    def _on_transfer(self, rid: str, ok: bool, reason: str) -> None:
+        pair = self._pairs.pop(rid, None)
+        if pair is None:
+            return
+        if ok:
+            self._breakers.pop(pair, None)
+            return
+        metrics.TRANSFER_FAILURES.inc()
+        count, _ = self._breakers.get(pair, (0, 0.0))
+        count += 1
+        until = time.monotonic() + BREAKER_OPEN_S if count >= BREAKER_THRESHOLD else 0.0
+        self._breakers[pair] = (count, until)
+        logger.warning("KV transfer %s -> %s failed (%s); D recomputed", *pair, reason)
+
+    def _link_open(self, p: Worker, d: Worker) -> bool:
+        _, until = self._breakers.get((p.url, d.url), (0, 0.0))
+        return until <= time.monotonic()
+
+    def _pick(self, cands: list[Worker], hashes: list[int]) -> Worker:
+        best = min(cands, key=lambda w: w.score())
+        cached = max(cands, key=lambda w: w.cached_blocks(hashes))
+        if cached.cached_blocks(hashes) > 0 and cached.score() <= best.score() + AFFINITY_SLACK:
+            return cached
+        if len(cands) == 1:
+            return cands[0]
+        a, b = self._rng.sample(cands, 2)  # power of two choices
+        return a if a.score() <= b.score() else b
+
+    def _route(self, req: RequestRecord, exclude: set[str]) -> tuple[str, Worker, Worker | None]:
+        reg = self.registry
+        ps = [w for w in reg.usable("prefill") if w.url not in exclude]
+        ds = [w for w in reg.usable("decode") if w.url not in exclude]
+        boths = [w for w in reg.usable("both") if w.url not in exclude]
+        ids = req.prompt_token_ids
+        bs = (reg.reference or {}).get("block_size", 16)
+        hashes = prefix_block_hashes(ids, bs)
+        if ds:
+            d = self._pick(ds, hashes)
+            short = len(ids) < self.min_pd_prompt_tokens
+            mostly_cached = d.cached_blocks(hashes) * bs >= self.skip_p_cached_fraction * len(ids)
+            ps_ok = [p for p in ps if self._link_open(p, d)] or ps
+            if ps_ok and not short and not mostly_cached:
+                p = self._pick(ps_ok, hashes)
+                p.assigned += 1
+                d.assigned += 1
+                p.remember(hashes)
+                return "pd", p, d
+            d.assigned += 1
+            d.remember(hashes)
+            return "skip_p", d, None
+        if boths:
+            w = self._pick(boths, hashes)
+            w.assigned += 1
+            w.remember(hashes)
+            return "both", w, None
+        raise BackendError("no healthy worker can serve this request (need a prefill/decode "
+                           "pair, a decode worker or a both-role worker)")
+
+    # ---- serving -------------------------------------------------------------------------
+
+    def _stream(self, route: str, a: Worker, b: Worker | None,
+                rec: RequestRecord) -> AsyncIterator[list[TokenRow]]:
+        metrics.ROUTES.labels(route).inc()
+        if route == "pd":
+            self._pairs[rec.request_id] = (a.url, b.url)
+            return run_pd(rec, a.link, b.link, self.request_timeout)
+        return run_both(rec, a.link, self.request_timeout)
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
+        start = time.monotonic()
+        outputs: dict[int, list[int]] = {}
+        finished: set[int] = set()
+        stamps: dict[int, float] = {}
+        exclude: set[str] = set()
+        rec, attempt = req, 0
+        d_worker: Worker | None = None
+        while True:
+            route, a, b = self._route(rec, exclude)
+            d_worker = b if route == "pd" else a
+            for w in (a, b):
+                if w is not None:
+                    w.active += 1
+            try:
+                async for rows in self._stream(route, a, b, rec):
+                    yield self._deliver(rows, outputs, finished, stamps, start)
+                break
+            except WorkerError as e:
+                if not e.retryable:
+                    raise BackendError(str(e)) from e
+                if outputs:  # tokens already streamed: continue each choice elsewhere
+                    exclude.add(d_worker.url)
+                    async for deltas in self._failover(req, outputs, finished, exclude, stamps,
+                                                       start):
+                        yield deltas
+                    break
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise BackendError(f"no worker could serve the request: {e}") from e
+                metrics.RETRIES.inc()
+                exclude.update(w.url for w in (a, b) if w is not None)
+                rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
+                logger.warning("retrying %s elsewhere: %s", req.request_id, e)
+            finally:
+                for w in (a, b):
+                    if w is not None:
+                        w.active -= 1
+                self._pairs.pop(rec.request_id, None)
+        metrics.E2E.observe(time.monotonic() - start)
+
+    def _deliver(self, rows: list[TokenRow], outputs: dict[int, list[int]], finished: set[int],
+                 stamps: dict[int, float], start: float) -> list[ChoiceDelta]:
+        now = time.monotonic()
+        deltas: dict[int, ChoiceDelta] = {}
+        for r in rows:
+            toks = outputs.setdefault(r.choice_index, [])
+            toks.append(r.token_id)
+            if len(toks) == 1:
+                metrics.TTFT.observe(now - start)
+            elif len(toks) == 2:
+                metrics.TOKEN2.observe(now - stamps[r.choice_index])
+            else:
+                metrics.ITL.observe(now - stamps[r.choice_index])
+            stamps[r.choice_index] = now
+            d = deltas.setdefault(r.choice_index, ChoiceDelta(r.choice_index, [], None, None))
+            d.token_ids.append(r.token_id)
+            if r.logprobs is not None:
+                d.logprobs = (d.logprobs or []) + [r.logprobs]
+            if r.finish_reason is not None:
+                d.finish_reason = r.finish_reason
+                finished.add(r.choice_index)
+        return list(deltas.values())
+
+    async def _failover(self, req: GenerationRequest, outputs: dict[int, list[int]],
+                        finished: set[int], exclude: set[str], stamps: dict[int, float],
+                        start: float) -> AsyncIterator[list[ChoiceDelta]]:
+        """Re-submit every unfinished choice to another D and merge their streams."""
+        pending = [c for c in req.choice_indices() if c not in finished]
+        queue: asyncio.Queue = asyncio.Queue()
+        ds = [w for w in self.registry.usable("decode") + self.registry.usable("both")
+              if w.url not in exclude]
+        if not ds:
+            raise BackendError("the decode worker died and no other can continue the request")
+
+        async def one(choice: int) -> None:
+            toks = outputs.get(choice, [])
+            d = self._pick(ds, [])
+            d.assigned += 1
+            rec = RequestRecord(f"{req.request_id}#fo{next(self._attempt)}",
+                                req.prompt_token_ids, replace(req.params, n=1),
+                                toks[:-1], choice, req.deadline)
+            try:
+                if not toks:  # the choice never produced a token: start it over
+                    rec = replace(rec, output_token_ids=[])
+                    async for rows in run_both(rec, d.link, self.request_timeout):
+                        await queue.put(rows)
+                else:
+                    async for rows in run_resume(rec, d.link, toks[-1], self.request_timeout):
+                        await queue.put(rows)
+            except Exception as e:  # noqa: BLE001 - surfaced to the stream below
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        metrics.FAILOVERS.inc(len(pending))
+        logger.warning("D died mid-stream; re-submitting %d choice(s) of %s", len(pending),
+                       req.request_id)
+        tasks = [asyncio.get_running_loop().create_task(one(c)) for c in pending]
+        live = len(tasks)
+        try:
+            while live:
+                item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise BackendError(f"failover failed: {item}") from item
+                else:
+                    yield self._deliver(item, outputs, finished, stamps, start)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,28 @@
+"""The proxy's Prometheus metrics (process-wide)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LAT = (.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+
+HTTP_REQUESTS = Counter("pdserve_proxy_http_requests", "HTTP requests by endpoint and status",
+                        ["endpoint", "status"])
+TTFT = Histogram("pdserve_proxy_time_to_first_token_seconds", "Request start to first token",
+                 buckets=_LAT)
+TOKEN2 = Histogram("pdserve_proxy_token2_latency_seconds",
+                   "First to second token of a choice (the P -> D handoff)", buckets=_LAT)
+ITL = Histogram("pdserve_proxy_inter_token_latency_seconds", "Between a choice's tokens",
+                buckets=(.001, .005, .01, .025, .05, .075, .1, .15, .2, .3, .5, 1, 2.5, 5))
+E2E = Histogram("pdserve_proxy_e2e_request_latency_seconds", "Request start to last token",
+                buckets=(.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
+ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, both)",
+                 ["route"])
+RETRIES = Counter("pdserve_proxy_retries", "Requests retried before their first token")
+FAILOVERS = Counter("pdserve_proxy_failovers", "Choices re-submitted after a D died mid-stream")
+TRANSFER_FAILURES = Counter("pdserve_proxy_transfer_failures",
+                            "P reported a failed KV transfer (D recomputed)")
+WORKER_LOAD = Gauge("pdserve_proxy_worker_load", "Last reported load of each worker",
+                    ["worker", "role", "metric"])
+WORKER_HEALTHY = Gauge("pdserve_proxy_worker_healthy", "1 if the worker is routable",
+                       ["worker", "role"])

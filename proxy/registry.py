@@ -1,0 +1,194 @@
+"""The proxy's view of its workers: identity, health, load, and compatibility.
+
+Each worker is known by its HTTP base URL. At start and every `interval` the registry reads
+GET /health (and /info until known); two failures in a row eject the worker (its in-flight
+requests fail over at once), a success readmits it. A worker whose /info does not match
+the proxy's model (config or tokenizer hash) or the other workers' KV layout is refused,
+with the reason shown in the proxy's /health. Load comes from every data-path frame (D's
+STEP frames, P's FIRST answers) and from /load; requests assigned since the last report are
+counted optimistically so a burst does not herd onto one worker between reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pdserve.proxy.workers import WorkerLink
+
+logger = logging.getLogger(__name__)
+
+PREFIX_MEMORY = 50_000  # block hashes remembered per worker (LRU)
+_COMPAT_SHARED = ("protocol_version", "config_hash", "tokenizer_hash", "dtype", "block_size",
+                  "pool_layout", "num_layers", "num_kv_heads", "head_dim", "prefix_hash")
+
+
+@dataclass(eq=False)
+class Worker:
+    url: str
+    role: str = "unknown"
+    name: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    link: WorkerLink | None = None
+    healthy: bool = False
+    refused: str | None = None
+    failures: int = 0
+    assigned: int = 0  # requests sent since the last load report
+    active: int = 0  # requests this proxy has in flight on it
+    last_seq: int = 0
+    prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU)
+
+    @property
+    def load(self) -> dict[str, Any]:
+        return self.link.load if self.link is not None else {}
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and self.refused is None and self.link is not None
+
+    def score(self) -> float:
+        """Lower is better: queued + running as last reported, plus what was sent since."""
+        load = self.load
+        if load.get("seq", 0) > self.last_seq:
+            self.last_seq, self.assigned = load.get("seq", 0), 0
+        base = load.get("num_requests_running", 0) + load.get("num_requests_waiting", 0)
+        pending = load.get("pending_prefill_tokens", 0) / 512.0  # P: queued prompt work
+        return base + pending + self.assigned + 2.0 * load.get("kv_cache_usage_perc", 0.0)
+
+    def remember(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self.prefixes[h] = None
+            self.prefixes.move_to_end(h)
+        while len(self.prefixes) > PREFIX_MEMORY:
+            self.prefixes.popitem(last=False)
+
+    def cached_blocks(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.prefixes:
+                break
+            n += 1
+        return n
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"url": self.url, "role": self.role, "name": self.name, "healthy": self.healthy,
+                "refused": self.refused, "active": self.active,
+                "transport": self.load.get("kv_transports") or self.info.get("kv_peers"),
+                "load": {k: v for k, v in self.load.items() if isinstance(v, int | float)}}
+
+
+class Registry:
+    """All workers; `start()` fetches their /info and begins health checks."""
+
+    def __init__(self, urls: dict[str, list[str]], token: str = "", expected: dict | None = None,
+                 interval: float = 1.0):
+        self.workers = [Worker(u, role) for role, us in urls.items() for u in us]
+        self.token = token
+        self.expected = expected or {}  # the proxy's own config/tokenizer hashes
+        self.interval = interval
+        self.reference: dict[str, Any] | None = None
+        self.http: httpx.AsyncClient | None = None
+        self._task: asyncio.Task | None = None
+        self.on_transfer = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def start(self, wait: float = 0.0) -> None:
+        self.http = httpx.AsyncClient(timeout=5.0, headers=self._headers())
+        await self.check_all()
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not self.ready():
+            await asyncio.sleep(0.2)
+            await self.check_all()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def ready(self) -> bool:
+        roles = {w.role for w in self.workers if w.usable}
+        return "both" in roles or {"prefill", "decode"} <= roles
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check_all()
+            except Exception:  # noqa: BLE001 - health checks must go on
+                logger.exception("health check round failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(w) for w in self.workers))
+
+    async def _check(self, w: Worker) -> None:
+        assert self.http is not None
+        try:
+            if not w.info:
+                r = await self.http.get(w.url + "/info")
+                r.raise_for_status()
+                self._admit(w, r.json())
+            r = await self.http.get(w.url + "/health")
+            ok = r.status_code == 200
+        except (httpx.HTTPError, ValueError) as e:
+            ok = False
+            logger.debug("health check of %s failed: %s", w.url, e)
+        if ok:
+            if not w.healthy:
+                logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
+            w.healthy, w.failures = True, 0
+            return
+        w.failures += 1
+        if w.healthy and w.failures >= 2:
+            w.healthy = False
+            logger.warning("worker %s (%s) ejected: health checks failing", w.name or w.url,
+                           w.role)
+            if w.link is not None:
+                w.link.fail_all(f"worker {w.name or w.url} is unreachable")
+
+    def _admit(self, w: Worker, info: dict[str, Any]) -> None:
+        w.info, w.role, w.name = info, info.get("role", w.role), info.get("name", w.url)
+        compat = info.get("compat", {})
+        w.refused = self._mismatch(compat)
+        if w.refused:
+            logger.error("worker %s refused: %s", w.url, w.refused)
+            return
+        if self.reference is None:
+            self.reference = compat
+        if w.link is None:
+            w.link = WorkerLink(info["data_address"], self.token)
+            w.link.on_transfer = self.on_transfer
+
+    def _mismatch(self, compat: dict[str, Any]) -> str | None:
+        for key, want in self.expected.items():
+            if compat.get(key) != want:
+                return f"{key} {compat.get(key)!r} does not match the proxy's model ({want!r})"
+        if self.reference is not None:
+            for key in _COMPAT_SHARED:
+                if compat.get(key) != self.reference.get(key):
+                    return (f"{key} {compat.get(key)!r} differs from the other workers' "
+                            f"{self.reference.get(key)!r}")
+        return None
+
+    def usable(self, role: str) -> list[Worker]:
+        return [w for w in self.workers if w.role == role and w.usable]
+
+    def max_model_len(self) -> int:
+        lens = [w.info["compat"]["max_model_len"] for w in self.workers
+                if w.info and w.refused is None]
+        return min(lens) if lens else 0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [w.snapshot() for w in self.workers]
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for w in self.workers:
+            if w.link is not None:
+                await w.link.close()
+        if self.http is not None:
+            await self.http.aclose()
