@@ -3,12 +3,15 @@
 The decode scheduler allocates blocks and calls `reserve(rid, block_ids, timeout)`; later it
 drains `events()`: ARRIVED (the KV is in those blocks: the sequence may join the batch),
 EXPIRED (no offer in time), FAILED (peer gone, bad data) or CANCELLED (P cancelled). After
-any of these the blocks are the scheduler's again. `cancel(rid)` frees nothing itself: the
-caller frees its blocks at once and P is told to free its copy.
+any of these the blocks are the scheduler's again. `cancel(rid)` frees nothing itself: P is
+told to free its copy, and the caller reuses the blocks after the CANCELLED event.
 
-Transport per P, chosen at handshake: `shm` when P's pool is a /dev/shm file on this host
-(D pulls with one gather), else `tcp` (P pushes block frames). A failed shm attach is a
-downgrade, logged and counted, never silent.
+Transport per P, chosen at handshake: `cuda_ipc` when both pools are on GPUs of this host
+(D maps P's pool once and pulls each transfer with one gather launch on a stream of its
+own device; DONE and ARRIVED follow only once that copy's event has completed), `shm` when
+P's pool is a /dev/shm file on this host (D pulls with one gather), else `tcp` (P pushes
+block frames). A failed cuda_ipc open or canary, or a failed shm attach, is a downgrade:
+logged, counted (`kv_transfer_transport_downgrade`), and shown in `stats()`, never silent.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import zmq
 
 from pdserve.engine.kv_pool import KVPool
-from pdserve.kv_transfer import metrics, shm
+from pdserve.kv_transfer import cuda_ipc, metrics, shm
 from pdserve.kv_transfer.channel import IOThread, configure
 from pdserve.kv_transfer.protocol import (
     MAX_CONTROL_BYTES,
@@ -52,7 +55,7 @@ class _Peer:
     epoch: int
     identity: bytes
     transport: str
-    src_pool: torch.Tensor | None = None  # shm mapping of P's pool
+    src_pool: torch.Tensor | None = None  # shm or cuda_ipc mapping of P's pool
     rids: set[str] = field(default_factory=set)
 
 
@@ -61,7 +64,7 @@ class KVReceiver(IOThread):
 
     def __init__(self, pool: KVPool, compat: CompatRecord, *, host: str = "127.0.0.1",
                  port: int = 0, internal_token: str = "", transfer_timeout: float = 30.0,
-                 transports: tuple[str, ...] = ("shm", "tcp")):
+                 transports: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")):
         super().__init__("kv-receiver")
         self.pool = pool
         self.compat = compat
@@ -82,7 +85,10 @@ class KVReceiver(IOThread):
         self._res: dict[str, Reservation] = {}
         self._early: dict[str, tuple[bytes, dict, float]] = {}  # rid -> (peer, offer, until)
         self._peers: dict[bytes, _Peer] = {}
-        self._stats = {"peers": {}, "active": 0}
+        self._stats = {"peers": {}, "active": 0, "downgrades": {}, "num_downgrades": 0}
+        # cuda_ipc pulls run on a stream of D's device; made here, used by the I/O thread
+        self._puller = cuda_ipc.Puller(pool.device, pool.tensor) \
+            if pool.device.type == "cuda" else None
         self.start()
 
     # ---- API (any thread) ----------------------------------------------------------------
@@ -98,8 +104,12 @@ class KVReceiver(IOThread):
         self.submit(lambda: self._cancel(rid, reason))
 
     def stats(self) -> dict:
-        """Peers with their transport, and active reservations (a snapshot)."""
-        return {"peers": dict(self._stats["peers"]), "active": self._stats["active"]}
+        """A snapshot: peers (P name -> transport), active reservations, downgrades (P name
+        -> {from, to, reason}) with their count, and CUDA IPC mappings held open."""
+        return {"peers": dict(self._stats["peers"]), "active": self._stats["active"],
+                "downgrades": dict(self._stats["downgrades"]),
+                "num_downgrades": self._stats["num_downgrades"],
+                "cuda_ipc_mappings": cuda_ipc.num_open_mappings()}
 
     # ---- I/O thread ----------------------------------------------------------------------
 
@@ -131,6 +141,8 @@ class KVReceiver(IOThread):
 
     def _finish(self, r: Reservation, state: ReservationState, kind: EventKind,
                 reason: str = "", notify_peer: bool = True) -> None:
+        if self._puller is not None:
+            self._puller.discard(r.rid)  # a copy into r's blocks has finished past here
         r.state = state
         self._res.pop(r.rid, None)
         peer = self._peers.get(r.peer) if r.peer is not None else None
@@ -208,14 +220,36 @@ class KVReceiver(IOThread):
         for old_id, old in list(self._peers.items()):
             if old.name == msg["name"] and (old.epoch != msg["e"] or old_id != identity):
                 self._drop_peer(old_id, "P restarted (new epoch)")
-        transport, mapping = self._choose_transport(msg)
+        transport, mapping, downgrade = self._choose_transport(msg)
+        old = self._peers.get(identity)  # the same incarnation shaking hands again
+        if old is not None and old.transport == "cuda_ipc" and old.src_pool is not None:
+            cuda_ipc.close_peer_pool(old.src_pool)  # one reference; the new one stays open
         self._peers[identity] = _Peer(msg["name"], msg["e"], identity, transport, mapping)
         self._stats["peers"][msg["name"]] = transport
-        self._send(identity, Kind.WELCOME, transport=transport)
+        extra = {}
+        if downgrade is not None:
+            self._stats["downgrades"][msg["name"]] = downgrade
+            self._stats["num_downgrades"] += 1
+            extra = {"downgraded_from": downgrade["from"], "downgrade_reason": downgrade["reason"]}
+        else:
+            self._stats["downgrades"].pop(msg["name"], None)
+        self._send(identity, Kind.WELCOME, transport=transport, **extra)
         logger.info("P %s (epoch %x) connected over %s", msg["name"], msg["e"], transport)
 
-    def _choose_transport(self, msg: dict) -> tuple[str, torch.Tensor | None]:
+    def _choose_transport(self, msg: dict) -> tuple[str, torch.Tensor | None, dict | None]:
+        """(transport, mapping of P's pool or None, downgrade record or None)."""
         pool = msg["pool"]
+        downgrade = None
+        if "cuda_ipc" in self.transports and self.pool.device.type == "cuda" \
+                and pool.get("boot_id") == boot_id() and pool.get("device") == "cuda":
+            src, why = self._open_cuda_ipc(msg["name"], pool)
+            if src is not None:
+                return "cuda_ipc", src, None
+            to = "tcp" if "tcp" in self.transports else "none"
+            metrics.DOWNGRADES.labels("cuda_ipc", to).inc()
+            logger.warning("cuda_ipc with P %s refused (%s): downgraded to %s",
+                           msg["name"], why, to)
+            downgrade = {"from": "cuda_ipc", "to": to, "reason": why}
         info = pool.get("shm")
         if "shm" in self.transports and info and pool.get("boot_id") == boot_id() \
                 and self.pool.device.type == "cpu":
@@ -223,14 +257,40 @@ class KVReceiver(IOThread):
                 src = shm.attach(info["path"], info["shape"], info["dtype"])
                 if list(src.shape[1:]) != list(self.pool.tensor.shape[1:]):
                     raise ValueError(f"block shape {list(src.shape[1:])} differs")
-                return "shm", src
+                return "shm", src, None
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
                 metrics.DOWNGRADES.labels("shm", "tcp").inc()
                 logger.warning("shm attach of P %s failed (%s): downgraded to tcp",
                                msg["name"], e)
         if "tcp" not in self.transports:
-            return "none", None
-        return "tcp", None
+            return "none", None, downgrade
+        return "tcp", None, downgrade
+
+    def _open_cuda_ipc(self, name: str, pool: dict) -> tuple[torch.Tensor | None, str]:
+        """Map P's pool into D's device and check the canary: (mapping, '') or (None, why)."""
+        info = pool.get("cuda_ipc")
+        if not isinstance(info, dict):
+            return None, pool.get("cuda_ipc_error") or "P sent no cuda_ipc registration"
+        t0 = time.monotonic()
+        try:
+            src = cuda_ipc.open_peer_pool(info, self.pool.device)
+        except Exception as e:  # noqa: BLE001 - CuPy, CUDA or a bad registration: downgrade
+            return None, f"opening P's handle failed: {type(e).__name__}: {e}"
+        why = ""
+        if tuple(src.shape[1:]) != tuple(self.pool.tensor.shape[1:]) \
+                or src.dtype != self.pool.tensor.dtype:
+            why = f"P's pool {list(src.shape)} {src.dtype} differs per block from D's"
+        else:
+            try:
+                why = cuda_ipc.verify_canary(src, info.get("canary"), self._puller.stream)
+            except Exception as e:  # noqa: BLE001 - e.g. Triton refusing the pointer
+                why = f"canary read failed: {type(e).__name__}: {e}"
+        if why:
+            cuda_ipc.close_peer_pool(src)
+            return None, why
+        logger.info("mapped P %s's pool (GPU %s) into %s in %.1f ms", name,
+                    info.get("gpu_uuid"), self.pool.device, (time.monotonic() - t0) * 1e3)
+        return src, ""
 
     def _drop_peer(self, identity: bytes, reason: str) -> None:
         peer = self._peers.pop(identity, None)
@@ -243,6 +303,9 @@ class KVReceiver(IOThread):
         for rid, (pid, _, _) in list(self._early.items()):
             if pid == identity:
                 del self._early[rid]
+        if peer.transport == "cuda_ipc" and peer.src_pool is not None:
+            # its reservations were finished above, each after its copy completed
+            cuda_ipc.close_peer_pool(peer.src_pool)
         peer.src_pool = None  # unmap
 
     def _on_offer(self, identity: bytes, msg: dict) -> None:
@@ -266,6 +329,9 @@ class KVReceiver(IOThread):
         r.state = ReservationState.PULLING
         r.deadline = time.monotonic() + self.transfer_timeout
         peer = self._peers[identity]
+        if peer.transport == "none":
+            return self._finish(r, ReservationState.FAILED, EventKind.FAILED,
+                                "this D accepts no KV transport (it recomputes prompts)")
         if peer.transport == "shm":
             try:
                 shm.copy_blocks(self.pool.tensor, r.block_ids[:need], peer.src_pool, src)
@@ -273,8 +339,28 @@ class KVReceiver(IOThread):
                 return self._finish(r, ReservationState.FAILED, EventKind.FAILED,
                                     f"shm pull failed: {e}")
             self._finish(r, ReservationState.DONE, EventKind.ARRIVED)
+        elif peer.transport == "cuda_ipc":
+            self._start_pull(r, peer, src, r.block_ids[:need])
         else:
             self._send(identity, Kind.SEND, rid=rid)
+
+    def _start_pull(self, r: Reservation, peer: _Peer, src: list[int], dst: list[int]) -> None:
+        """cuda_ipc: one gather launch; DONE and ARRIVED wait for its event (`tick`)."""
+        # an out-of-range id would read past the mapping and fault D's whole CUDA context
+        if src and max(src) >= peer.src_pool.shape[0]:
+            return self._finish(r, ReservationState.FAILED, EventKind.FAILED,
+                                f"offered block {max(src)} is outside P's pool of "
+                                f"{peer.src_pool.shape[0]} blocks")
+        if (dst and max(dst) >= self.pool.tensor.shape[0]) or len(set(dst)) != len(dst):
+            return self._finish(r, ReservationState.FAILED, EventKind.FAILED,
+                                "reserved block ids are out of range or repeated")
+        if not src:
+            return self._finish(r, ReservationState.DONE, EventKind.ARRIVED)
+        try:
+            self._puller.start(r.rid, peer.src_pool, src, self.pool.tensor, dst)
+        except (RuntimeError, ValueError) as e:
+            return self._finish(r, ReservationState.FAILED, EventKind.FAILED,
+                                f"cuda_ipc pull failed: {e}")
 
     def _on_data(self, identity: bytes, msg: dict, rest: list) -> None:
         r = self._res.get(msg["rid"])
@@ -291,6 +377,8 @@ class KVReceiver(IOThread):
             self._finish(r, ReservationState.DONE, EventKind.ARRIVED)
 
     def next_timeout_ms(self) -> int:
+        if self._puller is not None and len(self._puller):
+            return 1  # copies in flight: poll their events often (latency of DONE/ARRIVED)
         if not self._res and not self._early:
             return 100
         now = time.monotonic()
@@ -299,6 +387,11 @@ class KVReceiver(IOThread):
         return max(1, min(100, int((nearest - now) * 1000) + 1))
 
     def tick(self, now: float) -> None:
+        if self._puller is not None and len(self._puller):
+            for rid in self._puller.poll():
+                r = self._res.get(rid)
+                if r is not None and r.state is ReservationState.PULLING:
+                    self._finish(r, ReservationState.DONE, EventKind.ARRIVED)
         for r in list(self._res.values()):
             if now >= r.deadline:
                 if r.state is ReservationState.RESERVED:
@@ -313,6 +406,8 @@ class KVReceiver(IOThread):
                 self._send(identity, Kind.CANCEL, rid=rid, reason="no reservation on D")
 
     def on_close(self) -> None:
+        if self._puller is not None:
+            self._puller.wait_all()
         for identity in list(self._peers):
             self._drop_peer(identity, "D closing")
         self.router.close(0)

@@ -8,6 +8,9 @@ any of these P frees the blocks. Until then they must not be reused: D may still
 One DEALER socket per D, handshaken once (HELLO with the compatibility record and the pool
 registration; D answers WELCOME with the transport, or REFUSE with the reason, which is kept
 for `/health`). Over tcp, P pushes each block as one zero-copy frame when D asks (SEND).
+Over cuda_ipc (a GPU pool; exported once, at construction) D pulls by itself and P only
+waits for DONE; each HELLO carries a canary checksum of blocks D reads back through its
+mapping. If D downgrades the transport, WELCOME says so and `stats()` shows it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import zmq
 
 from pdserve.engine.kv_pool import KVPool
-from pdserve.kv_transfer import metrics
+from pdserve.kv_transfer import cuda_ipc, metrics
 from pdserve.kv_transfer.channel import IOThread, configure
 from pdserve.kv_transfer.protocol import (
     MAX_CONTROL_BYTES,
@@ -70,6 +73,16 @@ class KVSender(IOThread):
         self._by_sock: dict[zmq.Socket, _Dest] = {}
         self._offers: dict[str, Offer] = {}
         self._stats: dict[str, dict] = {}
+        self._ipc: dict | None = None  # cuda_ipc registration of a GPU pool
+        self._ipc_error = ""
+        self._canary_stream = None
+        if pool.device.type == "cuda":
+            try:  # here, on the owner's thread, before any transfer (see export_pool)
+                self._ipc = cuda_ipc.export_pool(pool)["cuda_ipc"]
+                self._canary_stream = torch.cuda.Stream(device=pool.device)
+            except Exception as e:  # noqa: BLE001 - D then downgrades to tcp, loudly
+                self._ipc_error = f"P could not export its pool: {type(e).__name__}: {e}"
+                logger.warning("cuda_ipc unavailable: %s", self._ipc_error)
         self.start()
 
     # ---- API (any thread) ----------------------------------------------------------------
@@ -77,7 +90,11 @@ class KVSender(IOThread):
     def offer(self, rid: str, address: str, block_ids: list[int], num_tokens: int,
               timeout: float | None = None) -> None:
         """Offer the KV of `rid` (its first `num_tokens` tokens, in `block_ids`) to the D at
-        `address`. The blocks stay untouched until this rid's event arrives."""
+        `address`. The blocks stay untouched until this rid's event arrives.
+
+        The caller guarantees the KV is complete in those blocks: on a GPU pool, the CUDA
+        event recorded after the prompt's KV writes has completed (D may read them over
+        cuda_ipc from another stream, another process, as soon as the OFFER arrives)."""
         deadline = time.monotonic() + (timeout or self.transfer_timeout)
         offer = Offer(rid, address, list(block_ids), num_tokens, deadline)
         self.submit(lambda: self._offer(offer))
@@ -93,15 +110,23 @@ class KVSender(IOThread):
 
     # ---- I/O thread ----------------------------------------------------------------------
 
-    def _pool_registration(self) -> dict:
+    def _pool_registration(self, canary_blocks: list[int]) -> dict:
         reg = {"device": self.pool.device.type, "boot_id": boot_id(),
                "block_bytes": self.block_bytes}
+        if self._ipc is not None:
+            try:  # blocks that stay unchanged until D has answered (see _dest)
+                canary = cuda_ipc.canary(self.pool, canary_blocks, self._canary_stream)
+                reg["cuda_ipc"] = {**self._ipc, "canary": canary}
+            except Exception as e:  # noqa: BLE001 - D then downgrades to tcp, loudly
+                reg["cuda_ipc_error"] = f"P's canary failed: {type(e).__name__}: {e}"
+        elif self._ipc_error:
+            reg["cuda_ipc_error"] = self._ipc_error
         if self.pool.shm_path is not None:
             reg["shm"] = {"path": str(self.pool.shm_path), "shape": list(self.pool.tensor.shape),
                           "dtype": dtype_name(self.pool.spec.dtype)}
         return reg
 
-    def _dest(self, address: str) -> _Dest:
+    def _dest(self, address: str, offer: Offer | None = None) -> _Dest:
         d = self._dests.get(address)
         now = time.monotonic()
         if d is not None and d.state == "refused" and now - d.since > REFUSAL_MEMORY_S:
@@ -116,9 +141,12 @@ class KVSender(IOThread):
             self._dests[address] = d
             self._by_sock[sock] = d
             self.poller.register(sock, zmq.POLLIN)
+            # the canary: blocks of an offer to this D, which P keeps until D answers it
+            offer = offer or next((o for o in self._offers.values() if o.address == address),
+                                  None)
             sock.send(encode(Kind.HELLO, self.epoch, v=PROTOCOL_VERSION, name=self.name,
                              token=self.token, compat=self.compat.to_dict(),
-                             pool=self._pool_registration()))
+                             pool=self._pool_registration(offer.block_ids if offer else [])))
             self._stats[address] = {"state": "connecting", "transport": "", "reason": ""}
         return d
 
@@ -132,7 +160,7 @@ class KVSender(IOThread):
         if offer.rid in self._offers:
             return self._release(offer, EventKind.FAILED, f"duplicate offer for {offer.rid}")
         self._offers[offer.rid] = offer
-        d = self._dest(offer.address)
+        d = self._dest(offer.address, offer)
         if d.state == "refused":
             return self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
         if d.state == "ready":
@@ -184,6 +212,11 @@ class KVSender(IOThread):
         if kind is Kind.WELCOME:
             d.state, d.transport, d.peer_epoch = "ready", msg["transport"], msg["e"]
             self._stats[d.address] = {"state": "ready", "transport": d.transport, "reason": ""}
+            if msg.get("downgraded_from"):  # D counted it; shown here for /health and /load
+                self._stats[d.address].update(downgraded_from=str(msg["downgraded_from"]),
+                                              downgrade_reason=str(msg.get("downgrade_reason")))
+                logger.warning("D %s downgraded the transport from %s to %s: %s", d.address,
+                               msg["downgraded_from"], d.transport, msg.get("downgrade_reason"))
             logger.info("D %s accepted; transport %s", d.address, d.transport)
             for offer in list(self._offers.values()):
                 if offer.address == d.address and offer.state is OfferState.CONNECTING:

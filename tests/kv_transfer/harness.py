@@ -4,6 +4,10 @@ transfer endpoint, and obeys commands from the test over a multiprocessing pipe.
 P fills blocks with seeded random data and offers them; D reserves blocks and reports what
 arrived. Both free blocks exactly as a worker would: D on a failed, expired or cancelled
 reservation (and after the test reads what arrived), P on every terminal event.
+
+GPU options (tests/kv_transfer/test_cuda_ipc.py): `device` ("cuda:1") places the pool on a
+GPU; P's `poison_on_release` overwrites its blocks with NaN the moment D releases them;
+P's `corrupt_cuda_ipc` ("handle" or "canary") breaks its registration to force a downgrade.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def block_data(seed: int, num_blocks: int):
 
 
 def digest(t) -> str:
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _main(role: str, conn, opts: dict) -> None:
@@ -55,7 +59,10 @@ def _main(role: str, conn, opts: dict) -> None:
     from pdserve.kv_transfer.states import EventKind
 
     spec = KVPoolSpec(**SPEC, dtype=torch.float32)
-    pool = KVPool(spec, torch.device("cpu"), shm_epoch=new_epoch() if opts.get("shm") else None)
+    device = torch.device(opts.get("device", "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    pool = KVPool(spec, device, shm_epoch=new_epoch() if opts.get("shm") else None)
     bm = BlockManager(spec.num_blocks, spec.block_size, enable_prefix_caching=False)
     tables: dict[str, list[int]] = {}
     arrived: dict[str, float] = {}
@@ -74,6 +81,17 @@ def _main(role: str, conn, opts: dict) -> None:
                       transfer_timeout=opts.get("transfer_timeout", 30.0))
         if opts.get("stall_push"):
             ep._push = lambda d, offer: None  # P hangs mid-transfer (tcp)
+        if opts.get("corrupt_cuda_ipc") == "handle":
+            ep._ipc = {**ep._ipc, "handle": bytes(64)}
+        elif opts.get("corrupt_cuda_ipc") == "canary":
+            registration = ep._pool_registration
+
+            def corrupted(blocks):
+                reg = registration(blocks)
+                reg["cuda_ipc"]["canary"]["checksum"] += 1
+                return reg
+
+            ep._pool_registration = corrupted
 
     def pump() -> None:
         for ev in ep.events():
@@ -81,6 +99,8 @@ def _main(role: str, conn, opts: dict) -> None:
             if ev.kind is EventKind.ARRIVED:
                 arrived[ev.rid] = time.monotonic()
             elif ev.rid in tables:
+                if opts.get("poison_on_release") and ev.kind is EventKind.RELEASED:
+                    pool.tensor[torch.tensor(tables[ev.rid], device=device)] = float("nan")
                 bm.free(tables.pop(ev.rid))
 
     while True:
@@ -106,7 +126,9 @@ def _main(role: str, conn, opts: dict) -> None:
             table = bm.allocate([0] * num_tokens).block_table
             tables[rid] = table
             data = block_data(seed, len(table))
-            pool.tensor[torch.tensor(table)] = data
+            pool.tensor[torch.tensor(table, device=device)] = data.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # KV complete before the offer (sender.offer)
             conn.send(digest(data))
         elif cmd == "offer":  # P: rid, address, num_tokens, timeout
             rid, address, num_tokens, timeout = args
@@ -118,7 +140,7 @@ def _main(role: str, conn, opts: dict) -> None:
         elif cmd == "read":  # D: rid -> digest of the arrived blocks, then free them
             rid = args[0]
             table = tables.pop(rid)
-            conn.send(digest(pool.tensor[torch.tensor(table)]))
+            conn.send(digest(pool.tensor[torch.tensor(table, device=device)]))
             bm.free(table)
         elif cmd == "drain":  # D: free every arrived reservation (what a scheduler would use)
             n = 0

@@ -1,0 +1,434 @@
+"""KV-transfer benchmark at Llama-3-8B block size (32 layers x 2 x 16 tokens x 8 KV heads x
+128 dims, bf16 = 2 MiB per block, 128 KiB per token), randomly scattered block ids in pools
+of 2048 blocks. Prints a table and never asserts; JSON goes to OUT/kv_transfer.json as it
+goes.
+
+Per transport and size (1k, 4k, 16k tokens):
+- kernel: one `gather_blocks` launch (what a cuda_ipc pull is) reading P's pool through a
+  CUDA IPC mapping, timed with CUDA events, against a plain torch copy of ONE contiguous
+  tensor of the same size between the same two GPUs in the same run ("copy"). GB/s count
+  the payload once (bytes moved, not read + written);
+- end to end: real P (a separate process, KVSender) and D (this process, KVReceiver): D
+  reserves, P offers, until D's ARRIVED event: median latency and payload GB/s; "D-side" is
+  D's own offer-received-to-done time. cuda_ipc on one GPU, across two GPUs, tcp (GPU pools
+  pushed by P through host memory), and shm on CPU pools (1k and 4k tokens only);
+- decode-step proxy: a fixed bf16 matmul loop on D's default stream, alone and while a
+  pull loop runs on the transfer stream beside it.
+
+Usage: python bench/kv_transfer.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+LAYERS, BLOCK, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
+TOKENS = [1024, 4096, 16384]
+RESULTS: dict = {"rows": [], "decode": [], "errors": [], "env": {}}
+OUT_PATH = ""
+
+
+def save() -> None:
+    if OUT_PATH:
+        with open(OUT_PATH, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def section(name: str):
+    """Decorator: run a section, record its failure and go on with the next."""
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.monotonic()
+            try:
+                fn(*a, **k)
+            except Exception as e:  # noqa: BLE001 - a benchmark reports, never stops
+                traceback.print_exc()
+                RESULTS["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}"})
+            log(f"[{name}: {time.monotonic() - t0:.1f} s]")
+            save()
+        return run
+    return wrap
+
+
+def spec(num_blocks: int, dtype: torch.dtype):
+    from pdserve.engine.kv_pool import KVPoolSpec
+
+    return KVPoolSpec(num_blocks, LAYERS, BLOCK, KV_HEADS, HEAD_DIM, dtype)
+
+
+def compat(dtype: torch.dtype):
+    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    from pdserve.engine.kv_pool import POOL_LAYOUT
+    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION, CompatRecord
+
+    return CompatRecord(PROTOCOL_VERSION, "bench", "c", "t", str(dtype).removeprefix("torch."),
+                        BLOCK, POOL_LAYOUT, LAYERS, KV_HEADS, HEAD_DIM, 32768,
+                        PREFIX_HASH_FUNCTION)
+
+
+# ---- P: a separate process (CUDA IPC handles cannot be opened by their own process) -------
+
+def _p_main(conn, device: str, num_blocks: int, shm: bool) -> None:
+    torch.set_num_threads(8)
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.kv_transfer import cuda_ipc
+    from pdserve.kv_transfer.protocol import new_epoch
+    from pdserve.kv_transfer.sender import KVSender
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    pool = KVPool(spec(num_blocks, dtype), dev, shm_epoch=new_epoch() if shm else None)
+    torch.manual_seed(0)
+    pool.tensor.view(torch.int16).random_(-30000, 30000)  # finite bf16 bit patterns
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    ep = KVSender(pool, compat(dtype), name=f"P-{device}", transfer_timeout=120.0)
+    conn.send("ready")
+    while True:
+        ep.events()  # drained; D's side is what is timed
+        if not conn.poll(0.001):
+            continue
+        cmd, *args = conn.recv()
+        if cmd == "stop":
+            ep.close()
+            pool.close()
+            conn.send(None)
+            return
+        if cmd == "info":
+            conn.send(cuda_ipc.export_pool(pool)["cuda_ipc"])
+        elif cmd == "offer":
+            rid, address, block_ids = args
+            ep.offer(rid, address, block_ids, len(block_ids) * BLOCK, 120.0)
+            conn.send(None)
+        elif cmd == "checksum":
+            conn.send(cuda_ipc.checksum(pool.tensor[torch.tensor(args[0], device=dev)]))
+
+
+class P:
+    def __init__(self, device: str, num_blocks: int, shm: bool = False):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_p_main, args=(child, device, num_blocks, shm), daemon=True)
+        self.proc.start()
+        if not self.conn.poll(180) or self.conn.recv() != "ready":
+            raise RuntimeError(f"P on {device} did not start")
+        self.num_blocks = num_blocks
+
+    def call(self, *cmd):
+        self.conn.send(cmd)
+        if not self.conn.poll(120):
+            raise TimeoutError(f"P did not answer {cmd[0]}")
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.call("stop")
+        except (TimeoutError, OSError, EOFError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# ---- timing helpers --------------------------------------------------------------------------
+
+def event_ms(fn, device: torch.device, reps: int, warmup: int = 3) -> float:
+    """Median ms of fn() bracketed by events on `device`'s current stream."""
+    with torch.cuda.device(device):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def id_sets(rng: random.Random, n: int, src_blocks: int, dst_blocks: int, k: int, device):
+    """k random (src ids, dst ids) pairs: distinct ids, scattered over both pools."""
+    out = []
+    for _ in range(k):
+        s = torch.tensor(rng.sample(range(src_blocks), n), dtype=torch.int32, device=device)
+        d = torch.tensor(rng.sample(range(dst_blocks), n), dtype=torch.int32, device=device)
+        out.append((s, d))
+    return out
+
+
+def row(**fields) -> None:
+    RESULTS["rows"].append(fields)
+    log("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in fields.items()))
+    save()
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+@section("kernel")
+def bench_kernel(info: dict, p_dev: int, d_dev: int, d_pool, tokens: list[int], reps: int) -> None:
+    """One gather launch through the mapping vs one contiguous copy, same GPUs, same bytes."""
+    from pdserve.kernels.block_copy import gather_blocks
+    from pdserve.kv_transfer import cuda_ipc
+
+    dev = torch.device("cuda", d_dev)
+    src = cuda_ipc.open_peer_pool(info, dev)
+    try:
+        rng = random.Random(1)
+        block_bytes = d_pool.tensor[0].numel() * d_pool.tensor.element_size()
+        for n_tok in tokens:
+            n = n_tok // BLOCK
+            nbytes = n * block_bytes
+            sets = id_sets(rng, n, src.shape[0], d_pool.tensor.shape[0], 4, dev)
+            it = iter(range(10**9))
+
+            def gather(sets=sets, it=it):
+                s, d = sets[next(it) % len(sets)]
+                gather_blocks(src, s, d_pool.tensor, d)
+
+            g_ms = event_ms(gather, dev, reps)
+            a = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{p_dev}").random_()
+            b = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+            c_ms = event_ms(lambda a=a, b=b: b.copy_(a), dev, reps)
+            del a, b
+            torch.cuda.empty_cache()
+            where = "same GPU" if p_dev == d_dev else f"GPU{p_dev}->GPU{d_dev}"
+            row(kind="kernel", transport="cuda_ipc", where=where, tokens=n_tok,
+                mib=nbytes / 2**20, gather_ms=g_ms, gather_gbs=nbytes / g_ms / 1e6,
+                copy_ms=c_ms, copy_gbs=nbytes / c_ms / 1e6, pct_of_copy=100 * c_ms / g_ms)
+    finally:
+        cuda_ipc.close_peer_pool(src)
+
+
+@section("e2e")
+def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int) -> None:
+    """Reserve on D, offer on P, wait for ARRIVED: latency of whole transfers, one at a time."""
+    from pdserve.kv_transfer import cuda_ipc
+    from pdserve.kv_transfer.states import EventKind
+
+    rng = random.Random(2)
+    block_bytes = rx.block_bytes
+    for n_tok in tokens:
+        n = n_tok // BLOCK
+        lat, dside, exact = [], [], None
+        for i in range(reps + 1):  # the first one warms up (handshake, compile)
+            src = rng.sample(range(p.num_blocks), n)
+            dst = rng.sample(range(d_blocks), n)
+            rid = f"{where}-{n_tok}-{i}"
+            rx.reserve(rid, dst, 300.0)
+            t0 = time.perf_counter()
+            p.call("offer", rid, rx.address, src)
+            ev, give_up = None, time.monotonic() + 60
+            while ev is None:
+                for e in rx.events():
+                    if e.rid == rid:
+                        ev = e
+                if ev is None:
+                    if time.monotonic() > give_up:
+                        raise TimeoutError(f"{rid}: no event on D in 60 s")
+                    time.sleep(50e-6)
+            t1 = time.perf_counter()
+            if ev.kind is not EventKind.ARRIVED:
+                raise RuntimeError(f"{rid}: {ev.kind.value} ({ev.reason})")
+            if i:
+                lat.append((t1 - t0) * 1e3)
+                dside.append(ev.seconds * 1e3)
+            if i == reps:  # check the last one's bytes against P's own checksum
+                got = cuda_ipc.checksum(rx.pool.tensor[torch.tensor(dst, device=rx.pool.device)])
+                exact = got == p.call("checksum", src)
+        ms = statistics.median(lat)
+        row(kind="e2e", transport=ev.transport, where=where, tokens=n_tok,
+            mib=n * block_bytes / 2**20, e2e_ms=ms, e2e_gbs=n * block_bytes / ms / 1e6,
+            d_side_ms=statistics.median(dside), reps=reps, bit_exact=exact)
+
+
+@section("decode_proxy")
+def bench_decode_proxy(info: dict, d_dev: int, d_pool, where: str) -> None:
+    """bf16 matmul loop (a decode step's MLP at batch 256) on D's default stream, alone and
+    with a 16k-token pull loop on a transfer stream beside it."""
+    from pdserve.kernels.block_copy import gather_blocks
+    from pdserve.kv_transfer import cuda_ipc
+
+    dev = torch.device("cuda", d_dev)
+    src = cuda_ipc.open_peer_pool(info, dev)
+    try:
+        with torch.cuda.device(dev):
+            x = torch.randn(256, 4096, dtype=torch.bfloat16, device=dev)
+            w = torch.randn(4096, 14336, dtype=torch.bfloat16, device=dev)
+            out = torch.empty(256, 14336, dtype=torch.bfloat16, device=dev)
+            steps = 50
+
+            def decode_loop():
+                for _ in range(steps):
+                    torch.matmul(x, w, out=out)
+
+            alone = event_ms(decode_loop, dev, 5)
+            s, d = id_sets(random.Random(3), 1024, src.shape[0], d_pool.tensor.shape[0], 1,
+                           dev)[0]
+            stream = torch.cuda.Stream(device=dev)
+            with torch.cuda.stream(stream):
+                gather_blocks(src, s, d_pool.tensor, d)  # warm
+            pull = event_ms(lambda: gather_blocks(src, s, d_pool.tensor, d), dev, 3)
+            n_pulls = math.ceil(alone / pull) + 2  # the pulls outlast the decode loop
+            beside = []
+            for _ in range(3):
+                torch.cuda.synchronize(dev)
+                with torch.cuda.stream(stream):
+                    for _ in range(n_pulls):
+                        gather_blocks(src, s, d_pool.tensor, d)
+                beside.append(event_ms(decode_loop, dev, 1, warmup=0))
+                torch.cuda.synchronize(dev)
+            with_pull = statistics.median(beside)
+        rec = dict(where=where, step_ms_alone=alone / steps, step_ms_with_pull=with_pull / steps,
+                   slowdown_pct=100 * (with_pull / alone - 1), pull_16k_ms=pull)
+        RESULTS["decode"].append(rec)
+        log(f"  decode proxy {where}: {rec}")
+    finally:
+        cuda_ipc.close_peer_pool(src)
+
+
+@section("cpu_copy")
+def bench_cpu_copy(tokens: list[int]) -> None:
+    block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+    for n_tok in tokens:
+        nbytes = n_tok // BLOCK * block_bytes
+        a = torch.empty(nbytes, dtype=torch.uint8).random_()
+        b = torch.empty_like(a)
+        b.copy_(a)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            b.copy_(a)
+            times.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(times)
+        row(kind="copy", transport="cpu memcpy", where="host", tokens=n_tok,
+            mib=nbytes / 2**20, copy_ms=ms, copy_gbs=nbytes / ms / 1e6)
+
+
+def table() -> None:
+    log("\n| kind | transport | where | tokens | MiB | gather GB/s | copy GB/s | % of copy "
+        "| e2e ms | e2e GB/s | D-side ms | exact |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in RESULTS["rows"]:
+        def f(k, fmt="{:.1f}", r=r):
+            return fmt.format(r[k]) if isinstance(r.get(k), float) else str(r.get(k, ""))
+        log(f"| {r['kind']} | {r['transport']} | {r['where']} | {r['tokens']} "
+            f"| {f('mib', '{:.0f}')} | {f('gather_gbs')} | {f('copy_gbs')} | {f('pct_of_copy')} "
+            f"| {f('e2e_ms', '{:.2f}')} | {f('e2e_gbs')} | {f('d_side_ms', '{:.2f}')} "
+            f"| {r.get('bit_exact', '')} |")
+    for d in RESULTS["decode"]:
+        log(f"| decode proxy | {d['where']} | step {d['step_ms_alone']:.3f} ms alone, "
+            f"{d['step_ms_with_pull']:.3f} ms beside a pull loop ({d['slowdown_pct']:+.1f}%) |")
+    for e in RESULTS["errors"]:
+        log(f"| ERROR | {e['section']} | {e['error'][:200]} |")
+
+
+@section("gpu")
+def bench_gpu(n_gpu: int, tokens: list[int], pool_blocks: int, reps: int) -> None:
+    import triton
+
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.kv_transfer.receiver import KVReceiver
+
+    RESULTS["env"]["triton"] = triton.__version__
+    dt = torch.bfloat16
+    p = P("cuda:0", pool_blocks)
+    receivers = []
+    try:
+        info = p.call("info")
+        pool0 = KVPool(spec(pool_blocks, dt), torch.device("cuda:0"))
+        pool1 = KVPool(spec(pool_blocks, dt), torch.device("cuda:1")) if n_gpu >= 2 else None
+        bench_kernel(info, 0, 0, pool0, tokens, 20)
+        if pool1 is not None:
+            bench_kernel(info, 0, 1, pool1, tokens, 20)
+        rx0 = KVReceiver(pool0, compat(dt), transports=("cuda_ipc",), transfer_timeout=300)
+        receivers.append(rx0)
+        bench_e2e(rx0, p, "same GPU", tokens, reps, pool_blocks)
+        if pool1 is not None:
+            rx1 = KVReceiver(pool1, compat(dt), transports=("cuda_ipc",), transfer_timeout=300)
+            receivers.append(rx1)
+            bench_e2e(rx1, p, "GPU0->GPU1", tokens, reps, pool_blocks)
+        rxt = KVReceiver(pool1 or pool0, compat(dt), transports=("tcp",), transfer_timeout=300)
+        receivers.append(rxt)
+        bench_e2e(rxt, p, "GPU0->GPU1" if pool1 else "same GPU", tokens, 3, pool_blocks)
+        bench_decode_proxy(info, 0, pool0, "same GPU")
+        if pool1 is not None:
+            bench_decode_proxy(info, 1, pool1, "GPU0->GPU1")
+    finally:
+        for rx in receivers:
+            rx.close()
+        p.stop()
+
+
+def main() -> None:
+    global OUT_PATH
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kv_bench"))
+    ap.add_argument("--quick", action="store_true", help="small pools and sizes (smoke test)")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    OUT_PATH = os.path.join(args.out, "kv_transfer.json")
+    logging_setup()
+    tokens = [64, 256] if args.quick else TOKENS
+    pool_blocks = 64 if args.quick else 2048
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    RESULTS["env"] = {"torch": torch.__version__, "gpus": [
+        torch.cuda.get_device_name(i) for i in range(n_gpu)], "pool_blocks": pool_blocks,
+        "block_mib": 2, "bytes_counted": "payload once (not read + written)"}
+    save()
+    if n_gpu:
+        bench_gpu(n_gpu, tokens, pool_blocks, args.reps)
+    # shm: CPU pools only (a /dev/shm file on P's side), 1k and 4k tokens
+    cpu_tokens = tokens[:2]
+    cpu_blocks = cpu_tokens[-1] // BLOCK + 64
+    bench_cpu_copy(cpu_tokens)
+    bench_cpu(cpu_tokens, cpu_blocks, args.reps)
+    table()
+
+
+@section("cpu_e2e")
+def bench_cpu(tokens: list[int], blocks: int, reps: int) -> None:
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.kv_transfer.receiver import KVReceiver
+
+    p = P("cpu", blocks, shm=True)
+    rx = None
+    try:
+        pool = KVPool(spec(blocks, torch.bfloat16), torch.device("cpu"))
+        rx = KVReceiver(pool, compat(torch.bfloat16), transports=("shm",), transfer_timeout=300)
+        bench_e2e(rx, p, "host (CPU pools)", tokens, reps, blocks)
+    finally:
+        if rx is not None:
+            rx.close()
+        p.stop()
+
+
+def logging_setup() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""cuda_ipc between real P and D processes with pools on GPUs: bit-exact pulls on one GPU and
+across two, a restarted P remapped (the old mapping closed), P poisoning its blocks the
+moment D releases them never reaching D's copy, and a broken registration downgraded to
+tcp, loudly. All gpu-marked (tests/conftest.py skips them without CUDA)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.kv_transfer.harness import start, wait_for
+
+pytestmark = pytest.mark.gpu
+
+needs_two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+GPU_PAIRS = [pytest.param("cuda:0", "cuda:0", id="same-gpu"),
+             pytest.param("cuda:0", "cuda:1", id="cross-gpu", marks=needs_two_gpus)]
+IPC = ["cuda_ipc", "tcp"]
+
+
+@pytest.fixture
+def procs():
+    started = []
+
+    def make(role, **opts):
+        p = start(role, **opts)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def all_free(p) -> bool:
+    free, total, held = p.call("free")
+    return free == total and held == 0
+
+
+def move(d, p, addr, lengths: dict[str, int], seed: int = 0) -> None:
+    """Reserve on D, fill and offer on P, wait for every arrival, compare digests."""
+    want = {}
+    for i, (rid, n) in enumerate(lengths.items()):
+        d.call("reserve", rid, n, 30.0)
+        want[rid] = p.call("fill", rid, n, seed + i)
+    for rid, n in lengths.items():
+        p.call("offer", rid, addr, n, 30.0)
+    wait_for(lambda: set(want) <= set(d.call("arrived")), timeout=30)
+    for rid, digest in want.items():
+        assert d.call("read", rid) == digest, rid
+
+
+@pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)
+def test_32_concurrent_requests_move_bit_exact(procs, p_dev, d_dev):
+    d = procs("D", device=d_dev, transports=IPC)
+    p = procs("P", device=p_dev)
+    addr = d.call("address")
+    move(d, p, addr, {f"r{i}": random.Random(i).randrange(1, 200) for i in range(32)}, 1000)
+    stats = d.call("stats")
+    assert stats["peers"] == {"P0": "cuda_ipc"}, stats
+    assert stats["num_downgrades"] == 0 and stats["cuda_ipc_mappings"] == 1, stats
+    assert p.call("stats")[addr] == {"state": "ready", "transport": "cuda_ipc", "reason": ""}
+    wait_for(lambda: all_free(p))
+    assert all_free(d)
+
+
+def test_restarted_p_is_remapped_and_the_old_mapping_closed(procs):
+    d = procs("D", device="cuda:0", transports=IPC)
+    addr = d.call("address")
+    p1 = procs("P", device="cuda:0", name="P-a")
+    move(d, p1, addr, {"r1": 50}, 7)
+    p1.kill()
+    p2 = procs("P", device="cuda:0", name="P-a")
+    move(d, p2, addr, {"r2": 70, "r3": 33}, 8)  # read through the new mapping
+    stats = d.call("stats")
+    assert stats["peers"] == {"P-a": "cuda_ipc"}, stats
+    assert stats["cuda_ipc_mappings"] == 1, stats  # the dead P's handle was closed
+    wait_for(lambda: all_free(p2))
+    assert all_free(d)
+
+
+@pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)
+def test_p_poisoning_its_blocks_on_release_never_reaches_d(procs, p_dev, d_dev):
+    d = procs("D", device=d_dev, transports=IPC)
+    p = procs("P", device=p_dev, poison_on_release=True)
+    addr = d.call("address")
+    lengths = {f"r{i}": random.Random(50 + i).randrange(100, 200) for i in range(16)}
+    move(d, p, addr, lengths, 500)  # P overwrote each one's blocks with NaN at RELEASED
+    wait_for(lambda: all_free(p))
+    released = {r for r, k, _ in p.call("log") if k == "released"}
+    assert released == set(lengths)
+
+
+def test_cancels_racing_pulls_leak_nothing(procs):
+    d = procs("D", device="cuda:0", transports=IPC, transfer_timeout=5.0)
+    p = procs("P", device="cuda:0", transfer_timeout=5.0)
+    addr = d.call("address")
+    rng = random.Random(5)
+    for i in range(40):
+        n = rng.randrange(1, 64)
+        wait_for(lambda: d.call("drain") >= 0 and d.call("free")[0] >= 8, timeout=10)
+        d.call("reserve", f"r{i}", n, 10.0)
+        p.call("fill", f"r{i}", n, i)
+        p.call("offer", f"r{i}", addr, n, 10.0)
+        if rng.random() < 0.4:
+            (d if rng.random() < 0.5 else p).call("cancel", f"r{i}")
+    wait_for(lambda: d.call("drain") >= 0 and all_free(d) and all_free(p), timeout=30,
+             interval=0.2)
+    assert d.call("stats")["peers"] == {"P0": "cuda_ipc"}
+
+
+@pytest.mark.parametrize("corrupt", ["handle", "canary"])
+def test_broken_registration_downgrades_to_tcp_loudly(procs, corrupt):
+    d = procs("D", device="cuda:0", transports=IPC)
+    p = procs("P", device="cuda:0", corrupt_cuda_ipc=corrupt)
+    addr = d.call("address")
+    move(d, p, addr, {"r1": 40, "r2": 90}, 3)  # still moves, over tcp
+    stats = d.call("stats")
+    assert stats["peers"] == {"P0": "tcp"}, stats
+    assert stats["num_downgrades"] == 1 and stats["cuda_ipc_mappings"] == 0, stats
+    assert stats["downgrades"]["P0"]["from"] == "cuda_ipc", stats
+    mine = p.call("stats")[addr]
+    assert mine["transport"] == "tcp" and mine["downgraded_from"] == "cuda_ipc", mine
+    assert ("canary" if corrupt == "canary" else "open") in mine["downgrade_reason"], mine
