@@ -238,7 +238,9 @@ def add_arguments(cls: type, parser: argparse.ArgumentParser) -> None:
         elif opt.choices:
             kw["metavar"] = "{" + ",".join(map(str, opt.choices)) + "}"
         if opt.is_list:
+            # `--x a b` and `--x a --x b` both give [a, b] (a repeated flag must not drop values)
             kw["nargs"] = "+"
+            kw["action"] = "extend"
         parser.add_argument(opt.flag, **kw)
     parser.add_argument(
         "--config",

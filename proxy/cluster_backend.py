@@ -53,6 +53,7 @@ class ClusterBackend:
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.max_model_len = 0
+        self.vocab_size = 0
         self.eos_token_ids: list[int] = []
         self._rng = random.Random()
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
@@ -65,6 +66,8 @@ class ClusterBackend:
         if not self.registry.ready():
             logger.warning("no healthy prefill/decode pair yet; requests get 503 until one is up")
         self.max_model_len = self.registry.max_model_len()
+        sizes = [w.info["vocab_size"] for w in self.registry.workers if w.info.get("vocab_size")]
+        self.vocab_size = min(sizes) if sizes else 0
         eos = {t for w in self.registry.workers for t in w.info.get("eos_token_ids", [])}
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -144,6 +147,9 @@ class ClusterBackend:
     def _stream(self, route: str, a: Worker, b: Worker | None,
                 rec: RequestRecord) -> AsyncIterator[list[TokenRow]]:
         metrics.ROUTES.labels(route).inc()
+        for w in (a, b):
+            if w is not None:
+                metrics.WORKER_REQUESTS.labels(w.url, w.role).inc()
         if route == "pd":
             self._pairs[rec.request_id] = (a.url, b.url)
             return run_pd(rec, a.link, b.link, self.request_timeout)
@@ -151,6 +157,10 @@ class ClusterBackend:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
         start = time.monotonic()
+        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
+        if self.vocab_size and bad:  # refused here: a 400, not a worker error
+            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         outputs: dict[int, list[int]] = {}
         finished: set[int] = set()
         stamps: dict[int, float] = {}
@@ -168,8 +178,8 @@ class ClusterBackend:
                     yield self._deliver(rows, outputs, finished, stamps, start)
                 break
             except WorkerError as e:
-                if not e.retryable:
-                    raise BackendError(str(e)) from e
+                if not e.retryable:  # the worker refused the request itself: the client's fault
+                    raise ValueError(str(e)) from e
                 if outputs:  # tokens already streamed: continue each choice elsewhere
                     exclude.add(d_worker.url)
                     async for deltas in self._failover(req, outputs, finished, exclude, stamps,

@@ -26,3 +26,5 @@ WORKER_LOAD = Gauge("pdserve_proxy_worker_load", "Last reported load of each wor
                     ["worker", "role", "metric"])
 WORKER_HEALTHY = Gauge("pdserve_proxy_worker_healthy", "1 if the worker is routable",
                        ["worker", "role"])
+WORKER_REQUESTS = Counter("pdserve_proxy_worker_requests", "Requests routed to each worker",
+                          ["worker", "role"])

@@ -159,6 +159,8 @@ def test_optional_none_from_env_and_yaml(tmp_path: Path) -> None:
 
 def test_lists_from_each_source(tmp_path: Path) -> None:
     assert build(["--model", "m", "--gpu-ids", "2", "3"]).gpu_ids == [2, 3]
+    # a repeated flag adds to the list (`--prefill A --prefill B`), it does not replace it
+    assert build(["--model", "m", "--gpu-ids", "2", "--gpu-ids", "3"]).gpu_ids == [2, 3]
     assert build(["--model", "m"], {"PDSERVE_GPU_IDS": "4, 5,6"}).gpu_ids == [4, 5, 6]
     assert build(["--model", "m"], {"PDSERVE_TAGS": ""}).tags == []
     f1 = write(tmp_path, "model: m\ngpu_ids: [7, 8]\ntags: [a, b]\n", name="a.yaml")
