@@ -11,8 +11,8 @@ that disconnects at any point cancels the work and the backend aborts the reques
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokenize,
 /detokenize; GET /health (200 / 503, the backend's report as JSON), /version; GET|POST
 /ping and POST /invocations (SageMaker). Only /v1 needs the API key. Token-ids-only mode
-(backend.tokenizer is None): completions with token-id prompts work and return `text: ""` with `token_ids` in each
-choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
+(backend.tokenizer is None): completions with token-id prompts work and return `text: ""`
+with `token_ids` in each choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
 """
 
 from __future__ import annotations
