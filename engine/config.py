@@ -70,6 +70,8 @@ class EngineConfig:
     kernel_backend: Literal["auto", "torch", "triton"] = option(
         "auto", help="Ops implementation. auto: Triton kernels on CUDA, torch references on "
         "CPU; triton on CPU needs TRITON_INTERPRET=1 (tests).")
+    enforce_eager: bool = option(False, help="Never use CUDA graphs (they replay decode steps "
+                                 "on GPU; capture takes a few seconds at start).")
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
                                        "process may use).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,8 @@ def build_model(model_config: ModelConfig, cfg: EngineConfig, model_path: str,
     """Allocate the model on `device` without initialising it, then load or draw weights."""
     with torch.device("meta"):
         model = CausalLM(model_config, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+    # cast on the meta device first: an 8B model never exists in fp32 on the GPU
+    model = model.to(dtype).to_empty(device=device)
     model.post_init(max_positions)
     if cfg.load_format == "dummy":
         init_dummy(model, cfg.seed)
@@ -168,13 +170,19 @@ def build_engine(cfg: EngineConfig, progress: bool = True,
                       model_config.num_key_value_heads, model_config.head_dim, dtype)
     pool = KVPool(spec, device, shm_epoch=pool_shm_epoch if device.type == "cpu" else None)
     ops = get_ops(cfg.kernel_backend, device.type)
+    runner = ModelRunner(model, pool, ops)
+    if device.type == "cuda" and not cfg.enforce_eager:
+        t0 = time.monotonic()
+        runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len)
+        logger.info("captured %d decode CUDA graphs in %.1f s", len(runner.graphs),
+                    time.monotonic() - t0)
     logger.info("engine: %s on %s in %s, max_model_len %d, ops %s", model_config.architecture,
                 device, str(dtype).removeprefix("torch."), max_model_len, ops.name)
     return EngineParts(
         config=cfg, model_path=model_path, model_config=model_config, device=device, dtype=dtype,
         max_model_len=max_model_len, model=model, pool=pool,
         block_manager=BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-        runner=ModelRunner(model, pool, ops), sampler=Sampler(_race_for(device)),
+        runner=runner, sampler=Sampler(_race_for(device)),
         tokenizer=tokenizer,
     )
 
