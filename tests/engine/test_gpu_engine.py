@@ -5,6 +5,7 @@ fp32 reference, and where bf16 tokens diverge the top-2 margin there is reported
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pdserve import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine
