@@ -142,6 +142,19 @@ class ClusterBackend:
         raise BackendError("no healthy worker can serve this request (need a prefill/decode "
                            "pair, a decode worker or a both-role worker)")
 
+    async def _route_when_ready(self, req: RequestRecord, exclude: set[str],
+                                wait: float = 10.0) -> tuple[str, Worker, Worker | None]:
+        """Route now, or wait up to `wait` seconds for a worker to be (re)admitted: a worker
+        restarting or a health check racing a burst should not turn into 503s at once."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                return self._route(req, exclude)
+            except BackendError:
+                if time.monotonic() >= end:
+                    raise
+            await asyncio.sleep(0.2)
+
     # ---- serving -------------------------------------------------------------------------
 
     def _stream(self, route: str, a: Worker, b: Worker | None,
@@ -168,7 +181,7 @@ class ClusterBackend:
         rec, attempt = req, 0
         d_worker: Worker | None = None
         while True:
-            route, a, b = self._route(rec, exclude)
+            route, a, b = await self._route_when_ready(rec, exclude)
             d_worker = b if route == "pd" else a
             for w in (a, b):
                 if w is not None:

@@ -25,6 +25,7 @@ from pdserve.proxy.workers import WorkerLink
 logger = logging.getLogger(__name__)
 
 PREFIX_MEMORY = 50_000  # block hashes remembered per worker (LRU)
+BUSY_GRACE_S = 15.0  # a worker that answered on the data path this recently is busy, not dead
 _COMPAT_SHARED = ("protocol_version", "config_hash", "tokenizer_hash", "dtype", "block_size",
                   "pool_layout", "num_layers", "num_kv_heads", "head_dim", "prefix_hash")
 
@@ -133,6 +134,13 @@ class Registry:
                 self._admit(w, r.json())
             r = await self.http.get(w.url + "/health")
             ok = r.status_code == 200
+        except httpx.TimeoutException as e:
+            # a worker saturating its CPU can answer HTTP slowly while its data path streams:
+            # only a silent one counts as failing
+            recent = w.link is not None and time.monotonic() - w.link.last_heard < BUSY_GRACE_S
+            ok = recent and w.healthy
+            logger.debug("health check of %s timed out (%s)%s", w.url, e,
+                         "; busy on the data path, kept" if ok else "")
         except (httpx.HTTPError, ValueError) as e:
             ok = False
             logger.debug("health check of %s failed: %s", w.url, e)

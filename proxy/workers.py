@@ -55,6 +55,7 @@ class WorkerLink:
     token: str = ""
     load: dict[str, Any] = field(default_factory=dict)
     load_seq: int = 0
+    last_heard: float = 0.0  # time.monotonic() of the last frame from the worker
 
     on_transfer: Any = None  # callback(rid, ok, reason) for P's TRANSFER reports
 
@@ -96,6 +97,7 @@ class WorkerLink:
                 continue
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
+            self.last_heard = time.monotonic()
             self._update_load(msg.get("load"))
             if msg["k"] is Msg.STEP:
                 for row in msg.get("out", []):

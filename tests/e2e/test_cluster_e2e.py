@@ -232,14 +232,14 @@ def test_64_streams_survive_killing_a_p_and_a_d(cluster, reference):
     jobs = [(prompt_ids(100 + i, 60), 0.0 if i % 3 == 0 else 0.8, 1000 + i) for i in range(64)]
     want = reference.generate(
         [{"prompt_token_ids": p} for p, _, _ in jobs],
-        [SamplingParams(temperature=t, seed=s, max_tokens=40, ignore_eos=True)
+        [SamplingParams(temperature=t, seed=s, max_tokens=24, ignore_eos=True)
          for _, t, s in jobs], use_tqdm=False)
     started = threading.Event()
 
     def one(job):
         p, t, s = job
         with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=180) as c:
-            stream = c.completions.create(model=model, prompt=p, max_tokens=40, temperature=t,
+            stream = c.completions.create(model=model, prompt=p, max_tokens=24, temperature=t,
                                           seed=s, stream=True, extra_body={"ignore_eos": True})
             text = ""
             for chunk in stream:
