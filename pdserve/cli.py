@@ -152,6 +152,12 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "decode": (run_worker_role("decode"), "run a decode worker (D)"),
     "worker": (run_worker_role(None), "run a worker with --role both|prefill|decode"),
     "make-tiny-model": (run_make_tiny_model, "write a tiny random checkpoint (tests, demos)"),
+    # SM_PDSERVE_* / SM_VLLM_* -> flags, port 8080, then exec `pdserve serve` (pdserve/sagemaker.py)
+    "sagemaker": (lambda argv: __import__("pdserve.sagemaker", fromlist=["main"]).main(argv),
+                  "serve configured SageMaker-style by SM_PDSERVE_*/SM_VLLM_* env (port 8080)"),
+    # imported on use: the load generator needs none of the engine
+    "bench": (lambda argv: __import__("pdserve.bench", fromlist=["run_bench"]).run_bench(argv),
+              "load-test an OpenAI-compatible server (TTFT, TPOT, ITL, goodput)"),
 }
 
 

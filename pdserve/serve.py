@@ -276,9 +276,13 @@ def serve_proxy(cfg: ServeConfig) -> None:
 
 def run_serve(cfg: ServeConfig) -> int:
     import secrets
+    import signal
     import tempfile
 
     procs: list = []
+    # uvicorn re-raises SIGTERM after its own graceful shutdown; as SystemExit it unwinds
+    # through the finally below, which stops a local cluster's workers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if not (cfg.prefill or cfg.decode or cfg.worker):
         if cfg.internal_token is None:
             cfg = replace(cfg, internal_token=secrets.token_hex(16))

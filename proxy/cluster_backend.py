@@ -52,8 +52,8 @@ class ClusterBackend:
         self.skip_p_cached_fraction = skip_p_cached_fraction
         self.max_retries = max_retries
         self.request_timeout = request_timeout
-        self.max_model_len = 0
-        self.vocab_size = 0
+        self._max_model_len = 0
+        self._vocab_size = 0
         self.eos_token_ids: list[int] = []
         self._rng = random.Random()
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
@@ -65,13 +65,26 @@ class ClusterBackend:
         await self.registry.start(wait)
         if not self.registry.ready():
             logger.warning("no healthy prefill/decode pair yet; requests get 503 until one is up")
-        self.max_model_len = self.registry.max_model_len()
-        sizes = [w.info["vocab_size"] for w in self.registry.workers if w.info.get("vocab_size")]
-        self.vocab_size = min(sizes) if sizes else 0
         eos = {t for w in self.registry.workers for t in w.info.get("eos_token_ids", [])}
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
+
+    @property
+    def max_model_len(self) -> int:
+        """The smallest max_model_len of the admitted workers (0 until one is admitted:
+        workers that come up after the proxy are picked up when they do)."""
+        if not self._max_model_len:
+            self._max_model_len = self.registry.max_model_len()
+        return self._max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        if not self._vocab_size:
+            sizes = [w.info["vocab_size"] for w in self.registry.workers
+                     if w.info.get("vocab_size") and w.refused is None]
+            self._vocab_size = min(sizes) if sizes else 0
+        return self._vocab_size
 
     async def close(self) -> None:
         await self.registry.close()
