@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from pdserve.engine.service import WorkerConfig
 from pdserve.engine.setup import build_engine
@@ -19,6 +20,8 @@ def run_worker(cfg: WorkerConfig) -> int:
     from pdserve.prefill_worker.server import PrefillLoop
 
     sweep_stale()
+    if cfg.role == "prefill":
+        cfg = replace(cfg, enforce_eager=True)  # P never decodes: no decode graphs to capture
     # P's CPU pool lives in /dev/shm so a D on this host can pull from it directly
     parts = build_engine(cfg, pool_shm_epoch=new_epoch() if cfg.role == "prefill" else None)
     loop_cls = {"prefill": PrefillLoop, "decode": DecodeLoop, "both": BothLoop}[cfg.role]
