@@ -34,9 +34,20 @@ pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null; done; sleep 3;
             for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null; done; pids=(); }
 trap cleanup EXIT
-wait_health() {  # url
-  for _ in $(seq 1 240); do
-    curl -sf "$1/health" >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
+wait_health() {  # url (no curl on the GPU image: python's urllib)
+  python3 - "$1" <<'PY'
+import sys, time, urllib.request
+for _ in range(480):
+    try:
+        if urllib.request.urlopen(sys.argv[1] + "/health", timeout=2).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.25)
+sys.exit(1)
+PY
+}
+fetch() { python3 -c "import sys,urllib.request;print(urllib.request.urlopen(sys.argv[1],timeout=5).read().decode())" "$1"; }
 COMMON="--load-format dummy --skip-tokenizer-init --max-model-len 4096 --internal-token t0"
 for model in $MODELS; do
   if [ "$model" = "llama-3-8b" ]; then RATES=${RATES_8B:-"12 24"}; else RATES=${RATES_1B:-"24 48"}; fi
@@ -70,11 +81,11 @@ for model in $MODELS; do
           --result-json "$OUT/$tag-r$rate.json" > "$OUT/logs/$tag-r$rate.txt" 2>&1
         echo "== $tag rate $rate"; tail -25 "$OUT/logs/$tag-r$rate.txt"
       done
-      curl -s http://127.0.0.1:8000/metrics | grep -E "^pdserve_proxy_(routing|retries|failovers|transfer)" \
+      fetch http://127.0.0.1:8000/metrics | grep -E "^pdserve_proxy_(routing|retries|failovers|transfer)" \
         > "$OUT/logs/$tag-proxy-metrics.txt"
-      curl -s http://127.0.0.1:9200/load > "$OUT/logs/$tag-d-load.json"
     else
-      echo "== $tag: workers or proxy did not come up"; tail -20 "$OUT/logs/$tag-"*.log
+      echo "== $tag: workers or proxy did not come up"
+      for f in "$OUT/logs/$tag-"*.log; do echo "-- $f"; tail -n 8 "$f"; done
     fi
     cleanup
   done

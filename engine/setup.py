@@ -66,6 +66,9 @@ def resolve_device(spec: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise EngineSetupError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s)")
         device = torch.device("cuda", index)
+        # make it the current device: kernels launch on, and CUDA graphs capture on, the
+        # current device's stream (a graph captured on cuda:0 cannot hold cuda:1's kernels)
+        torch.cuda.set_device(device)
     return device
 
 
