@@ -112,7 +112,7 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
     """`pdserve prefill|decode|worker`: one worker process until SIGTERM/SIGINT."""
 
     def run(argv: Sequence[str]) -> int:
-        from pdserve.engine.service import WorkerConfig
+        from pdserve.engine.config import WorkerConfig
 
         argv = list(argv)
         if role is not None:
@@ -188,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"pdserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # every role's config registers its PDSERVE_* names on import: a variable meant for
+    # another role (one environment for a whole cluster) is then ignored, not refused
+    import pdserve.bench  # noqa: F401
+    import pdserve.serve  # noqa: F401
     from pdserve.errors import USER_ERRORS
 
     try:

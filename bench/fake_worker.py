@@ -1,0 +1,339 @@
+"""Fake engines that speak the real data path, with known delays: for measuring the proxy.
+
+    python bench/fake_worker.py --role both|prefill|decode --port 9100 --ttft-ms 20 --itl-ms 10
+
+A fake worker binds the same sockets as `pdserve worker`: a ZMQ ROUTER on port+1 for the
+data path (engine/record.py messages) and HTTP on port for /health, /info and /load. Its
+/info carries the compatibility record of the proxy's model (`--model`, default the built-in
+one: the same config and tokenizer hashes, block size, pool layout, ... as a real worker),
+so the proxy's registry admits it. No model runs; every answer comes after a fixed delay:
+
+- both:    GENERATE -> first STEP row `--ttft-ms` after it arrived -> one row every
+           `--itl-ms` until max_tokens (finish "length").
+- prefill: PREFILL -> FIRST `--ttft-ms` after it arrived (then TRANSFER ok, as if the KV
+           had moved at once).
+- decode:  RESERVE -> RESERVED at once; JOIN -> rows every `--itl-ms` after the JOIN;
+           GENERATE (the proxy skipped P) as both.
+
+Timing modes. Default (exact): every request keeps its own clock (token k at
+first + (k − 1)·itl, anchored so a late loop catches up rather than drifting), and rows due
+together share one STEP frame per proxy. `--batch`: one global step clock of period
+`--itl-ms`, like a real D: every running request gets one token per step and each step is
+one STEP frame per proxy (a request joins the first step at least one period after its
+previous token). One process emits well over 10^5 tokens/s in `--batch` mode.
+Emitted tokens cycle through ids of plain English words in the model's tokenizer, so the
+proxy's detokenizer releases text for every token, as with a real model's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pdserve.engine.record import Msg, WireError, decode, encode
+
+logger = logging.getLogger("fake_worker")
+_WORDS = " the of and to in is you that it was for on are as with his they at be this have"
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request being decoded: its running choices and their tokens left."""
+
+    identity: bytes
+    rid: str
+    left: dict[int, int]  # choice -> tokens still to emit
+    due: float  # next token's time (exact mode) or the earliest step it may join (batch)
+    tokens: itertools.cycle = field(repr=False)
+
+
+def compat_info(model: str | None, max_model_len: int) -> dict[str, Any]:
+    """The compatibility record a real worker on `model` would report (engine/service.py)."""
+    from pdserve.builtin_model import builtin_model_path
+    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    from pdserve.engine.kv_pool import POOL_LAYOUT
+    from pdserve.engine.model_config import ModelConfig
+    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION
+    from pdserve.serve import _model_hashes
+
+    path = model or str(builtin_model_path())
+    mc = ModelConfig.from_pretrained(path)
+    raw = json.loads((Path(path) / "config.json").read_text())
+    heads = raw["num_attention_heads"]
+    return {"protocol_version": PROTOCOL_VERSION, "model_id": Path(path).name,
+            **_model_hashes(path), "dtype": "float32", "block_size": 16,
+            "pool_layout": POOL_LAYOUT, "num_layers": raw["num_hidden_layers"],
+            "num_kv_heads": raw.get("num_key_value_heads", heads),
+            "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
+            "max_model_len": max_model_len, "prefix_hash": PREFIX_HASH_FUNCTION,
+            "_eos": list(mc.eos_token_ids), "_vocab": mc.vocab_size, "_path": path}
+
+
+def word_token_ids(model_path: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    ids = tok.encode(_WORDS, add_special_tokens=False).ids
+    return list(dict.fromkeys(ids)) or [100]
+
+
+class FakeWorker:
+    """The data-path loop (main thread) plus an HTTP thread; see the module docstring."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.role = args.role
+        self.ttft = args.ttft_ms / 1e3
+        self.itl = args.itl_ms / 1e3
+        compat = compat_info(args.model, args.max_model_len)
+        self.eos, self.vocab = compat.pop("_eos"), compat.pop("_vocab")
+        self.word_ids = word_token_ids(compat.pop("_path"))
+        self.compat = compat
+        self.name = args.name or f"fake-{self.role}@127.0.0.1:{args.port}"
+        self.data_address = f"tcp://{args.host}:{args.port + 1}"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop a frame: the proxy reads them all
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.bind(self.data_address)
+        self.token = args.internal_token or ""
+        self.timers: list[tuple[float, int, str, Any]] = []  # (due, tie, kind, payload)
+        self._tie = itertools.count()
+        self.streams: dict[str, _Stream] = {}
+        self.reserved: dict[str, tuple[bytes, dict]] = {}  # D: rid -> (proxy, rec)
+        self.pending: dict[str, tuple[bytes, dict]] = {}  # first token not sent yet
+        self.seq = 0
+        self.num_tokens = 0
+        self.next_step = 0.0
+        self.stop = threading.Event()
+
+    # ---- ops HTTP ------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        self.seq += 1
+        return {"role": self.role, "seq": self.seq, "time": time.time(),
+                "num_requests_running": len(self.streams),
+                "num_requests_waiting": len(self.pending) + len(self.reserved),
+                "kv_cache_usage_perc": 0.0, "num_free_blocks": 1 << 20,
+                "pending_prefill_tokens": 0, "fake_tokens_emitted": self.num_tokens}
+
+    def info(self) -> dict[str, Any]:
+        return {"role": self.role, "name": self.name, "version": "fake", "compat": self.compat,
+                "model_path": self.args.model, "data_address": self.data_address,
+                "eos_token_ids": self.eos, "vocab_size": self.vocab, "num_kv_blocks": 1 << 20}
+
+    def serve_http(self) -> ThreadingHTTPServer:
+        worker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                routes = {"/health": lambda: {"status": "ok", "role": worker.role,
+                                              "name": worker.name},
+                          "/info": worker.info, "/load": worker.load}
+                make = routes.get(self.path.split("?")[0])
+                body = json.dumps(make() if make else {"error": "not found"}).encode()
+                self.send_response(200 if make else 404)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: Any) -> None:  # health checks every second: quiet
+                pass
+
+        server = ThreadingHTTPServer((self.args.host, self.args.port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        return server
+
+    # ---- data path -----------------------------------------------------------------------
+
+    def send(self, identity: bytes, kind: Msg, **fields: Any) -> None:
+        try:
+            self.sock.send_multipart([identity, encode(kind, **fields)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the proxy is gone: it would time out anyway
+            logger.debug("dropped %s: %s", kind.value, e)
+
+    def at(self, due: float, kind: str, payload: Any) -> None:
+        heapq.heappush(self.timers, (due, next(self._tie), kind, payload))
+
+    def on_message(self, identity: bytes, msg: dict[str, Any], now: float) -> None:
+        kind, rid = msg["k"], msg.get("rid")
+        if self.token and msg.get("t") != self.token:
+            raise WireError("wrong internal token", rid)
+        if kind in (Msg.GENERATE, Msg.PREFILL) or (kind is Msg.RESERVE):
+            rec = msg.get("rec") or {}
+            rid = rec.get("rid")
+            if not isinstance(rid, str):
+                raise WireError("rec: missing request id")
+            if kind is Msg.RESERVE and self.role == "decode":
+                self.reserved[rid] = (identity, rec)
+                self.send(identity, Msg.RESERVED, rid=rid, kv="tcp://127.0.0.1:0")
+                return
+            allowed = {"both": (Msg.GENERATE,), "prefill": (Msg.PREFILL,),
+                       "decode": (Msg.GENERATE,)}[self.role]
+            if kind not in allowed:
+                raise WireError(f"a fake {self.role} worker does not take {kind.value}", rid)
+            self.pending[rid] = (identity, rec)
+            self.at(now + self.ttft, "first", rid)
+        elif kind is Msg.JOIN and self.role == "decode":
+            identity, rec = self.reserved.pop(rid, (None, None))
+            if rec is None:
+                raise WireError(f"unknown request id {rid!r}", rid)
+            firsts = msg.get("first") or []
+            self.start_stream(identity, rec, [c for c, _, _ in firsts], now)
+        elif kind is Msg.ABORT:
+            for table in (self.streams, self.reserved, self.pending):
+                table.pop(rid, None)
+        else:
+            raise WireError(f"a fake {self.role} worker does not take {kind.value}", rid)
+
+    def start_stream(self, identity: bytes, rec: dict, choices: list[int], last: float) -> None:
+        """Decode the remaining tokens of `choices` (their first token is already out)."""
+        params = rec.get("params") or {}
+        left = (params.get("max_tokens") or 16) - 1 - len(rec.get("output") or [])
+        if left <= 0 or not choices:
+            return
+        s = _Stream(identity, rec["rid"], dict.fromkeys(choices, left), last + self.itl,
+                    itertools.cycle(self.word_ids))
+        self.streams[s.rid] = s
+        if not self.args.batch:
+            self.at(s.due, "token", s.rid)
+
+    def first_token(self, rid: str, now: float) -> None:
+        identity, rec = self.pending.pop(rid, (None, None))
+        if rec is None:
+            return  # aborted meanwhile
+        params = rec.get("params") or {}
+        n = params.get("n") or 1
+        choices = list(range(n)) if n > 1 else [rec.get("choice", 0)]
+        done = "length" if (params.get("max_tokens") or 16) <= 1 else None
+        rows = [[rid, c, self.word_ids[0], None, done] for c in choices]
+        self.num_tokens += len(rows)
+        if self.role == "prefill":
+            self.send(identity, Msg.FIRST, rid=rid, out=rows, load=self.load())
+            self.send(identity, Msg.TRANSFER, rid=rid, ok=True, reason="", transport="fake")
+            return
+        self.send(identity, Msg.STEP, seq=self.seq, out=rows, load=self.load())
+        self.start_stream(identity, rec, choices, now)
+
+    def emit(self, streams: list[_Stream]) -> None:
+        """One token for every running choice of `streams`, one STEP frame per proxy."""
+        frames: dict[bytes, list] = {}
+        for s in streams:
+            rows = frames.setdefault(s.identity, [])
+            tok = next(s.tokens)
+            for c in list(s.left):
+                s.left[c] -= 1
+                rows.append([s.rid, c, tok, None, None if s.left[c] else "length"])
+                if not s.left[c]:
+                    del s.left[c]
+            if not s.left:
+                self.streams.pop(s.rid, None)
+            self.num_tokens += len(rows)
+        if frames:
+            load = self.load()
+            for identity, rows in frames.items():
+                self.send(identity, Msg.STEP, seq=load["seq"], out=rows, load=load)
+
+    def fire(self, now: float) -> None:
+        due_streams = []
+        while self.timers and self.timers[0][0] <= now:
+            due, _, kind, rid = heapq.heappop(self.timers)
+            if kind == "first":
+                self.first_token(rid, now)
+            elif (s := self.streams.get(rid)) is not None:
+                due_streams.append(s)
+                s.due = due + self.itl  # on its own clock: a late loop catches up, no drift
+        if due_streams:
+            self.emit(due_streams)
+            for s in due_streams:
+                if s.rid in self.streams:
+                    self.at(s.due, "token", s.rid)
+        if self.args.batch and self.streams and now >= self.next_step:
+            ready = [s for s in self.streams.values() if s.due <= now]
+            if not ready:  # idle until the earliest request may join
+                self.next_step = min(s.due for s in self.streams.values())
+                return
+            for s in ready:
+                s.due = 0.0  # in the batch now: every step from here on
+            self.emit(ready)
+            # the next step one period on; a late loop skips the missed steps (no bursts)
+            self.next_step += self.itl
+            if self.next_step <= now:
+                self.next_step = now + self.itl
+
+    def run(self) -> None:
+        http = self.serve_http()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        logger.info("%s ready: http=http://%s:%d data=%s ttft=%.1fms itl=%.1fms%s", self.name,
+                    self.args.host, self.args.port, self.data_address, self.ttft * 1e3,
+                    self.itl * 1e3, " batch" if self.args.batch else "")
+        while not self.stop.is_set():
+            now = time.monotonic()
+            nxt = self.timers[0][0] if self.timers else now + 0.05
+            if self.args.batch and self.streams:
+                nxt = min(nxt, self.next_step)
+            wait_ms = max(0.0, min(nxt - now, 0.05)) * 1e3
+            # zmq polls whole milliseconds and may wake late: poll until ~1 ms before the
+            # timer, then sleep the rest, so it fires within ~0.1 ms of its time
+            ready = poller.poll(max(0, int(wait_ms) - 1))
+            if not ready and wait_ms < 50:
+                time.sleep(max(0.0, nxt - time.monotonic()))
+            if ready:
+                while True:
+                    try:
+                        identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)[:2]
+                    except zmq.Again:
+                        break
+                    try:
+                        self.on_message(identity, decode(frame), time.monotonic())
+                    except WireError as e:
+                        self.send(identity, Msg.ERROR, rid=e.rid, reason=str(e))
+            self.fire(time.monotonic())
+        http.shutdown()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=("both", "prefill", "decode"), default="both")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100, help="HTTP port; the data path is port+1")
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="request -> first token")
+    p.add_argument("--itl-ms", type=float, default=10.0, help="gap between later tokens")
+    p.add_argument("--batch", action="store_true", help="one global step clock (like a real D)")
+    p.add_argument("--model", default=None, help="checkpoint the proxy serves (default: built-in)")
+    p.add_argument("--max-model-len", type=int, default=65536)
+    p.add_argument("--internal-token", default=None)
+    p.add_argument("--name", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = FakeWorker(parse_args(argv))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop.set())
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()

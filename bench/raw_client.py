@@ -1,0 +1,159 @@
+"""Lean clients for bench/proxy_overhead.py: cheap enough that the proxy, not the client,
+is what gets measured (httpx costs ~100 µs of client CPU per streamed token; this ~10).
+
+- `raw_probe`: sequential streamed requests over one keep-alive socket (TCP_NODELAY), TTFT
+  and e2e per request, no HTTP library.
+- `stream_many` (also `python bench/raw_client.py stream ...`, one process per call): many
+  concurrent keep-alive connections on asyncio streams, each sending requests one after
+  another; counts output tokens from each response's usage chunk, and the gaps between
+  reads that brought output. Prints one JSON line.
+- `fake_floor`: what a fake engine alone adds to its configured first-token delay, seen
+  from a ZMQ DEALER (the proxy's side of the data path) with no proxy in between.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import sys
+import time
+
+import numpy as np
+
+_USAGE = re.compile(rb'"completion_tokens": (\d+)')
+_EMPTY = b'"text": ""'
+
+
+def _request(host: str, body: bytes) -> bytes:
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _body(rng: np.random.Generator, input_len: int, output_len: int, usage: bool) -> bytes:
+    body = {"prompt": rng.integers(5, 4000, input_len).tolist(), "max_tokens": output_len,
+            "stream": True, "ignore_eos": True}
+    if usage:
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
+
+
+def _has_output(data: bytes) -> bool:
+    return b'"text": "' in data.replace(_EMPTY, b"")
+
+
+def raw_probe(url: str, num: int, input_len: int, output_len: int, seed: int = 1) \
+        -> list[tuple[float, float]]:
+    """(ttft, e2e) in seconds of `num` sequential streamed requests on one connection."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num):
+        req = _request(host, _body(rng, input_len, output_len, usage=False))
+        t0 = time.perf_counter()
+        sock.sendall(req)
+        buf, ttft = b"", None
+        while b"data: [DONE]" not in buf:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise RuntimeError("the proxy closed the connection")
+            if ttft is None and _has_output(data):
+                ttft = time.perf_counter() - t0
+            buf += data
+        e2e = time.perf_counter() - t0
+        while not buf.endswith(b"0\r\n\r\n"):  # the chunked body's terminator
+            buf += sock.recv(1 << 16)
+        out.append((ttft or e2e, e2e))
+    sock.close()
+    return out
+
+
+async def _stream_conn(host: str, port: int, num: int, input_len: int, output_len: int,
+                       seed: int, res: dict) -> None:
+    rng = np.random.default_rng(seed)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)  # asyncio: TCP_NODELAY
+    except OSError:
+        res["failed"] += num
+        return
+    for _ in range(num):
+        writer.write(_request(host, _body(rng, input_len, output_len, usage=True)))
+        res["starts"].append(time.time())
+        buf, last = b"", None
+        while not buf.endswith(b"0\r\n\r\n"):
+            data = await reader.read(1 << 16)
+            if not data:
+                res["failed"] += 1
+                return
+            if _has_output(data):
+                now = time.perf_counter()
+                if last is not None:
+                    res["gaps"].append(now - last)
+                last = now
+            buf += data
+        m = _USAGE.search(buf)
+        if m is None or b"data: [DONE]" not in buf:
+            res["failed"] += 1
+            continue
+        res["tokens"] += int(m.group(1))
+        res["ends"].append(time.time())
+    writer.close()
+
+
+async def stream_many(url: str, conns: int, per_conn: int, input_len: int, output_len: int,
+                      seed: int = 0) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    res: dict = {"tokens": 0, "failed": 0, "starts": [], "ends": [], "gaps": []}
+    await asyncio.gather(*(_stream_conn(host, int(port), per_conn, input_len, output_len,
+                                        seed * 100_003 + i, res) for i in range(conns)))
+    gaps = np.asarray(res.pop("gaps") or [np.nan]) * 1e3
+    res["itl_p50_ms"], res["itl_p99_ms"] = np.percentile(gaps, 50), np.percentile(gaps, 99)
+    res["num_gaps"] = int(gaps.size)
+    return res
+
+
+def fake_floor(data_address: str, num: int, output_len: int) -> list[float]:
+    """First-token times (s) of a both-role fake seen straight from a ZMQ DEALER."""
+    import zmq
+
+    from pdserve.engine.record import Msg, decode, encode
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(data_address)
+    out = []
+    for i in range(num):
+        rec = {"rid": f"floor-{i}", "prompt": [5] * 16, "params": {"max_tokens": output_len},
+               "output": [], "choice": 0}
+        t0 = time.perf_counter()
+        sock.send(encode(Msg.GENERATE, rec=rec))
+        decode(sock.recv())
+        out.append(time.perf_counter() - t0)
+        for _ in range(output_len - 1):
+            decode(sock.recv())
+    sock.close()
+    ctx.term()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=("stream",))
+    p.add_argument("--url", required=True)
+    p.add_argument("--conns", type=int, default=128)
+    p.add_argument("--per-conn", type=int, default=2)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    res = asyncio.run(stream_many(a.url, a.conns, a.per_conn, a.input_len, a.output_len, a.seed))
+    json.dump(res, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
