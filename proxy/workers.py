@@ -139,6 +139,23 @@ async def _expect(q: asyncio.Queue, deadline: float, *kinds: Msg) -> tuple[Msg, 
     return kind, msg
 
 
+async def _step_rows(q: asyncio.Queue, deadline: float, running: set[int]) -> list[TokenRow]:
+    """The next step's rows of one request (every row already queued goes out together);
+    choices that finished leave `running`. Raises WorkerError on an ERROR in between."""
+    _, row = await _expect(q, deadline, Msg.STEP)
+    batch = [_row(row)]
+    while not q.empty():
+        kind, item = q.get_nowait()
+        if kind is Msg.ERROR:
+            raise WorkerError(f"the worker failed the request: {item.get('reason')}",
+                              retryable=bool(item.get("retryable")))
+        batch.append(_row(item))
+    for r in batch:
+        if r.finish_reason is not None:
+            running.discard(r.choice_index)
+    return batch
+
+
 async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
                  timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
     """Yield each step's rows for one request served by P then D (see the module doc)."""
@@ -167,19 +184,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
         d.send(Msg.JOIN, rid=rid, first=first)
         joined = True
         while running:
-            kind, row = await _expect(qd, deadline, Msg.STEP)
-            r = _row(row)
-            batch = [r]
-            while not qd.empty():  # every row of the same step goes out together
-                k2, row2 = qd.get_nowait()
-                if k2 is Msg.ERROR:
-                    raise WorkerError(f"D failed the request: {row2.get('reason')}",
-                                      retryable=bool(row2.get("retryable")))
-                batch.append(_row(row2))
-            for r in batch:
-                if r.finish_reason is not None:
-                    running.discard(r.choice_index)
-            yield batch
+            yield await _step_rows(qd, deadline, running)
     finally:
         if running:  # left early: free everything the request holds
             d.send(Msg.ABORT, rid=rid)
@@ -199,18 +204,7 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
     try:
         w.send(Msg.GENERATE, rec=rec.to_wire())
         while running:
-            _, row = await _expect(q, deadline, Msg.STEP)
-            batch = [_row(row)]
-            while not q.empty():
-                k2, row2 = q.get_nowait()
-                if k2 is Msg.ERROR:
-                    raise WorkerError(f"the worker failed the request: {row2.get('reason')}",
-                                      retryable=bool(row2.get("retryable")))
-                batch.append(_row(row2))
-            for r in batch:
-                if r.finish_reason is not None:
-                    running.discard(r.choice_index)
-            yield batch
+            yield await _step_rows(q, deadline, running)
     finally:
         if running:
             w.send(Msg.ABORT, rid=rid)

@@ -207,3 +207,9 @@ def wait_for(fn, timeout: float = 20.0, interval: float = 0.05):
         if time.monotonic() > end:
             raise TimeoutError(f"condition not met in {timeout} s (last: {value!r})")
         time.sleep(interval)
+
+
+def all_free(p: Proc) -> bool:
+    """Every block of the process's pool is free and it holds no request."""
+    free, total, held = p.call("free")
+    return free == total and held == 0

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from tests.kv_transfer.harness import start, wait_for
+from tests.kv_transfer.harness import all_free, wait_for
 
 pytestmark = pytest.mark.gpu
 
@@ -21,23 +21,6 @@ GPU_PAIRS = [pytest.param("cuda:0", "cuda:0", id="same-gpu"),
 IPC = ["cuda_ipc", "tcp"]
 
 
-@pytest.fixture
-def procs():
-    started = []
-
-    def make(role, **opts):
-        p = start(role, **opts)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
-
-
-def all_free(p) -> bool:
-    free, total, held = p.call("free")
-    return free == total and held == 0
 
 
 def move(d, p, addr, lengths: dict[str, int], seed: int = 0) -> None:

@@ -8,26 +8,7 @@ import time
 
 import pytest
 
-from tests.kv_transfer.harness import start, wait_for
-
-
-@pytest.fixture
-def procs():
-    started = []
-
-    def make(role, **opts):
-        p = start(role, **opts)
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        p.stop()
-
-
-def all_free(p) -> bool:
-    free, total, held = p.call("free")
-    return free == total and held == 0
+from tests.kv_transfer.harness import all_free, wait_for
 
 
 def kinds(p, rid):
