@@ -218,7 +218,9 @@ class DecodeLoop(StreamingLoop):
             raise WireError(f"a decode worker does not take {kind.value}", rid)
 
     def _admit(self) -> None:
-        while self.queue:
+        # preempted sequences waiting to recompute come first: new reservations must not take
+        # the blocks they need, or a small pool could starve them forever
+        while self.queue and not self.engine.waiting:
             r = self.queue[0]
             rec = r.rec
             if not self.engine.can_reserve(len(rec.prompt_token_ids) + len(rec.output_token_ids)):

@@ -86,6 +86,7 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}  # P: prefilled, blocks kept for the transfer
         self.reserved: dict[str, Request] = {}  # D: blocks reserved, waiting for the KV
         self._outputs: list[SeqOutput] = []
+        self.stalled = False  # the last step found nothing it could run (waiting on blocks)
 
     def check_prompt(self, ids: Seq[int]) -> None:
         """Raise ValueError for an empty prompt or token ids outside the vocabulary, and
@@ -232,8 +233,12 @@ class LLMEngine:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             scheduled.append((seq, n))
             budget -= n
+        self.stalled = not scheduled
         if not scheduled:
-            if self.waiting and not self.running:
+            # D: reservations (or P: blocks held for transfers) may hold the blocks a waiting
+            # sequence needs; they free them when their transfer ends. With none of those and
+            # nothing running, nothing ever would: that is a bug, not a wait.
+            if self.waiting and not (self.running or self.reserved or self.held):
                 raise RuntimeError("no sequence fits in the KV pool (cannot happen: "
                                    "max_model_len is checked against the pool at start)")
             return []

@@ -175,8 +175,10 @@ class WorkerLoop:
         self.publish()
         try:
             while not self.stop_event.is_set():
-                busy = self.has_work()
-                if poller.poll(0 if busy else 20):
+                # a stalled engine (waiting for blocks a transfer holds) must not spin the CPU
+                busy = self.has_work() and not getattr(getattr(self, "engine", None),
+                                                       "stalled", False)
+                if poller.poll(0 if busy else 5 if self.has_work() else 20):
                     self._receive()
                 self.tick()
                 if self.has_work():

@@ -188,3 +188,16 @@ def test_prompt_at_or_over_max_model_len_is_refused(prompt_len):
         eng.add_request([2] * prompt_len, params())
         while eng.has_unfinished():
             eng.step()
+
+
+def test_waiting_behind_reserved_blocks_is_a_wait_not_an_error():
+    """On D, reservations hold blocks while their KV is in flight; a sequence that needs them
+    waits (found by the small-pool worker test: this used to raise)."""
+    eng = make_scheduler(num_blocks=4, role=Role.DECODE, max_model_len=64)
+    eng.reserve([2] * 40, params(n_out=3), "r", seed=1)  # 3 of 4 blocks
+    waiting = eng.add_request([3] * 30, params(n_out=2))  # needs 2: only 1 is free
+    assert eng.step() == [] and eng.stalled
+    eng.join("r", [(0, 9, None)], kv_ready=True)
+    while eng.has_unfinished():
+        eng.step()
+    assert waiting.finished and eng.bm.num_free_blocks == 4
