@@ -27,6 +27,7 @@ import msgpack
 
 from pdserve.engine.sampler import Logprob
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv_transfer.protocol import unpack_map
 
 MAX_MESSAGE_BYTES = 16 << 20  # a 128k-token prompt is ~1 MiB of msgpack ints
 
@@ -122,14 +123,7 @@ def encode(kind: Msg, token: str = "", **fields: Any) -> bytes:
 
 def decode(frame: bytes) -> dict[str, Any]:
     """Parse one frame into a map with `k` as a Msg; raises WireError."""
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    try:
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several types for garbage
-        raise WireError(f"not a msgpack message ({type(e).__name__})") from e
-    if not isinstance(msg, dict):
-        raise WireError("a message must be a map")
+    msg = unpack_map(frame, MAX_MESSAGE_BYTES, WireError)
     try:
         msg["k"] = Msg(msg.get("k"))
     except ValueError:

@@ -71,16 +71,23 @@ _REQUIRED: dict[Kind, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """Parse and check one control frame; raises ProtocolError naming the problem."""
-    if len(frame) > MAX_CONTROL_BYTES:
-        raise ProtocolError(f"control message of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+def unpack_map(frame: bytes, limit: int, error: type[Exception]) -> dict[str, Any]:
+    """One msgpack map of at most `limit` bytes, or `error` saying what is wrong (shared by
+    this control plane and the proxy <-> worker data path, engine/record.py)."""
+    if len(frame) > limit:
+        raise error(f"message of {len(frame)} bytes exceeds {limit}")
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several types for garbage
-        raise ProtocolError(f"not a msgpack message ({type(e).__name__})") from e
+        raise error(f"not a msgpack message ({type(e).__name__})") from e
     if not isinstance(msg, dict):
-        raise ProtocolError("a message must be a map")
+        raise error("a message must be a map")
+    return msg
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    """Parse and check one control frame; raises ProtocolError naming the problem."""
+    msg = unpack_map(frame, MAX_CONTROL_BYTES, ProtocolError)
     try:
         kind = Kind(msg.get("k"))
     except ValueError:
