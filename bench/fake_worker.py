@@ -3,17 +3,17 @@
     python bench/fake_worker.py --role both|prefill|decode --port 9100 --ttft-ms 20 --itl-ms 10
 
 A fake worker binds the same sockets as `pdserve worker`: a ZMQ ROUTER on port+1 for the
-data path (engine/record.py messages) and HTTP on port for /health, /info and /load. Its
+data path (common/wire.py messages) and HTTP on port for /health, /info and /load. Its
 /info carries the compatibility record of the proxy's model (`--model`, default the built-in
 one: the same config and tokenizer hashes, block size, pool layout, ... as a real worker),
 so the proxy's registry admits it. No model runs; every answer comes after a fixed delay:
 
-- both:    GENERATE -> first STEP row `--ttft-ms` after it arrived -> one row every
+- both:    Generate -> first Step row `--ttft-ms` after it arrived -> one row every
            `--itl-ms` until max_tokens (finish "length").
-- prefill: PREFILL -> FIRST `--ttft-ms` after it arrived (then TRANSFER ok, as if the KV
+- prefill: Prefill -> First `--ttft-ms` after it arrived (then Transfer ok, as if the KV
            had moved at once).
-- decode:  RESERVE -> RESERVED at once; JOIN -> rows every `--itl-ms` after the JOIN;
-           GENERATE (the proxy skipped P) as both.
+- decode:  Reserve -> Reserved at once; Join -> rows every `--itl-ms` after the Join;
+           Generate (the proxy skipped P) as both.
 
 Timing modes. Default (exact): every request keeps its own clock (token k at
 first + (k − 1)·itl, anchored so a late loop catches up rather than drifting), and rows due
@@ -42,7 +42,23 @@ from typing import Any
 
 import zmq
 
-from pdserve.engine.record import Msg, WireError, decode, encode
+from pdserve.common.wire import (
+    DATA_PATH,
+    Abort,
+    DataMessage,
+    Error,
+    First,
+    Generate,
+    Join,
+    Prefill,
+    RequestRecord,
+    Reserve,
+    Reserved,
+    Step,
+    TokenRow,
+    Transfer,
+    WireError,
+)
 
 logger = logging.getLogger("fake_worker")
 _WORDS = " the of and to in is you that it was for on are as with his they at be this have"
@@ -60,25 +76,20 @@ class _Stream:
 
 
 def compat_info(model: str | None, max_model_len: int) -> dict[str, Any]:
-    """The compatibility record a real worker on `model` would report (engine/service.py)."""
-    from pdserve.builtin_model import builtin_model_path
-    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    """The compatibility record a real worker on `model` would report (service/loop.py)."""
+    from pdserve.common.compat import CompatRecord
+    from pdserve.engine.builtin_model import builtin_model_path
     from pdserve.engine.kv_pool import POOL_LAYOUT
     from pdserve.engine.model_config import ModelConfig
-    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION
-    from pdserve.serve import _model_hashes
 
     path = model or str(builtin_model_path())
     mc = ModelConfig.from_pretrained(path)
-    raw = json.loads((Path(path) / "config.json").read_text())
-    heads = raw["num_attention_heads"]
-    return {"protocol_version": PROTOCOL_VERSION, "model_id": Path(path).name,
-            **_model_hashes(path), "dtype": "float32", "block_size": 16,
-            "pool_layout": POOL_LAYOUT, "num_layers": raw["num_hidden_layers"],
-            "num_kv_heads": raw.get("num_key_value_heads", heads),
-            "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads,
-            "max_model_len": max_model_len, "prefix_hash": PREFIX_HASH_FUNCTION,
-            "_eos": list(mc.eos_token_ids), "_vocab": mc.vocab_size, "_path": path}
+    record = CompatRecord.build(path, None, dtype="float32", block_size=16,
+                                pool_layout=POOL_LAYOUT, num_layers=mc.num_hidden_layers,
+                                num_kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
+                                max_model_len=max_model_len)
+    return {**record.to_dict(), "_eos": list(mc.eos_token_ids), "_vocab": mc.vocab_size,
+            "_path": path}
 
 
 def word_token_ids(model_path: str) -> list[int]:
@@ -113,8 +124,8 @@ class FakeWorker:
         self.timers: list[tuple[float, int, str, Any]] = []  # (due, tie, kind, payload)
         self._tie = itertools.count()
         self.streams: dict[str, _Stream] = {}
-        self.reserved: dict[str, tuple[bytes, dict]] = {}  # D: rid -> (proxy, rec)
-        self.pending: dict[str, tuple[bytes, dict]] = {}  # first token not sent yet
+        self.reserved: dict[str, tuple[bytes, RequestRecord]] = {}  # D: rid -> (proxy, rec)
+        self.pending: dict[str, tuple[bytes, RequestRecord]] = {}  # first token not sent yet
         self.seq = 0
         self.num_tokens = 0
         self.next_step = 0.0
@@ -163,53 +174,44 @@ class FakeWorker:
 
     # ---- data path -----------------------------------------------------------------------
 
-    def send(self, identity: bytes, kind: Msg, **fields: Any) -> None:
+    def send(self, identity: bytes, msg: DataMessage) -> None:
         try:
-            self.sock.send_multipart([identity, encode(kind, **fields)], zmq.NOBLOCK)
+            self.sock.send_multipart([identity, DATA_PATH.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the proxy is gone: it would time out anyway
-            logger.debug("dropped %s: %s", kind.value, e)
+            logger.debug("dropped %s: %s", type(msg).__name__, e)
 
     def at(self, due: float, kind: str, payload: Any) -> None:
         heapq.heappush(self.timers, (due, next(self._tie), kind, payload))
 
-    def on_message(self, identity: bytes, msg: dict[str, Any], now: float) -> None:
-        kind, rid = msg["k"], msg.get("rid")
-        if self.token and msg.get("t") != self.token:
+    def on_message(self, identity: bytes, msg: DataMessage, now: float) -> None:
+        rid = getattr(msg, "rid", None)
+        if self.token and msg.t != self.token:
             raise WireError("wrong internal token", rid)
-        if kind in (Msg.GENERATE, Msg.PREFILL) or (kind is Msg.RESERVE):
-            rec = msg.get("rec") or {}
-            rid = rec.get("rid")
-            if not isinstance(rid, str):
-                raise WireError("rec: missing request id")
-            if kind is Msg.RESERVE and self.role == "decode":
-                self.reserved[rid] = (identity, rec)
-                self.send(identity, Msg.RESERVED, rid=rid, kv="tcp://127.0.0.1:0")
-                return
-            allowed = {"both": (Msg.GENERATE,), "prefill": (Msg.PREFILL,),
-                       "decode": (Msg.GENERATE,)}[self.role]
-            if kind not in allowed:
-                raise WireError(f"a fake {self.role} worker does not take {kind.value}", rid)
-            self.pending[rid] = (identity, rec)
-            self.at(now + self.ttft, "first", rid)
-        elif kind is Msg.JOIN and self.role == "decode":
+        kind = msg.__struct_config__.tag
+        if isinstance(msg, Reserve) and self.role == "decode":
+            self.reserved[msg.rec.request_id] = (identity, msg.rec)
+            self.send(identity, Reserved(rid=msg.rec.request_id, kv="tcp://127.0.0.1:0"))
+        elif isinstance(msg, Generate if self.role != "prefill" else Prefill):
+            self.pending[msg.rec.request_id] = (identity, msg.rec)
+            self.at(now + self.ttft, "first", msg.rec.request_id)
+        elif isinstance(msg, Join) and self.role == "decode":
             identity, rec = self.reserved.pop(rid, (None, None))
             if rec is None:
                 raise WireError(f"unknown request id {rid!r}", rid)
-            firsts = msg.get("first") or []
-            self.start_stream(identity, rec, [c for c, _, _ in firsts], now)
-        elif kind is Msg.ABORT:
+            self.start_stream(identity, rec, [r.choice_index for r in msg.first], now)
+        elif isinstance(msg, Abort):
             for table in (self.streams, self.reserved, self.pending):
                 table.pop(rid, None)
         else:
-            raise WireError(f"a fake {self.role} worker does not take {kind.value}", rid)
+            raise WireError(f"a fake {self.role} worker does not take {kind}", rid)
 
-    def start_stream(self, identity: bytes, rec: dict, choices: list[int], last: float) -> None:
+    def start_stream(self, identity: bytes, rec: RequestRecord, choices: list[int],
+                     last: float) -> None:
         """Decode the remaining tokens of `choices` (their first token is already out)."""
-        params = rec.get("params") or {}
-        left = (params.get("max_tokens") or 16) - 1 - len(rec.get("output") or [])
+        left = (rec.params.max_tokens or 16) - 1 - len(rec.output_token_ids)
         if left <= 0 or not choices:
             return
-        s = _Stream(identity, rec["rid"], dict.fromkeys(choices, left), last + self.itl,
+        s = _Stream(identity, rec.request_id, dict.fromkeys(choices, left), last + self.itl,
                     itertools.cycle(self.word_ids))
         self.streams[s.rid] = s
         if not self.args.batch:
@@ -219,17 +221,15 @@ class FakeWorker:
         identity, rec = self.pending.pop(rid, (None, None))
         if rec is None:
             return  # aborted meanwhile
-        params = rec.get("params") or {}
-        n = params.get("n") or 1
-        choices = list(range(n)) if n > 1 else [rec.get("choice", 0)]
-        done = "length" if (params.get("max_tokens") or 16) <= 1 else None
-        rows = [[rid, c, self.word_ids[0], None, done] for c in choices]
+        choices = rec.choice_indices()
+        done = "length" if (rec.params.max_tokens or 16) <= 1 else None
+        rows = [TokenRow(rid, c, self.word_ids[0], None, done) for c in choices]
         self.num_tokens += len(rows)
         if self.role == "prefill":
-            self.send(identity, Msg.FIRST, rid=rid, out=rows, load=self.load())
-            self.send(identity, Msg.TRANSFER, rid=rid, ok=True, reason="", transport="fake")
+            self.send(identity, First(rid=rid, out=rows, load=self.load()))
+            self.send(identity, Transfer(rid=rid, ok=True, transport="fake"))
             return
-        self.send(identity, Msg.STEP, seq=self.seq, out=rows, load=self.load())
+        self.send(identity, Step(seq=self.seq, out=rows, load=self.load()))
         self.start_stream(identity, rec, choices, now)
 
     def emit(self, streams: list[_Stream]) -> None:
@@ -240,7 +240,7 @@ class FakeWorker:
             tok = next(s.tokens)
             for c in list(s.left):
                 s.left[c] -= 1
-                rows.append([s.rid, c, tok, None, None if s.left[c] else "length"])
+                rows.append(TokenRow(s.rid, c, tok, None, None if s.left[c] else "length"))
                 if not s.left[c]:
                     del s.left[c]
             if not s.left:
@@ -249,7 +249,7 @@ class FakeWorker:
         if frames:
             load = self.load()
             for identity, rows in frames.items():
-                self.send(identity, Msg.STEP, seq=load["seq"], out=rows, load=load)
+                self.send(identity, Step(seq=load["seq"], out=rows, load=load))
 
     def fire(self, now: float) -> None:
         due_streams = []
@@ -303,9 +303,9 @@ class FakeWorker:
                     except zmq.Again:
                         break
                     try:
-                        self.on_message(identity, decode(frame), time.monotonic())
+                        self.on_message(identity, DATA_PATH.decode(frame), time.monotonic())
                     except WireError as e:
-                        self.send(identity, Msg.ERROR, rid=e.rid, reason=str(e))
+                        self.send(identity, Error(rid=e.rid, reason=str(e)))
             self.fire(time.monotonic())
         http.shutdown()
         self.sock.close(0)

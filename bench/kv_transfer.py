@@ -72,9 +72,9 @@ def spec(num_blocks: int, dtype: torch.dtype):
 
 
 def compat(dtype: torch.dtype):
-    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
+    from pdserve.common.prefix import PREFIX_HASH_FUNCTION
     from pdserve.engine.kv_pool import POOL_LAYOUT
-    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION, CompatRecord
 
     return CompatRecord(PROTOCOL_VERSION, "bench", "c", "t", str(dtype).removeprefix("torch."),
                         BLOCK, POOL_LAYOUT, LAYERS, KV_HEADS, HEAD_DIM, 32768,

@@ -120,7 +120,8 @@ def fake_floor(data_address: str, num: int, output_len: int) -> list[float]:
     """First-token times (s) of a both-role fake seen straight from a ZMQ DEALER."""
     import zmq
 
-    from pdserve.engine.record import Msg, decode, encode
+    from pdserve.common.params import SamplingParams
+    from pdserve.common.wire import DATA_PATH, Generate, RequestRecord
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -128,14 +129,13 @@ def fake_floor(data_address: str, num: int, output_len: int) -> list[float]:
     sock.connect(data_address)
     out = []
     for i in range(num):
-        rec = {"rid": f"floor-{i}", "prompt": [5] * 16, "params": {"max_tokens": output_len},
-               "output": [], "choice": 0}
+        rec = RequestRecord(f"floor-{i}", [5] * 16, SamplingParams(max_tokens=output_len, seed=i))
         t0 = time.perf_counter()
-        sock.send(encode(Msg.GENERATE, rec=rec))
-        decode(sock.recv())
+        sock.send(DATA_PATH.encode(Generate(rec=rec)))
+        DATA_PATH.decode(sock.recv())
         out.append(time.perf_counter() - t0)
         for _ in range(output_len - 1):
-            decode(sock.recv())
+            DATA_PATH.decode(sock.recv())
     sock.close()
     ctx.term()
     return out

@@ -1,162 +1,154 @@
 """D's step loop (and the `both` loop, which shares its streaming half).
 
-Algorithm, per request on D:
-1. RESERVE {rec, timeout}: admitted when free blocks and max_num_seqs allow (else queued
-   until the timeout, then REJECTED): blocks are allocated for the prompt, the KV receiver
-   expects P's offer, and RESERVED {kv address} goes back to the proxy.
-2. The KV arrives (receiver event ARRIVED) and JOIN brings P's first tokens; with both, the
-   request's running choices join the batch (n > 1 forks over the shared prompt blocks).
-   If the transfer failed or expired, the choices join anyway and recompute the prompt in
-   chunks under the step budget (counted in kv_transfer_fallback_total).
-3. Every step sends one STEP frame per proxy with all its requests' new tokens, logprobs
-   and finish reasons, plus D's load report. Preemption and recompute happen inside the
-   engine. ABORT frees at once (a reservation whose data may still land is freed on the
-   receiver's CANCELLED event).
+Algorithm, per request on D (`DState`):
+1. Reserve {rec, timeout}: QUEUED until free blocks and max_num_seqs allow (else REJECTED at
+   the timeout); then RESERVED: blocks are allocated for the prompt, the KV receiver expects
+   P's offer, and Reserved {kv address} goes back to the proxy.
+2. The KV arrives (receiver event ARRIVED) and Join brings P's first tokens: the request is
+   RUNNING, its choices in the batch (n > 1 forks over the shared prompt blocks). If the
+   transfer failed or expired, the choices join anyway and recompute the prompt in chunks
+   under the step budget (counted in kv_transfer_fallback_total).
+3. Every step sends one Step frame per proxy with all its requests' new TokenRows, plus D's
+   load report. Preemption and recompute happen inside the engine. Abort frees at once; a
+   reservation whose data may still land is ABORTING until the receiver's CANCELLED event.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.engine.llm_engine import LLMEngine, Role, SeqOutput
-from pdserve.engine.record import Msg, RequestRecord, WireError, pack_logprobs, unpack_logprobs
+from pdserve.common import wire
+from pdserve.common.wire import RequestRecord, TokenRow, WireError
+from pdserve.engine.scheduler import Role
 from pdserve.engine.sequence import Request
-from pdserve.engine.service import (
-    E2E,
-    FALLBACKS,
-    GENERATION_TOKENS,
-    ITL,
-    PREEMPTIONS,
-    PROMPT_TOKENS,
-    REQUESTS,
-    WorkerConfig,
-    WorkerLoop,
-)
 from pdserve.engine.setup import EngineParts
 from pdserve.kv_transfer.receiver import KVReceiver
 from pdserve.kv_transfer.states import EventKind
+from pdserve.service import metrics
+from pdserve.service.config import WorkerConfig
+from pdserve.service.loop import WorkerLoop
 
 logger = logging.getLogger(__name__)
+
+
+class DState(enum.Enum):
+    QUEUED = "queued"  # waiting for room to reserve, until its deadline
+    RESERVED = "reserved"  # blocks reserved; waiting for the KV and for Join
+    RUNNING = "running"  # in the engine's batch (joined, or Generate)
+    ABORTING = "aborting"  # aborted while P's data may still land: freed on CANCELLED
+
+
+class KV(enum.Enum):
+    PENDING = "pending"  # the receiver has not reported yet
+    ARRIVED = "arrived"  # in the reserved blocks
+    RECOMPUTE = "recompute"  # the transfer failed (or a re-submitted record): D recomputes
 
 
 @dataclass(eq=False)
 class _DReq:
     identity: bytes
     rec: RequestRecord
-    deadline: float  # for the current stage (queued / waiting for KV and JOIN)
-    received: float = field(default_factory=time.monotonic)
+    deadline: float  # of the current state (QUEUED, RESERVED)
+    state: DState = DState.QUEUED
     req: Request | None = None
-    first: list | None = None  # JOIN's rows, once it came
-    kv: str | None = None  # "arrived" | "failed", once the receiver said
-    aborting: bool = False
+    first: list[TokenRow] | None = None  # Join's rows, once it came
+    kv: KV = KV.PENDING
+    received: float = field(default_factory=time.monotonic)
     last_token: dict[int, float] = field(default_factory=dict)
 
 
 class StreamingLoop(WorkerLoop):
-    """The half D and `both` share: running requests, STEP frames, aborts, load."""
+    """The half D and `both` share: running requests, Step frames, aborts, load."""
 
-    def __init__(self, cfg: WorkerConfig, parts: EngineParts, role: Role):
+    def __init__(self, cfg: WorkerConfig, parts: EngineParts):
         super().__init__(cfg, parts)
-        self.engine = LLMEngine(parts, role)
-        self.reqs: dict[str, _DReq] = {}
-        self._preemptions = 0
-
-    def has_work(self) -> bool:
-        return self.engine.has_unfinished()
+        self._frames = 0
 
     def step(self) -> None:
-        outs: list[SeqOutput] = self.engine.step()
+        outs = self.engine.step()
         now = time.monotonic()
-        frames: dict[bytes, list] = {}
+        frames: dict[bytes, list[TokenRow]] = {}
         for o in outs:
             r = self.reqs.get(o.request_id)
             if r is None:
                 continue
-            frames.setdefault(r.identity, []).append(
-                [o.request_id, o.choice_index, o.token_id, pack_logprobs(o.logprobs),
-                 o.finish_reason])
+            frames.setdefault(r.identity, []).append(o)
             prev = r.last_token.get(o.choice_index)
             if prev is not None:
-                ITL.observe(now - prev)
+                metrics.ITL.observe(now - prev)
             r.last_token[o.choice_index] = now
-        GENERATION_TOKENS.labels(self.role).inc(len(outs))
-        if self.engine.num_preemptions > self._preemptions:
-            PREEMPTIONS.inc(self.engine.num_preemptions - self._preemptions)
-            self._preemptions = self.engine.num_preemptions
+        metrics.GENERATION_TOKENS.labels(self.role.value).inc(len(outs))
         if frames:
             load = self.load()
-            self._seq_frames = getattr(self, "_seq_frames", 0) + 1
+            self._frames += 1
             for identity, rows in frames.items():
-                self.send(identity, Msg.STEP, seq=self._seq_frames, out=rows, load=load)
+                self.send(identity, wire.Step(seq=self._frames, out=rows, load=load))
         for rid, r in list(self.reqs.items()):
             if r.req is not None and r.req.finished:
                 self.reqs.pop(rid)
                 reasons = {s.finish_reason for s in r.req.seqs}
-                REQUESTS.labels(self.role, "stop" if "stop" in reasons else "length").inc()
-                E2E.observe(now - r.received)
+                metrics.REQUESTS.labels(self.role.value,
+                                        "stop" if "stop" in reasons else "length").inc()
+                metrics.E2E.observe(now - r.received)
 
-    def _generate(self, identity: bytes, msg: dict) -> None:
-        """GENERATE {rec}: prefill here and decode (both role; D when the proxy skips P)."""
-        rec = RequestRecord.from_wire(msg.get("rec"))
-        if rec.request_id in self.reqs:
-            raise WireError(f"request id {rec.request_id} is already in flight", rec.request_id)
+    def _generate(self, identity: bytes, rec: RequestRecord) -> None:
+        """Generate {rec}: prefill here and decode (both role; D when the proxy skips P)."""
+        self.check_new(rec)
         if rec.output_token_ids:
-            raise WireError("GENERATE takes new requests (re-submissions use RESERVE + JOIN)",
+            raise WireError("generate takes new requests (re-submissions use reserve + join)",
                             rec.request_id)
         try:
             req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
                                           choice_index=rec.choice_index)
         except ValueError as e:
             raise WireError(str(e), rec.request_id) from e
-        self.reqs[rec.request_id] = _DReq(identity, rec, float("inf"), req=req)
-        PROMPT_TOKENS.labels(self.role).inc(len(rec.prompt_token_ids))
+        self.reqs[rec.request_id] = _DReq(identity, rec, float("inf"), DState.RUNNING, req)
+        metrics.PROMPT_TOKENS.labels(self.role.value).inc(len(rec.prompt_token_ids))
+
+    def _known(self, rid: str) -> _DReq:
+        r = self.reqs.get(rid)
+        if r is None:
+            raise WireError(f"unknown request id {rid!r}", rid)
+        return r
 
     def _abort_running(self, r: _DReq) -> None:
         self.engine.abort(r.req)
         self.reqs.pop(r.rec.request_id, None)
-        REQUESTS.labels(self.role, "abort").inc()
-
-    def _unknown(self, rid: Any) -> WireError:
-        return WireError(f"unknown request id {rid!r}", rid if isinstance(rid, str) else None)
+        metrics.REQUESTS.labels(self.role.value, "abort").inc()
 
     def load(self) -> dict[str, Any]:
-        e, bm = self.engine, self.engine.bm
-        return {"role": self.role, "kv_cache_usage_perc": bm.usage,
+        s, bm = self.engine.scheduler, self.engine.bm
+        return {"role": self.role.value, "kv_cache_usage_perc": bm.usage,
                 "num_free_blocks": bm.num_free_blocks,
-                "num_requests_running": len(e.running),
-                "num_requests_waiting": len(e.waiting), "num_preemptions": e.num_preemptions}
+                "num_requests_running": len(s.running),
+                "num_requests_waiting": len(s.waiting), "num_preemptions": s.num_preemptions}
 
 
 class BothLoop(StreamingLoop):
-    """Prefill and decode in one engine: GENERATE {rec} in, STEP frames out."""
+    """Prefill and decode in one engine: Generate {rec} in, Step frames out."""
 
-    role = "both"
+    role = Role.BOTH
 
-    def __init__(self, cfg: WorkerConfig, parts: EngineParts):
-        super().__init__(cfg, parts, Role.BOTH)
-
-    def on_message(self, identity: bytes, msg: dict) -> None:
-        kind = msg["k"]
-        if kind is Msg.GENERATE:
-            self._generate(identity, msg)
-        elif kind is Msg.ABORT:
-            r = self.reqs.get(msg.get("rid"))
-            if r is None:
-                raise self._unknown(msg.get("rid"))
-            self._abort_running(r)
+    def on_message(self, identity: bytes, msg: wire.DataMessage) -> None:
+        if isinstance(msg, wire.Generate):
+            self._generate(identity, msg.rec)
+        elif isinstance(msg, wire.Abort):
+            self._abort_running(self._known(msg.rid))
         else:
-            raise WireError(f"a both-role worker does not take {kind.value}", msg.get("rid"))
+            raise WireError(f"a both-role worker does not take {msg.__struct_config__.tag}",
+                            getattr(msg, "rid", None))
 
 
 class DecodeLoop(StreamingLoop):
-    role = "decode"
+    role = Role.DECODE
 
     def __init__(self, cfg: WorkerConfig, parts: EngineParts):
-        super().__init__(cfg, parts, Role.DECODE)
+        super().__init__(cfg, parts)
         self.receiver = KVReceiver(parts.pool, self.compat, host=cfg.host,
                                    port=cfg.kv_address_port, internal_token=cfg.internal_token or "",
                                    transfer_timeout=cfg.transfer_timeout,
@@ -165,84 +157,74 @@ class DecodeLoop(StreamingLoop):
         self.queue: deque[_DReq] = deque()
         self.num_fallbacks = 0
 
-    def on_message(self, identity: bytes, msg: dict) -> None:
-        kind = msg["k"]
-        rid = msg.get("rid")
-        if kind is Msg.GENERATE:  # the proxy skipped P (short or cached prompt)
-            self._generate(identity, msg)
-        elif kind is Msg.RESERVE:
-            rec = RequestRecord.from_wire(msg.get("rec"))
-            if rec.request_id in self.reqs:
-                raise WireError(f"request id {rec.request_id} is already in flight",
-                                rec.request_id)
+    def on_message(self, identity: bytes, msg: wire.DataMessage) -> None:
+        if isinstance(msg, wire.Generate):  # the proxy skipped P (short or cached prompt)
+            self._generate(identity, msg.rec)
+        elif isinstance(msg, wire.Reserve):
+            rec = msg.rec
+            self.check_new(rec)
             try:
                 self.engine.check_prompt(rec.prompt_token_ids + rec.output_token_ids)
             except ValueError as e:
                 raise WireError(str(e), rec.request_id) from e
-            timeout = msg.get("timeout") or self.cfg.reservation_timeout
-            r = _DReq(identity, rec, time.monotonic() + float(timeout))
+            timeout = msg.timeout or self.cfg.reservation_timeout
+            r = _DReq(identity, rec, time.monotonic() + timeout)
             self.reqs[rec.request_id] = r
             self.queue.append(r)
-            PROMPT_TOKENS.labels("decode").inc(len(rec.prompt_token_ids))
+            metrics.PROMPT_TOKENS.labels("decode").inc(len(rec.prompt_token_ids))
             self._admit()
-        elif kind is Msg.JOIN:
-            r = self.reqs.get(rid)
-            if r is None or r.req is None or r.first is not None:
-                raise self._unknown(rid) if r is None else WireError(
-                    f"join for {rid} out of order", rid)
-            rows = msg.get("first")
-            if not isinstance(rows, list) or not all(
-                    isinstance(x, list) and len(x) == 3 and isinstance(x[1], int) for x in rows):
-                raise WireError("join: first must be [[choice, token, logprobs], ...]", rid)
+        elif isinstance(msg, wire.Join):
+            r = self._known(msg.rid)
+            if r.state is not DState.RESERVED or r.first is not None:
+                raise WireError(f"join for {msg.rid} out of order", msg.rid)
             vocab = self.parts.model_config.vocab_size
-            if any(not 0 <= x[1] < vocab for x in rows):
-                raise WireError("join: token id outside the vocabulary", rid)
-            r.first = [(int(c), int(t), unpack_logprobs(lp)) for c, t, lp in rows]
+            if any(not 0 <= x.token_id < vocab for x in msg.first):
+                raise WireError("join: token id outside the vocabulary", msg.rid)
+            r.first = msg.first
             self._try_join(r)
-        elif kind is Msg.ABORT:
-            r = self.reqs.get(rid)
-            if r is None:
-                raise self._unknown(rid)
-            if r.req is None:  # still queued
+        elif isinstance(msg, wire.Abort):
+            r = self._known(msg.rid)
+            if r.state is DState.QUEUED:
                 self.queue.remove(r)
-                self.reqs.pop(rid)
-            elif r.req.request_id in self.engine.reserved:
-                if r.kv is None:
-                    r.aborting = True
-                    self.receiver.cancel(rid, "aborted by the proxy")  # freed on CANCELLED
-                else:
-                    self._abort_running(r)
-            else:
+                self.reqs.pop(msg.rid)
+            elif r.state is DState.RESERVED and r.kv is KV.PENDING:
+                r.state = DState.ABORTING
+                self.receiver.cancel(msg.rid, "aborted by the proxy")  # freed on CANCELLED
+            elif r.state is not DState.ABORTING:
                 self._abort_running(r)
         else:
-            raise WireError(f"a decode worker does not take {kind.value}", rid)
+            raise WireError(f"a decode worker does not take {msg.__struct_config__.tag}",
+                            getattr(msg, "rid", None))
 
     def _admit(self) -> None:
         # preempted sequences waiting to recompute come first: new reservations must not take
         # the blocks they need, or a small pool could starve them forever
-        while self.queue and not self.engine.waiting:
+        while self.queue and not self.engine.scheduler.waiting:
             r = self.queue[0]
             rec = r.rec
-            if not self.engine.can_reserve(len(rec.prompt_token_ids) + len(rec.output_token_ids)):
+            if not self.engine.scheduler.can_reserve(len(rec.prompt_token_ids)
+                                                     + len(rec.output_token_ids)):
                 return
             self.queue.popleft()
             r.req = self.engine.reserve(rec.prompt_token_ids, rec.params, rec.request_id,
                                         rec.params.seed, rec.output_token_ids, rec.choice_index)
+            r.state = DState.RESERVED
             r.deadline = time.monotonic() + self.cfg.reservation_timeout + self.cfg.transfer_timeout
             if rec.output_token_ids:
-                r.kv = "failed"  # a re-submitted record: D recomputes prompt + output
+                r.kv = KV.RECOMPUTE  # a re-submitted record: D recomputes prompt + output
             else:
                 self.receiver.reserve(rec.request_id, r.req.seqs[0].block_table,
                                       self.cfg.reservation_timeout)
-            self.send(r.identity, Msg.RESERVED, rid=rec.request_id, kv=self.kv_address)
+            self.send(r.identity, wire.Reserved(rid=rec.request_id, kv=self.kv_address))
 
     def _try_join(self, r: _DReq) -> None:
-        if r.first is None or r.kv is None or r.aborting:
+        if r.first is None or r.kv is KV.PENDING or r.state is not DState.RESERVED:
             return
-        if r.kv == "failed" and not r.rec.output_token_ids:
+        if r.kv is KV.RECOMPUTE and not r.rec.output_token_ids:
             self.num_fallbacks += 1
-            FALLBACKS.inc()
-        self.engine.join(r.rec.request_id, r.first, kv_ready=r.kv == "arrived")
+            metrics.FALLBACKS.inc()
+        self.engine.join(r.rec.request_id, r.first, kv_ready=r.kv is KV.ARRIVED)
+        r.state = DState.RUNNING
         if r.req.finished:
             self.reqs.pop(r.rec.request_id, None)
 
@@ -251,49 +233,42 @@ class DecodeLoop(StreamingLoop):
             r = self.reqs.get(ev.rid)
             if r is None:
                 continue
-            if r.aborting and ev.kind is not EventKind.ARRIVED:
+            r.kv = KV.ARRIVED if ev.kind is EventKind.ARRIVED else KV.RECOMPUTE
+            if r.state is DState.ABORTING:
                 self._abort_running(r)
                 continue
-            if ev.kind is EventKind.ARRIVED:
-                r.kv = "arrived"
-            else:
+            if r.kv is KV.RECOMPUTE:
                 logger.warning("transfer of %s %s (%s): D recomputes", ev.rid, ev.kind.value,
                                ev.reason)
-                r.kv = "failed"
-            if r.aborting:
-                self._abort_running(r)
-            else:
-                self._try_join(r)
+            self._try_join(r)
         now = time.monotonic()
         while self.queue and self.queue[0].deadline <= now:
             r = self.queue.popleft()
             self.reqs.pop(r.rec.request_id, None)
-            self.send(r.identity, Msg.REJECTED, rid=r.rec.request_id,
-                      reason="no KV room on this D within the reservation timeout")
+            self.send(r.identity, wire.Rejected(
+                rid=r.rec.request_id, reason="no KV room on this D within the reservation timeout"))
         for r in list(self.reqs.values()):
-            if r.req is not None and r.req.request_id in self.engine.reserved \
-                    and r.deadline <= now and not r.aborting:
+            if r.state is DState.RESERVED and r.deadline <= now:
                 logger.warning("request %s: no JOIN before its deadline; dropped", r.rec.request_id)
-                r.aborting = True
-                if r.kv is None:
+                if r.kv is KV.PENDING:
+                    r.state = DState.ABORTING
                     self.receiver.cancel(r.rec.request_id, "no JOIN from the proxy")
                 else:
                     self._abort_running(r)
         self._admit()
 
-    def has_work(self) -> bool:
-        return self.engine.has_unfinished()
-
     def load(self) -> dict[str, Any]:
-        reserved = sum(len(q.seqs[0].block_table) for q in self.engine.reserved.values())
+        reserved = self.engine.scheduler.reserved
         base = super().load()
-        base["num_requests_waiting"] += len(self.queue) + len(self.engine.reserved)
-        return {**base, "num_reserved_blocks": reserved, "kv_transfer_fallbacks":
-                self.num_fallbacks, "kv_transports": self.receiver.stats()["peers"]}
+        base["num_requests_waiting"] += len(self.queue) + len(reserved)
+        return {**base, "num_reserved_blocks": sum(len(q.seqs[0].block_table)
+                                                   for q in reserved.values()),
+                "kv_transfer_fallbacks": self.num_fallbacks,
+                "kv_transports": self.receiver.stats()["peers"]}
 
     def info(self) -> dict[str, Any]:
         return {"kv_address": self.kv_address, "kv_transports": self.receiver.stats()["peers"]}
 
     def close(self) -> None:
         self.receiver.close()
-        self.parts.pool.close()
+        super().close()

@@ -11,41 +11,16 @@ registered block whose reference count drops to 0 stays cached ("evictable") unt
 allocation needs the space; eviction is least-recently-freed first, tail blocks before head
 blocks, so a long shared prefix survives longest.
 
-Hashes are stable across processes and machines (SHA-256 of little-endian int32 token ids
-and the parent's hash), so the proxy can compute the same names to route by prefix.
+The names come from `common/prefix.py`, which the proxy uses too, to route by prefix.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Named in the compatibility record: P, D and the proxy must agree on it.
-PREFIX_HASH_FUNCTION = "sha256-int32le-chain-64/v1"
-
-
-def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """The 64-bit name of one full block given its parent's name (None for the first block)."""
-    h = hashlib.sha256()
-    h.update(b"\xff" * 8 if parent_hash is None else parent_hash.to_bytes(8, "little"))
-    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
-    return int.from_bytes(h.digest()[:8], "little")
-
-
-def prefix_block_hashes(
-    token_ids: Sequence[int], block_size: int, start: list[int] | None = None
-) -> list[int]:
-    """Hashes of every *full* block of `token_ids`; `start` (already computed hashes of the
-    leading blocks) is extended and returned, so callers can hash incrementally."""
-    hashes = list(start) if start else []
-    parent = hashes[-1] if hashes else None
-    for b in range(len(hashes), len(token_ids) // block_size):
-        parent = hash_block_tokens(parent, token_ids[b * block_size : (b + 1) * block_size])
-        hashes.append(parent)
-    return hashes
+from pdserve.common.prefix import prefix_block_hashes
 
 
 @dataclass(frozen=True)
@@ -216,13 +191,6 @@ class BlockManager:
                     self._free.append(b)
                 else:
                     self._evictable[b] = None
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block that no sequence holds."""
-        for b in list(self._evictable):
-            self._uncache(b)
-            self._free.append(b)
-        self._evictable.clear()
 
     # ---- internals -----------------------------------------------------------------------
 

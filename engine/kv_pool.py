@@ -19,6 +19,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 POOL_LAYOUT = "block-major:[block][layer][kv][slot][kv_head][head_dim]/v1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -46,8 +51,7 @@ class KVPoolSpec:
 def bytes_per_block(
     num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 ) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return num_layers * 2 * block_size * num_kv_heads * head_dim * itemsize
+    return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
 SHM_DIR = Path("/dev/shm")
@@ -77,7 +81,7 @@ class KVPool:
                 raise ValueError("a shared-memory KV pool must be on the CPU")
             self.shm_path = shm_pool_path(shm_epoch)
             numel = math.prod(spec.shape)
-            nbytes = numel * torch.empty((), dtype=spec.dtype).element_size()
+            nbytes = numel * spec.dtype.itemsize
             fd = os.open(self.shm_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             try:
                 os.ftruncate(fd, nbytes)  # sparse and zero-filled

@@ -17,10 +17,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import Logprob
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.sampler import Logprob
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Request
 from pdserve.engine.setup import EngineParts, build_engine
 
@@ -121,8 +121,8 @@ class LLM:
         tok = self.parts.tokenizer
         logprobs = seq.logprobs
         if logprobs is not None and tok is not None:
-            logprobs = [{t: dataclasses.replace(lp, decoded_token=tok.decode([t],
-                         skip_special_tokens=False)) for t, lp in pos.items()} for pos in logprobs]
+            logprobs = [{t: Logprob(lp.logprob, lp.rank, tok.decode([t], skip_special_tokens=False))
+                         for t, lp in pos.items()} for pos in logprobs]
         return CompletionOutput(
             index=seq.choice_index,
             text=tok.decode(seq.output_token_ids) if tok is not None else "",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pdserve.common import UserError
 from pdserve.engine.model import CausalLM
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -26,7 +27,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """The checkpoint is missing, unreadable, or does not fit the model; names the file/tensor."""
 
 

@@ -13,7 +13,6 @@ we derive are the shapes transformers saved the weights with. It also owns
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pdserve.common import UserError
+from pdserve.common.compat import config_hash
 
 __all__ = ["ModelConfig", "ModelConfigError", "RopeConfig", "SUPPORTED_ARCHITECTURES",
            "SUPPORTED_DTYPES", "SUPPORTED_ROPE_TYPES", "resolve_max_model_len"]
@@ -35,7 +37,7 @@ _DEFAULT_ROPE_THETA = 10_000.0
 _MISSING: Any = object()
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A config the engine refuses; ``field`` names the offending config field."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -289,7 +291,7 @@ class ModelConfig:
             raise ModelConfigError("config.json",
                                    f"{source}: expected a JSON object, got {type(raw).__name__}")
         try:
-            canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+            digest = config_hash(raw)
         except (TypeError, ValueError) as e:
             raise ModelConfigError("config.json", f"{source}: not JSON-serializable: {e}") from e
         f = _Fields(raw, source)
@@ -364,7 +366,7 @@ class ModelConfig:
             dtype=_parse_dtype(f),
             bos_token_id=bos,
             eos_token_ids=eos,
-            config_hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+            config_hash=digest,
         )
 
     @classmethod

@@ -17,21 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import Logprob
 
 RaceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Logprob:
-    """One entry of a position's logprobs, as vLLM reports it."""
-
-    logprob: float
-    rank: int  # 1 = the most likely token
-    decoded_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,13 +34,16 @@ class SampleRow:
     params: SamplingParams
     seed: int
     choice_index: int
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]  # so far; the draw is for position len(output_token_ids)
+    token_ids: Sequence[int]  # the sequence's prompt + output so far
+    num_prompt_tokens: int
     min_tokens_blocked: Sequence[int] = ()  # EOS and stop ids masked until min_tokens
 
+    @property
+    def num_output_tokens(self) -> int:  # the draw is for this output position
+        return len(self.token_ids) - self.num_prompt_tokens
 
-@dataclass(frozen=True)
-class SampleResult:
+
+class SampleResult(NamedTuple):
     token: int
     logprobs: dict[int, Logprob] | None  # sampled token first, then the top-N
 
@@ -71,9 +67,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
         width = max(1, max(len(x) for x in lists))
         return torch.tensor([list(x) + [V] * (width - len(x)) for x in lists], device=device)
 
-    out_ids = padded([rows[i].output_token_ids for i in idx])
+    out_ids = padded([rows[i].token_ids[rows[i].num_prompt_tokens:] for i in idx])
     counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=counts.dtype))
-    seen_prompt.scatter_(1, padded([rows[i].prompt_token_ids for i in idx]), True)
+    seen_prompt.scatter_(1, padded([rows[i].token_ids[:rows[i].num_prompt_tokens] for i in idx]),
+                         True)
     counts, seen_prompt = counts[:, :V], seen_prompt[:, :V]
     p = [rows[i].params for i in idx]
     rep = torch.tensor([x.repetition_penalty for x in p], device=device)[:, None]
@@ -87,7 +84,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     for i, r in enumerate(rows):
-        if len(r.output_token_ids) < r.params.min_tokens and r.min_tokens_blocked:
+        if r.num_output_tokens < r.params.min_tokens and r.min_tokens_blocked:
             logits[i, list(r.min_tokens_blocked)] = float("-inf")
 
 
@@ -158,7 +155,7 @@ class Sampler:
             t = lambda vals: torch.tensor(vals, dtype=torch.int64, device=device)  # noqa: E731
             tokens[sel] = self.race(
                 probs, t([rows[i].seed for i in rand]), t([rows[i].choice_index for i in rand]),
-                t([len(rows[i].output_token_ids) for i in rand]),
+                t([rows[i].num_output_tokens for i in rand]),
             )
             if any(q.logprobs is not None for q in p):
                 dist_logits = logits.clone()

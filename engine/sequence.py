@@ -1,18 +1,22 @@
-"""A request and its sequences (one per choice): tokens, blocks, and how much is cached."""
+"""A request and its sequences (one per choice): tokens, blocks, and how much is cached.
+
+A sequence keeps one growing token list (prompt, then each drawn token appended): the
+scheduler and the runner slice it by position, nothing rebuilds it per step.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
-from pdserve.engine.sampler import Logprob
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import Logprob
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # no blocks (new, or preempted and to be recomputed)
     RUNNING = "running"  # holds blocks; computes a prefill chunk or one decode token a step
-    FINISHED = "finished"  # blocks freed
+    FINISHED = "finished"  # blocks freed (or, on P, held for the transfer)
 
 
 @dataclass(eq=False)
@@ -38,9 +42,9 @@ class Request:
 class Sequence:
     seq_id: int
     request: Request
+    token_ids: list[int]  # prompt + output so far
     choice_index: int = 0
     eos_token_ids: tuple[int, ...] = ()
-    output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     status: SequenceStatus = SequenceStatus.WAITING
@@ -54,13 +58,14 @@ class Sequence:
         return self.request.params
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.request.prompt_token_ids
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.request.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy of the output so far (results and tests; hot paths slice `token_ids`)."""
+        return self.token_ids[self.num_prompt_tokens:]

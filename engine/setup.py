@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.builtin_model import builtin_model_path
+from pdserve.common import UserError
 from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.builtin_model import builtin_model_path
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.kv_pool import KVPool, KVPoolSpec, bytes_per_block
+from pdserve.engine.kv_pool import DTYPES, KVPool, KVPoolSpec, bytes_per_block
 from pdserve.engine.loader import init_dummy, load_safetensors
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_config import ModelConfig, resolve_max_model_len
@@ -30,10 +31,9 @@ from pdserve.kernels.ops import get_ops
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 1 << 30
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class EngineSetupError(RuntimeError):
+class EngineSetupError(UserError, RuntimeError):
     """The engine cannot start with this configuration; the message says which option."""
 
 
@@ -74,10 +74,10 @@ def resolve_device(spec: str) -> torch.device:
 
 def resolve_dtype(spec: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
     if spec != "auto":
-        return _DTYPES[spec]
+        return DTYPES[spec]
     if device.type == "cpu":
         return torch.float32  # exact reference path; bf16 matmuls are slow on CPU anyway
-    dtype = _DTYPES[model_config.dtype]
+    dtype = DTYPES[model_config.dtype]
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
@@ -130,7 +130,7 @@ def plan_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, device: torch.d
 def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> int:
     """A conservative bound on one step's activations (the kernels issue replaces it with a
     profiled peak)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     t = cfg.max_num_batched_tokens
     per_token = (4 * mc.hidden_size + 3 * mc.intermediate_size
                  + (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim) * itemsize

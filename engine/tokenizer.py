@@ -6,16 +6,19 @@ returns None and text prompts are refused with a message that says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+
+from pdserve.common import UserError
 
 logger = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(UserError, RuntimeError):
     """No usable tokenizer where one was asked for; names the path."""
 
 
@@ -23,20 +26,20 @@ class Tokenizer:
     """The few calls the engine and the proxy need, over a transformers tokenizer."""
 
     def __init__(self, hf_tokenizer) -> None:
-        self._tok = hf_tokenizer
+        self.hf = hf_tokenizer  # the transformers tokenizer (chat templates live there)
 
     def __len__(self) -> int:
-        return len(self._tok)
+        return len(self.hf)
 
     @property
     def eos_token_id(self) -> int | None:
-        return self._tok.eos_token_id
+        return self.hf.eos_token_id
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
@@ -47,10 +50,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     if not any((root / f).exists() for f in _TOKENIZER_FILES):
         logger.warning("no tokenizer files in %s: token-ids-only mode", root)
         return None
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+        tok = _tokenizer_class(root).from_pretrained(str(root), local_files_only=True)
     except Exception as e:  # transformers raises many types; all mean "unusable here"
         raise TokenizerError(f"cannot load the tokenizer in {str(root)!r}: {e}") from e
     return Tokenizer(tok)
+
+
+def _tokenizer_class(root: Path) -> type:
+    """The class tokenizer_config.json names, imported alone: AutoTokenizer would read the
+    model's config through transformers' config code, which imports torch (the proxy must
+    not). AutoTokenizer only when the file names no class transformers exports."""
+    import transformers
+
+    try:
+        name = json.loads((root / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return cls if isinstance(cls, type) else transformers.AutoTokenizer

@@ -62,7 +62,7 @@ def _word_view(pool: torch.Tensor, word: torch.dtype) -> torch.Tensor:
 def _pick_word(src: torch.Tensor, dst: torch.Tensor) -> torch.dtype:
     span = src[0].numel() * src.element_size()
     for word in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        size = torch.empty((), dtype=word).element_size()
+        size = word.itemsize
         if all(x % size == 0 for x in (span, src.stride(0) * src.element_size(),
                                         dst.stride(0) * dst.element_size(),
                                         src.data_ptr(), dst.data_ptr())):

@@ -24,13 +24,14 @@ process (e.g. a benchmark) shares the mapping instead of failing.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.engine.kv_pool import KVPool
+from pdserve.engine.kv_pool import DTYPES, KVPool, dtype_name
 from pdserve.kv_transfer.protocol import boot_id
 
 logger = logging.getLogger(__name__)
@@ -40,13 +41,6 @@ _TORCH_HANDLE_CUDA_MALLOC = ord("c")  # torch's type byte for a plain cudaMalloc
 _TORCH_HANDLE_EXPANDABLE = ord("e")
 CANARY_BLOCKS = 2
 CANARY_RETRY_S = 0.05
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def gpu_uuid(index: int) -> str:
     """The GPU's UUID: identifies a device across processes whatever CUDA_VISIBLE_DEVICES."""
@@ -102,7 +96,7 @@ def export_pool(pool: KVPool) -> dict:
             offset = int(shared[3]) + t.storage_offset() * t.element_size()
             _EXPORTED[key] = {
                 "handle": handle, "offset": offset, "nbytes": t.numel() * t.element_size(),
-                "shape": list(t.shape), "dtype": _dtype_name(t.dtype),
+                "shape": list(t.shape), "dtype": dtype_name(t.dtype),
                 "gpu_uuid": gpu_uuid(t.device.index), "device_index": t.device.index,
             }
     return {"cuda_ipc": dict(_EXPORTED[key]), "boot_id": boot_id()}
@@ -176,11 +170,7 @@ def _check_info(info: dict) -> tuple[bytes, int, int, list[int], torch.dtype]:
         raise ValueError(f"bad cuda_ipc registration: {type(e).__name__}: {e}") from e
     if not isinstance(handle, bytes) or len(handle) != IPC_HANDLE_BYTES:
         raise ValueError("bad cuda_ipc registration: handle must be 64 bytes")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
-    for s in shape:
-        numel *= s
-    if offset < 0 or nbytes != numel * itemsize or nbytes <= 0:
+    if offset < 0 or nbytes != math.prod(shape) * dtype.itemsize or nbytes <= 0:
         raise ValueError(f"bad cuda_ipc registration: {nbytes} bytes at offset {offset} for "
                          f"shape {shape} {info['dtype']}")
     return handle, offset, nbytes, shape, dtype

@@ -22,22 +22,13 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from pdserve.engine.kv_pool import KVPool
+from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
+from pdserve.engine.kv_pool import KVPool, dtype_name
 from pdserve.kv_transfer import cuda_ipc, metrics
+from pdserve.kv_transfer import protocol as proto
 from pdserve.kv_transfer.channel import IOThread, configure
-from pdserve.kv_transfer.protocol import (
-    MAX_CONTROL_BYTES,
-    PROTOCOL_VERSION,
-    CompatRecord,
-    Kind,
-    ProtocolError,
-    boot_id,
-    decode,
-    encode,
-    new_epoch,
-)
-from pdserve.kv_transfer.shm import dtype_name
-from pdserve.kv_transfer.states import EventKind, Offer, OfferState, TransferEvent
+from pdserve.kv_transfer.protocol import MAX_CONTROL_BYTES, ProtocolError, boot_id, decode, encode
+from pdserve.kv_transfer.states import DestState, EventKind, OfferState, PendingOffer, TransferEvent
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +40,7 @@ REFUSAL_MEMORY_S = 5.0  # after a refusal, new offers to that D fail fast for th
 class _Dest:
     address: str
     sock: zmq.Socket
-    state: str = "connecting"  # connecting | ready | refused
+    state: DestState = DestState.CONNECTING
     transport: str = ""
     peer_epoch: int | None = None
     reason: str = ""
@@ -65,13 +56,13 @@ class KVSender(IOThread):
         self.pool = pool
         self.compat = compat
         self.name = name
-        self.epoch = new_epoch()
+        self.epoch = proto.new_epoch()
         self.token = internal_token
         self.transfer_timeout = transfer_timeout
         self.block_bytes = pool.spec.bytes_per_block
         self._dests: dict[str, _Dest] = {}
         self._by_sock: dict[zmq.Socket, _Dest] = {}
-        self._offers: dict[str, Offer] = {}
+        self._offers: dict[str, PendingOffer] = {}
         self._stats: dict[str, dict] = {}
         self._ipc: dict | None = None  # cuda_ipc registration of a GPU pool
         self._ipc_error = ""
@@ -96,7 +87,7 @@ class KVSender(IOThread):
         event recorded after the prompt's KV writes has completed (D may read them over
         cuda_ipc from another stream, another process, as soon as the OFFER arrives)."""
         deadline = time.monotonic() + (timeout or self.transfer_timeout)
-        offer = Offer(rid, address, list(block_ids), num_tokens, deadline)
+        offer = PendingOffer(rid, address, list(block_ids), num_tokens, deadline)
         self.submit(lambda: self._offer(offer))
 
     def cancel(self, rid: str, reason: str = "cancelled by P") -> None:
@@ -126,10 +117,10 @@ class KVSender(IOThread):
                           "dtype": dtype_name(self.pool.spec.dtype)}
         return reg
 
-    def _dest(self, address: str, offer: Offer | None = None) -> _Dest:
+    def _dest(self, address: str, offer: PendingOffer | None = None) -> _Dest:
         d = self._dests.get(address)
         now = time.monotonic()
-        if d is not None and d.state == "refused" and now - d.since > REFUSAL_MEMORY_S:
+        if d is not None and d.state is DestState.REFUSED and now - d.since > REFUSAL_MEMORY_S:
             self._close_dest(d)
             d = None
         if d is None:
@@ -144,9 +135,10 @@ class KVSender(IOThread):
             # the canary: blocks of an offer to this D, which P keeps until D answers it
             offer = offer or next((o for o in self._offers.values() if o.address == address),
                                   None)
-            sock.send(encode(Kind.HELLO, self.epoch, v=PROTOCOL_VERSION, name=self.name,
-                             token=self.token, compat=self.compat.to_dict(),
-                             pool=self._pool_registration(offer.block_ids if offer else [])))
+            blocks = offer.block_ids if offer else []
+            sock.send(encode(proto.Hello(e=self.epoch, v=PROTOCOL_VERSION, name=self.name,
+                                         token=self.token, compat=self.compat.to_dict(),
+                                         pool=self._pool_registration(blocks))))
             self._stats[address] = {"state": "connecting", "transport": "", "reason": ""}
         return d
 
@@ -156,31 +148,35 @@ class KVSender(IOThread):
         self._dests.pop(d.address, None)
         d.sock.close(0)
 
-    def _offer(self, offer: Offer) -> None:
+    def _offer(self, offer: PendingOffer) -> None:
         if offer.rid in self._offers:
             return self._release(offer, EventKind.FAILED, f"duplicate offer for {offer.rid}")
         self._offers[offer.rid] = offer
         d = self._dest(offer.address, offer)
-        if d.state == "refused":
+        if d.state is DestState.REFUSED:
             return self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
-        if d.state == "ready":
+        if d.state is DestState.READY:
             self._send_offer(d, offer)
 
-    def _send_offer(self, d: _Dest, offer: Offer) -> None:
+    def _send_offer(self, d: _Dest, offer: PendingOffer) -> None:
         offer.state = OfferState.OFFERED
-        d.sock.send(encode(Kind.OFFER, self.epoch, rid=offer.rid, blocks=offer.block_ids,
-                           num_tokens=offer.num_tokens))
+        self._send(d, proto.Offer(e=self.epoch, rid=offer.rid, blocks=offer.block_ids,
+                                  num_tokens=offer.num_tokens))
+
+    def _send(self, d: _Dest, msg: proto.KVMessage) -> None:
+        if d.state is DestState.READY:
+            d.sock.send(encode(msg))
 
     def _cancel(self, rid: str, reason: str) -> None:
         offer = self._offers.get(rid)
         if offer is None:
             return
         d = self._dests.get(offer.address)
-        if d is not None and d.state == "ready":
-            d.sock.send(encode(Kind.CANCEL, self.epoch, rid=rid, reason=reason))
+        if d is not None:
+            self._send(d, proto.Cancel(e=self.epoch, rid=rid, reason=reason))
         self._release(offer, EventKind.CANCELLED, reason)
 
-    def _release(self, offer: Offer, kind: EventKind, reason: str = "") -> None:
+    def _release(self, offer: PendingOffer, kind: EventKind, reason: str = "") -> None:
         offer.state = OfferState.RELEASED
         self._offers.pop(offer.rid, None)
         d = self._dests.get(offer.address)
@@ -207,51 +203,48 @@ class KVSender(IOThread):
                 metrics.MALFORMED.inc()
                 logger.warning("malformed message from D %s: %s", d.address, e)
 
-    def _dispatch(self, d: _Dest, msg: dict) -> None:
-        kind = msg["k"]
-        if kind is Kind.WELCOME:
-            d.state, d.transport, d.peer_epoch = "ready", msg["transport"], msg["e"]
+    def _dispatch(self, d: _Dest, msg: proto.KVMessage) -> None:
+        if isinstance(msg, proto.Welcome):
+            d.state, d.transport, d.peer_epoch = DestState.READY, msg.transport, msg.e
             self._stats[d.address] = {"state": "ready", "transport": d.transport, "reason": ""}
-            if msg.get("downgraded_from"):  # D counted it; shown here for /health and /load
-                self._stats[d.address].update(downgraded_from=str(msg["downgraded_from"]),
-                                              downgrade_reason=str(msg.get("downgrade_reason")))
+            if msg.downgraded_from:  # D counted it; shown here for /health and /load
+                self._stats[d.address].update(downgraded_from=msg.downgraded_from,
+                                              downgrade_reason=msg.downgrade_reason)
                 logger.warning("D %s downgraded the transport from %s to %s: %s", d.address,
-                               msg["downgraded_from"], d.transport, msg.get("downgrade_reason"))
+                               msg.downgraded_from, d.transport, msg.downgrade_reason)
             logger.info("D %s accepted; transport %s", d.address, d.transport)
             for offer in list(self._offers.values()):
                 if offer.address == d.address and offer.state is OfferState.CONNECTING:
                     self._send_offer(d, offer)
             return
-        if kind is Kind.REFUSE:
-            d.state, d.reason, d.since = "refused", msg["reason"], time.monotonic()
+        if isinstance(msg, proto.Refuse):
+            d.state, d.reason, d.since = DestState.REFUSED, msg.reason, time.monotonic()
             self._stats[d.address] = {"state": "refused", "transport": "", "reason": d.reason}
             logger.error("D %s refused this P: %s", d.address, d.reason)
             for offer in list(self._offers.values()):
                 if offer.address == d.address:
                     self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
             return
-        if kind is Kind.ERROR:
-            logger.warning("D %s reported an error: %s", d.address, msg["reason"])
-            if msg.get("code") == "handshake" and d.state == "ready":
+        if isinstance(msg, proto.Error):
+            logger.warning("D %s reported an error: %s", d.address, msg.reason)
+            if msg.code == "handshake" and d.state is DestState.READY:
                 # D restarted and lost us: shake hands again; offers it never saw time out
                 self._close_dest(d)
                 self._dest(d.address)
             return
-        if msg["e"] != d.peer_epoch:
-            return  # from an incarnation of D we no longer talk to
-        offer = self._offers.get(msg["rid"])
-        if offer is None or offer.address != d.address:
-            return  # already released (cancelled or timed out here)
-        if kind is Kind.DONE:
+        if not isinstance(msg, proto.Done | proto.Cancel | proto.Send):
+            raise ProtocolError(f"unexpected {msg.__struct_config__.tag} on P")
+        offer = self._offers.get(msg.rid)
+        if msg.e != d.peer_epoch or offer is None or offer.address != d.address:
+            return  # an old incarnation of D, or already released (cancelled, timed out)
+        if isinstance(msg, proto.Done):
             self._release(offer, EventKind.RELEASED)
-        elif kind is Kind.CANCEL:
-            self._release(offer, EventKind.CANCELLED, msg["reason"])
-        elif kind is Kind.SEND:
-            self._push(d, offer)
+        elif isinstance(msg, proto.Cancel):
+            self._release(offer, EventKind.CANCELLED, msg.reason)
         else:
-            raise ProtocolError(f"unexpected {kind.value} on P")
+            self._push(d, offer)
 
-    def _push(self, d: _Dest, offer: Offer) -> None:
+    def _push(self, d: _Dest, offer: PendingOffer) -> None:
         """tcp: one frame per block, zero-copy from the pool (CPU) or via a staging copy
         (GPU pools are copied block by block to host memory first)."""
         offer.state = OfferState.SENDING
@@ -260,8 +253,8 @@ class KVSender(IOThread):
             if block.device.type != "cpu":
                 block = block.to("cpu", non_blocking=False)
             payload = block.contiguous().view(-1).view(torch.uint8).numpy()
-            d.sock.send_multipart([encode(Kind.DATA, self.epoch, rid=offer.rid, i=i), payload],
-                                  copy=False)
+            header = encode(proto.Data(e=self.epoch, rid=offer.rid, i=i))
+            d.sock.send_multipart([header, payload], copy=False)
 
     def next_timeout_ms(self) -> int:
         if not self._offers:
@@ -273,12 +266,12 @@ class KVSender(IOThread):
         for offer in list(self._offers.values()):
             if now >= offer.deadline:
                 d = self._dests.get(offer.address)
-                if d is not None and d.state == "ready":
-                    d.sock.send(encode(Kind.CANCEL, self.epoch, rid=offer.rid,
-                                       reason="P's transfer deadline passed"))
+                if d is not None:
+                    self._send(d, proto.Cancel(e=self.epoch, rid=offer.rid,
+                                               reason="P's transfer deadline passed"))
                 self._release(offer, EventKind.FAILED, "no confirmation from D before the deadline")
         for d in list(self._dests.values()):
-            if d.state == "connecting" and now - d.since > HANDSHAKE_TIMEOUT_S:
+            if d.state is DestState.CONNECTING and now - d.since > HANDSHAKE_TIMEOUT_S:
                 # D unreachable: forget the socket so a later offer reconnects from scratch
                 for offer in list(self._offers.values()):
                     if offer.address == d.address:

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import torch
 
-from pdserve.engine.kv_pool import SHM_DIR, SHM_PREFIX
+from pdserve.engine.kv_pool import DTYPES, SHM_DIR, SHM_PREFIX
 from pdserve.kv_transfer.protocol import pid_alive
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAME = re.compile(rf"{SHM_PREFIX}-(\d+)-([0-9a-f]+)\.pool")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def sweep_stale(directory: Path = SHM_DIR) -> list[Path]:
@@ -50,7 +45,7 @@ def attach(path: str, shape: list[int], dtype: str) -> torch.Tensor:
     if dtype not in DTYPES:
         raise ValueError(f"unknown pool dtype {dtype!r}")
     numel = math.prod(shape)
-    need = numel * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    need = numel * DTYPES[dtype].itemsize
     if p.stat().st_size != need:
         raise ValueError(f"{path} holds {p.stat().st_size} bytes, the announced shape needs {need}")
     flat = torch.from_file(str(p), shared=True, size=numel, dtype=DTYPES[dtype])

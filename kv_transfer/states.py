@@ -4,7 +4,7 @@ D (receiver), per reservation:
     RESERVED --offer--> PULLING --data complete--> DONE
     any non-terminal --cancel--> CANCELLED;  RESERVED past deadline --> EXPIRED;
     PULLING past deadline or bad data --> FAILED
-P (sender), per offer:
+P (sender), per D: CONNECTING --welcome--> READY, --refuse--> REFUSED; per offer:
     CONNECTING --welcome--> OFFERED --send (tcp)--> SENDING --done--> RELEASED
     any non-terminal --cancel / refuse / deadline--> RELEASED (with that outcome)
 Terminal states produce one `TransferEvent` for the owner (the scheduler), which frees or
@@ -25,6 +25,14 @@ class ReservationState(enum.Enum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+
+
+class DestState(enum.Enum):
+    """P's link to one D."""
+
+    CONNECTING = "connecting"  # Hello sent, no answer yet
+    READY = "ready"  # Welcome: offers go out
+    REFUSED = "refused"  # Refuse: offers fail fast for a while, then P shakes hands again
 
 
 class OfferState(enum.Enum):
@@ -60,12 +68,15 @@ class Reservation:
     state: ReservationState = ReservationState.RESERVED
     peer: bytes | None = None  # the ROUTER identity of the P that offered
     src_blocks: list[int] = field(default_factory=list)
+    dst_blocks: list[int] = field(default_factory=list)  # the reserved blocks the offer fills
     received: set[int] = field(default_factory=set)
     offered_at: float = 0.0
 
 
 @dataclass(eq=False)
-class Offer:
+class PendingOffer:
+    """P's record of one offer, from `offer()` until its event."""
+
     rid: str
     address: str
     block_ids: list[int]

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from pdserve.common import __version__
+
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 if TYPE_CHECKING:
+    from pdserve.common.params import SamplingParams
     from pdserve.engine.llm import LLM, CompletionOutput, RequestOutput
-    from pdserve.engine.sampling_params import SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -22,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(llm, name)
     if name == "SamplingParams":
-        from pdserve.engine.sampling_params import SamplingParams
+        from pdserve.common.params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'pdserve' has no attribute {name!r}")

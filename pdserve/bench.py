@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pdserve.config import ConfigError, build_config, option, role_config
+from pdserve.common.options import option
+from pdserve.config import ConfigError, build_config
 
 
 def _pos(v: float | None) -> str | None:
@@ -47,7 +48,6 @@ def _url(v: str) -> str | None:
     return None if v.startswith(("http://", "https://")) else "must be an http(s) URL"
 
 
-@role_config("bench")
 @dataclass(frozen=True)
 class BenchConfig:
     """`pdserve bench`: what to send, how fast, and where the report goes."""

@@ -16,14 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdserve import __version__
-from pdserve.config import ConfigError, build_config, option, role_config
+from pdserve.common import UserError, __version__
+from pdserve.common.options import option
+from pdserve.config import ConfigError, build_config, role_config
 from pdserve.engine.config import EngineConfig
 
 logger = logging.getLogger("pdserve")
 
 
-@role_config("generate")
 @dataclass(frozen=True)
 class GenerateConfig(EngineConfig):
     """`pdserve generate`: an engine plus the prompts and how to sample them."""
@@ -40,7 +40,6 @@ class GenerateConfig(EngineConfig):
     json_output: bool = option(False, flag="--json", help="One JSON object per prompt.")
 
 
-@role_config("make-tiny-model")
 @dataclass(frozen=True)
 class TinyModelConfig:
     """`pdserve make-tiny-model`: write a tiny random Hugging Face checkpoint."""
@@ -112,7 +111,7 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
     """`pdserve prefill|decode|worker`: one worker process until SIGTERM/SIGINT."""
 
     def run(argv: Sequence[str]) -> int:
-        from pdserve.engine.config import WorkerConfig
+        from pdserve.service.config import WorkerConfig
 
         argv = list(argv)
         if role is not None:
@@ -161,6 +160,18 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
+def _register_roles() -> None:
+    """Every role's config, so that a PDSERVE_* variable of another role (one environment
+    for a whole cluster) is ignored while a typo is refused. Light imports: no torch."""
+    from pdserve.bench import BenchConfig
+    from pdserve.serve import ServeConfig
+    from pdserve.service.config import WorkerConfig
+
+    for name, cls in (("serve", ServeConfig), ("worker", WorkerConfig), ("bench", BenchConfig),
+                      ("generate", GenerateConfig), ("make-tiny-model", TinyModelConfig)):
+        role_config(name)(cls)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -188,18 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"pdserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    # every role's config registers its PDSERVE_* names on import: a variable meant for
-    # another role (one environment for a whole cluster) is then ignored, not refused
-    import pdserve.bench  # noqa: F401
-    import pdserve.serve  # noqa: F401
-    from pdserve.errors import USER_ERRORS
-
+    _register_roles()
     try:
         return COMMANDS[name][0](rest)
     except ConfigError as e:
         print(f"pdserve {name}: error: {e}", file=sys.stderr)
         return 2
-    except USER_ERRORS as e:
+    except (UserError, ValueError) as e:
         print(f"pdserve {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,9 +1,10 @@
 """Configuration builder shared by every pdserve role.
 
 This module owns the generic machinery only: each role (generate, prefill, decode, serve, ...)
-declares one frozen dataclass elsewhere, with fields made by `option()`, and builds it once with
-`build_config()`. Values come from, highest first: command-line flags > `PDSERVE_*` environment
-variables > the YAML file named by `--config` / `PDSERVE_CONFIG` > the dataclass defaults.
+declares one frozen dataclass elsewhere, with fields made by `option()` (`common/options.py`),
+and builds it once with `build_config()`. Values come from, highest first: command-line flags
+> `PDSERVE_*` environment variables > the YAML file named by `--config` / `PDSERVE_CONFIG` >
+the dataclass defaults.
 Every bad or unknown value raises `ConfigError` naming the key and where it came from, so the
 caller decides how to print and exit.
 """
@@ -24,6 +25,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pdserve.common.options import META_KEY, option  # noqa: F401 - option: re-exported
+
 T = TypeVar("T")
 
 ENV_PREFIX = "PDSERVE_"
@@ -31,9 +34,8 @@ CONFIG_ENV = "PDSERVE_CONFIG"
 # PDSERVE_* variables read outside any role config (they are not typos)
 OTHER_ENV_VARS = frozenset({
     CONFIG_ENV,
-    "PDSERVE_CACHE_DIR",  # where the built-in model is materialised (pdserve/builtin_model.py)
+    "PDSERVE_CACHE_DIR",  # where the built-in model is materialised (engine/builtin_model.py)
 })
-_META_KEY = "pdserve"
 _SOURCES_ATTR = "_pdserve_sources"
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
@@ -73,40 +75,6 @@ class _Opt:
     metavar: str | None
     secret: bool
     field: dataclasses.Field
-
-
-def option(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str,
-    flag: str | None = None,
-    choices: Sequence[Any] | None = None,
-    check: Callable[[Any], str | None] | None = None,
-    metavar: str | None = None,
-    default_factory: Any = dataclasses.MISSING,
-    secret: bool = False,
-) -> Any:
-    """A dataclass field with CLI/env/YAML metadata; without a default the option is required.
-
-    `check(value)` returns an error string (e.g. "must be > 0") or None; it is not called for
-    None. `secret=True` masks the value in describe(), help, error messages and repr().
-    """
-    if flag is not None and not flag.startswith("--"):
-        raise ValueError(f"option flag {flag!r} must start with '--'")
-    meta = {
-        "help": help,
-        "flag": flag,
-        "choices": None if choices is None else tuple(choices),
-        "check": check,
-        "metavar": metavar,
-        "secret": secret,
-    }
-    return dataclasses.field(
-        default=default,
-        default_factory=default_factory,
-        repr=not secret,
-        metadata={_META_KEY: meta},
-    )
 
 
 def env_name(field_name: str) -> str:
@@ -150,7 +118,7 @@ def _options(cls: type) -> list[_Opt]:
         if is_list:
             tp = typing.get_args(tp)[0]
         base, literal = _scalar_type(tp, where)
-        meta = f.metadata.get(_META_KEY, {})
+        meta = f.metadata.get(META_KEY, {})
         opts.append(
             _Opt(
                 name=f.name,

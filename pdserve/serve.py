@@ -6,14 +6,14 @@ routes to running workers. With none it starts a local cluster first (`--num-pre
 ports from `--worker-base-port`), stops them on exit, and serves at http://HOST:PORT.
 
 Startup: workers (if local) -> the proxy's tokenizer and its model's hashes (workers with
-another model are refused) -> registry and health checks -> uvicorn (TLS, CORS, keep-alive,
-graceful drain of in-flight streams on SIGTERM). `--api-server-count N` runs N proxy
-processes on the same port (SO_REUSEPORT).
+another model are refused) -> uvicorn (TLS, CORS, keep-alive, graceful drain of in-flight
+streams on SIGTERM), serving at once while health checks admit workers in the background
+(/health says why it is 503 until a pair is up). `--api-server-count N` runs N proxy
+processes on the same port (SO_REUSEPORT). The proxy process imports no torch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from pdserve.config import option, role_config
+from pdserve.common.options import option
 from pdserve.engine.config import EngineConfig
 
 logger = logging.getLogger("pdserve.serve")
@@ -46,7 +46,6 @@ def _json_list(v: str) -> str | None:
     return None if ok else "must be a JSON list, e.g. '[\"*\"]'"
 
 
-@role_config("serve")
 @dataclass(frozen=True)
 class ServeConfig(EngineConfig):
     """The proxy's options; the engine options configure a local cluster's workers."""
@@ -168,15 +167,6 @@ def stop_processes(procs: list, timeout: float = 20.0) -> None:
 
 # ---- the proxy ----------------------------------------------------------------------------
 
-def _model_hashes(model_path: str) -> dict[str, str]:
-    from pdserve.engine.model_config import ModelConfig
-
-    out = {"config_hash": ModelConfig.from_pretrained(model_path).config_hash}
-    tok = Path(model_path) / "tokenizer.json"
-    out["tokenizer_hash"] = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.exists() else "none"
-    return out
-
-
 def build_app(cfg: ServeConfig):
     """The FastAPI app over a ClusterBackend for `cfg`'s workers (started in its lifespan)."""
     from contextlib import asynccontextmanager
@@ -185,7 +175,9 @@ def build_app(cfg: ServeConfig):
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from pdserve.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
+    from pdserve.common.compat import model_identity
+    from pdserve.engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
+    from pdserve.engine.model_config import ModelConfig
     from pdserve.engine.tokenizer import load_tokenizer
     from pdserve.proxy import metrics
     from pdserve.proxy.app import create_app
@@ -193,15 +185,17 @@ def build_app(cfg: ServeConfig):
     from pdserve.proxy.registry import Registry
 
     model_path = cfg.model or str(builtin_model_path())
+    ModelConfig.from_pretrained(model_path)  # refuse, naming the field, what workers refuse
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer or model_path)
+    # workers of another model (or tokenizer) are refused, with the reason in /health
     registry = Registry({"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.worker},
-                        token=cfg.internal_token or "", expected=_model_hashes(model_path),
+                        token=cfg.internal_token or "",
+                        expected=model_identity(model_path, cfg.tokenizer),
                         interval=cfg.health_interval)
     default_name = BUILTIN_MODEL_NAME if cfg.model is None else Path(model_path).name
     backend = ClusterBackend(registry, tokenizer, cfg.served_model_name or default_name,
-                             min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
+                             model_path=model_path, min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
                              max_retries=cfg.max_retries, request_timeout=cfg.request_timeout)
-    backend.model_path = model_path
     app = create_app(backend, api_keys=cfg.api_key, served_model_name=cfg.served_model_name,
                      max_body_bytes=cfg.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
@@ -233,7 +227,7 @@ def build_app(cfg: ServeConfig):
 
     @asynccontextmanager
     async def lifespan(a):
-        await backend.start(wait=30.0)
+        await backend.start()
         async with inner(a):
             yield
         await backend.close()

@@ -6,18 +6,18 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from pdserve.engine.service import WorkerConfig
 from pdserve.engine.setup import build_engine
 from pdserve.kv_transfer.protocol import new_epoch
 from pdserve.kv_transfer.shm import sweep_stale
+from pdserve.service.config import WorkerConfig
 
 logger = logging.getLogger("pdserve.worker")
 
 
 def run_worker(cfg: WorkerConfig) -> int:
     from pdserve.decode_worker.server import BothLoop, DecodeLoop
-    from pdserve.engine.ops_http import serve_ops_in_thread
     from pdserve.prefill_worker.server import PrefillLoop
+    from pdserve.service.ops_http import serve_ops_in_thread
 
     sweep_stale()
     if cfg.role == "prefill":

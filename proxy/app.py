@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from pdserve import __version__
+from pdserve.common import __version__
 from pdserve.proxy.auth import APIKeyMiddleware, resolve_api_keys
 from pdserve.proxy.backend import Backend, GenerationRequest
 from pdserve.proxy.errors import OpenAIError, install_error_handlers, model_not_found
@@ -50,6 +50,7 @@ from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
 logger = logging.getLogger(__name__)
 
 _seed_source = random.SystemRandom()
+READY_WAIT_S = 10.0
 NO_TOKENIZER = ("this server has no tokenizer (token-ids-only mode): {what}; send token ids "
                 "as the prompt of /v1/completions")
 
@@ -123,6 +124,9 @@ class OpenAIServer:
 
     async def _run(self, request: Request, req: ChatCompletionRequest | CompletionRequest,
                    prefix: str, prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
+        # a proxy just started serves before its workers' first health checks: wait a little
+        if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
+            raise OpenAIError("no worker is ready yet: see /health", status_code=503)
         max_tokens = resolve_max_tokens(req, len(prompt_ids), self.backend.max_model_len,
                                         prompt_param)
         seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
@@ -222,7 +226,7 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return models_response([server.model_name], root=getattr(backend, "model_path", None),
+        return models_response([server.model_name], root=backend.model_path,
                                max_model_len=backend.max_model_len, created=server.created)
 
     @app.post("/tokenize")

@@ -5,21 +5,18 @@ with a seed always set) and hands it to a `Backend`; the backend streams back, p
 step, a list of `ChoiceDelta`s (new token ids, logprobs, finish reasons). Text, stop strings,
 usage and response shapes stay in the front: backends are token engines (DESIGN.md §1).
 
-Implementations: `proxy/local_backend.py` (an `LLMEngine` in a background thread, for tests
-and single-process serving); the P/D routing backend comes with the routing issue.
+Implementations: `proxy/cluster_backend.py` (P/D and both-role workers over the data path)
+and `proxy/local_backend.py` (an `LLMEngine` in a background thread: tests, one process).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from pdserve.engine.record import RequestRecord
-from pdserve.engine.sampler import Logprob
+from pdserve.common.wire import Logprob, RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
-
-FINISH_REASONS = ("stop", "length", "abort")
 
 
 class BackendError(RuntimeError):
@@ -29,7 +26,7 @@ class BackendError(RuntimeError):
 
 # The request record of DESIGN.md §1: one type from the front through every worker.
 # `params.seed` is always set (the front draws one for unseeded requests, so a retry or a
-# re-submission draws the same tokens); see engine/record.py.
+# re-submission draws the same tokens); see common/wire.py.
 GenerationRequest = RequestRecord
 
 
@@ -49,14 +46,32 @@ class ChoiceDelta:
     finish_reason: str | None = None
 
 
+def to_deltas(rows: Iterable[TokenRow]) -> list[ChoiceDelta]:
+    """One engine step's rows of one request, as one ChoiceDelta per choice."""
+    out: dict[int, ChoiceDelta] = {}
+    for r in rows:
+        d = out.setdefault(r.choice_index, ChoiceDelta(r.choice_index, []))
+        d.token_ids.append(r.token_id)
+        if r.logprobs is not None:
+            d.logprobs = (d.logprobs or []) + [r.logprobs]
+        d.finish_reason = r.finish_reason or d.finish_reason
+    return list(out.values())
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """What the front needs of a token engine. Attributes are fixed after construction."""
+    """What the front needs of a token engine. Attributes are fixed after construction
+    (max_model_len from when an engine is ready)."""
 
     model_name: str  # the served model name when the app is given none
-    max_model_len: int  # prompt + output tokens
+    model_path: str | None  # the checkpoint (/v1/models' "root"), if the backend knows it
+    max_model_len: int  # prompt + output tokens; 0 while no engine is ready (`wait_ready`)
     tokenizer: Tokenizer | None  # None: token-ids-only mode (text prompts are refused)
-    eos_token_ids: Sequence[int]
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for an engine (max_model_len known); True once
+        there is one. The front calls it when a request finds max_model_len 0."""
+        ...
 
     def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
         """Run one request; yields one list of deltas per engine step until every choice has
@@ -67,13 +82,8 @@ class Backend(Protocol):
         vocabulary) raises from the first `__anext__`, before anything is yielded;
         `BackendError` means the backend itself cannot serve. Closing the generator early
         (`aclose()`, or cancelling the task that awaits it) aborts the request in the engine
-        and frees its KV blocks; the caller need not call `abort` as well.
+        and frees its KV blocks.
         """
-        ...
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a running request by id; a no-op for ids that are unknown or finished. Its
-        generator then yields the remaining choices with finish_reason "abort"."""
         ...
 
     async def health(self) -> dict[str, Any]:

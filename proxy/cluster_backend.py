@@ -24,13 +24,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from pdserve.engine.block_manager import prefix_block_hashes
-from pdserve.engine.record import RequestRecord
+from pdserve.common.prefix import prefix_block_hashes
+from pdserve.common.wire import RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proxy import metrics
-from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest
+from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest, to_deltas
 from pdserve.proxy.registry import Registry, Worker
-from pdserve.proxy.workers import TokenRow, WorkerError, run_both, run_pd, run_resume
+from pdserve.proxy.workers import WorkerError, run_both, run_pd, run_resume
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +43,35 @@ class ClusterBackend:
     """See the module docstring. `await start()` before serving; `await close()` after."""
 
     def __init__(self, registry: Registry, tokenizer: Tokenizer | None, model_name: str, *,
-                 min_pd_prompt_tokens: int = 16, skip_p_cached_fraction: float = 0.8,
-                 max_retries: int = 2, request_timeout: float = 600.0):
+                 model_path: str | None = None, min_pd_prompt_tokens: int = 16,
+                 skip_p_cached_fraction: float = 0.8, max_retries: int = 2,
+                 request_timeout: float = 600.0):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.model_path = model_path
         self.min_pd_prompt_tokens = min_pd_prompt_tokens
         self.skip_p_cached_fraction = skip_p_cached_fraction
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self._max_model_len = 0
         self._vocab_size = 0
-        self.eos_token_ids: list[int] = []
         self._rng = random.Random()
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
         self._pairs: dict[str, tuple[str, str]] = {}  # rid -> (P url, D url) awaiting TRANSFER
         registry.on_transfer = self._on_transfer
         self._attempt = itertools.count(1)
 
-    async def start(self, wait: float = 60.0) -> None:
-        await self.registry.start(wait)
-        if not self.registry.ready():
-            logger.warning("no healthy prefill/decode pair yet; requests get 503 until one is up")
-        eos = {t for w in self.registry.workers for t in w.info.get("eos_token_ids", [])}
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = sorted(eos)
+    async def start(self) -> None:
+        """Begin health checks; workers are admitted as they answer (see Registry)."""
+        self.registry.start()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.registry.admitted.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def max_model_len(self) -> int:
@@ -88,9 +91,6 @@ class ClusterBackend:
 
     async def close(self) -> None:
         await self.registry.close()
-
-    async def abort(self, request_id: str) -> None:
-        """Closing the generator aborts on every worker; nothing to do by id."""
 
     async def health(self) -> dict[str, Any]:
         return {"healthy": self.registry.ready(), "workers": self.registry.snapshot()}
@@ -140,17 +140,14 @@ class ClusterBackend:
             ps_ok = [p for p in ps if self._link_open(p, d)] or ps
             if ps_ok and not short and not mostly_cached:
                 p = self._pick(ps_ok, hashes)
-                p.assigned += 1
-                d.assigned += 1
-                p.remember(hashes)
+                p.assign(hashes)
+                d.assign([])
                 return "pd", p, d
-            d.assigned += 1
-            d.remember(hashes)
+            d.assign(hashes)
             return "skip_p", d, None
         if boths:
             w = self._pick(boths, hashes)
-            w.assigned += 1
-            w.remember(hashes)
+            w.assign(hashes)
             return "both", w, None
         raise BackendError("no healthy worker can serve this request (need a prefill/decode "
                            "pair, a decode worker or a both-role worker)")
@@ -229,7 +226,6 @@ class ClusterBackend:
     def _deliver(self, rows: list[TokenRow], outputs: dict[int, list[int]], finished: set[int],
                  stamps: dict[int, float], start: float) -> list[ChoiceDelta]:
         now = time.monotonic()
-        deltas: dict[int, ChoiceDelta] = {}
         for r in rows:
             toks = outputs.setdefault(r.choice_index, [])
             toks.append(r.token_id)
@@ -240,14 +236,9 @@ class ClusterBackend:
             else:
                 metrics.ITL.observe(now - stamps[r.choice_index])
             stamps[r.choice_index] = now
-            d = deltas.setdefault(r.choice_index, ChoiceDelta(r.choice_index, [], None, None))
-            d.token_ids.append(r.token_id)
-            if r.logprobs is not None:
-                d.logprobs = (d.logprobs or []) + [r.logprobs]
             if r.finish_reason is not None:
-                d.finish_reason = r.finish_reason
                 finished.add(r.choice_index)
-        return list(deltas.values())
+        return to_deltas(rows)
 
     async def _failover(self, req: GenerationRequest, outputs: dict[int, list[int]],
                         finished: set[int], exclude: set[str], stamps: dict[int, float],
@@ -263,7 +254,7 @@ class ClusterBackend:
         async def one(choice: int) -> None:
             toks = outputs.get(choice, [])
             d = self._pick(ds, [])
-            d.assigned += 1
+            d.assign([])
             rec = RequestRecord(f"{req.request_id}#fo{next(self._attempt)}",
                                 req.prompt_token_ids, replace(req.params, n=1),
                                 toks[:-1], choice, req.deadline)

@@ -15,7 +15,7 @@ import math
 import time
 from typing import Any
 
-from pdserve.engine.sampler import Logprob
+from pdserve.common.wire import Logprob
 from pdserve.proxy.serving import ChoiceResult, ChoiceUpdate
 from pdserve.proxy.tokenization import ProxyTokenizer
 

@@ -22,11 +22,12 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.common.wire import TokenRow
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.sequence import Request, SequenceStatus
+from pdserve.engine.sequence import Request
 from pdserve.engine.setup import EngineParts, build_engine
-from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest
+from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest, to_deltas
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ class _Active:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     req: Request | None = None
-    sent: dict[int, int] = field(default_factory=dict)  # choice -> tokens delivered
     finished: set[int] = field(default_factory=set)  # choices whose finish was delivered
 
 
@@ -59,7 +59,6 @@ class LocalBackend:
         self.engine = LLMEngine(self.parts)
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.parts.tokenizer
-        self.eos_token_ids = self.engine.eos_token_ids
         self.model_name = model_name or _default_name(self.parts)
         self.model_path = self.parts.model_path
         self._cmds: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -106,7 +105,12 @@ class LocalBackend:
                 self._cmds.put(("abort", req.request_id))
 
     async def abort(self, request_id: str) -> None:
+        """Abort a running request by id (no-op if unknown); its generator then yields the
+        remaining choices with finish_reason "abort"."""
         self._cmds.put(("abort", request_id))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return True  # the engine was built in the constructor
 
     async def health(self) -> dict[str, Any]:
         return self.stats()
@@ -158,8 +162,7 @@ class LocalBackend:
                         self._abort(arg)
                 if self.engine.has_unfinished():
                     self._expire_deadlines()
-                    self.engine.step()
-                    self._publish()
+                    self._publish(self.engine.step())
                 self._stats = self._snapshot()
         except BaseException as e:  # a bug in the engine: every request fails, health says so
             logger.exception("engine thread failed")
@@ -185,7 +188,9 @@ class LocalBackend:
         active = self._active.get(request_id)
         if active is not None and active.req is not None:
             self.engine.abort(active.req)
-            self._publish_one(active, force_abort=True)
+            self._publish_one(active, [ChoiceDelta(c, [], None, "abort")
+                                       for c in active.gen.choice_indices()
+                                       if c not in active.finished])
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
@@ -194,32 +199,18 @@ class LocalBackend:
                 logger.info("request %s passed its deadline: aborted", rid)
                 self._abort(rid)
 
-    def _publish(self) -> None:
-        for active in list(self._active.values()):
-            self._publish_one(active)
+    def _publish(self, rows: list[TokenRow]) -> None:
+        """Hand each request its rows of this engine step."""
+        by_rid: dict[str, list[TokenRow]] = {}
+        for r in rows:
+            by_rid.setdefault(r.request_id, []).append(r)
+        for rid, mine in by_rid.items():
+            if (active := self._active.get(rid)) is not None:
+                self._publish_one(active, to_deltas(mine))
 
-    def _publish_one(self, active: _Active, force_abort: bool = False) -> None:
-        """Deliver new tokens and finishes of one request; forget it once all choices ended."""
-        if active.req is None:
-            return
-        deltas = []
-        for seq in active.req.seqs:
-            ci = seq.choice_index
-            sent = active.sent.get(ci, 0)
-            new = seq.output_token_ids[sent:]
-            ended = seq.status is SequenceStatus.FINISHED and ci not in active.finished
-            if not new and not ended:
-                continue
-            lps = seq.logprobs[sent:sent + len(new)] if seq.logprobs is not None else None
-            deltas.append(ChoiceDelta(ci, list(new), lps, seq.finish_reason if ended else None))
-            active.sent[ci] = sent + len(new)
-            if ended:
-                active.finished.add(ci)
-        if force_abort:  # choices not forked yet never got a sequence
-            for ci in active.gen.choice_indices():
-                if ci not in active.finished:
-                    deltas.append(ChoiceDelta(ci, [], None, "abort"))
-                    active.finished.add(ci)
+    def _publish_one(self, active: _Active, deltas: list[ChoiceDelta]) -> None:
+        """Deliver one request's news; forget it once all its choices ended."""
+        active.finished.update(d.choice_index for d in deltas if d.finish_reason is not None)
         if deltas:
             self._deliver(active, deltas)
         if active.finished >= set(active.gen.choice_indices()):
@@ -256,19 +247,19 @@ class LocalBackend:
         bm = self.engine.bm
         return {
             "healthy": self._dead is None and not self._closed,
-            "num_running": len(self.engine.running),
-            "num_waiting": len(self.engine.waiting),
+            "num_running": len(self.engine.scheduler.running),
+            "num_waiting": len(self.engine.scheduler.waiting),
             "num_active": len(self._active),
             "num_free_blocks": bm.num_free_blocks,
             "num_blocks": bm.num_blocks,
             "kv_cache_usage": bm.usage,
-            "num_preemptions": self.engine.num_preemptions,
+            "num_preemptions": self.engine.scheduler.num_preemptions,
         }
 
 
 def _default_name(parts: EngineParts) -> str:
     if parts.config.model is None:
-        from pdserve.builtin_model import BUILTIN_MODEL_NAME
+        from pdserve.engine.builtin_model import BUILTIN_MODEL_NAME
 
         return BUILTIN_MODEL_NAME
     return parts.config.model

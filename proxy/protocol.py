@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.common.params import SamplingParams
 from pdserve.proxy.errors import OpenAIError
 
 logger = logging.getLogger(__name__)

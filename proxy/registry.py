@@ -20,14 +20,13 @@ from typing import Any
 
 import httpx
 
+from pdserve.common.compat import compat_mismatch
 from pdserve.proxy.workers import WorkerLink
 
 logger = logging.getLogger(__name__)
 
 PREFIX_MEMORY = 50_000  # block hashes remembered per worker (LRU)
 BUSY_GRACE_S = 15.0  # a worker that answered on the data path this recently is busy, not dead
-_COMPAT_SHARED = ("protocol_version", "config_hash", "tokenizer_hash", "dtype", "block_size",
-                  "pool_layout", "num_layers", "num_kv_heads", "head_dim", "prefix_hash")
 
 
 @dataclass(eq=False)
@@ -40,9 +39,7 @@ class Worker:
     healthy: bool = False
     refused: str | None = None
     failures: int = 0
-    assigned: int = 0  # requests sent since the last load report
     active: int = 0  # requests this proxy has in flight on it
-    last_seq: int = 0
     prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU)
 
     @property
@@ -56,13 +53,15 @@ class Worker:
     def score(self) -> float:
         """Lower is better: queued + running as last reported, plus what was sent since."""
         load = self.load
-        if load.get("seq", 0) > self.last_seq:
-            self.last_seq, self.assigned = load.get("seq", 0), 0
         base = load.get("num_requests_running", 0) + load.get("num_requests_waiting", 0)
         pending = load.get("pending_prefill_tokens", 0) / 512.0  # P: queued prompt work
-        return base + pending + self.assigned + 2.0 * load.get("kv_cache_usage_perc", 0.0)
+        sent = self.link.assigned if self.link is not None else 0
+        return base + pending + sent + 2.0 * load.get("kv_cache_usage_perc", 0.0)
 
-    def remember(self, hashes: list[int]) -> None:
+    def assign(self, hashes: list[int]) -> None:
+        """A request goes to this worker: count it until the next load report, and remember
+        its prompt's blocks (the worker's prefix cache will hold them)."""
+        self.link.assigned += 1
         for h in hashes:
             self.prefixes[h] = None
             self.prefixes.move_to_end(h)
@@ -96,18 +95,16 @@ class Registry:
         self.reference: dict[str, Any] | None = None
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
+        self.admitted = asyncio.Event()  # set once a worker's /info was accepted
         self.on_transfer = None
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}
 
-    async def start(self, wait: float = 0.0) -> None:
+    def start(self) -> None:
+        """Begin health checks in the background (the first round at once): the proxy
+        serves, and answers /health with the reason, while workers come up."""
         self.http = httpx.AsyncClient(timeout=5.0, headers=self._headers())
-        await self.check_all()
-        end = time.monotonic() + wait
-        while time.monotonic() < end and not self.ready():
-            await asyncio.sleep(0.2)
-            await self.check_all()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def ready(self) -> bool:
@@ -116,11 +113,11 @@ class Registry:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
             try:
                 await self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 logger.exception("health check round failed")
+            await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(w) for w in self.workers))
@@ -145,7 +142,7 @@ class Registry:
             ok = False
             logger.debug("health check of %s failed: %s", w.url, e)
         if ok:
-            if not w.healthy:
+            if not w.healthy and w.refused is None:
                 logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
             w.healthy, w.failures = True, 0
             return
@@ -166,6 +163,7 @@ class Registry:
             return
         if self.reference is None:
             self.reference = compat
+        self.admitted.set()
         if w.link is None:
             w.link = WorkerLink(info["data_address"], self.token)
             w.link.on_transfer = self.on_transfer
@@ -174,12 +172,8 @@ class Registry:
         for key, want in self.expected.items():
             if compat.get(key) != want:
                 return f"{key} {compat.get(key)!r} does not match the proxy's model ({want!r})"
-        if self.reference is not None:
-            for key in _COMPAT_SHARED:
-                if compat.get(key) != self.reference.get(key):
-                    return (f"{key} {compat.get(key)!r} differs from the other workers' "
-                            f"{self.reference.get(key)!r}")
-        return None
+        why = compat_mismatch(self.reference, compat) if self.reference is not None else None
+        return f"not like the other workers: {why}" if why else None
 
     def usable(self, role: str) -> list[Worker]:
         return [w for w in self.workers if w.role == role and w.usable]

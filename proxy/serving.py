@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from pdserve.engine.sampler import Logprob
+from pdserve.common.wire import Logprob
 from pdserve.proxy.backend import Backend, BackendError, ChoiceDelta, GenerationRequest
 from pdserve.proxy.detokenizer import TextStream
 from pdserve.proxy.errors import OpenAIError

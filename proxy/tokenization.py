@@ -38,7 +38,7 @@ class ProxyTokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self._hf = tokenizer._tok  # the transformers tokenizer: chat templates live there
+        self._hf = tokenizer.hf
         decoder = getattr(getattr(self._hf, "backend_tokenizer", None), "decoder", None)
         self._byte_level = type(decoder).__name__ == "ByteLevel"
         self._special = {i: t.content for i, t in getattr(self._hf, "added_tokens_decoder",

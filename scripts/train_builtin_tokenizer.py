@@ -1,7 +1,7 @@
 """Train the tokenizer of pdserve's built-in default model and write its shipped files.
 
-Run once, offline, by a developer; the outputs are committed under `pdserve/builtin/` and the
-package never trains anything at run time (see `pdserve/builtin_model.py`).
+Run once, offline, by a developer; the outputs are committed under `engine/builtin/` and the
+package never trains anything at run time (see `engine/builtin_model.py`).
 
     python scripts/train_builtin_tokenizer.py                   # train, write every shipped file
     python scripts/train_builtin_tokenizer.py --check           # retrain in a temp dir; compare
@@ -27,7 +27,7 @@ would make a retrain silently produce a different tokenizer.
 
 Besides the tokenizer (tokenizer.json, tokenizer_config.json, chat_template.jinja) it writes
 config.json and generation_config.json, whose token ids come from the tokenizer, and finally
-manifest.json (seed, weights hash, file hashes) through `pdserve.builtin_model.write_manifest`.
+manifest.json (seed, weights hash, file hashes) through `pdserve.engine.builtin_model.write_manifest`.
 """
 
 from __future__ import annotations
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return check()
     write_outputs(OUT_DIR)
     sys.path.insert(0, str(ROOT))
-    from pdserve.builtin_model import write_manifest
+    from pdserve.engine.builtin_model import write_manifest
 
     manifest = write_manifest()
     for name in sorted(p.name for p in OUT_DIR.iterdir()):

@@ -141,8 +141,8 @@ def localize(env: Mapping[str, str], service: str,
 
 def role_config(argv: list[str]) -> tuple[type, list[str]]:
     """(config class, extra argv) that `pdserve <subcommand>` builds."""
-    from pdserve.engine.service import WorkerConfig
     from pdserve.serve import ServeConfig
+    from pdserve.service.config import WorkerConfig
 
     sub = argv[1]
     if sub == "serve":

@@ -49,7 +49,7 @@ PROMPT = "Tell me, in a few words, what a disaggregated prefill and decode clust
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """PDSERVE_CACHE_DIR with the built-in model materialised once (no per-process race)."""
-    from pdserve.builtin_model import builtin_model_path
+    from pdserve.engine.builtin_model import builtin_model_path
 
     path = tmp_path_factory.mktemp("pdserve-cache")
     builtin_model_path(path)

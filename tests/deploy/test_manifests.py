@@ -238,9 +238,9 @@ def _exported() -> dict[str, set[str]]:
     """Every exposed sample name -> label names, from the metrics the product registers."""
     from prometheus_client import REGISTRY
 
-    import pdserve.engine.service  # noqa: F401 - worker metrics
     import pdserve.kv_transfer.metrics  # noqa: F401
     import pdserve.proxy.metrics  # noqa: F401
+    import pdserve.service.metrics  # noqa: F401 - worker metrics
 
     out: dict[str, set[str]] = {}
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}

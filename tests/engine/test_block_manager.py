@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from pdserve.engine.block_manager import BlockManager, hash_block_tokens, prefix_block_hashes
+from pdserve.common.prefix import hash_block_tokens, prefix_block_hashes
+from pdserve.engine.block_manager import BlockManager
 
 BS = 16
 

@@ -19,7 +19,7 @@ def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
     for i, (ids, sp) in enumerate(zip(prompts, params)):
         rid = f"r{i}"
         seed = sp.seed if sp.seed is not None else 1000 + i
-        assert d.can_reserve(len(ids))
+        assert d.scheduler.can_reserve(len(ids))
         d.reserve(ids, sp, rid, seed)
         reqs.append(p.add_request(ids, SamplingParams(**{**sp.__dict__, "seed": seed}), rid))
     while p.has_unfinished():
@@ -27,28 +27,28 @@ def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
         for o in p.step():
             tokens[(o.request_id, o.choice_index)] = [o.token_id]
             if o.finish_reason is None:
-                firsts.setdefault(o.request_id, []).append((o.choice_index, o.token_id,
-                                                            o.logprobs))
+                firsts.setdefault(o.request_id, []).append(o)
+        held, reserved = p.scheduler.held, d.scheduler.reserved
         for req in reqs:
             rid = req.request_id
-            if rid not in d.reserved or p.has_unfinished() and rid not in firsts \
-                    and rid not in p.held:
+            if rid not in reserved or p.has_unfinished() and rid not in firsts \
+                    and rid not in held:
                 continue
-            if rid in p.held:
-                src = p.held[rid].block_table
-                dst = d.reserved[rid].seqs[0].block_table
+            if rid in held:
+                src = held[rid].block_table
+                dst = reserved[rid].seqs[0].block_table
                 if kv_ready:
                     d.parts.pool.tensor[torch.tensor(dst)] = p.parts.pool.tensor[torch.tensor(src)]
-                p.release(rid)
-            if rid in firsts or rid in d.reserved:
+                p.scheduler.release(rid)
+            if rid in firsts or rid in reserved:
                 d.join(rid, firsts.get(rid, []), kv_ready=kv_ready)
-    assert not p.held and not d.reserved
+    assert not p.scheduler.held and not d.scheduler.reserved
     while d.has_unfinished():
         for o in d.step():
             tokens[(o.request_id, o.choice_index)].append(o.token_id)
     for e in (p, d):
         assert e.bm.num_free_blocks == e.bm.num_blocks
-    return tokens, d.num_preemptions
+    return tokens, d.scheduler.num_preemptions
 
 
 @pytest.mark.parametrize("kv_ready", [True, False], ids=["transferred", "recomputed"])

@@ -20,7 +20,7 @@ NUM_DRAWS = 20_000
 def draw(params: SamplingParams, seed: int = 1234) -> torch.Tensor:
     """NUM_DRAWS tokens from LOGITS: one row per draw, each under its own seed."""
     sampler = Sampler(exponential_race_ref)
-    rows = [SampleRow(params, seed * NUM_DRAWS + i, 0, [0], []) for i in range(NUM_DRAWS)]
+    rows = [SampleRow(params, seed * NUM_DRAWS + i, 0, [0], 1) for i in range(NUM_DRAWS)]
     tokens = [r.token for r in sampler(LOGITS.repeat(NUM_DRAWS, 1), rows)]
     return torch.bincount(torch.tensor(tokens), minlength=len(LOGITS)).double()
 
@@ -82,8 +82,8 @@ def test_draws_are_a_function_of_seed_choice_and_position():
     big = torch.randn(1, 300)
 
     def one(seed, choice, pos, others=0):
-        rows = [SampleRow(params, seed + 1 + k, 0, [1], [1]) for k in range(others)]
-        rows.append(SampleRow(params, seed, choice, [1], [1] * pos))
+        rows = [SampleRow(params, seed + 1 + k, 0, [1, 1], 1) for k in range(others)]
+        rows.append(SampleRow(params, seed, choice, [1] + [1] * pos, 1))
         return sampler(big.repeat(len(rows), 1), rows)[-1].token
 
     streams = [[one(7, 0, pos) for pos in range(40)], [one(7, 1, pos) for pos in range(40)],

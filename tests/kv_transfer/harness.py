@@ -22,9 +22,9 @@ SPEC = dict(num_blocks=256, num_layers=2, block_size=16, num_kv_heads=2, head_di
 
 
 def compat(**overrides):
-    from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
+    from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
+    from pdserve.common.prefix import PREFIX_HASH_FUNCTION
     from pdserve.engine.kv_pool import POOL_LAYOUT
-    from pdserve.kv_transfer.protocol import PROTOCOL_VERSION, CompatRecord
 
     fields = dict(protocol_version=PROTOCOL_VERSION, model_id="test", config_hash="c",
                   tokenizer_hash="t", dtype="float32", block_size=SPEC["block_size"],

@@ -4,26 +4,37 @@ from __future__ import annotations
 
 import os
 
-import msgpack
 import pytest
 import torch
 import zmq
+from msgspec.msgpack import encode as packb
 
+from pdserve.common.compat import PROTOCOL_VERSION
 from pdserve.engine.kv_pool import SHM_DIR, SHM_PREFIX, KVPool, KVPoolSpec
 from pdserve.kv_transfer import shm
-from pdserve.kv_transfer.protocol import Kind, ProtocolError, decode, encode
+from pdserve.kv_transfer.protocol import (
+    Error,
+    Hello,
+    Offer,
+    ProtocolError,
+    Refuse,
+    Welcome,
+    decode,
+    encode,
+)
 from pdserve.kv_transfer.receiver import KVReceiver
 from tests.kv_transfer.harness import SPEC, compat
 
 
 @pytest.mark.parametrize("frame, needle", [
     (b"\xc1garbage", "not a msgpack"),
-    (msgpack.packb([1, 2]), "must be a map"),
-    (msgpack.packb({"k": "nope", "e": 1}), "unknown message kind"),
-    (msgpack.packb({"k": "offer", "e": 1, "rid": "r", "blocks": [-1], "num_tokens": 3}),
-     "non-negative"),
-    (msgpack.packb({"k": "offer", "e": 1, "rid": "r", "num_tokens": 3}), "'blocks'"),
-    (msgpack.packb({"k": "done", "rid": "r"}), "missing epoch"),
+    (packb([1, 2]), "must be a map"),
+    (packb({"k": "nope", "e": 1}), "unknown message kind"),
+    (packb({"k": "offer", "e": 1, "rid": "r", "blocks": [-1], "num_tokens": 3}),
+     r"offer: Expected `int` >= 0 - at `\$.blocks\[0\]`"),
+    (packb({"k": "offer", "e": 1, "rid": "r", "num_tokens": 3}), "missing required field `blocks`"),
+    (packb({"k": "done", "rid": "r"}), "missing required field `e`"),
+    (packb({"k": "done", "e": "1", "rid": "r"}), r"done: Expected `int`, got `str` - at `\$.e`"),
     (b"\x00" * (2 << 20), "exceeds"),
 ])
 def test_decode_refuses_bad_frames(frame, needle):
@@ -32,8 +43,8 @@ def test_decode_refuses_bad_frames(frame, needle):
 
 
 def test_round_trip():
-    msg = decode(encode(Kind.OFFER, 7, rid="x", blocks=[1, 2], num_tokens=20))
-    assert msg == {"k": Kind.OFFER, "e": 7, "rid": "x", "blocks": [1, 2], "num_tokens": 20}
+    msg = decode(encode(Offer(e=7, rid="x", blocks=[1, 2], num_tokens=20)))
+    assert msg == Offer(e=7, rid="x", blocks=[1, 2], num_tokens=20)
 
 
 def test_d_answers_malformed_and_unknown_messages_and_keeps_serving():
@@ -47,17 +58,17 @@ def test_d_answers_malformed_and_unknown_messages_and_keeps_serving():
     try:
         sock.send(b"\xc1garbage")
         err = decode(sock.recv())
-        assert err["k"] is Kind.ERROR and "msgpack" in err["reason"]
-        sock.send(encode(Kind.OFFER, 1, rid="r", blocks=[0], num_tokens=5))
+        assert isinstance(err, Error) and "msgpack" in err.reason
+        sock.send(encode(Offer(e=1, rid="r", blocks=[0], num_tokens=5)))
         err = decode(sock.recv())
-        assert err["k"] is Kind.ERROR and err["code"] == "handshake"
-        sock.send(encode(Kind.HELLO, 1, v=1, name="p", token="tok",
-                         compat=compat(head_dim=64).to_dict(), pool={}))
+        assert isinstance(err, Error) and err.code == "handshake"
+        sock.send(encode(Hello(e=1, v=PROTOCOL_VERSION, name="p", token="tok",
+                               compat=compat(head_dim=64).to_dict(), pool={})))
         refuse = decode(sock.recv())
-        assert refuse["k"] is Kind.REFUSE and "head_dim differs" in refuse["reason"]
-        sock.send(encode(Kind.HELLO, 1, v=1, name="p", token="tok", compat=compat().to_dict(),
-                         pool={}))
-        assert decode(sock.recv()) == {"k": Kind.WELCOME, "e": rx.epoch, "transport": "tcp"}
+        assert isinstance(refuse, Refuse) and "head_dim differs" in refuse.reason
+        sock.send(encode(Hello(e=1, v=PROTOCOL_VERSION, name="p", token="tok",
+                               compat=compat().to_dict(), pool={})))
+        assert decode(sock.recv()) == Welcome(e=rx.epoch, transport="tcp")
     finally:
         sock.close()
         ctx.term()

@@ -21,15 +21,15 @@ class TokenIdsOnly:
     def __init__(self, inner: LocalBackend):
         self.inner = inner
         self.model_name = inner.model_name
+        self.model_path = inner.model_path
         self.max_model_len = inner.max_model_len
         self.tokenizer = None
-        self.eos_token_ids = inner.eos_token_ids
 
     def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
         return self.inner.generate(req)
 
-    async def abort(self, request_id: str) -> None:
-        await self.inner.abort(request_id)
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
 
     async def health(self) -> dict[str, Any]:
         return await self.inner.health()
@@ -39,8 +39,8 @@ class Failing:
     """Yields `good` batches of one token, then fails with `error` (or refuses at once)."""
 
     model_name = MODEL
+    model_path = None
     max_model_len = 2048
-    eos_token_ids = (1,)
 
     def __init__(self, tokenizer: Any, error: Exception, good: int = 2, healthy: bool = True):
         self.tokenizer = tokenizer
@@ -57,8 +57,8 @@ class Failing:
         finally:
             self.closed += 1
 
-    async def abort(self, request_id: str) -> None:
-        pass
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
 
     async def health(self) -> dict[str, Any]:
         return {"healthy": self.healthy}

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from pdserve.builtin_model import builtin_model_path
+from pdserve.engine.builtin_model import builtin_model_path
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.proxy.detokenizer import IncrementalDetokenizer, TextStream
 from pdserve.proxy.tokenization import ProxyTokenizer, _unicode_to_byte
@@ -28,8 +28,8 @@ def tok(proxy_cache_dir) -> ProxyTokenizer:
 def byte_ids(tok: ProxyTokenizer, data: bytes) -> list[int]:
     """One token per byte (the byte-level alphabet is in every byte-level BPE vocab)."""
     inverse = {b: c for c, b in _unicode_to_byte().items()}
-    ids = tok.tokenizer._tok.convert_tokens_to_ids([inverse[b] for b in data])
-    assert all(i is not None and i != tok.tokenizer._tok.unk_token_id for i in ids)
+    ids = tok.tokenizer.hf.convert_tokens_to_ids([inverse[b] for b in data])
+    assert all(i is not None and i != tok.tokenizer.hf.unk_token_id for i in ids)
     return ids
 
 

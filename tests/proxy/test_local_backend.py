@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from pdserve.common.params import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine, PromptTooLongError
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest, LocalBackend
 from tests.proxy.conftest import engine_config, wait_until_idle
 

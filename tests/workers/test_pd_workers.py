@@ -8,12 +8,12 @@ import asyncio
 import random
 
 import httpx
-import msgpack
+import msgspec
 import pytest
 import zmq
 
 from pdserve import LLM, SamplingParams
-from pdserve.engine.record import Msg, RequestRecord, decode, encode
+from pdserve.common.wire import DATA_PATH, Error, RequestRecord
 from pdserve.proxy.workers import WorkerError, WorkerLink, run_both, run_pd  # noqa: F401 (see fixture)
 from tests.workers.cluster import start_worker, wait_healthy
 
@@ -153,32 +153,43 @@ def raw_call(worker, frames, token="secret", timeout_ms=5000):
     s.connect(worker.data)
     try:
         s.send(frames)
-        return decode(s.recv())
+        return DATA_PATH.decode(s.recv())
     finally:
         s.close()
 
 
 def rec_wire(**over):
-    rec = RequestRecord("bad-1", [5, 6, 7], SamplingParams(max_tokens=3, seed=1)).to_wire()
+    rec = msgspec.to_builtins(RequestRecord("bad-1", [5, 6, 7], SamplingParams(max_tokens=3,
+                                                                              seed=1)))
     rec.update(over)
     return rec
 
 
+def raw_frame(kind: str, token: str, **fields) -> bytes:
+    """A data-path frame built by hand, so it can carry what a typed message cannot."""
+    return msgspec.msgpack.encode({"k": kind, "t": token, **fields})
+
+
 @pytest.mark.parametrize("worker, frame, needle", [
-    ("D", encode(Msg.ABORT, "secret", rid="nope"), "unknown request id"),
-    ("P", encode(Msg.ABORT, "secret", rid="nope"), "unknown request id"),
-    ("D", encode(Msg.JOIN, "secret", rid="nope", first=[]), "unknown request id"),
+    ("D", raw_frame("abort", "secret", rid="nope"), "unknown request id"),
+    ("P", raw_frame("abort", "secret", rid="nope"), "unknown request id"),
+    ("D", raw_frame("join", "secret", rid="nope", first=[]), "unknown request id"),
     ("D", b"\xc1\x00garbage", "not a msgpack"),
-    ("P", msgpack.packb({"k": "bogus"}), "unknown message kind"),
-    ("P", encode(Msg.PREFILL, "secret", rec=rec_wire(prompt=[5, 10**7]), kv=None), "vocabulary"),
-    ("D", encode(Msg.RESERVE, "secret", rec=rec_wire(prompt=[5] * 600)), "max_model_len"),
-    ("both", encode(Msg.GENERATE, "secret", rec=rec_wire(params={"top_p": 3})), "top_p"),
-    ("D", encode(Msg.RESERVE, "wrong", rec=rec_wire()), "wrong internal token"),
-    ("P", encode(Msg.RESERVE, "secret", rec=rec_wire()), "does not take reserve"),
+    ("P", msgspec.msgpack.encode({"k": "bogus"}), "unknown message kind"),
+    ("P", raw_frame("prefill", "secret", rec=rec_wire(prompt_token_ids=[5, 10**7]), kv=None),
+     "vocabulary"),
+    ("D", raw_frame("reserve", "secret", rec=rec_wire(prompt_token_ids=[5] * 600)), "max_model_len"),
+    ("both", raw_frame("generate", "secret", rec=rec_wire(params={"top_p": 3})), "top_p"),
+    ("D", raw_frame("reserve", "wrong", rec=rec_wire()), "wrong internal token"),
+    ("P", raw_frame("reserve", "secret", rec=rec_wire()), "does not take reserve"),
+    ("D", raw_frame("join", "secret", rid="x", first=[["x", 0, "nine", None, None]]),
+     "join: Expected `int`, got `str` - at `$.first[0][2]`"),
+    ("P", raw_frame("prefill", "secret", rec=rec_wire(params={"seed": None}), kv=None),
+     "seed must be set"),
 ])
 def test_bad_input_on_the_data_path_gets_an_error_reply(cluster, worker, frame, needle):
     reply = raw_call(cluster[worker], frame)
-    assert reply["k"] is Msg.ERROR and needle in reply["reason"]
+    assert isinstance(reply, Error) and needle in reply.reason
     # and the worker keeps serving
     assert cluster[worker].get("/health").status_code == 200
 

@@ -1,69 +1,43 @@
-"""What every worker process (P, D, both) shares: its config, the data-path socket, the ops
-HTTP server, Prometheus metrics, the load report and the compatibility record.
+"""What every worker process (P, D, both) shares: the step loop over one engine, the
+data-path socket, the load report, the compatibility record and the ORCA header.
 
 Threads: the main thread runs the step loop (`WorkerLoop.run`), which owns the engine and
 the data-path ROUTER socket and never blocks on I/O while there is work; uvicorn serves
-/health, /load, /info and /metrics from a second thread, reading a snapshot the loop
-publishes after every iteration. kv_transfer endpoints run their own I/O thread.
+/health, /load, /info and /metrics from a second thread (`ops_http.py`), reading a snapshot
+the loop publishes after every iteration. kv_transfer endpoints run their own I/O thread.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import zmq
-from prometheus_client import Counter, Gauge, Histogram
 
-from pdserve.engine.block_manager import PREFIX_HASH_FUNCTION
-from pdserve.engine.config import WorkerConfig
-from pdserve.engine.kv_pool import POOL_LAYOUT
-from pdserve.engine.record import Msg, WireError, decode, encode
+from pdserve.common.compat import CompatRecord
+from pdserve.common.wire import DATA_PATH, DataMessage, Error, RequestRecord, WireError
+from pdserve.engine.kv_pool import POOL_LAYOUT, dtype_name
+from pdserve.engine.llm_engine import LLMEngine, Role
 from pdserve.engine.setup import EngineParts
-from pdserve.kv_transfer.protocol import PROTOCOL_VERSION, CompatRecord
+from pdserve.service import metrics
+from pdserve.service.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 
-# ---- metrics (process-wide) ---------------------------------------------------------------
-
-RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch")
-WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting (queue, reservations, transfers)")
-KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (fraction 0..1)")
-REQUESTS = Counter("pdserve_requests", "Requests finished", ["role", "finish_reason"])
-PROMPT_TOKENS = Counter("pdserve_prompt_tokens", "Prompt tokens processed", ["role"])
-GENERATION_TOKENS = Counter("pdserve_generation_tokens", "Tokens generated", ["role"])
-PREEMPTIONS = Counter("pdserve_num_preemptions", "Sequences preempted for recompute")
-FALLBACKS = Counter("kv_transfer_fallback", "Prompts D recomputed because the transfer failed")
-TTFT = Histogram("pdserve_time_to_first_token_seconds", "Request received to first token",
-                 buckets=(.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5,
-                          7.5, 10, 20, 40, 80))
-ITL = Histogram("pdserve_inter_token_latency_seconds", "Time between a choice's tokens",
-                buckets=(.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5, 5, 10))
-E2E = Histogram("pdserve_e2e_request_latency_seconds", "Request received to last token",
-                buckets=(.3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
-
-
 def compat_record(parts: EngineParts) -> CompatRecord:
     """The record both ends of a transfer (and the proxy) compare at handshake."""
-    mc, spec = parts.model_config, parts.pool.spec
-    tok_file = Path(parts.config.tokenizer or parts.model_path) / "tokenizer.json"
-    tok_hash = (hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.exists()
-                else "none")
-    return CompatRecord(
-        protocol_version=PROTOCOL_VERSION, model_id=Path(parts.model_path).name,
-        config_hash=mc.config_hash, tokenizer_hash=tok_hash,
-        dtype=str(spec.dtype).removeprefix("torch."), block_size=spec.block_size,
-        pool_layout=POOL_LAYOUT, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim, max_model_len=parts.max_model_len,
-        prefix_hash=PREFIX_HASH_FUNCTION)
+    spec = parts.pool.spec
+    return CompatRecord.build(
+        parts.model_path, parts.config.tokenizer, dtype=dtype_name(spec.dtype),
+        block_size=spec.block_size, pool_layout=POOL_LAYOUT, num_layers=spec.num_layers,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        max_model_len=parts.max_model_len)
 
 
 def orca_header(fmt: str | None, load: dict[str, Any]) -> str | None:
@@ -81,15 +55,17 @@ def orca_header(fmt: str | None, load: dict[str, Any]) -> str | None:
 class WorkerLoop:
     """The step loop of one worker: data-path socket in, engine steps, replies out.
 
-    Subclasses implement `on_message(identity, msg)`, `tick()` (events, deadlines),
-    `has_work()`, `step()` and `load()`. Replies go through `send(identity, kind, **f)`.
+    Subclasses implement `on_message(identity, msg)` (one decoded message; raise WireError
+    to refuse it), `tick()` (events, deadlines; every iteration), `step()` (one engine step
+    and its replies), `load()` and `info()`. Replies go through `send(identity, msg)`.
     """
 
-    role = "worker"
+    role = Role.BOTH
 
     def __init__(self, cfg: WorkerConfig, parts: EngineParts):
         self.cfg = cfg
         self.parts = parts
+        self.engine = LLMEngine(parts, self.role)
         self.compat = compat_record(parts)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -102,18 +78,17 @@ class WorkerLoop:
         self.stop_event = threading.Event()
         self.snapshot: dict[str, Any] = {"load": {}, "health": {"status": "starting"}}
         self._seq = 0
+        self._counted = (0, 0, 0)  # preemptions, prefix queries, prefix hits already exported
         self.dead_reason: str | None = None
+        self.reqs: dict[str, Any] = {}  # request id -> the role's state of it
 
     # ---- to implement --------------------------------------------------------------------
 
-    def on_message(self, identity: bytes, msg: dict) -> None:
+    def on_message(self, identity: bytes, msg: DataMessage) -> None:
         raise NotImplementedError
 
     def tick(self) -> None:
         """Drain transfer events, admit queued work, enforce deadlines. Called every loop."""
-
-    def has_work(self) -> bool:
-        raise NotImplementedError
 
     def step(self) -> None:
         raise NotImplementedError
@@ -126,14 +101,26 @@ class WorkerLoop:
 
     def close(self) -> None:
         """Release endpoints and the pool (the loop has ended)."""
+        self.parts.pool.close()
 
     # ---- shared --------------------------------------------------------------------------
 
-    def send(self, identity: bytes, kind: Msg, **fields: Any) -> None:
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def check_new(self, rec: RequestRecord) -> None:
+        """Refuse a record this worker cannot start: a request id already in flight here, or
+        no seed (the proxy draws one, so retries and failover repeat the same draws)."""
+        if rec.request_id in self.reqs:
+            raise WireError(f"request id {rec.request_id} is already in flight", rec.request_id)
+        if rec.params.seed is None:
+            raise WireError("rec.params.seed must be set (the proxy draws one)", rec.request_id)
+
+    def send(self, identity: bytes, msg: DataMessage) -> None:
         try:
-            self.sock.send_multipart([identity, encode(kind, **fields)], zmq.NOBLOCK)
+            self.sock.send_multipart([identity, DATA_PATH.encode(msg)], zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as e:  # proxy gone or full: it will time out
-            logger.warning("cannot reach %r (%s); dropped %s", identity, e, kind.value)
+            logger.warning("cannot reach %r (%s); dropped %s", identity, e, type(msg).__name__)
 
     def _receive(self) -> None:
         while True:
@@ -144,24 +131,30 @@ class WorkerLoop:
             except ValueError:
                 continue  # a frame without a body: nothing to answer
             try:
-                msg = decode(frame)
-                if self._token and not hmac.compare_digest(
-                        str(msg.get("t", "")).encode(), self._token):
-                    raise WireError("wrong internal token", msg.get("rid"))
+                msg = DATA_PATH.decode(frame)
+                if self._token and not hmac.compare_digest(msg.t.encode(), self._token):
+                    raise WireError("wrong internal token", getattr(msg, "rid", None))
                 self.on_message(identity, msg)
             except WireError as e:
                 logger.warning("refused a data-path message: %s", e)
-                self.send(identity, Msg.ERROR, rid=e.rid, reason=str(e))
+                self.send(identity, Error(reason=str(e), rid=e.rid))
 
     def publish(self) -> None:
         """Refresh what the HTTP thread serves (a new dict each time: no locking needed)."""
         self._seq += 1
         load = {**self.load(), "seq": self._seq, "time": time.time()}
-        RUNNING.set(load.get("num_requests_running", 0))
-        WAITING.set(load.get("num_requests_waiting", 0))
-        KV_USAGE.set(load.get("kv_cache_usage_perc", 0.0))
+        metrics.RUNNING.set(load.get("num_requests_running", 0))
+        metrics.WAITING.set(load.get("num_requests_waiting", 0))
+        metrics.KV_USAGE.set(load.get("kv_cache_usage_perc", 0.0))
+        bm = self.engine.bm
+        counts = (self.engine.scheduler.num_preemptions, bm.num_prefix_queries, bm.num_prefix_hits)
+        for counter, now, before in zip((metrics.PREEMPTIONS, metrics.PREFIX_QUERIES,
+                                         metrics.PREFIX_HITS), counts, self._counted):
+            if now > before:
+                counter.inc(now - before)
+        self._counted = counts
         status = "ok" if self.dead_reason is None else "dead"
-        self.snapshot = {"load": load, "health": {"status": status, "role": self.role,
+        self.snapshot = {"load": load, "health": {"status": status, "role": self.role.value,
                                                   "name": self.cfg.worker_name,
                                                   "reason": self.dead_reason, **self.info()}}
 
@@ -176,9 +169,8 @@ class WorkerLoop:
         try:
             while not self.stop_event.is_set():
                 # a stalled engine (waiting for blocks a transfer holds) must not spin the CPU
-                busy = self.has_work() and not getattr(getattr(self, "engine", None),
-                                                       "stalled", False)
-                if poller.poll(0 if busy else 5 if self.has_work() else 20):
+                work = self.has_work()
+                if poller.poll(5 if work and self.engine.scheduler.stalled else 0 if work else 20):
                     self._receive()
                 self.tick()
                 if self.has_work():

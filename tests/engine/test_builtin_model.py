@@ -16,10 +16,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pytest
 
-from pdserve import builtin_model as bm
+from pdserve.engine import builtin_model as bm
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "pdserve" / "builtin"
+DATA = ROOT / "engine" / "builtin"
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_shipped_files_match_manifest():
 
 def test_package_data_ships_every_builtin_file():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["pdserve"]
+        "package-data"]["pdserve.engine"]
     for name in (*bm.SHIPPED_FILES, bm.MANIFEST):
         assert any(PurePosixPath("builtin", name).match(g) for g in globs), name
 
@@ -120,7 +120,7 @@ def test_config_agrees_with_tokenizer_and_loads_in_transformers():
 
 
 def test_print_hash_cli():
-    out = subprocess.run([sys.executable, "-m", "pdserve.builtin_model", "--print-hash"],
+    out = subprocess.run([sys.executable, "-m", "pdserve.engine.builtin_model", "--print-hash"],
                          capture_output=True, text=True, env=_child_env(), cwd=ROOT, check=True)
     assert out.stdout.strip() == bm.load_manifest()["weights_sha256"]
 
@@ -185,7 +185,7 @@ def test_concurrent_materialisation(tmp_path):
     child = textwrap.dedent("""
         import sys, time
         from pathlib import Path, PurePosixPath
-        from pdserve.builtin_model import builtin_model_path
+        from pdserve.engine.builtin_model import builtin_model_path
         gate = Path(sys.argv[2])
         (gate / f"ready-{sys.argv[3]}").touch()
         while not (gate / "go").exists():

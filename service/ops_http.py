@@ -17,14 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from pdserve import __version__
-from pdserve.engine.service import WorkerLoop, orca_header
+from pdserve.common import __version__
+from pdserve.service.loop import WorkerLoop, orca_header
 
 logger = logging.getLogger(__name__)
 
 
 def create_ops_app(loop: WorkerLoop) -> FastAPI:
-    app = FastAPI(title=f"pdserve {loop.role} worker", docs_url=None, redoc_url=None)
+    app = FastAPI(title=f"pdserve {loop.role.value} worker", docs_url=None, redoc_url=None)
     token = loop.cfg.internal_token or ""
 
     @app.middleware("http")
@@ -57,7 +57,7 @@ def create_ops_app(loop: WorkerLoop) -> FastAPI:
     async def info() -> JSONResponse:
         p = loop.parts
         return JSONResponse({
-            "role": loop.role, "name": loop.cfg.worker_name, "version": __version__,
+            "role": loop.role.value, "name": loop.cfg.worker_name, "version": __version__,
             "compat": loop.compat.to_dict(), "model_path": p.model_path,
             "data_address": loop.data_address, **loop.info(),
             "eos_token_ids": list(p.model_config.eos_token_ids),

@@ -2,19 +2,19 @@
 
 `pdserve-builtin-tiny` is a small Llama-architecture checkpoint (4 layers, hidden 256, GQA 4/2,
 vocab 4096; about 5.2 M parameters, 21 MB in float32). Its small files ship in the package
-(`pdserve/builtin/`: config.json, generation_config.json and a byte-level BPE tokenizer with a
+(`engine/builtin/`: config.json, generation_config.json and a byte-level BPE tokenizer with a
 Llama-3 chat template, made by `scripts/train_builtin_tokenizer.py`); its weights are not
 shipped but drawn at first use from NumPy's PCG64 generator with a fixed seed, so every machine,
 CPU or GPU, gets bit-identical weights without a download and without anything large in git.
 The weights are random: the model produces fluent-looking nonsense, which is all a default needs
 for smoke tests, demos and benchmarks of the serving machinery.
 
-    from pdserve.builtin_model import builtin_model_path
+    from pdserve.engine.builtin_model import builtin_model_path
     path = builtin_model_path()   # a normal HF checkpoint folder, e.g. for AutoModelForCausalLM
 
 `builtin_model_path()` materialises the checkpoint once per cache folder (`cache_dir`, else
 $PDSERVE_CACHE_DIR, else ~/.cache/pdserve) and afterwards only checks a marker file. Before
-writing it checks the generated weights and the shipped files against `pdserve/builtin/
+writing it checks the generated weights and the shipped files against `engine/builtin/
 manifest.json`, so a NumPy whose generator changed, or an edited data file, fails loudly
 instead of serving a different model under the same name. Writing is atomic (a temp folder in
 the same parent, then one rename), so any number of processes may start at once.
@@ -24,7 +24,7 @@ b"pdserve-builtin-weights-v1\\n", then for every tensor in sorted-name order the
 f"{name}\\t<f4\\t{comma-separated shape}\\n" followed by its float32 little-endian C-order bytes.
 Names and shapes are in the hash, so a layout change changes it even if the bytes do not.
 
-`python -m pdserve.builtin_model --print-hash` prints the hash of freshly generated weights;
+`python -m pdserve.engine.builtin_model --print-hash` prints the hash of freshly generated weights;
 `--write-manifest` re-records manifest.json after a deliberate change of the model or its files.
 """
 
@@ -61,7 +61,7 @@ _STALE_TMP_S = 3600.0  # temp folders older than this were left by a killed proc
 
 
 def _data_dir():
-    return resources.files("pdserve").joinpath("builtin")
+    return resources.files("pdserve.engine").joinpath("builtin")
 
 
 def _read_data(name: str) -> bytes:
@@ -156,7 +156,7 @@ def _shipped_files_checked(manifest: dict[str, Any]) -> dict[str, bytes]:
         raise RuntimeError(
             f"built-in model files {bad} in {_data_dir()} do not match the hashes in {MANIFEST}: "
             "the package data was modified; reinstall pdserve, or after a deliberate change run "
-            "`python -m pdserve.builtin_model --write-manifest`")
+            "`python -m pdserve.engine.builtin_model --write-manifest`")
     return files
 
 
@@ -206,7 +206,7 @@ def builtin_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
             f"{manifest['weights_sha256']}: {GENERATOR} (numpy {np.__version__}) no longer draws "
             "the same numbers from the same seed, so this would be a different model under the "
             "same name. Use the numpy version the manifest was recorded with, or re-record it "
-            "with `python -m pdserve.builtin_model --write-manifest` (a new model).")
+            "with `python -m pdserve.engine.builtin_model --write-manifest` (a new model).")
 
     from safetensors.numpy import save_file
 
@@ -281,13 +281,13 @@ def write_manifest(seed: int | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pdserve.builtin_model",
+    ap = argparse.ArgumentParser(prog="python -m pdserve.engine.builtin_model",
                                  description="The built-in default model " + BUILTIN_MODEL_NAME)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--print-hash", action="store_true",
                       help="print the weights hash of freshly generated weights")
     mode.add_argument("--write-manifest", action="store_true",
-                      help="re-record pdserve/builtin/manifest.json (after changing the model)")
+                      help="re-record engine/builtin/manifest.json (after changing the model)")
     mode.add_argument("--path", action="store_true",
                       help="materialise the checkpoint if needed and print its folder")
     ap.add_argument("--seed", type=int, default=None, help="with --print-hash/--write-manifest")

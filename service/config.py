@@ -1,0 +1,61 @@
+"""A worker process's configuration: its engine's options plus its role, addresses and
+transfer settings. Built once by `pdserve prefill|decode|worker` (pdserve/cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pdserve.common.options import option
+from pdserve.engine.config import EngineConfig
+
+
+def _port(v: int | None) -> str | None:
+    return None if v is None or 0 <= v < 65536 else "must be a TCP port (0 = any free one)"
+
+
+@dataclass(frozen=True)
+class WorkerConfig(EngineConfig):
+    """A worker process: an engine plus its role, addresses and transfer settings."""
+
+    role: Literal["both", "prefill", "decode"] = option(
+        "both", help="prefill (P), decode (D), or both in one engine (single-process mode).")
+    host: str = option("127.0.0.1", help="Interface for the worker's sockets (internal: "
+                       "loopback unless told otherwise).")
+    port: int = option(8100, check=_port, help="HTTP port for /health /load /info /metrics.")
+    data_port: int | None = option(None, check=_port, help="ZMQ data-path port (default: "
+                                   "port + 1).")
+    kv_port: int | None = option(None, check=_port, help="D's KV-transfer port (default: "
+                                 "port + 2).")
+    advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
+                                        "(default: --host).")
+    internal_token: str | None = option(None, secret=True, help="Shared secret the proxy and "
+                                        "peers must present on internal channels.")
+    name: str | None = option(None, help="Worker name in logs, metrics and handshakes "
+                              "(default: role@host:port).")
+    kv_transports: list[str] = option(
+        default_factory=lambda: ["cuda_ipc", "shm", "tcp"],
+        choices=("cuda_ipc", "shm", "tcp"),
+        help="D: KV transports it accepts, best first. An empty list (PDSERVE_KV_TRANSPORTS="
+        "'') refuses every transfer: D recomputes prompts (testing fallbacks).")
+    reservation_timeout: float = option(30.0, check=lambda v: None if v > 0 else "must be > 0",
+                                        help="D: seconds a reservation may wait for room and "
+                                        "then for P's KV before it is dropped.")
+    transfer_timeout: float = option(30.0, check=lambda v: None if v > 0 else "must be > 0",
+                                     help="Seconds a started KV transfer may take.")
+
+    @property
+    def data_address_port(self) -> int:
+        return self.data_port if self.data_port is not None else self.port + 1
+
+    @property
+    def kv_address_port(self) -> int:
+        return self.kv_port if self.kv_port is not None else self.port + 2
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
+
+    @property
+    def worker_name(self) -> str:
+        return self.name or f"{self.role}@{self.public_host}:{self.port}"
