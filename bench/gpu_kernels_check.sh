@@ -21,7 +21,7 @@ else
   shim=/tmp/pdserve_shim/pdserve
   mkdir -p "$shim"
   for f in pdserve/*; do ln -sfn "$PWD/$f" "$shim/"; done
-  for d in engine kernels proxy prefill_worker decode_worker kv_transfer; do
+  for d in common engine kernels kv_transfer service proxy prefill_worker decode_worker; do
     ln -sfn "$PWD/$d" "$shim/$d"
   done
   export PYTHONPATH=/tmp/pdserve_shim:$PWD

@@ -206,8 +206,8 @@ class DecodeLoop(StreamingLoop):
                                                      + len(rec.output_token_ids)):
                 return
             self.queue.popleft()
-            r.req = self.engine.reserve(rec.prompt_token_ids, rec.params, rec.request_id,
-                                        rec.params.seed, rec.output_token_ids, rec.choice_index)
+            r.req = Request(rec.request_id, rec.prompt_token_ids, rec.params, rec.params.seed)
+            self.engine.scheduler.reserve(r.req, rec.output_token_ids, rec.choice_index)
             r.state = DState.RESERVED
             r.deadline = time.monotonic() + self.cfg.reservation_timeout + self.cfg.transfer_timeout
             if rec.output_token_ids:

@@ -1,11 +1,10 @@
-"""The step loop of one engine: the scheduler decides, the model runner computes, the
-sampler draws (DESIGN.md's three calls per step; the policy is all in `scheduler.py`).
-
-`step()`: schedule -> one forward over every scheduled chunk -> sample the rows whose chunk
-reached its sequence's last token -> postprocess (append, fork, finish) -> run the block
-copies forks asked for. It returns one `TokenRow` per token drawn, which is what the workers
-stream. The engine adds what needs the model: prompt checks against the vocabulary, seeds
-for requests that bring none, and the tensors.
+"""The step loop of one engine: the scheduler (`scheduler.py`) decides, the model runner
+computes, the sampler draws. `step()`: schedule -> one forward over every scheduled chunk
+-> sample the rows whose chunk reached its sequence's last token -> postprocess -> the block
+copies forks asked for; it returns one `TokenRow` per token drawn (what the workers stream).
+The engine adds what needs the model: prompt checks against the vocabulary, seeds for
+requests that bring none, and the tensors. Roles (P, D) talk to `self.scheduler` directly,
+except for `join`, whose forks copy blocks.
 """
 
 from __future__ import annotations
@@ -76,18 +75,8 @@ class LLMEngine:
     def abort(self, req: Request) -> None:
         self.scheduler.abort(req)
 
-    def reserve(self, prompt_token_ids: Seq[int], params: SamplingParams, request_id: str,
-                seed: int, output_token_ids: Seq[int] = (), choice_index: int = 0) -> Request:
-        """D: blocks for a prompt (and any output so far) whose KV P will send (see
-        `Scheduler.reserve`)."""
-        ids = [int(t) for t in prompt_token_ids]
-        self.check_prompt(ids + list(output_token_ids))
-        req = Request(request_id, ids, params, seed)
-        self.scheduler.reserve(req, output_token_ids, choice_index)
-        return req
-
     def join(self, request_id: str, first: Seq[TokenRow], kv_ready: bool) -> None:
-        """D: start a reserved request with P's first tokens (see `Scheduler.join`)."""
+        """D: start a reserved request with P's first tokens (`Scheduler.join`)."""
         self.scheduler.join(request_id, first, kv_ready)
         self._copy_forks()
 
@@ -109,7 +98,9 @@ class LLMEngine:
         return out
 
     def _copy_forks(self) -> None:
-        if self.scheduler.copies:  # copy-on-write of n > 1 forks, before the next step
+        # at once: D writes transferred KV into blocks outside step(), so a freed block
+        # must not receive a late copy
+        if self.scheduler.copies:
             self.parts.pool.copy_blocks(self.scheduler.copies)
             self.scheduler.copies = []
 

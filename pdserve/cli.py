@@ -21,8 +21,6 @@ from pdserve.common.options import option
 from pdserve.config import ConfigError, build_config, role_config
 from pdserve.engine.config import EngineConfig
 
-logger = logging.getLogger("pdserve")
-
 
 @dataclass(frozen=True)
 class GenerateConfig(EngineConfig):

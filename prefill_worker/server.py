@@ -12,7 +12,6 @@ any point (an OFFERED request's blocks once the sender's cancel event comes).
 from __future__ import annotations
 
 import enum
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +27,6 @@ from pdserve.kv_transfer.states import EventKind
 from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
 from pdserve.service.loop import WorkerLoop
-
-logger = logging.getLogger(__name__)
 
 
 class PState(enum.Enum):

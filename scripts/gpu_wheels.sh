@@ -2,7 +2,7 @@
 # gpu_wheels.sh -- carry pdserve's missing Python wheels to the lent GPU machine.
 #
 # The GPU machine (Python 3.12, torch, triton, transformers, msgpack, httpx,
-# aiohttp, uvloop, prometheus-client) lacks pyzmq, fastapi, starlette, uvicorn,
+# aiohttp, uvloop, prometheus-client) lacks pyzmq, msgspec, fastapi, starlette, uvicorn,
 # pydantic and their small dependencies, and it reaches no package registry.
 # So the wheels are downloaded here into the git-ignored folder .whl/ at the
 # repo root, travel with the working tree (the run tool's carry: [".whl"]),
@@ -29,6 +29,7 @@ set -euo pipefail
 # pinned here; `check` verifies that. Versions match the dev .venv.
 PINS=(
   pyzmq==27.3.0
+  msgspec==0.23.0            # typed wire messages (common/wire.py); no dependencies
   fastapi==0.165.0
   starlette==1.10.0
   uvicorn==0.54.0
@@ -51,8 +52,8 @@ PINS=(
 )
 
 # Modules the GPU runs import (checked by `install`); the last ones come with the image.
-IMPORTS=(zmq fastapi starlette uvicorn pydantic pydantic_core anyio click h11
-         msgpack httpx prometheus_client torch triton transformers)
+IMPORTS=(zmq msgspec fastapi starlette uvicorn pydantic pydantic_core anyio click h11
+         httpx prometheus_client torch triton transformers)
 
 MAX_BYTES=$((30 * 1024 * 1024))
 

@@ -9,7 +9,6 @@ that send `endpoint-load-metrics-format: text|json` carry `endpoint-load-metrics
 from __future__ import annotations
 
 import hmac
-import logging
 import threading
 
 import uvicorn
@@ -19,8 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdserve.common import __version__
 from pdserve.service.loop import WorkerLoop, orca_header
-
-logger = logging.getLogger(__name__)
 
 
 def create_ops_app(loop: WorkerLoop) -> FastAPI:

@@ -8,6 +8,7 @@ import torch
 
 from pdserve import LLM, SamplingParams
 from pdserve.engine.llm_engine import LLMEngine, Role
+from pdserve.engine.sequence import Request
 from tests.factories import make_engine_parts, random_prompts
 
 
@@ -20,7 +21,7 @@ def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
         rid = f"r{i}"
         seed = sp.seed if sp.seed is not None else 1000 + i
         assert d.scheduler.can_reserve(len(ids))
-        d.reserve(ids, sp, rid, seed)
+        d.scheduler.reserve(Request(rid, list(ids), sp, seed))
         reqs.append(p.add_request(ids, SamplingParams(**{**sp.__dict__, "seed": seed}), rid))
     while p.has_unfinished():
         firsts: dict[str, list] = {}

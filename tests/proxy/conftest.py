@@ -18,7 +18,8 @@ import pytest
 import uvicorn
 
 from pdserve.engine.config import EngineConfig
-from pdserve.proxy import LocalBackend, create_app
+from pdserve.proxy import create_app
+from tests.proxy.local_backend import LocalBackend
 
 API_KEY = "sk-test-key"
 MODEL = "pdserve-builtin-tiny"

@@ -10,8 +10,9 @@ import httpx
 import openai
 import pytest
 
-from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest, LocalBackend, create_app
+from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest, create_app
 from tests.proxy.conftest import MODEL, Served, serve, sse_events, wait_until_idle
+from tests.proxy.local_backend import LocalBackend
 from tests.proxy.openapi_schema import COMPLETION_CHUNK, validate
 
 

@@ -11,8 +11,9 @@ import pytest
 
 from pdserve.common.params import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine, PromptTooLongError
-from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest, LocalBackend
+from pdserve.proxy import BackendError, ChoiceDelta, GenerationRequest
 from tests.proxy.conftest import engine_config, wait_until_idle
+from tests.proxy.local_backend import LocalBackend
 
 _ids = iter(range(10**9))
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
-from pdserve.proxy import LocalBackend
 from tests.proxy.conftest import API_KEY, MODEL, Served, sse_events, wait_until_idle
+from tests.proxy.local_backend import LocalBackend
 
 PIECES = ["世界", "😀", "🇯🇵", "naïve café", "Ωμέγα", "日本語", "ok", "the", "🤖 robots", "ß"]
 LONG = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}

@@ -1,4 +1,6 @@
-"""`LocalBackend`: an `LLMEngine` in this process, stepped by one background thread.
+"""`LocalBackend`: an `LLMEngine` in this process, stepped by one background thread: the
+`Backend` the OpenAI-surface tests serve `create_app` over, with no worker processes. (The
+product's proxy runs no engine; `pdserve worker --role both` is the one-process server.)
 
 How a request moves: `generate()` (event loop) puts an "add" command on a thread-safe
 command queue and waits on its own asyncio.Queue. The engine thread drains commands between
