@@ -5,8 +5,9 @@ with a seed always set) and hands it to a `Backend`; the backend streams back, p
 step, a list of `ChoiceDelta`s (new token ids, logprobs, finish reasons). Text, stop strings,
 usage and response shapes stay in the front: backends are token engines (DESIGN.md §1).
 
-Implementations: `proxy/cluster_backend.py` (P/D and both-role workers over the data path)
-and `proxy/local_backend.py` (an `LLMEngine` in a background thread: tests, one process).
+Implementations: `proxy/cluster_backend.py` (P/D and both-role workers over the data path);
+the OpenAI-surface tests run `create_app` over `tests/proxy/local_backend.py` (an engine in a
+thread of the test process).
 """
 
 from __future__ import annotations
