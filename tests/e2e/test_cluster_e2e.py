@@ -69,11 +69,15 @@ def cluster(tmp_path_factory):
         proc, url, log = start_proxy(tmp, [w.http for w in ws[:2]], [w.http for w in ws[2:]])
         yield {"P": ws[:2], "D": ws[2:], "url": url, "proc": proc, "log": log, "tmp": tmp}
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
-        for w in ws:
-            w.stop()
+        stop_all(proc, ws)
+
+
+def stop_all(proxy, workers):
+    if proxy is not None:
+        proxy.terminate()
+        proxy.wait(20)
+    for w in workers:
+        w.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from pdserve import LLM, SamplingParams
-from tests.e2e.test_cluster_e2e import KEY, start_proxy
+from tests.e2e.test_cluster_e2e import KEY, start_proxy, stop_all
 from tests.workers.cluster import start_worker, wait_healthy
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,8 +58,4 @@ def test_a_separate_tokenizer_directory_serves_and_a_mismatch_is_refused(split_c
         assert got.choices[0].text == want[0].outputs[0].text
         assert got.usage.prompt_tokens == len(want[0].prompt_token_ids)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(20)
-        for w in ws:
-            w.stop()
+        stop_all(proc, ws)
