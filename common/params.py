@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MIN_TEMPERATURE = 1e-2
 
 
 def _is_int(v: object) -> bool:
@@ -24,7 +25,9 @@ def _is_num(v: object) -> bool:
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature 0 is greedy; top_k 0 or -1, top_p 1 and min_p 0 disable those filters.
+    temperature 0 is greedy; one in (0, MIN_TEMPERATURE) is raised to MIN_TEMPERATURE, as vLLM
+    does (dividing logits by 1e-300 overflows to inf). top_k 0 or -1, top_p 1 and min_p 0
+    disable those filters.
     repetition_penalty (> 1 discourages) applies to tokens of the prompt and the output;
     presence and frequency penalties to output tokens only. min_tokens keeps EOS and
     stop_token_ids from being drawn until that many tokens exist. logprobs = N returns the
@@ -76,13 +79,15 @@ class SamplingParams:
             raise bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if not all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of integers in [0, 2^31)")
         if self.logprobs is not None and (
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         if self.seed is not None and self.seed >= 2**63:  # keep the bits, store as int64
             object.__setattr__(self, "seed", self.seed - 2**64)
 

@@ -174,7 +174,8 @@ class Transfer(DataMessage, tag="transfer"):
 class Error(DataMessage, tag="error"):
     reason: str
     rid: str | None = None
-    retryable: bool = False  # set by the proxy for a worker that went away
+    retryable: bool = False  # another worker may succeed (a worker gone, an engine failure)
+    code: str = ""  # "engine": the engine failed on this request (its state is freed)
 
 
 DATA_PATH = Codec((Reserve, Join, Prefill, Generate, Abort, Reserved, Rejected, Step, First,

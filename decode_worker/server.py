@@ -164,7 +164,7 @@ class DecodeLoop(StreamingLoop):
             rec = msg.rec
             self.check_new(rec)
             try:
-                self.engine.check_prompt(rec.prompt_token_ids + rec.output_token_ids)
+                self.engine.check_prompt(rec.prompt_token_ids + rec.output_token_ids, rec.params)
             except ValueError as e:
                 raise WireError(str(e), rec.request_id) from e
             timeout = msg.timeout or self.cfg.reservation_timeout

@@ -93,8 +93,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         encoded = [self._prompt_ids(p) for p in prompts]
-        for _, ids in encoded:
-            self.engine.check_prompt(ids)
+        for (_, ids), sp in zip(encoded, params, strict=True):
+            self.engine.check_prompt(ids, sp)
         reqs: list[Request] = []
         for (_, ids), sp in zip(encoded, params, strict=True):
             reqs.append(self.engine.add_request(ids, sp, request_id=str(self._next_request)))

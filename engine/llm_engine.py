@@ -3,23 +3,29 @@ computes, the sampler draws. `step()`: schedule -> one forward over every schedu
 -> sample the rows whose chunk reached its sequence's last token -> postprocess -> the block
 copies forks asked for; it returns one `TokenRow` per token drawn (what the workers stream).
 The engine adds what needs the model: prompt checks against the vocabulary, seeds for
-requests that bring none, and the tensors. Roles (P, D) talk to `self.scheduler` directly,
-except for `join`, whose forks copy blocks.
+requests that bring none, the tensors, and containment (a request that makes the step fail
+is found, aborted and reported in `failed`; the others run on). Roles (P, D) talk to
+`self.scheduler` directly, except for `join`, whose forks copy blocks.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Sequence as Seq
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.wire import TokenRow
 from pdserve.engine.model_runner import SeqChunk
-from pdserve.engine.sampler import SampleRow
+from pdserve.engine.sampler import SampleResult, SampleRow
 from pdserve.engine.scheduler import PromptTooLongError, Role, Scheduler  # noqa: F401 - re-exported
 from pdserve.engine.sequence import Request, Sequence
 from pdserve.engine.setup import EngineParts
+
+logger = logging.getLogger(__name__)
+
+MAX_FAILED_STEPS = 3
 
 
 class LLMEngine:
@@ -41,16 +47,21 @@ class LLMEngine:
                                    eos_token_ids=self.eos_token_ids)
         self._ids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)  # seeds for requests that bring none
+        self.failed: list[tuple[str, str]] = []  # (request id, why): the caller drains it
+        self._failed_steps = 0  # steps in a row whose every request failed alone
 
-    def check_prompt(self, ids: Seq[int]) -> None:
-        """Raise ValueError for an empty prompt or token ids outside the vocabulary, and
-        PromptTooLongError when the prompt leaves no room for one output token."""
+    def check_prompt(self, ids: Seq[int], params: SamplingParams | None = None) -> None:
+        """Raise ValueError for an empty prompt or token ids (of the prompt, or `params`'
+        stop_token_ids) outside the vocabulary, and PromptTooLongError when the prompt leaves
+        no room for one output token. What the proxy validated is checked again here."""
         vocab = self.parts.model_config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+        for what, bad in (("prompt token", [t for t in ids if not 0 <= t < vocab]),
+                          ("stop_token_ids", [t for t in (params.stop_token_ids if params
+                                                          else ()) if t >= vocab])):
+            if bad:
+                raise ValueError(f"{what} id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         self.scheduler.check_length(len(ids))
 
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
@@ -60,7 +71,7 @@ class LLMEngine:
         `choice_index` > 0 runs that one choice of a request alone (params.n must be 1): the
         record a retry or failover re-submits draws exactly what that choice drew."""
         ids = [int(t) for t in prompt_token_ids]
-        self.check_prompt(ids)
+        self.check_prompt(ids, params)
         if choice_index and params.n != 1:
             raise ValueError("choice_index > 0 needs SamplingParams.n == 1")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -81,10 +92,28 @@ class LLMEngine:
         self._copy_forks()
 
     def step(self) -> list[TokenRow]:
-        """Run one forward; returns every token drawn in it (with its finish reason)."""
+        """Run one forward; returns every token drawn in it (with its finish reason).
+
+        A forward or draw that fails is contained: each request of the step runs alone, the
+        ones that fail by themselves are aborted (blocks freed) and listed in `failed` for the
+        caller to report, and the rest runs on. It raises only for the engine's own faults:
+        no request fails alone, every request of several does, or MAX_FAILED_STEPS steps in
+        a row failed whole."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            draws, results = self._forward(batch)
+            self._failed_steps = 0
+        except Exception as e:  # noqa: BLE001 - contained below, or re-raised
+            batch = self._isolate(batch, e)
+            draws, results = self._forward(batch) if batch else ([], [])
+        out = self.scheduler.postprocess(batch, draws, results)
+        self._copy_forks()
+        return out
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[list, list[SampleResult]]:
+        """The model over `batch`'s chunks and the draws; changes no scheduler state."""
         draws = self.scheduler.draws(batch)
         logits = self.parts.runner.execute([
             SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
@@ -92,10 +121,29 @@ class LLMEngine:
                      num_logits=int(seq.num_computed_tokens + n == seq.num_tokens))
             for seq, n in batch])
         rows = [self._sample_row(seq, choice) for _, seq, choice in draws]
-        results = self.parts.sampler(logits[[r for r, _, _ in draws]], rows) if rows else []
-        out = self.scheduler.postprocess(batch, draws, results)
-        self._copy_forks()
-        return out
+        return draws, self.parts.sampler(logits[[r for r, _, _ in draws]], rows) if rows else []
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], error: Exception
+                 ) -> list[tuple[Sequence, int]]:
+        """Find the requests of a failed step that fail alone; abort them; the rest."""
+        parts: dict[Request, list[tuple[Sequence, int]]] = {}
+        for seq, n in batch:
+            parts.setdefault(seq.request, []).append((seq, n))
+        culprits = {}
+        for req, part in parts.items():
+            try:
+                self._forward(part)
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                culprits[req] = f"{type(e).__name__}: {e}"
+        self._failed_steps = self._failed_steps + 1 if len(culprits) == len(parts) else 0
+        if not culprits or (len(culprits) == len(parts) > 1) \
+                or self._failed_steps >= MAX_FAILED_STEPS:
+            raise error
+        for req, why in culprits.items():
+            logger.warning("request %s failed the engine step; aborted: %s", req.request_id, why)
+            self.scheduler.abort(req)
+            self.failed.append((req.request_id, why))
+        return [(seq, n) for seq, n in batch if seq.request not in culprits]
 
     def _copy_forks(self) -> None:
         # at once: D writes transferred KV into blocks outside step(), so a freed block

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import zmq
 
 from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
+from pdserve.common.logs import Throttled
 from pdserve.engine.kv_pool import KVPool
 from pdserve.kv_transfer import cuda_ipc, metrics, transports
 from pdserve.kv_transfer import protocol as proto
@@ -30,6 +31,7 @@ from pdserve.kv_transfer.protocol import MAX_CONTROL_BYTES, ProtocolError, decod
 from pdserve.kv_transfer.states import EventKind, Reservation, ReservationState, TransferEvent
 
 logger = logging.getLogger(__name__)
+flood = Throttled(logger)
 
 EARLY_OFFER_GRACE_S = 5.0  # an offer may overtake its reservation; hold it this long
 _EVENT = {ReservationState.DONE: EventKind.ARRIVED, ReservationState.FAILED: EventKind.FAILED,
@@ -177,7 +179,7 @@ class KVReceiver(IOThread):
                 self.send(identity, proto.Error(e=self.epoch, reason=str(e), code="handshake"))
             except ProtocolError as e:
                 metrics.MALFORMED.inc()
-                logger.warning("malformed message from %r: %s", identity, e)
+                flood.warning("malformed", "malformed message from %r: %s", identity, e)
                 self.send(identity, proto.Error(e=self.epoch, reason=str(e), code="malformed"))
 
     def _dispatch(self, identity: bytes, msg: proto.KVMessage, rest: list) -> None:
@@ -207,7 +209,7 @@ class KVReceiver(IOThread):
     def _on_hello(self, identity: bytes, msg: proto.Hello) -> None:
         def refuse(reason: str, label: str) -> None:
             metrics.HANDSHAKE_REFUSALS.labels(label).inc()
-            logger.warning("refused P %s: %s", msg.name, reason)
+            flood.warning("refused", "refused P %s: %s", msg.name, reason)
             self.send(identity, proto.Refuse(e=self.epoch, reason=reason))
 
         if msg.v != PROTOCOL_VERSION:

@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
+from pdserve.common.logs import Throttled
 from pdserve.engine.kv_pool import KVPool, dtype_name
 from pdserve.kv_transfer import cuda_ipc, metrics
 from pdserve.kv_transfer import protocol as proto
@@ -31,6 +32,7 @@ from pdserve.kv_transfer.protocol import MAX_CONTROL_BYTES, ProtocolError, boot_
 from pdserve.kv_transfer.states import DestState, EventKind, OfferState, PendingOffer, TransferEvent
 
 logger = logging.getLogger(__name__)
+flood = Throttled(logger)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 REFUSAL_MEMORY_S = 5.0  # after a refusal, new offers to that D fail fast for this long
@@ -201,7 +203,7 @@ class KVSender(IOThread):
                 self._dispatch(d, decode(frame))
             except ProtocolError as e:
                 metrics.MALFORMED.inc()
-                logger.warning("malformed message from D %s: %s", d.address, e)
+                flood.warning("malformed", "malformed message from D %s: %s", d.address, e)
 
     def _dispatch(self, d: _Dest, msg: proto.KVMessage) -> None:
         if isinstance(msg, proto.Welcome):
@@ -226,7 +228,7 @@ class KVSender(IOThread):
                     self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
             return
         if isinstance(msg, proto.Error):
-            logger.warning("D %s reported an error: %s", d.address, msg.reason)
+            flood.warning("error", "D %s reported an error: %s", d.address, msg.reason)
             if msg.code == "handshake" and d.state is DestState.READY:
                 # D restarted and lost us: shake hands again; offers it never saw time out
                 self._close_dest(d)

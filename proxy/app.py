@@ -1,12 +1,14 @@
 """The OpenAI-compatible HTTP surface over any `Backend`: `create_app(backend, ...)`.
 
 A completion request: read the JSON body (400 unless `application/json`; 413 when too
-large) -> pydantic request (400 naming the parameter) -> model name (404) -> chat template
-and tokenization in a worker thread -> max_tokens against max_model_len (400, vLLM's
-messages) -> `SamplingParams` with a seed always set (a random 63-bit one when the client
-sent none, so retries reproduce) -> `Generation.start()` (a refused request is still a plain
-400/503) -> JSON body, or SSE (`data: {...}` chunks, usage chunk, `data: [DONE]`). A client
-that disconnects at any point cancels the work and the backend aborts the request.
+large; strings UTF-8 can encode) -> pydantic request (400 naming the parameter) -> model
+name (404) -> chat template and tokenization in a worker thread -> the validator against the
+served model (`validation.py`: token ids, stop lists, max_tokens vs max_model_len, sampling
+ranges; 400 naming the parameter) -> `SamplingParams` with a seed always set (a random 63-bit
+one when the client sent none, so retries reproduce) -> `Generation.start()` (a refused
+request is still a plain 400/503) -> JSON body, or SSE (`data: {...}` chunks, usage chunk,
+`data: [DONE]`). A client that disconnects at any point cancels the work and the backend
+aborts the request.
 
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokenize,
 /detokenize; GET /health (200 / 503, the backend's report as JSON), /version; GET|POST
@@ -41,11 +43,11 @@ from pdserve.proxy.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     parse_request,
-    resolve_max_tokens,
 )
 from pdserve.proxy.serving import Generation, collect
 from pdserve.proxy.streaming import ClientDisconnected, SSEResponse, cancel_on_disconnect, sse_stream
 from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
+from pdserve.proxy.validation import check_strings, validate
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,13 @@ async def read_json(request: Request) -> Any:
         raise OpenAIError("Unsupported Media Type: Only 'application/json' is allowed")
     raw = await request.body()
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIError(f"the request body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise OpenAIError("the request body nests too deeply") from None
+    check_strings(data)
+    return data
 
 
 class OpenAIServer:
@@ -127,10 +133,9 @@ class OpenAIServer:
         # a proxy just started serves before its workers' first health checks: wait a little
         if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
             raise OpenAIError("no worker is ready yet: see /health", status_code=503)
-        max_tokens = resolve_max_tokens(req, len(prompt_ids), self.backend.max_model_len,
-                                        prompt_param)
         seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
-        params = req.sampling_params(max_tokens, seed)
+        params = validate(req, prompt_ids, prompt_param, max_model_len=self.backend.max_model_len,
+                          vocab_size=self.backend.vocab_size, seed=seed)
         rid = request.state.request_id
         response_id = f"{prefix}-{rid}"
         # unique inside the backend even when a client reuses its X-Request-Id

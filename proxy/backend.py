@@ -22,7 +22,15 @@ from pdserve.engine.tokenizer import Tokenizer
 
 class BackendError(RuntimeError):
     """The backend cannot serve the request for a reason of its own (dead engine, shut down,
-    no worker): the front answers 503, or an error event mid-stream."""
+    no worker): the front answers `status_code`, or an error event mid-stream."""
+
+    status_code = 503
+
+
+class RequestFailedError(BackendError):
+    """The engine failed on this request on two workers: not retried again (a 500)."""
+
+    status_code = 500
 
 
 # The request record of DESIGN.md §1: one type from the front through every worker.
@@ -67,6 +75,7 @@ class Backend(Protocol):
     model_name: str  # the served model name when the app is given none
     model_path: str | None  # the checkpoint (/v1/models' "root"), if the backend knows it
     max_model_len: int  # prompt + output tokens; 0 while no engine is ready (`wait_ready`)
+    vocab_size: int  # token ids are below it; 0 while no engine is ready
     tokenizer: Tokenizer | None  # None: token-ids-only mode (text prompts are refused)
 
     async def wait_ready(self, timeout: float) -> bool:

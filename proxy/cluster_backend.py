@@ -28,7 +28,13 @@ from pdserve.common.prefix import prefix_block_hashes
 from pdserve.common.wire import RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proxy import metrics
-from pdserve.proxy.backend import BackendError, ChoiceDelta, GenerationRequest, to_deltas
+from pdserve.proxy.backend import (
+    BackendError,
+    ChoiceDelta,
+    GenerationRequest,
+    RequestFailedError,
+    to_deltas,
+)
 from pdserve.proxy.registry import Registry, Worker
 from pdserve.proxy.workers import WorkerError, run_both, run_pd, run_resume
 
@@ -180,15 +186,11 @@ class ClusterBackend:
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
         start = time.monotonic()
-        bad = [t for t in req.prompt_token_ids if not 0 <= t < self.vocab_size]
-        if self.vocab_size and bad:  # refused here: a 400, not a worker error
-            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary "
-                             f"[0, {self.vocab_size})")
         outputs: dict[int, list[int]] = {}
         finished: set[int] = set()
         stamps: dict[int, float] = {}
         exclude: set[str] = set()
-        rec, attempt = req, 0
+        rec, attempt, engine_failures = req, 0, 0
         d_worker: Worker | None = None
         while True:
             route, a, b = await self._route_when_ready(rec, exclude)
@@ -203,6 +205,9 @@ class ClusterBackend:
             except WorkerError as e:
                 if not e.retryable:  # the worker refused the request itself: the client's fault
                     raise ValueError(str(e)) from e
+                engine_failures += e.code == "engine"
+                if engine_failures >= 2:  # it fails engines: a third would fail too
+                    raise RequestFailedError(f"the request failed on two workers: {e}") from e
                 if outputs:  # tokens already streamed: continue each choice elsewhere
                     exclude.add(d_worker.url)
                     async for deltas in self._failover(req, outputs, finished, exclude, stamps,

@@ -33,7 +33,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False
 
 
-class _SamplingRequest(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields both endpoints share (OpenAI's and vLLM's extras)."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields: ignored, logged
@@ -155,7 +155,7 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI, still sent by many clients
     max_completion_tokens: int | None = None
@@ -203,7 +203,7 @@ class ChatCompletionRequest(_SamplingRequest):
 PromptInput = str | list[int] | list[str] | list[list[int]]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: PromptInput
     max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs: int | None = None
@@ -262,35 +262,6 @@ def validation_error(errors: list[Any]) -> OpenAIError:
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")
     return OpenAIError(f"{param}: {msg}" if param else msg, param=param)
-
-
-def resolve_max_tokens(req: _SamplingRequest, num_prompt_tokens: int, max_model_len: int,
-                       prompt_param: str) -> int:
-    """The effective max_tokens, or a 400 with vLLM's messages when the prompt leaves no room
-    or the requested budget does not fit. An unset completions max_tokens (default 16) is
-    capped to the room left instead of refused."""
-    if num_prompt_tokens >= max_model_len:
-        raise OpenAIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"request has {num_prompt_tokens} input tokens. Please reduce the length of the "
-            "input messages.", param=prompt_param, code="context_length_exceeded")
-    room = max_model_len - num_prompt_tokens
-    requested = req.requested_max_tokens()
-    explicit = requested is not None and (
-        not isinstance(req, CompletionRequest) or "max_tokens" in req.model_fields_set)
-    if requested is None:
-        return room
-    if not explicit:
-        return min(requested, room)
-    if requested > room:
-        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) \
-            is not None else "max_tokens"
-        raise OpenAIError(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
-            f"maximum context length is {max_model_len} tokens and your request has "
-            f"{num_prompt_tokens} input tokens ({requested} > {max_model_len} - "
-            f"{num_prompt_tokens}).", param=param, code="context_length_exceeded")
-    return requested
 
 
 class TokenizeRequest(BaseModel):

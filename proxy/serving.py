@@ -133,7 +133,7 @@ class Generation:
             raise OpenAIError(str(e), param="prompt") from e
         except BackendError as e:
             await self.aclose()
-            raise OpenAIError(str(e), status_code=503) from e
+            raise OpenAIError(str(e), status_code=e.status_code) from e
         except BaseException:
             await self.aclose()
             raise
@@ -159,7 +159,7 @@ class Generation:
                     raise BackendError("the backend ended the request without finishing "
                                        "every choice") from None
         except BackendError as e:
-            raise OpenAIError(str(e), status_code=503) from e
+            raise OpenAIError(str(e), status_code=e.status_code) from e
         finally:
             await self.aclose()
 

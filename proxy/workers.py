@@ -23,18 +23,21 @@ import zmq
 import zmq.asyncio
 
 from pdserve.common import wire
+from pdserve.common.logs import Throttled
 from pdserve.common.wire import DATA_PATH, RequestRecord, TokenRow, WireError
 
 logger = logging.getLogger(__name__)
+flood = Throttled(logger)
 _link_ids = itertools.count()
 
 
 class WorkerError(RuntimeError):
-    """A worker refused or failed a request; `retryable` when another worker may succeed."""
+    """A worker refused or failed a request; `retryable` when another worker may succeed;
+    `code` as the worker's Error says ("engine": its engine failed on the request)."""
 
-    def __init__(self, message: str, retryable: bool = False):
+    def __init__(self, message: str, retryable: bool = False, code: str = ""):
         super().__init__(message)
-        self.retryable = retryable
+        self.retryable, self.code = retryable, code
 
 
 @dataclass(eq=False)
@@ -80,7 +83,7 @@ class WorkerLink:
             try:
                 msg = DATA_PATH.decode(await self.sock.recv())
             except WireError as e:
-                logger.warning("bad frame from worker %s: %s", self.address, e)
+                flood.warning("bad frame", "bad frame from worker %s: %s", self.address, e)
                 continue
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
@@ -98,7 +101,7 @@ class WorkerLink:
             elif (q := self.queues.get(getattr(msg, "rid", None))) is not None:
                 q.put_nowait(msg)
             elif isinstance(msg, wire.Error):
-                logger.warning("worker %s: %s", self.address, msg.reason)
+                flood.warning("error", "worker %s: %s", self.address, msg.reason)
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -112,7 +115,7 @@ async def _expect(q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
     except TimeoutError:
         raise WorkerError("the worker did not answer in time", retryable=True) from None
     if isinstance(item, wire.Error):
-        raise WorkerError(f"worker failed the request: {item.reason}", retryable=item.retryable)
+        raise WorkerError(f"worker failed the request: {item.reason}", item.retryable, item.code)
     if not isinstance(item, kinds):
         raise WorkerError(f"unexpected {type(item).__name__} from a worker")
     return item
@@ -125,8 +128,8 @@ async def _step_rows(q: asyncio.Queue, deadline: float, running: set[int]) -> li
     while not q.empty():
         item = q.get_nowait()
         if isinstance(item, wire.Error):
-            raise WorkerError(f"the worker failed the request: {item.reason}",
-                              retryable=item.retryable)
+            raise WorkerError(f"the worker failed the request: {item.reason}", item.retryable,
+                              item.code)
         batch.append(item)
     running.difference_update(r.choice_index for r in batch if r.finish_reason is not None)
     return batch

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from pdserve.common.compat import CompatRecord
+from pdserve.common.logs import Throttled
 from pdserve.common.wire import DATA_PATH, DataMessage, Error, RequestRecord, WireError
 from pdserve.engine.kv_pool import POOL_LAYOUT, dtype_name
 from pdserve.engine.llm_engine import LLMEngine, Role
@@ -28,6 +29,7 @@ from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
+flood = Throttled(logger)  # what a peer can repeat at will is logged at most every 10 s
 
 
 def compat_record(parts: EngineParts) -> CompatRecord:
@@ -120,7 +122,8 @@ class WorkerLoop:
         try:
             self.sock.send_multipart([identity, DATA_PATH.encode(msg)], zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as e:  # proxy gone or full: it will time out
-            logger.warning("cannot reach %r (%s); dropped %s", identity, e, type(msg).__name__)
+            flood.warning("unreachable", "cannot reach %r (%s); dropped %s", identity, e,
+                          type(msg).__name__)
 
     def _receive(self) -> None:
         while True:
@@ -130,14 +133,30 @@ class WorkerLoop:
                 return
             except ValueError:
                 continue  # a frame without a body: nothing to answer
+            msg = None
             try:
                 msg = DATA_PATH.decode(frame)
                 if self._token and not hmac.compare_digest(msg.t.encode(), self._token):
                     raise WireError("wrong internal token", getattr(msg, "rid", None))
                 self.on_message(identity, msg)
             except WireError as e:
-                logger.warning("refused a data-path message: %s", e)
+                flood.warning("refused", "refused a data-path message: %s", e)
                 self.send(identity, Error(reason=str(e), rid=e.rid))
+            except Exception as e:  # a bug handling one message must not end the worker
+                rid = getattr(msg, "rid", None) or getattr(getattr(msg, "rec", None),
+                                                           "request_id", None)
+                logger.exception("failed handling a %s message", type(msg).__name__)
+                self.send(identity, Error(reason=f"the worker failed handling it: {e!r}",
+                                          rid=rid))
+
+    def fail_request(self, rid: str, why: str) -> None:
+        """The engine aborted `rid` (it failed the step by itself): tell its proxy, forget it.
+        Another worker may try once (`code="engine"`)."""
+        r = self.reqs.pop(rid, None)
+        if r is not None:
+            self.send(r.identity, Error(reason=f"the engine failed on this request: {why}",
+                                        rid=rid, retryable=True, code="engine"))
+            metrics.REQUESTS.labels(self.role.value, "error").inc()
 
     def publish(self) -> None:
         """Refresh what the HTTP thread serves (a new dict each time: no locking needed)."""
@@ -180,6 +199,9 @@ class WorkerLoop:
                         logger.exception("engine step failed")
                         self.dead_reason = f"engine step failed: {e}"
                         self.stop_event.set()
+                    for rid, why in self.engine.failed:
+                        self.fail_request(rid, why)
+                    self.engine.failed.clear()
                 self.publish()
         finally:
             self.close()

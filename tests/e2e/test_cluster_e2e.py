@@ -206,6 +206,13 @@ BAD_BODIES = [
     json.dumps({"model": "M", "prompt": "x", "temperature": -1}).encode(),
     json.dumps({"model": "M", "prompt": "x", "logprobs": 50}).encode(),
     json.dumps({"model": "M", "prompt": "x", "stop": 5}).encode(),
+    # the fault campaign's 500s and worker crashes (issue 13)
+    json.dumps({"model": "M", "prompt": "a\ud800b"}).encode(),
+    json.dumps({"model": "M", "messages": [{"role": "user", "content": "\ud800"}]}).encode(),
+    b'{"model": "M", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    json.dumps({"model": "M", "prompt": "x", "stop_token_ids": [2**64]}).encode(),
+    json.dumps({"model": "M", "prompt": "x", "stop_token_ids": [5000], "min_tokens": 2}).encode(),
+    json.dumps({"model": "M", "prompt": "x", "stop": ["s"] * 100}).encode(),
 ]
 
 
@@ -224,6 +231,34 @@ def test_bad_input_sweep_gets_4xx_json(cluster, client, path):
         assert r.status_code in (400, 415)
     # and it keeps serving
     assert client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3).choices
+
+
+def test_the_poison_request_gets_a_400_and_every_worker_lives(cluster, client):
+    """stop_token_ids outside the vocabulary with min_tokens killed both D (or both P) once:
+    the proxy's validator refuses it, the workers would too, and the cluster serves on."""
+    model = model_name(client)
+    for prompt in ([5, 6, 7, 8] * 2, [5, 6, 7] * 14):  # under and over min-pd-prompt-tokens
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=model, prompt=prompt, max_tokens=8,
+                                      extra_body={"stop_token_ids": [5000], "min_tokens": 2})
+        assert e.value.body["param"] == "stop_token_ids" and "5000" in e.value.body["message"]
+    for w in cluster["P"] + cluster["D"]:
+        assert w.get("/health").status_code == 200
+    assert client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=3).choices
+    r = httpx.post(cluster["url"] + "/tokenize", content=json.dumps({"prompt": "\ud800"}),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_denormal_temperature_samples_at_the_minimum(client):
+    """temperature 1e-300 used to emit token 0 every step; it is raised to 0.01 (vLLM)."""
+    model = model_name(client)
+    kw = dict(model=model, prompt=prompt_ids(5), max_tokens=8, seed=3,
+              extra_body={"ignore_eos": True, "return_token_ids": True})
+    tiny = client.completions.create(temperature=1e-300, **kw).model_dump()
+    low = client.completions.create(temperature=0.01, **kw).model_dump()
+    assert tiny["choices"][0]["token_ids"] == low["choices"][0]["token_ids"]
+    assert tiny["choices"][0]["token_ids"] != [0] * 8
 
 
 def test_64_streams_survive_killing_a_p_and_a_d(cluster, reference):

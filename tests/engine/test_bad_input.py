@@ -172,3 +172,66 @@ def test_memory_budget_sizes_the_pool(tiny_checkpoint):
     assert parts.pool.spec.bytes_per_block == 8192
     assert parts.block_manager.num_blocks == 100
     assert tuple(parts.pool.tensor.shape) == (100, 2, 2, 16, 2, 16)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_before_any_work(tiny_checkpoint):
+    """The poison request of the fault campaign: stop ids >= vocab size with min_tokens used to
+    crash the sampler (an IndexError that killed the worker)."""
+    llm = LLM(str(tiny_checkpoint("llama")), use_tqdm_on_load=False, num_gpu_blocks_override=32)
+    with pytest.raises(ValueError, match=r"stop_token_ids id\(s\) \[5000\] outside the vocab"):
+        llm.generate({"prompt_token_ids": [5, 6]},
+                     SamplingParams(stop_token_ids=[5000], min_tokens=2, max_tokens=4),
+                     use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_tiny_temperature_is_raised_to_the_minimum():
+    assert SamplingParams(temperature=1e-300).temperature == 0.01
+    assert SamplingParams(temperature=0.0).greedy
+
+
+def test_a_request_that_fails_the_step_is_contained(tiny_checkpoint):
+    """A request that gets past validation and still breaks the step (here: stop ids forced
+    past the check) is aborted alone; the others finish with the tokens they would have
+    drawn without it, and every block is free afterwards."""
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sequence import Request
+    from tests.factories import random_prompts
+
+    path = tiny_checkpoint("llama")
+    prompts = random_prompts([9, 17, 30], 512, seed=3)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=6, ignore_eos=True)
+
+    def run(poison: bool):
+        engine = LLMEngine(make_engine_parts(path))
+        reqs = [engine.add_request(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
+        if poison:
+            bad = SamplingParams(min_tokens=3, max_tokens=6)
+            object.__setattr__(bad, "stop_token_ids", [10**6])  # what check_prompt refuses
+            engine.scheduler.add(Request("bad", [5, 6, 7], bad, seed=1))
+        while engine.has_unfinished():
+            engine.step()
+        assert engine.bm.num_free_blocks == engine.bm.num_blocks
+        return [r.seqs[0].output_token_ids for r in reqs], engine.failed
+
+    clean, none = run(poison=False)
+    contained, failed = run(poison=True)
+    assert contained == clean and none == []
+    assert [rid for rid, _ in failed] == ["bad"] and "IndexError" in failed[0][1]
+
+
+def test_an_engine_fault_is_not_blamed_on_requests(tiny_checkpoint):
+    """When every request of a step fails alone, the fault is the engine's: step() raises."""
+    from pdserve.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
+    for i in range(2):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=3), request_id=f"r{i}")
+
+    def broken(chunks):
+        raise RuntimeError("device lost")
+
+    engine.parts.runner.execute = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert engine.failed == []

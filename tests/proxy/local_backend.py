@@ -60,6 +60,7 @@ class LocalBackend:
                                                                   progress=False)
         self.engine = LLMEngine(self.parts)
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.parts.model_config.vocab_size
         self.tokenizer = self.parts.tokenizer
         self.model_name = model_name or _default_name(self.parts)
         self.model_path = self.parts.model_path
@@ -165,6 +166,10 @@ class LocalBackend:
                 if self.engine.has_unfinished():
                     self._expire_deadlines()
                     self._publish(self.engine.step())
+                    for rid, why in self.engine.failed:  # aborted by the engine: tell them
+                        if (active := self._active.pop(rid, None)) is not None:
+                            self._deliver(active, BackendError(f"the engine failed: {why}"))
+                    self.engine.failed.clear()
                 self._stats = self._snapshot()
         except BaseException as e:  # a bug in the engine: every request fails, health says so
             logger.exception("engine thread failed")

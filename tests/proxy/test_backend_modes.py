@@ -24,6 +24,7 @@ class TokenIdsOnly:
         self.model_name = inner.model_name
         self.model_path = inner.model_path
         self.max_model_len = inner.max_model_len
+        self.vocab_size = inner.vocab_size
         self.tokenizer = None
 
     def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
@@ -42,6 +43,7 @@ class Failing:
     model_name = MODEL
     model_path = None
     max_model_len = 2048
+    vocab_size = 4096
 
     def __init__(self, tokenizer: Any, error: Exception, good: int = 2, healthy: bool = True):
         self.tokenizer = tokenizer
