@@ -59,8 +59,8 @@ class SamplingParams:
             raise bad("temperature", "must be a finite number >= 0")
         if not _is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "must be -1 or 0 (disabled) or an integer >= 1")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+            raise bad("top_k", "must be -1 or 0 (disabled) or an integer in [1, 2^31)")
         if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:

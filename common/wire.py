@@ -71,6 +71,7 @@ class RequestRecord:
     output_token_ids: list[int] = field(default_factory=list)
     choice_index: int = 0
     deadline: float | None = None
+    priority: int = 0  # vLLM's: lower runs first (the proxy's admission queue orders by it)
 
     def __post_init__(self) -> None:
         if self.choice_index < 0 or (self.choice_index and self.params.n != 1):
@@ -175,7 +176,8 @@ class Error(DataMessage, tag="error"):
     reason: str
     rid: str | None = None
     retryable: bool = False  # another worker may succeed (a worker gone, an engine failure)
-    code: str = ""  # "engine": the engine failed on this request (its state is freed)
+    code: str = ""  # "engine": the engine failed on this request (its state is freed);
+    # "busy": the worker's queue is full (another worker, or the proxy's queue, may take it)
 
 
 DATA_PATH = Codec((Reserve, Join, Prefill, Generate, Abort, Reserved, Rejected, Step, First,

@@ -102,6 +102,8 @@ class StreamingLoop(WorkerLoop):
         if rec.output_token_ids:
             raise WireError("generate takes new requests (re-submissions use reserve + join)",
                             rec.request_id)
+        if self.full(identity, rec.request_id, len(self.engine.scheduler.waiting)):
+            return
         try:
             req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
                                           choice_index=rec.choice_index)
@@ -167,6 +169,8 @@ class DecodeLoop(StreamingLoop):
                 self.engine.check_prompt(rec.prompt_token_ids + rec.output_token_ids, rec.params)
             except ValueError as e:
                 raise WireError(str(e), rec.request_id) from e
+            if self.full(identity, rec.request_id, len(self.queue)):
+                return
             timeout = msg.timeout or self.cfg.reservation_timeout
             r = _DReq(identity, rec, time.monotonic() + timeout)
             self.reqs[rec.request_id] = r

@@ -75,6 +75,12 @@ class ServeConfig(EngineConfig):
     max_retries: int = option(2, help="Retries on other workers before a request's first "
                               "token.")
     request_timeout: float = option(600.0, help="Seconds a request may take in all.")
+    max_queued_requests: int = option(1024, check=lambda v: None if v > 0 else "must be > 0",
+                                      help="Requests that may wait at the proxy for a worker "
+                                      "with room; more get 429 with Retry-After at once.")
+    max_queue_delay: float = option(20.0, check=lambda v: None if v > 0 else "must be > 0",
+                                    help="Seconds a request may wait at the proxy for a worker "
+                                    "with room before it gets 429 with Retry-After.")
     health_interval: float = option(1.0, help="Seconds between worker health checks.")
     allowed_origins: str = option('["*"]', check=_json_list, help="CORS origins (JSON list).")
     allowed_methods: str = option('["*"]', check=_json_list, help="CORS methods (JSON list).")
@@ -195,7 +201,9 @@ def build_app(cfg: ServeConfig):
     default_name = BUILTIN_MODEL_NAME if cfg.model is None else Path(model_path).name
     backend = ClusterBackend(registry, tokenizer, cfg.served_model_name or default_name,
                              model_path=model_path, min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
-                             max_retries=cfg.max_retries, request_timeout=cfg.request_timeout)
+                             max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
+                             max_queued_requests=cfg.max_queued_requests,
+                             max_queue_delay=cfg.max_queue_delay)
     app = create_app(backend, api_keys=cfg.api_key, served_model_name=cfg.served_model_name,
                      max_body_bytes=cfg.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),

@@ -61,6 +61,8 @@ class PrefillLoop(WorkerLoop):
             self.check_new(rec)
             if rec.output_token_ids:
                 raise WireError("P prefills new requests only (no output so far)", rec.request_id)
+            if self.full(identity, rec.request_id, len(self.engine.scheduler.waiting)):
+                return
             try:
                 req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
                                               choice_index=rec.choice_index)

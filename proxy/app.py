@@ -139,7 +139,8 @@ class OpenAIServer:
         rid = request.state.request_id
         response_id = f"{prefix}-{rid}"
         # unique inside the backend even when a client reuses its X-Request-Id
-        gen_req = GenerationRequest(f"{response_id}-{uuid.uuid4().hex[:8]}", prompt_ids, params)
+        gen_req = GenerationRequest(f"{response_id}-{uuid.uuid4().hex[:8]}", prompt_ids, params,
+                                    priority=req.priority)
         gen = Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
                          include_stop_str_in_output=req.include_stop_str_in_output,
                          skip_special_tokens=req.skip_special_tokens)

@@ -25,6 +25,7 @@ class BackendError(RuntimeError):
     no worker): the front answers `status_code`, or an error event mid-stream."""
 
     status_code = 503
+    headers: dict[str, str] | None = None  # e.g. Retry-After
 
 
 class RequestFailedError(BackendError):

@@ -28,6 +28,7 @@ from pdserve.common.prefix import prefix_block_hashes
 from pdserve.common.wire import RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proxy import metrics
+from pdserve.proxy.admission import Admission, OverloadedError
 from pdserve.proxy.backend import (
     BackendError,
     ChoiceDelta,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 BREAKER_THRESHOLD = 3  # consecutive failed transfers that open a P->D link
 BREAKER_OPEN_S = 30.0
 AFFINITY_SLACK = 2.0  # a cached prefix wins unless its worker is this much busier
+NO_WORKER_WAIT_S = 10.0  # with no worker able to serve, how long a request waits for one
 
 
 class ClusterBackend:
@@ -51,7 +53,8 @@ class ClusterBackend:
     def __init__(self, registry: Registry, tokenizer: Tokenizer | None, model_name: str, *,
                  model_path: str | None = None, min_pd_prompt_tokens: int = 16,
                  skip_p_cached_fraction: float = 0.8, max_retries: int = 2,
-                 request_timeout: float = 600.0):
+                 request_timeout: float = 600.0, max_queued_requests: int = 1024,
+                 max_queue_delay: float = 20.0):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -65,7 +68,8 @@ class ClusterBackend:
         self._rng = random.Random()
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
         self._pairs: dict[str, tuple[str, str]] = {}  # rid -> (P url, D url) awaiting TRANSFER
-        registry.on_transfer = self._on_transfer
+        self.admission = Admission(max_queued_requests, max_queue_delay)
+        registry.on_transfer, registry.on_report = self._on_transfer, self.admission.wake
         self._attempt = itertools.count(1)
 
     async def start(self) -> None:
@@ -131,41 +135,61 @@ class ClusterBackend:
         a, b = self._rng.sample(cands, 2)  # power of two choices
         return a if a.score() <= b.score() else b
 
-    def _route(self, req: RequestRecord, exclude: set[str]) -> tuple[str, Worker, Worker | None]:
+    def _route(self, req: RequestRecord, exclude: set[str], hashes: list[int]
+               ) -> tuple[str, Worker, Worker | None] | None:
+        """A route whose workers have room now, None if every candidate is busy (the request
+        waits in the admission queue); BackendError if no worker can serve it at all."""
         reg = self.registry
-        ps = [w for w in reg.usable("prefill") if w.url not in exclude]
-        ds = [w for w in reg.usable("decode") if w.url not in exclude]
-        boths = [w for w in reg.usable("both") if w.url not in exclude]
+        usable = {r: [w for w in reg.usable(r) if w.url not in exclude]
+                  for r in ("prefill", "decode", "both")}
+        if not usable["decode"] and not usable["both"]:
+            raise BackendError("no healthy worker can serve this request (need a prefill/decode "
+                               "pair, a decode worker or a both-role worker)")
+        ps, ds, boths = ([w for w in usable[r] if w.has_room()]
+                         for r in ("prefill", "decode", "both"))
         ids = req.prompt_token_ids
-        bs = (reg.reference or {}).get("block_size", 16)
-        hashes = prefix_block_hashes(ids, bs)
-        if ds:
+        if usable["decode"]:
+            if not ds:
+                return None
             d = self._pick(ds, hashes)
             short = len(ids) < self.min_pd_prompt_tokens
+            bs = reg.reference.get("block_size", 16)
             mostly_cached = d.cached_blocks(hashes) * bs >= self.skip_p_cached_fraction * len(ids)
-            ps_ok = [p for p in ps if self._link_open(p, d)] or ps
-            if ps_ok and not short and not mostly_cached:
+            if usable["prefill"] and not short and not mostly_cached:
+                ps_ok = [p for p in ps if self._link_open(p, d)] or ps
+                if not ps_ok:
+                    return None
                 p = self._pick(ps_ok, hashes)
-                p.assign(hashes)
+                p.assign(hashes, len(ids))
                 d.assign([])
                 return "pd", p, d
             d.assign(hashes)
             return "skip_p", d, None
-        if boths:
-            w = self._pick(boths, hashes)
-            w.assign(hashes)
-            return "both", w, None
-        raise BackendError("no healthy worker can serve this request (need a prefill/decode "
-                           "pair, a decode worker or a both-role worker)")
+        if not boths:
+            return None
+        w = self._pick(boths, hashes)
+        w.assign(hashes)
+        return "both", w, None
 
-    async def _route_when_ready(self, req: RequestRecord, exclude: set[str],
-                                wait: float = 10.0) -> tuple[str, Worker, Worker | None]:
-        """Route now, or wait up to `wait` seconds for a worker to be (re)admitted: a worker
-        restarting or a health check racing a burst should not turn into 503s at once."""
-        end = time.monotonic() + wait
+    def _release(self, route: tuple[str, Worker, Worker | None], prompt_tokens: int) -> None:
+        kind, a, b = route
+        a.release(prompt_tokens if kind == "pd" else 0)
+        if b is not None:
+            b.release()
+
+    async def _admit(self, rec: RequestRecord, exclude: set[str], hashes: list[int],
+                     deadline: float) -> tuple[str, Worker, Worker | None]:
+        """A route with room: now, or from the admission queue (a 429 past `deadline`). When
+        no worker can serve at all, wait up to NO_WORKER_WAIT_S for one to be (re)admitted:
+        a worker restarting or a health check racing a burst is not a 503 at once."""
+        end = time.monotonic() + NO_WORKER_WAIT_S
         while True:
             try:
-                return self._route(req, exclude)
+                return await self.admission.admit(
+                    rec.priority, deadline, lambda: self._route(rec, exclude, hashes),
+                    lambda route: self._release(route, len(rec.prompt_token_ids)))
+            except OverloadedError:
+                raise
             except BackendError:
                 if time.monotonic() >= end:
                     raise
@@ -192,12 +216,12 @@ class ClusterBackend:
         exclude: set[str] = set()
         rec, attempt, engine_failures = req, 0, 0
         d_worker: Worker | None = None
+        bs = self.registry.reference.get("block_size", 16) if self.registry.reference else 16
+        hashes = prefix_block_hashes(req.prompt_token_ids, bs)
+        deadline = start + self.admission.max_delay  # of waiting for room, 429 after it
         while True:
-            route, a, b = await self._route_when_ready(rec, exclude)
-            d_worker = b if route == "pd" else a
-            for w in (a, b):
-                if w is not None:
-                    w.active += 1
+            route, a, b = await self._admit(rec, exclude, hashes, deadline)
+            d_worker, rid = b if route == "pd" else a, rec.request_id
             try:
                 async for rows in self._stream(route, a, b, rec):
                     yield self._deliver(rows, outputs, finished, stamps, start)
@@ -205,6 +229,9 @@ class ClusterBackend:
             except WorkerError as e:
                 if not e.retryable:  # the worker refused the request itself: the client's fault
                     raise ValueError(str(e)) from e
+                if e.code == "busy":  # full since its last report (its link knows): wait here
+                    rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
+                    continue
                 engine_failures += e.code == "engine"
                 if engine_failures >= 2:  # it fails engines: a third would fail too
                     raise RequestFailedError(f"the request failed on two workers: {e}") from e
@@ -222,10 +249,9 @@ class ClusterBackend:
                 rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
                 logger.warning("retrying %s elsewhere: %s", req.request_id, e)
             finally:
-                for w in (a, b):
-                    if w is not None:
-                        w.active -= 1
-                self._pairs.pop(rec.request_id, None)
+                self._release((route, a, b), len(req.prompt_token_ids))
+                self._pairs.pop(rid, None)
+                self.admission.wake()  # a request ended or moved: room, maybe
         metrics.E2E.observe(time.monotonic() - start)
 
     def _deliver(self, rows: list[TokenRow], outputs: dict[int, list[int]], finished: set[int],
@@ -274,6 +300,7 @@ class ClusterBackend:
             except Exception as e:  # noqa: BLE001 - surfaced to the stream below
                 await queue.put(e)
             finally:
+                d.release()
                 await queue.put(None)
 
         metrics.FAILOVERS.inc(len(pending))

@@ -18,6 +18,9 @@ E2E = Histogram("pdserve_proxy_e2e_request_latency_seconds", "Request start to l
                 buckets=(.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
 ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, both)",
                  ["route"])
+REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
+                   ["reason"])
+QUEUED = Gauge("pdserve_proxy_queued_requests", "Requests waiting for a worker with room")
 RETRIES = Counter("pdserve_proxy_retries", "Requests retried before their first token")
 FAILOVERS = Counter("pdserve_proxy_failovers", "Choices re-submitted after a D died mid-stream")
 TRANSFER_FAILURES = Counter("pdserve_proxy_transfer_failures",

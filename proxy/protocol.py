@@ -61,6 +61,7 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     use_beam_search: bool = False
     prompt_logprobs: int | None = None
+    priority: int = 0  # vLLM's: lower is served first when the proxy's queue holds requests
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

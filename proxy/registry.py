@@ -58,10 +58,31 @@ class Worker:
         sent = self.link.assigned if self.link is not None else 0
         return base + pending + sent + 2.0 * load.get("kv_cache_usage_perc", 0.0)
 
-    def assign(self, hashes: list[int]) -> None:
-        """A request goes to this worker: count it until the next load report, and remember
-        its prompt's blocks (the worker's prefix cache will hold them)."""
+    def has_room(self) -> bool:
+        """Whether a request sent now starts at once rather than queueing on the worker (the
+        admission queue's test): a P with no prompt left over from its last report and less
+        than one step's token budget sent since (so what it is sent is its next step); a D's
+        or both-role worker's sequences under max_num_seqs. A worker that reported nothing yet
+        has room."""
+        load, limits = self.load, self.info.get("limits", {})
+        if self.role == "prefill":
+            return load.get("pending_prefill_tokens", 0) == 0 and self.link.assigned_tokens < \
+                limits.get("max_num_batched_tokens", float("inf"))
+        seqs = load.get("num_requests_running", 0) + load.get("num_requests_waiting", 0)
+        return seqs + self.link.assigned < limits.get("max_num_seqs", float("inf"))
+
+    def release(self, prompt_tokens: int = 0) -> None:
+        """A request `assign`ed here ended (a worker that goes idle reports nothing more)."""
+        self.active -= 1
+        self.link.assigned -= 1
+        self.link.assigned_tokens -= prompt_tokens
+
+    def assign(self, hashes: list[int], prompt_tokens: int = 0) -> None:
+        """A request goes to this worker: count it (until the next load report, or `release`)
+        and remember its prompt's blocks (the worker's prefix cache will hold them)."""
+        self.active += 1
         self.link.assigned += 1
+        self.link.assigned_tokens += prompt_tokens
         for h in hashes:
             self.prefixes[h] = None
             self.prefixes.move_to_end(h)
@@ -96,7 +117,7 @@ class Registry:
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
         self.admitted = asyncio.Event()  # set once a worker's /info was accepted
-        self.on_transfer = None
+        self.on_transfer = self.on_report = None
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}
@@ -144,6 +165,8 @@ class Registry:
         if ok:
             if not w.healthy and w.refused is None:
                 logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
+                if self.on_report is not None:
+                    self.on_report()  # room for requests waiting
             w.healthy, w.failures = True, 0
             return
         w.failures += 1
@@ -166,7 +189,7 @@ class Registry:
         self.admitted.set()
         if w.link is None:
             w.link = WorkerLink(info["data_address"], self.token)
-            w.link.on_transfer = self.on_transfer
+            w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:
         for key, want in self.expected.items():

@@ -133,7 +133,7 @@ class Generation:
             raise OpenAIError(str(e), param="prompt") from e
         except BackendError as e:
             await self.aclose()
-            raise OpenAIError(str(e), status_code=e.status_code) from e
+            raise OpenAIError(str(e), status_code=e.status_code, headers=e.headers) from e
         except BaseException:
             await self.aclose()
             raise

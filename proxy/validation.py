@@ -8,7 +8,8 @@ parameter. Workers check again what reaches them (the engine's `check_request`).
 - `stop`: at most MAX_STOPS strings of at most MAX_STOP_CHARS characters; `stop_token_ids`:
   at most MAX_STOP_TOKEN_IDS ids;
 - max_tokens against max_model_len (vLLM's messages, `resolve_max_tokens`);
-- the sampling ranges (`SamplingParams`, mapped back to the request's parameter names).
+- `priority` fits in 32 bits; the sampling ranges (`SamplingParams`, mapped back to the
+  request's parameter names).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def validate(req: SamplingRequest, prompt_ids: list[int], prompt_param: str, *,
         raise OpenAIError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids",
                           param="stop_token_ids")
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
+    if not -2**31 <= req.priority < 2**31:
+        raise OpenAIError("priority must be an integer in [-2^31, 2^31)", param="priority")
     max_tokens = resolve_max_tokens(req, len(prompt_ids), max_model_len, prompt_param)
     return req.sampling_params(max_tokens, seed)
 

@@ -48,9 +48,12 @@ class WorkerLink:
     token: str = ""
     load: dict[str, Any] = field(default_factory=dict)
     load_seq: int = 0
-    assigned: int = 0  # requests sent since the latest load report (counted optimistically)
+    # requests sent since the latest load report minus those ended since (a delta on it)
+    assigned: int = 0
+    assigned_tokens: int = 0  # and their prompt tokens
     last_heard: float = 0.0  # time.monotonic() of the last frame from the worker
     on_transfer: Any = None  # callback(rid, ok, reason) for P's Transfer reports
+    on_report: Any = None  # callback() after each load report (room may have opened)
 
     def __post_init__(self) -> None:
         self.ctx = zmq.asyncio.Context.instance()
@@ -73,6 +76,10 @@ class WorkerLink:
     def unsubscribe(self, rid: str) -> None:
         self.queues.pop(rid, None)
 
+    def full(self) -> None:
+        """The worker answered busy: it has no room (Worker.has_room) until its next report."""
+        self.assigned = self.assigned_tokens = 1 << 30
+
     def fail_all(self, reason: str) -> None:
         """The worker is gone: every request waiting on it fails over (retryable)."""
         for q in self.queues.values():
@@ -89,7 +96,10 @@ class WorkerLink:
                 return
             self.last_heard = time.monotonic()
             if isinstance(msg, wire.Step | wire.First) and msg.load.get("seq", 0) >= self.load_seq:
-                self.load, self.load_seq, self.assigned = msg.load, msg.load.get("seq", 0), 0
+                self.load, self.load_seq = msg.load, msg.load.get("seq", 0)
+                self.assigned = self.assigned_tokens = 0
+                if self.on_report is not None:
+                    self.on_report()
             if isinstance(msg, wire.Step):
                 for row in msg.out:
                     q = self.queues.get(row.request_id)
@@ -99,6 +109,8 @@ class WorkerLink:
                 if self.on_transfer is not None:
                     self.on_transfer(msg.rid, msg.ok, msg.reason)
             elif (q := self.queues.get(getattr(msg, "rid", None))) is not None:
+                if isinstance(msg, wire.Error) and msg.code == "busy":
+                    self.full()  # its queue filled since its last report
                 q.put_nowait(msg)
             elif isinstance(msg, wire.Error):
                 flood.warning("error", "worker %s: %s", self.address, msg.reason)

@@ -43,6 +43,11 @@ class WorkerConfig(EngineConfig):
                                         "then for P's KV before it is dropped.")
     transfer_timeout: float = option(30.0, check=lambda v: None if v > 0 else "must be > 0",
                                      help="Seconds a started KV transfer may take.")
+    max_queued_requests: int = option(
+        256, check=lambda v: None if v > 0 else "must be > 0",
+        help="Requests this worker queues (P: prompts waiting for prefill; D: reservations "
+        "waiting for room) before it answers busy: the proxy then tries another worker or "
+        "queues the request itself.")
 
     @property
     def data_address_port(self) -> int:

@@ -149,6 +149,15 @@ class WorkerLoop:
                 self.send(identity, Error(reason=f"the worker failed handling it: {e!r}",
                                           rid=rid))
 
+    def full(self, identity: bytes, rid: str, queued: int) -> bool:
+        """True (and a busy answer sent) when `queued` requests already wait here."""
+        if queued < self.cfg.max_queued_requests:
+            return False
+        metrics.REJECTED.labels(self.role.value).inc()
+        self.send(identity, Error(reason=f"busy: {queued} requests are queued on this worker",
+                                  rid=rid, retryable=True, code="busy"))
+        return True
+
     def fail_request(self, rid: str, why: str) -> None:
         """The engine aborted `rid` (it failed the step by itself): tell its proxy, forget it.
         Another worker may try once (`code="engine"`)."""

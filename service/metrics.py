@@ -13,6 +13,7 @@ PREFIX_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the pref
 REQUESTS = Counter("pdserve_requests", "Requests finished", ["role", "finish_reason"])
 PROMPT_TOKENS = Counter("pdserve_prompt_tokens", "Prompt tokens processed", ["role"])
 GENERATION_TOKENS = Counter("pdserve_generation_tokens", "Tokens generated", ["role"])
+REJECTED = Counter("pdserve_requests_rejected", "Requests refused as busy (queue full)", ["role"])
 PREEMPTIONS = Counter("pdserve_num_preemptions", "Sequences preempted for recompute")
 FALLBACKS = Counter("kv_transfer_fallback", "Prompts D recomputed because the transfer failed")
 TTFT = Histogram("pdserve_time_to_first_token_seconds", "Request received to first token",

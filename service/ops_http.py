@@ -60,6 +60,10 @@ def create_ops_app(loop: WorkerLoop) -> FastAPI:
             "eos_token_ids": list(p.model_config.eos_token_ids),
             "vocab_size": p.model_config.vocab_size,
             "num_kv_blocks": p.block_manager.num_blocks,
+            # what the proxy's admission counts as room (proxy/registry.py Worker.has_room)
+            "limits": {"max_num_seqs": p.config.max_num_seqs,
+                       "max_num_batched_tokens": p.config.max_num_batched_tokens,
+                       "max_queued_requests": loop.cfg.max_queued_requests},
         })
 
     @app.get("/metrics")

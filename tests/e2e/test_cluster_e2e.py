@@ -50,6 +50,8 @@ def start_proxy(tmp, prefill, decode, *extra):
         except httpx.HTTPError:
             pass
         if time.monotonic() > end:
+            proc.kill()  # never leave a proxy behind
+            proc.wait(10)
             raise TimeoutError(log.read_text()[-3000:])
         time.sleep(0.2)
 
@@ -213,6 +215,8 @@ BAD_BODIES = [
     json.dumps({"model": "M", "prompt": "x", "stop_token_ids": [2**64]}).encode(),
     json.dumps({"model": "M", "prompt": "x", "stop_token_ids": [5000], "min_tokens": 2}).encode(),
     json.dumps({"model": "M", "prompt": "x", "stop": ["s"] * 100}).encode(),
+    json.dumps({"model": "M", "prompt": "x", "top_k": 10**30}).encode(),
+    json.dumps({"model": "M", "prompt": "x", "priority": 10**30}).encode(),
 ]
 
 
