@@ -84,10 +84,11 @@ class StreamingLoop(WorkerLoop):
             r.last_token[o.choice_index] = now
         metrics.GENERATION_TOKENS.labels(self.role.value).inc(len(outs))
         if frames:
-            load = self.load()
+            load = self.report()
             self._frames += 1
             for identity, rows in frames.items():
-                self.send(identity, wire.Step(seq=self._frames, out=rows, load=load))
+                self.send(identity, wire.Step(seq=self._frames, out=rows,
+                                              load=self.load_for(identity, load)))
         for rid, r in list(self.reqs.items()):
             if r.req is not None and r.req.finished:
                 self.reqs.pop(rid)

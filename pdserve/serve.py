@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.common import UserError
 from pdserve.common.options import option
 from pdserve.engine.config import EngineConfig
 
@@ -135,6 +136,7 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, l
         log = open(log_dir / f"{role}-{port}.log", "w")  # noqa: SIM115 - lives with the worker
         procs.append(subprocess.Popen(_worker_cmd(cfg, role, port, device), stdout=log,
                                       stderr=subprocess.STDOUT, env=env))
+        procs[-1].log_path = Path(log.name)  # named when the worker dies at start
         urls[role].append(f"http://127.0.0.1:{port}")
         logger.info("started local %s worker on port %d (log %s)", role, port, log.name)
     return replace(cfg, prefill=urls["prefill"], decode=urls["decode"]), procs
@@ -147,8 +149,11 @@ def wait_for_workers(cfg: ServeConfig, procs: list, timeout: float = 600.0) -> N
     while pending:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"a local worker exited with code {p.returncode}; see its "
-                                   "log in the log directory")
+                path = getattr(p, "log_path", None)
+                tail = "".join(path.read_text(errors="replace").splitlines(True)[-15:]) \
+                    if path is not None and path.exists() else ""
+                raise UserError(f"a local worker exited with code {p.returncode}; the end of "
+                                f"its log {path}:\n{tail}")
         try:
             if httpx.get(pending[0] + "/health", timeout=2).status_code == 200:
                 pending.pop(0)
@@ -156,7 +161,7 @@ def wait_for_workers(cfg: ServeConfig, procs: list, timeout: float = 600.0) -> N
         except httpx.HTTPError:
             pass
         if time.monotonic() > end:
-            raise RuntimeError(f"worker {pending[0]} not healthy after {timeout:.0f} s")
+            raise UserError(f"worker {pending[0]} not healthy after {timeout:.0f} s")
         time.sleep(0.25)
 
 

@@ -95,11 +95,13 @@ class PrefillLoop(WorkerLoop):
         for o in outs:
             by_rid.setdefault(o.request_id, []).append(o)
         now = time.monotonic()
-        load = self.load()
+        load = self.report()
         held = self.engine.scheduler.held
         for rid, rows in by_rid.items():
-            r = self.reqs[rid]
-            self.send(r.identity, First(rid=rid, out=rows, load=load))
+            r = self.reqs.get(rid)
+            if r is None:  # aborted by a message report() took in: already released
+                continue
+            self.send(r.identity, First(rid=rid, out=rows, load=self.load_for(r.identity, load)))
             metrics.TTFT.observe(now - r.received)
             metrics.GENERATION_TOKENS.labels("prefill").inc(len(rows))
             if rid in held and r.kv is not None:

@@ -48,7 +48,9 @@ class Admission:
         worker can serve at all): that reaches the caller as is. A route taken for a waiter
         that is cancelled meanwhile (its client left) is handed to `release`."""
         if not self._heap and (route := try_route()) is not None:
+            metrics.QUEUE_TIME.observe(0.0)
             return route
+        t0 = time.monotonic()
         if self.waiting >= self.max_queued:
             metrics.REJECTED.labels("queue_full").inc()
             raise OverloadedError(f"the server is overloaded: {self.waiting} requests are "
@@ -64,7 +66,9 @@ class Admission:
                              self._expire, fut)
         self.wake()
         try:
-            return await fut
+            route = await fut
+            metrics.QUEUE_TIME.observe(time.monotonic() - t0)
+            return route
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 release(fut.result())

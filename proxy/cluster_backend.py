@@ -160,22 +160,22 @@ class ClusterBackend:
                 if not ps_ok:
                     return None
                 p = self._pick(ps_ok, hashes)
-                p.assign(hashes, len(ids))
-                d.assign([])
+                p.assign(req.request_id, hashes, len(ids))
+                d.assign(req.request_id, [], len(ids))
                 return "pd", p, d
-            d.assign(hashes)
+            d.assign(req.request_id, hashes, len(ids))
             return "skip_p", d, None
         if not boths:
             return None
         w = self._pick(boths, hashes)
-        w.assign(hashes)
+        w.assign(req.request_id, hashes, len(ids))
         return "both", w, None
 
-    def _release(self, route: tuple[str, Worker, Worker | None], prompt_tokens: int) -> None:
-        kind, a, b = route
-        a.release(prompt_tokens if kind == "pd" else 0)
-        if b is not None:
-            b.release()
+    @staticmethod
+    def _release(route: tuple[str, Worker, Worker | None], rid: str) -> None:
+        for w in route[1:]:
+            if w is not None:
+                w.release(rid)
 
     async def _admit(self, rec: RequestRecord, exclude: set[str], hashes: list[int],
                      deadline: float) -> tuple[str, Worker, Worker | None]:
@@ -187,7 +187,7 @@ class ClusterBackend:
             try:
                 return await self.admission.admit(
                     rec.priority, deadline, lambda: self._route(rec, exclude, hashes),
-                    lambda route: self._release(route, len(rec.prompt_token_ids)))
+                    lambda route: self._release(route, rec.request_id))
             except OverloadedError:
                 raise
             except BackendError:
@@ -249,7 +249,7 @@ class ClusterBackend:
                 rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
                 logger.warning("retrying %s elsewhere: %s", req.request_id, e)
             finally:
-                self._release((route, a, b), len(req.prompt_token_ids))
+                self._release((route, a, b), rid)
                 self._pairs.pop(rid, None)
                 self.admission.wake()  # a request ended or moved: room, maybe
         metrics.E2E.observe(time.monotonic() - start)
@@ -285,10 +285,10 @@ class ClusterBackend:
         async def one(choice: int) -> None:
             toks = outputs.get(choice, [])
             d = self._pick(ds, [])
-            d.assign([])
             rec = RequestRecord(f"{req.request_id}#fo{next(self._attempt)}",
                                 req.prompt_token_ids, replace(req.params, n=1),
                                 toks[:-1], choice, req.deadline)
+            d.assign(rec.request_id, [], len(rec.prompt_token_ids))
             try:
                 if not toks:  # the choice never produced a token: start it over
                     rec = replace(rec, output_token_ids=[])
@@ -300,7 +300,7 @@ class ClusterBackend:
             except Exception as e:  # noqa: BLE001 - surfaced to the stream below
                 await queue.put(e)
             finally:
-                d.release()
+                d.release(rec.request_id)
                 await queue.put(None)
 
         metrics.FAILOVERS.inc(len(pending))

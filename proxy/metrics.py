@@ -21,6 +21,9 @@ ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip
 REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
                    ["reason"])
 QUEUED = Gauge("pdserve_proxy_queued_requests", "Requests waiting for a worker with room")
+QUEUE_TIME = Histogram("pdserve_proxy_queue_time_seconds",
+                       "Arrival to a route with room (admitted requests; vLLM's queue time)",
+                       buckets=_LAT)
 RETRIES = Counter("pdserve_proxy_retries", "Requests retried before their first token")
 FAILOVERS = Counter("pdserve_proxy_failovers", "Choices re-submitted after a D died mid-stream")
 TRANSFER_FAILURES = Counter("pdserve_proxy_transfer_failures",

@@ -5,8 +5,9 @@ GET /health (and /info until known); two failures in a row eject the worker (its
 requests fail over at once), a success readmits it. A worker whose /info does not match
 the proxy's model (config or tokenizer hash) or the other workers' KV layout is refused,
 with the reason shown in the proxy's /health. Load comes from every data-path frame (D's
-STEP frames, P's FIRST answers) and from /load; requests assigned since the last report are
-counted optimistically so a burst does not herd onto one worker between reports.
+STEP frames, P's FIRST answers, a report after any message no step answered); what was routed
+or sent since and not yet acknowledged by a report is counted on top, so a burst does not
+herd onto one worker, nor overfill it, between reports.
 """
 
 from __future__ import annotations
@@ -51,43 +52,46 @@ class Worker:
         return self.healthy and self.refused is None and self.link is not None
 
     def score(self) -> float:
-        """Lower is better: queued + running as last reported, plus what was sent since."""
+        """Lower is better: queued + running as last reported, plus what is on its way."""
         load = self.load
         base = load.get("num_requests_running", 0) + load.get("num_requests_waiting", 0)
         pending = load.get("pending_prefill_tokens", 0) / 512.0  # P: queued prompt work
-        sent = self.link.assigned if self.link is not None else 0
+        sent = self.link.in_flight()[0] if self.link is not None else 0
         return base + pending + sent + 2.0 * load.get("kv_cache_usage_perc", 0.0)
 
     def has_room(self) -> bool:
         """Whether a request sent now starts at once rather than queueing on the worker (the
-        admission queue's test): a P with no prompt left over from its last report and less
-        than one step's token budget sent since (so what it is sent is its next step); a D's
-        or both-role worker's sequences under max_num_seqs. A worker that reported nothing yet
-        has room."""
-        load, limits = self.load, self.info.get("limits", {})
+        admission queue's test), counting what is on its way there (`WorkerLink.in_flight`)
+        on top of its latest report. A P: no prompt pending and none sent it unacknowledged
+        (else what comes now waits for the step in progress, then for its own), and less
+        than one step's token budget routed to it (requests routed together share a step).
+        A D or both-role worker: its sequences under max_num_seqs. One that answered busy
+        has none until its next report; one that reported nothing yet has room."""
+        link, load, limits = self.link, self.load, self.info.get("limits", {})
+        if link.busy:
+            return False
         if self.role == "prefill":
-            return load.get("pending_prefill_tokens", 0) == 0 and self.link.assigned_tokens < \
-                limits.get("max_num_batched_tokens", float("inf"))
+            return load.get("pending_prefill_tokens", 0) == 0 and link.unacked == 0 and \
+                link.in_flight()[1] < limits.get("max_num_batched_tokens", float("inf"))
         seqs = load.get("num_requests_running", 0) + load.get("num_requests_waiting", 0)
-        return seqs + self.link.assigned < limits.get("max_num_seqs", float("inf"))
+        return seqs + link.in_flight()[0] < limits.get("max_num_seqs", float("inf"))
 
-    def release(self, prompt_tokens: int = 0) -> None:
-        """A request `assign`ed here ended (a worker that goes idle reports nothing more)."""
-        self.active -= 1
-        self.link.assigned -= 1
-        self.link.assigned_tokens -= prompt_tokens
-
-    def assign(self, hashes: list[int], prompt_tokens: int = 0) -> None:
-        """A request goes to this worker: count it (until the next load report, or `release`)
+    def assign(self, rid: str, hashes: list[int], prompt_tokens: int) -> None:
+        """Request `rid` goes to this worker: count it as on its way (`release` when it ends)
         and remember its prompt's blocks (the worker's prefix cache will hold them)."""
         self.active += 1
-        self.link.assigned += 1
-        self.link.assigned_tokens += prompt_tokens
+        self.link.routed[rid] = prompt_tokens
         for h in hashes:
             self.prefixes[h] = None
             self.prefixes.move_to_end(h)
         while len(self.prefixes) > PREFIX_MEMORY:
             self.prefixes.popitem(last=False)
+
+    def release(self, rid: str) -> None:
+        """Request `rid` ended here; if it ended before anything was sent (refused, its client
+        gone), it is no longer on its way. What was sent, the worker's reports account for."""
+        self.active -= 1
+        self.link.routed.pop(rid, None)
 
     def cached_blocks(self, hashes: list[int]) -> int:
         n = 0

@@ -48,9 +48,13 @@ class WorkerLink:
     token: str = ""
     load: dict[str, Any] = field(default_factory=dict)
     load_seq: int = 0
-    # requests sent since the latest load report minus those ended since (a delta on it)
-    assigned: int = 0
-    assigned_tokens: int = 0  # and their prompt tokens
+    # What the worker does not know yet, on top of its latest report: requests routed here
+    # whose first message is not sent (rid -> prompt tokens), and those sent that no report
+    # has acknowledged yet (the worker counts what it took in from us: "acked").
+    routed: dict[str, int] = field(default_factory=dict)
+    unacked: int = 0
+    unacked_tokens: int = 0
+    busy: bool = False  # it answered busy; no room until its next report
     last_heard: float = 0.0  # time.monotonic() of the last frame from the worker
     on_transfer: Any = None  # callback(rid, ok, reason) for P's Transfer reports
     on_report: Any = None  # callback() after each load report (room may have opened)
@@ -62,11 +66,37 @@ class WorkerLink:
         self.sock.setsockopt(zmq.IDENTITY, f"proxy-{id(self):x}-{next(_link_ids)}".encode())
         self.sock.connect(self.address)
         self.queues: dict[str, asyncio.Queue] = {}
+        self._epoch: int | None = None  # of the worker's counts (`_acknowledge`)
+        self._acked = (0, 0)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     def send(self, msg: wire.DataMessage) -> None:
         msg.t = self.token
         self.sock.send(DATA_PATH.encode(msg))
+        if isinstance(msg, wire.Reserve | wire.Prefill | wire.Generate):
+            self.routed.pop(msg.rec.request_id, None)
+            self.unacked += 1
+            self.unacked_tokens += len(msg.rec.prompt_token_ids)
+
+    def in_flight(self) -> tuple[int, int]:
+        """Requests and prompt tokens on their way here that the latest report does not
+        count (routed, or sent and not acknowledged)."""
+        return len(self.routed) + self.unacked, sum(self.routed.values()) + self.unacked_tokens
+
+    def _acknowledge(self, load: dict[str, Any]) -> None:
+        acked, tokens, epoch = load.get("acked"), load.get("acked_tokens", 0), load.get("epoch")
+        if acked is None:  # a worker that does not count (bench/fake_worker.py): reset
+            self.unacked = self.unacked_tokens = 0
+            return
+        if self._epoch is None:  # the first report: counts from zero, like ours
+            self._epoch = epoch
+        if epoch != self._epoch:  # a restarted worker: what the old one was sent is lost
+            self._epoch, self._acked = epoch, (acked, tokens)
+            self.unacked = self.unacked_tokens = 0
+            return
+        self.unacked = max(0, self.unacked - (acked - self._acked[0]))
+        self.unacked_tokens = max(0, self.unacked_tokens - (tokens - self._acked[1]))
+        self._acked = (acked, tokens)
 
     def subscribe(self, rid: str) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -76,12 +106,9 @@ class WorkerLink:
     def unsubscribe(self, rid: str) -> None:
         self.queues.pop(rid, None)
 
-    def full(self) -> None:
-        """The worker answered busy: it has no room (Worker.has_room) until its next report."""
-        self.assigned = self.assigned_tokens = 1 << 30
-
     def fail_all(self, reason: str) -> None:
         """The worker is gone: every request waiting on it fails over (retryable)."""
+        self.unacked = self.unacked_tokens = 0
         for q in self.queues.values():
             q.put_nowait(wire.Error(reason=reason, retryable=True))
 
@@ -97,7 +124,8 @@ class WorkerLink:
             self.last_heard = time.monotonic()
             if isinstance(msg, wire.Step | wire.First) and msg.load.get("seq", 0) >= self.load_seq:
                 self.load, self.load_seq = msg.load, msg.load.get("seq", 0)
-                self.assigned = self.assigned_tokens = 0
+                self._acknowledge(msg.load)
+                self.busy = False
                 if self.on_report is not None:
                     self.on_report()
             if isinstance(msg, wire.Step):
@@ -110,7 +138,7 @@ class WorkerLink:
                     self.on_transfer(msg.rid, msg.ok, msg.reason)
             elif (q := self.queues.get(getattr(msg, "rid", None))) is not None:
                 if isinstance(msg, wire.Error) and msg.code == "busy":
-                    self.full()  # its queue filled since its last report
+                    self.busy = True  # its queue filled since its last report
                 q.put_nowait(msg)
             elif isinstance(msg, wire.Error):
                 flood.warning("error", "worker %s: %s", self.address, msg.reason)

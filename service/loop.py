@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,18 @@ import zmq
 
 from pdserve.common.compat import CompatRecord
 from pdserve.common.logs import Throttled
-from pdserve.common.wire import DATA_PATH, DataMessage, Error, RequestRecord, WireError
+from pdserve.common.wire import (
+    DATA_PATH,
+    Abort,
+    DataMessage,
+    Error,
+    Generate,
+    Prefill,
+    RequestRecord,
+    Reserve,
+    Step,
+    WireError,
+)
 from pdserve.engine.kv_pool import POOL_LAYOUT, dtype_name
 from pdserve.engine.llm_engine import LLMEngine, Role
 from pdserve.engine.setup import EngineParts
@@ -40,6 +52,12 @@ def compat_record(parts: EngineParts) -> CompatRecord:
         block_size=spec.block_size, pool_layout=POOL_LAYOUT, num_layers=spec.num_layers,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
         max_model_len=parts.max_model_len)
+
+
+def _gist(load: dict[str, Any]) -> tuple:
+    """What of a load report decides a proxy's admission (proxy/registry.py has_room)."""
+    return (load.get("num_requests_running"), load.get("num_requests_waiting"),
+            load.get("pending_prefill_tokens"))
 
 
 def orca_header(fmt: str | None, load: dict[str, Any]) -> str | None:
@@ -83,6 +101,14 @@ class WorkerLoop:
         self._counted = (0, 0, 0)  # preemptions, prefix queries, prefix hits already exported
         self.dead_reason: str | None = None
         self.reqs: dict[str, Any] = {}  # request id -> the role's state of it
+        # Each proxy learns from our load reports how many of its requests we have taken in
+        # ("acked"): what it sent beyond that is still on the way, and it counts it on top of
+        # the report when it decides whether we have room (proxy/registry.py has_room).
+        self._acks: dict[bytes, list[int]] = {}  # identity -> [requests, their prompt tokens]
+        self._owed: set[bytes] = set()  # identities whose news no report has carried yet
+        self._told: dict[bytes, tuple] = {}  # identity -> `_gist` of the last load it got
+        self._gone: set[bytes] = set()  # identities we could not reach
+        self._epoch = int.from_bytes(os.urandom(4), "little")  # a restart resets the counts
 
     # ---- to implement --------------------------------------------------------------------
 
@@ -122,8 +148,40 @@ class WorkerLoop:
         try:
             self.sock.send_multipart([identity, DATA_PATH.encode(msg)], zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as e:  # proxy gone or full: it will time out
+            if not isinstance(e, zmq.Again):  # gone: no unasked reports until it sends again
+                self._gone.add(identity)
             flood.warning("unreachable", "cannot reach %r (%s); dropped %s", identity, e,
                           type(msg).__name__)
+
+    def report(self) -> dict[str, Any]:
+        """The load to send with a step's outputs (each proxy's through `load_for`). Messages
+        that came in while the step ran are taken in first, so the report is current."""
+        self._receive()
+        return self.load()
+
+    def load_for(self, identity: bytes, load: dict[str, Any]) -> dict[str, Any]:
+        """`load` as one proxy gets it: with how many of its requests we have taken in."""
+        self._owed.discard(identity)
+        if identity in self._acks:
+            self._told[identity] = _gist(load)
+        acks = self._acks.get(identity, (0, 0))
+        return {**load, "acked": acks[0], "acked_tokens": acks[1], "epoch": self._epoch}
+
+    def settle(self) -> None:
+        """A load report to each proxy that sent us requests and whose view of our room is
+        stale: its requests or aborts no report has covered yet, or our load changed since
+        its last report without a step that told it (a reservation freed by a transfer
+        event, an abort on an idle worker). Its admission must never wait for a step that
+        may not come."""
+        if not self._acks:
+            return
+        load = self.load()
+        gist = _gist(load)
+        for identity in list(self._acks):
+            if identity in self._gone:
+                continue
+            if identity in self._owed or self._told.get(identity) != gist:
+                self.send(identity, Step(seq=0, out=[], load=self.load_for(identity, load)))
 
     def _receive(self) -> None:
         while True:
@@ -138,6 +196,14 @@ class WorkerLoop:
                 msg = DATA_PATH.decode(frame)
                 if self._token and not hmac.compare_digest(msg.t.encode(), self._token):
                     raise WireError("wrong internal token", getattr(msg, "rid", None))
+                if isinstance(msg, Reserve | Prefill | Generate):  # taken in, whatever comes
+                    self._gone.discard(identity)
+                    acks = self._acks.setdefault(identity, [0, 0])
+                    acks[0] += 1
+                    acks[1] += len(msg.rec.prompt_token_ids)
+                    self._owed.add(identity)
+                elif isinstance(msg, Abort):
+                    self._owed.add(identity)
                 self.on_message(identity, msg)
             except WireError as e:
                 flood.warning("refused", "refused a data-path message: %s", e)
@@ -211,6 +277,7 @@ class WorkerLoop:
                     for rid, why in self.engine.failed:
                         self.fail_request(rid, why)
                     self.engine.failed.clear()
+                self.settle()
                 self.publish()
         finally:
             self.close()

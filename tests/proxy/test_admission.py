@@ -133,3 +133,40 @@ def test_a_route_taken_for_a_waiter_cancelled_before_it_ran_is_released():
             await t
         assert room.order == [] and room.free == 1 and adm.waiting == 0
     asyncio.run(main())
+
+
+def test_a_links_count_of_unacknowledged_requests():
+    """WorkerLink counts what it sent beyond the worker's latest "acked"; a restarted worker
+    (new epoch) starts the count over; a worker that does not count resets it per report."""
+    from pdserve.common import wire
+    from pdserve.common.params import SamplingParams
+    from pdserve.common.wire import RequestRecord
+    from pdserve.proxy.workers import WorkerLink
+
+    async def main():
+        link = WorkerLink("tcp://127.0.0.1:9", "t")  # nothing listens: sends queue in zmq
+        try:
+            link.routed["a"] = 5
+            assert link.in_flight() == (1, 5)
+            for rid in ("a", "b", "c"):
+                link.send(wire.Prefill(rec=RequestRecord(rid, [1] * 5,
+                                                         SamplingParams(seed=1))))
+            assert link.routed == {} and link.in_flight() == (3, 15)
+            link._acknowledge({"acked": 2, "acked_tokens": 10, "epoch": 1})
+            assert link.in_flight() == (1, 5)  # "c" is on its way
+            link.send(wire.Prefill(rec=RequestRecord("d", [1] * 5, SamplingParams(seed=1))))
+            link._acknowledge({"acked": 4, "acked_tokens": 20, "epoch": 1})
+            link._acknowledge({"acked": 4, "acked_tokens": 20, "epoch": 1})  # no news
+            assert link.in_flight() == (0, 0)
+            link.send(wire.Prefill(rec=RequestRecord("e", [1] * 5, SamplingParams(seed=1))))
+            link.send(wire.Prefill(rec=RequestRecord("f", [1] * 5, SamplingParams(seed=1))))
+            link._acknowledge({"acked": 5, "acked_tokens": 25, "epoch": 1})
+            assert link.in_flight() == (1, 5)  # "f" is still on its way
+            link._acknowledge({"acked": 0, "acked_tokens": 0, "epoch": 2})  # restarted
+            assert link.in_flight() == (0, 0)
+            link.send(wire.Prefill(rec=RequestRecord("g", [1] * 5, SamplingParams(seed=1))))
+            link._acknowledge({"num_requests_running": 0})  # counts nothing: reset
+            assert link.in_flight() == (0, 0)
+        finally:
+            await link.close()
+    asyncio.run(main())

@@ -267,3 +267,41 @@ def test_each_field_of_the_wrong_type_gets_an_error_and_the_worker_serves_on(clu
         assert isinstance(reply, Error) and f"- at `$.{path}`" in reply.reason, (kind, path,
                                                                                 reply)
     assert cluster[worker].get("/health").status_code == 200
+
+
+def test_the_proxys_view_of_room_catches_up_without_a_step(cluster):
+    """A proxy admits requests by the workers' load reports plus what it sent that no report
+    acknowledged (proxy/registry.py has_room). A change no step reports must still reach it:
+    here D frees aborted reservations on its transfer layer's CANCELLED events, idle."""
+    from pdserve.common import wire
+    from tests.kv_transfer.harness import wait_for
+
+    async def main():
+        d = WorkerLink(cluster["D"].data, "secret")
+        try:
+            rids = [f"view-{i}" for i in range(3)]
+            queues = [d.subscribe(r) for r in rids]
+            for rid in rids:
+                d.send(wire.Reserve(rec=RequestRecord(rid, [7] * 40,
+                                                      SamplingParams(max_tokens=4, seed=1))))
+            assert d.unacked == 3  # sent, not yet acknowledged by a report
+            for q in queues:
+                assert isinstance(await asyncio.wait_for(q.get(), 10), wire.Reserved)
+            await wait_for_async(lambda: d.unacked == 0
+                                 and d.load.get("num_requests_waiting") == 3)
+            for rid in rids:
+                d.send(wire.Abort(rid=rid))  # D frees them on later CANCELLED events
+            await wait_for_async(lambda: d.load.get("num_requests_waiting") == 0
+                                 and d.load.get("num_requests_running") == 0)
+            assert d.load["acked"] == 3 and d.in_flight() == (0, 0)
+        finally:
+            await d.close()
+
+    async def wait_for_async(cond, timeout=10.0):
+        end = asyncio.get_running_loop().time() + timeout
+        while not cond():
+            assert asyncio.get_running_loop().time() < end, "no load report caught up"
+            await asyncio.sleep(0.02)
+
+    asyncio.run(main())
+    wait_for(lambda: cluster["D"].load()["num_reserved_blocks"] == 0, timeout=10, interval=0.2)
