@@ -21,4 +21,6 @@ timeout 240 python3 "$bench" --hang-after 60 --out "$OUT/cpu" --serve-arg=--devi
 timeout 300 python3 "$bench" --hang-after 60 --max-num-seqs 4 --out "$OUT/gpu" --serve-arg=--local-devices \
   --serve-arg=0 --serve-arg=0 --serve-arg=--kv-cache-memory-bytes --serve-arg=4294967296 \
   >"$OUT/gpu.txt" 2>&1; echo "gpu rc=$?" >>"$OUT/gpu.txt"
+# the local clusters' worker logs (pdserve serve puts them in /tmp/pdserve-cluster-*)
+for d in /tmp/pdserve-cluster-*; do cp "$d"/*.log "$OUT/" 2>/dev/null; done
 for f in cpu gpu; do echo "== $f workers"; tail -25 "$OUT/$f.txt" | cut -c1-400; done
