@@ -84,7 +84,7 @@ class StreamingLoop(WorkerLoop):
             r.last_token[o.choice_index] = now
         metrics.GENERATION_TOKENS.labels(self.role.value).inc(len(outs))
         if frames:
-            load = self.report()
+            load = self.load()
             self._frames += 1
             for identity, rows in frames.items():
                 self.send(identity, wire.Step(seq=self._frames, out=rows,

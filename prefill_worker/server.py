@@ -95,12 +95,10 @@ class PrefillLoop(WorkerLoop):
         for o in outs:
             by_rid.setdefault(o.request_id, []).append(o)
         now = time.monotonic()
-        load = self.report()
+        load = self.load()
         held = self.engine.scheduler.held
         for rid, rows in by_rid.items():
-            r = self.reqs.get(rid)
-            if r is None:  # aborted by a message report() took in: already released
-                continue
+            r = self.reqs[rid]
             self.send(r.identity, First(rid=rid, out=rows, load=self.load_for(r.identity, load)))
             metrics.TTFT.observe(now - r.received)
             metrics.GENERATION_TOKENS.labels("prefill").inc(len(rows))

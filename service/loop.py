@@ -24,7 +24,6 @@ from pdserve.common.compat import CompatRecord
 from pdserve.common.logs import Throttled
 from pdserve.common.wire import (
     DATA_PATH,
-    Abort,
     DataMessage,
     Error,
     Generate,
@@ -105,8 +104,7 @@ class WorkerLoop:
         # ("acked"): what it sent beyond that is still on the way, and it counts it on top of
         # the report when it decides whether we have room (proxy/registry.py has_room).
         self._acks: dict[bytes, list[int]] = {}  # identity -> [requests, their prompt tokens]
-        self._owed: set[bytes] = set()  # identities whose news no report has carried yet
-        self._told: dict[bytes, tuple] = {}  # identity -> `_gist` of the last load it got
+        self._told: dict[bytes, tuple] = {}  # identity -> (`_gist`, acks) its last report had
         self._gone: set[bytes] = set()  # identities we could not reach
         self._epoch = int.from_bytes(os.urandom(4), "little")  # a restart resets the counts
 
@@ -153,26 +151,19 @@ class WorkerLoop:
             flood.warning("unreachable", "cannot reach %r (%s); dropped %s", identity, e,
                           type(msg).__name__)
 
-    def report(self) -> dict[str, Any]:
-        """The load to send with a step's outputs (each proxy's through `load_for`). Messages
-        that came in while the step ran are taken in first, so the report is current."""
-        self._receive()
-        return self.load()
-
     def load_for(self, identity: bytes, load: dict[str, Any]) -> dict[str, Any]:
         """`load` as one proxy gets it: with how many of its requests we have taken in."""
-        self._owed.discard(identity)
-        if identity in self._acks:
-            self._told[identity] = _gist(load)
         acks = self._acks.get(identity, (0, 0))
+        if identity in self._acks:
+            self._told[identity] = (_gist(load), tuple(acks))
         return {**load, "acked": acks[0], "acked_tokens": acks[1], "epoch": self._epoch}
 
     def settle(self) -> None:
         """A load report to each proxy that sent us requests and whose view of our room is
-        stale: its requests or aborts no report has covered yet, or our load changed since
-        its last report without a step that told it (a reservation freed by a transfer
-        event, an abort on an idle worker). Its admission must never wait for a step that
-        may not come."""
+        stale: requests of its that no report acknowledged (one refused, or not in a step
+        yet), or a load changed since its last report without a step that told it (a
+        reservation freed by a transfer event, an abort on an idle worker). Its admission
+        must never wait for a step that may not come."""
         if not self._acks:
             return
         load = self.load()
@@ -180,7 +171,7 @@ class WorkerLoop:
         for identity in list(self._acks):
             if identity in self._gone:
                 continue
-            if identity in self._owed or self._told.get(identity) != gist:
+            if self._told.get(identity) != (gist, tuple(self._acks[identity])):
                 self.send(identity, Step(seq=0, out=[], load=self.load_for(identity, load)))
 
     def _receive(self) -> None:
@@ -201,9 +192,6 @@ class WorkerLoop:
                     acks = self._acks.setdefault(identity, [0, 0])
                     acks[0] += 1
                     acks[1] += len(msg.rec.prompt_token_ids)
-                    self._owed.add(identity)
-                elif isinstance(msg, Abort):
-                    self._owed.add(identity)
                 self.on_message(identity, msg)
             except WireError as e:
                 flood.warning("refused", "refused a data-path message: %s", e)

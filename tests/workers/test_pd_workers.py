@@ -305,3 +305,46 @@ def test_the_proxys_view_of_room_catches_up_without_a_step(cluster):
 
     asyncio.run(main())
     wait_for(lambda: cluster["D"].load()["num_reserved_blocks"] == 0, timeout=10, interval=0.2)
+
+
+def test_a_full_worker_answers_busy_and_serves_on(cluster):
+    """Past --max-queued-requests a worker refuses new requests with a retryable "busy"
+    (the proxy re-queues them); nothing it refused is held, and its reports acknowledge them."""
+    from pdserve.common import wire
+    from tests.kv_transfer.harness import wait_for
+    from tests.workers.cluster import start_worker
+
+    tmp = cluster["P"].log.parent
+    p = start_worker("prefill", tmp, "--max-queued-requests", "1",
+                     env={"PDSERVE_CACHE_DIR": str(tmp / "cache")})
+    try:
+        wait_healthy([p])
+
+        async def main():
+            link = WorkerLink(p.data, "secret")
+            try:
+                rids = [f"full-{i}" for i in range(6)]
+                queues = {r: link.subscribe(r) for r in rids}
+                for i, rid in enumerate(rids):  # one burst: P takes them in before a step
+                    link.send(wire.Prefill(rec=RequestRecord(
+                        rid, [5 + i] * 200, SamplingParams(max_tokens=1, seed=i)), kv=None))
+                answers = {r: await asyncio.wait_for(q.get(), 30) for r, q in queues.items()}
+                end = asyncio.get_running_loop().time() + 10
+                while link.in_flight() != (0, 0):
+                    assert asyncio.get_running_loop().time() < end, link.in_flight()
+                    await asyncio.sleep(0.02)
+                return answers
+            finally:
+                await link.close()
+
+        answers = asyncio.run(main())
+        busy = [m for m in answers.values() if isinstance(m, wire.Error)]
+        assert busy and all(m.code == "busy" and m.retryable for m in busy)
+        assert any(isinstance(m, wire.First) for m in answers.values())
+        assert p.get("/health").status_code == 200
+        wait_for(lambda: (lambda ld: ld["num_requests_waiting"] == ld["num_requests_running"]
+                          == ld["blocks_awaiting_transfer"] == 0)(p.load()),
+                 timeout=10, interval=0.2)
+        assert 'pdserve_requests_rejected_total{role="prefill"}' in p.get("/metrics").text
+    finally:
+        p.stop()
