@@ -50,7 +50,7 @@ else
 fi
 
 start=$(date +%s)
-# append: the repo root must not shadow the installed pdserve (its pdserve/ is only the CLI)
+# append: the installed pdserve first (the checkout's pdserve/ links the same folders)
 timeout 200 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -m gpu \
   --timeout 90 tests/kv_transfer 2>&1 | tee "$OUT/gpu_tests.log"
 echo "gpu tests: rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"

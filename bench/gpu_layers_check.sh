@@ -20,7 +20,7 @@ timeout 420 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -
   2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 echo "gpu tests: rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 
-# from /tmp: the repo root's pdserve/ (the CLI folder alone) must not shadow the install
+# from /tmp: run outside the checkout, as a user would
 (cd /tmp && python3 - <<'EOF') 2>&1 | tee "$OUT/pd_smoke.log" | tail -12
 import json, os, subprocess, sys, time
 import httpx

@@ -13,7 +13,7 @@ export PDSERVE_CACHE_DIR=/tmp/pdserve-cache
 nproc | tee "$OUT/machine.txt"; nvidia-smi --query-gpu=name --format=csv,noheader >>"$OUT/machine.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
 bench=$PWD/bench/overload.py
-cd /tmp  # the repo root's pdserve/ (the CLI folder alone) must not shadow the install
+cd /tmp  # run as a user would, outside the checkout
 timeout 240 python3 "$bench" --hang-after 60 --out "$OUT/cpu" --serve-arg=--device \
   --serve-arg=cpu --serve-arg=--kv-cache-memory-bytes --serve-arg=1073741824 >"$OUT/cpu.txt" 2>&1; echo "cpu rc=$?" >>"$OUT/cpu.txt"
 # --max-num-seqs 4: a capacity one Python client can offer 4x of (at 16 sequences the GPU
