@@ -47,7 +47,6 @@ class WorkerLink:
     address: str
     token: str = ""
     load: dict[str, Any] = field(default_factory=dict)
-    load_seq: int = 0
     # What the worker does not know yet, on top of its latest report: requests routed here
     # whose first message is not sent (rid -> prompt tokens), and those sent that no report
     # has acknowledged yet (the worker counts what it took in from us: "acked").
@@ -122,8 +121,8 @@ class WorkerLink:
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
             self.last_heard = time.monotonic()
-            if isinstance(msg, wire.Step | wire.First) and msg.load.get("seq", 0) >= self.load_seq:
-                self.load, self.load_seq = msg.load, msg.load.get("seq", 0)
+            if isinstance(msg, wire.Step | wire.First):  # one connection: reports come in order
+                self.load = msg.load
                 self._acknowledge(msg.load)
                 self.busy = False
                 if self.on_report is not None:
