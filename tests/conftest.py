@@ -11,6 +11,30 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def _import_pypi_kernels() -> None:
+    """transformers >= 5.25 imports the PyPI package `kernels` (Hub kernels) when it is
+    installed; pytest puts this checkout's root first on sys.path, where our own `kernels/`
+    folder (the engine's Triton kernels, installed as `pdserve.kernels`) would shadow it and
+    break every transformers model import. Import the installed one first, from the
+    site-packages only, so `kernels` names it for the whole session."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != root]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass  # not installed: nothing to shadow
+    finally:
+        sys.path[:] = saved
+
+
+_import_pypi_kernels()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
