@@ -107,7 +107,8 @@ class StreamingLoop(WorkerLoop):
             return
         try:
             req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
-                                          choice_index=rec.choice_index)
+                                          choice_index=rec.choice_index,
+                                          cache_salt=rec.cache_salt)
         except ValueError as e:
             raise WireError(str(e), rec.request_id) from e
         self.reqs[rec.request_id] = _DReq(identity, rec, float("inf"), DState.RUNNING, req)
@@ -211,7 +212,8 @@ class DecodeLoop(StreamingLoop):
                                                      + len(rec.output_token_ids)):
                 return
             self.queue.popleft()
-            r.req = Request(rec.request_id, rec.prompt_token_ids, rec.params, rec.params.seed)
+            r.req = Request(rec.request_id, rec.prompt_token_ids, rec.params, rec.params.seed,
+                            cache_salt=rec.cache_salt)
             self.engine.scheduler.reserve(r.req, rec.output_token_ids, rec.choice_index)
             r.state = DState.RESERVED
             r.deadline = time.monotonic() + self.cfg.reservation_timeout + self.cfg.transfer_timeout

@@ -5,11 +5,12 @@ sequence uses. A sequence's `block_table` lists its block ids in order; slot
 `block_table[i // block_size] * block_size + i % block_size` holds token i's KV.
 
 Prefix caching: once every token of a block has its KV written, the block is named by a
-chained hash of (parent block's hash, the block's token ids) and registered. A later prompt
-with the same leading tokens takes those blocks by reference instead of recomputing them. A
-registered block whose reference count drops to 0 stays cached ("evictable") until a new
-allocation needs the space; eviction is least-recently-freed first, tail blocks before head
-blocks, so a long shared prefix survives longest.
+chained hash of (parent block's hash, the block's token ids; the request's cache salt for the
+first block) and registered. A later prompt with the same leading tokens (and the same salt)
+takes those blocks by reference instead of recomputing them. A registered block whose
+reference count drops to 0 stays cached ("evictable") until a new allocation needs the
+space; eviction is least-recently-freed first, tail blocks before head blocks, so a long
+shared prefix survives longest.
 
 The names come from `common/prefix.py`, which the proxy uses too, to route by prefix.
 """
@@ -77,7 +78,8 @@ class BlockManager:
 
     def _prefix_hits(self, token_ids: Sequence[int], block_hashes: Sequence[int] | None) -> list[int]:
         """Cached block ids of the longest cached prefix. At least one prompt token is always
-        left to compute: its logits give the first output token."""
+        left to compute: its logits give the first output token. `block_hashes` None: the
+        unsalted names of `token_ids` (a salted request passes its own, as the scheduler does)."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size

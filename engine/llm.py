@@ -5,7 +5,9 @@
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text, .token_ids, .finish_reason
 
-A prompt is a string (needs a tokenizer) or {"prompt_token_ids": [...]}.
+A prompt is a string (needs a tokenizer) or {"prompt_token_ids": [...]}; as in vLLM, a dict
+prompt may add "cache_salt": "<secret>" so its prefix-cache blocks are shared only with
+prompts of the same salt.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pdserve.common.params import SamplingParams
+from pdserve.common.prefix import check_cache_salt
 from pdserve.common.wire import Logprob
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
@@ -78,6 +81,12 @@ class LLM:
             return prompt.get("prompt"), list(ids)
         raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
 
+    @staticmethod
+    def _cache_salt(prompt: PromptType) -> str | None:
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        check_cache_salt(salt)
+        return salt
+
     def generate(
         self, prompts: PromptType | Seq[PromptType],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -93,11 +102,13 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         encoded = [self._prompt_ids(p) for p in prompts]
+        salts = [self._cache_salt(p) for p in prompts]
         for (_, ids), sp in zip(encoded, params, strict=True):
             self.engine.check_prompt(ids, sp)
         reqs: list[Request] = []
-        for (_, ids), sp in zip(encoded, params, strict=True):
-            reqs.append(self.engine.add_request(ids, sp, request_id=str(self._next_request)))
+        for (_, ids), sp, salt in zip(encoded, params, salts, strict=True):
+            reqs.append(self.engine.add_request(ids, sp, request_id=str(self._next_request),
+                                                cache_salt=salt))
             self._next_request += 1
         bar = tqdm(total=len(reqs), desc="Generating", disable=not use_tqdm, leave=False)
         try:

@@ -16,6 +16,7 @@ import random
 from collections.abc import Sequence as Seq
 
 from pdserve.common.params import SamplingParams
+from pdserve.common.prefix import check_cache_salt
 from pdserve.common.wire import TokenRow
 from pdserve.engine.model_runner import SeqChunk
 from pdserve.engine.sampler import SampleResult, SampleRow
@@ -65,18 +66,22 @@ class LLMEngine:
         self.scheduler.check_length(len(ids))
 
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
-                    request_id: str | None = None, choice_index: int = 0) -> Request:
+                    request_id: str | None = None, choice_index: int = 0,
+                    cache_salt: str | None = None) -> Request:
         """Queue one request (after `check_prompt`); its choices appear in `request.seqs`.
 
         `choice_index` > 0 runs that one choice of a request alone (params.n must be 1): the
-        record a retry or failover re-submits draws exactly what that choice drew."""
+        record a retry or failover re-submits draws exactly what that choice drew.
+        `cache_salt` keeps its prefix-cache blocks apart from those of any other salt (or of
+        none); it changes what is cached, never what is drawn."""
         ids = [int(t) for t in prompt_token_ids]
         self.check_prompt(ids, params)
+        check_cache_salt(cache_salt)
         if choice_index and params.n != 1:
             raise ValueError("choice_index > 0 needs SamplingParams.n == 1")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(request_id if request_id is not None else str(next(self._ids)), ids,
-                      params, seed)
+                      params, seed, cache_salt=cache_salt)
         self.scheduler.add(req, choice_index)
         return req
 

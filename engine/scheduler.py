@@ -172,7 +172,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             seq.block_hashes = prefix_block_hashes(seq.token_ids, self.block_size,
-                                                   seq.block_hashes)
+                                                   seq.block_hashes, seq.request.cache_salt)
             if not self.bm.can_allocate(seq.token_ids, block_hashes=seq.block_hashes):
                 break
             self.waiting.popleft()
@@ -327,7 +327,8 @@ class Scheduler:
 
     def _cache(self, seq: Sequence) -> None:
         """Register `seq`'s full computed blocks in the prefix cache."""
-        seq.block_hashes = prefix_block_hashes(seq.token_ids, self.block_size, seq.block_hashes)
+        seq.block_hashes = prefix_block_hashes(seq.token_ids, self.block_size, seq.block_hashes,
+                                               seq.request.cache_salt)
         self.bm.mark_computed(seq.block_table, seq.block_hashes, seq.num_computed_tokens)
 
     def _free(self, seq: Sequence) -> None:

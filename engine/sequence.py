@@ -30,6 +30,7 @@ class Request:
     seed: int
     seqs: list[Sequence] = field(default_factory=list)
     expected: int | None = None  # D: choices P left running (default: params.n)
+    cache_salt: str | None = None  # salts its prefix-block names (common/prefix.py)
 
     @property
     def finished(self) -> bool:

@@ -65,7 +65,8 @@ class PrefillLoop(WorkerLoop):
                 return
             try:
                 req = self.engine.add_request(rec.prompt_token_ids, rec.params, rec.request_id,
-                                              choice_index=rec.choice_index)
+                                              choice_index=rec.choice_index,
+                                              cache_salt=rec.cache_salt)
             except ValueError as e:
                 raise WireError(str(e), rec.request_id) from e
             self.reqs[rec.request_id] = _PReq(identity, req, msg.kv, time.monotonic())

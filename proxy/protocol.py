@@ -62,6 +62,7 @@ class SamplingRequest(BaseModel):
     use_beam_search: bool = False
     prompt_logprobs: int | None = None
     priority: int = 0  # vLLM's: lower is served first when the proxy's queue holds requests
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared within one salt only
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

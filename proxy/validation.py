@@ -8,8 +8,9 @@ parameter. Workers check again what reaches them (the engine's `check_request`).
 - `stop`: at most MAX_STOPS strings of at most MAX_STOP_CHARS characters; `stop_token_ids`:
   at most MAX_STOP_TOKEN_IDS ids;
 - max_tokens against max_model_len (vLLM's messages, `resolve_max_tokens`);
-- `priority` fits in 32 bits; the sampling ranges (`SamplingParams`, mapped back to the
-  request's parameter names).
+- `priority` fits in 32 bits; `cache_salt` is a non-empty string of at most
+  MAX_CACHE_SALT_CHARS characters (`check_cache_salt`); the sampling ranges (`SamplingParams`,
+  mapped back to the request's parameter names).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pdserve.common.params import SamplingParams
+from pdserve.common.prefix import check_cache_salt
 from pdserve.proxy.errors import OpenAIError
 from pdserve.proxy.protocol import CompletionRequest, SamplingRequest
 
@@ -74,6 +76,10 @@ def validate(req: SamplingRequest, prompt_ids: list[int], prompt_param: str, *,
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
     if not -2**31 <= req.priority < 2**31:
         raise OpenAIError("priority must be an integer in [-2^31, 2^31)", param="priority")
+    try:
+        check_cache_salt(req.cache_salt)
+    except ValueError as e:
+        raise OpenAIError(str(e), param="cache_salt") from None
     max_tokens = resolve_max_tokens(req, len(prompt_ids), max_model_len, prompt_param)
     return req.sampling_params(max_tokens, seed)
 

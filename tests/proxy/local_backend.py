@@ -122,7 +122,7 @@ class LocalBackend:
 
     def stats(self) -> dict[str, Any]:
         """The latest snapshot: healthy, num_running, num_waiting, num_free_blocks, num_blocks,
-        num_active (requests with an open generator)."""
+        num_active (requests with an open generator), num_prefix_hits."""
         return dict(self._stats)
 
     def close(self, timeout: float = 30.0) -> None:
@@ -185,7 +185,8 @@ class LocalBackend:
         try:
             active.req = self.engine.add_request(gen.prompt_token_ids, gen.params,
                                                  request_id=gen.request_id,
-                                                 choice_index=gen.choice_index)
+                                                 choice_index=gen.choice_index,
+                                                 cache_salt=gen.cache_salt)
         except ValueError as e:  # PromptTooLongError is a ValueError
             self._deliver(active, e)
             return
@@ -261,6 +262,7 @@ class LocalBackend:
             "num_blocks": bm.num_blocks,
             "kv_cache_usage": bm.usage,
             "num_preemptions": self.engine.scheduler.num_preemptions,
+            "num_prefix_hits": bm.num_prefix_hits,  # tokens found in the prefix cache
         }
 
 
