@@ -32,6 +32,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -322,7 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", action="store_true", help="one global step clock (like a real D)")
     p.add_argument("--model", default=None, help="checkpoint the proxy serves (default: built-in)")
     p.add_argument("--max-model-len", type=int, default=65536)
-    p.add_argument("--internal-token", default=None)
+    p.add_argument("--internal-token", default=os.environ.get("PDSERVE_INTERNAL_TOKEN") or None,
+                   help="checked on every data-path message, as a real worker does (default: "
+                   "$PDSERVE_INTERNAL_TOKEN; none: no check)")
     p.add_argument("--name", default=None)
     return p.parse_args(argv)
 

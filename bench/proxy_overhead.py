@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -90,7 +91,9 @@ class Cluster:
                  itl_ms: float | None = None, profile: str | None = None):
         self.procs: list[subprocess.Popen] = []
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the fakes check the proxy's internal token, as real workers do
+        self.token = os.environ.get("PDSERVE_INTERNAL_TOKEN") or secrets.token_hex(16)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PDSERVE_INTERNAL_TOKEN": self.token}
         fake = [sys.executable, str(HERE / "fake_worker.py"), "--ttft-ms", str(args.ttft_ms),
                 "--itl-ms", str(itl_ms or args.itl_ms)] + (["--batch"] if batch else [])
         self.fake_urls = urls = {}
@@ -183,7 +186,7 @@ def latency(args: argparse.Namespace, out: Path) -> list[dict]:
             if mode == "both":  # the fake alone, from the proxy's side of the data path
                 port = int(c.fake_urls["both"].rsplit(":", 1)[1])
                 floor = fake_floor(f"tcp://127.0.0.1:{port + 1}", args.num_latency,
-                                   args.output_len)
+                                   args.output_len, c.token)
                 added = [(t - args.ttft_ms / 1e3) * 1e3 for t in floor]
                 rows.append({"mode": "fake alone", "client": "zmq DEALER", "n": len(added),
                              "ttft_p50": pct(added, 50), "ttft_p99": pct(added, 99),

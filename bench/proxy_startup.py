@@ -8,6 +8,8 @@ over N launches; prints each launch and the median. Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -27,7 +29,8 @@ def one_launch(pdserve: str) -> tuple[float, int]:
     t0 = time.monotonic()
     proc = subprocess.Popen([pdserve, "serve", "--prefill", "http://127.0.0.1:9", "--decode",
                              "http://127.0.0.1:10", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PDSERVE_INTERNAL_TOKEN": secrets.token_hex(16)})
     try:
         while time.monotonic() - t0 < 120:
             try:

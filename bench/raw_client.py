@@ -116,8 +116,9 @@ async def stream_many(url: str, conns: int, per_conn: int, input_len: int, outpu
     return res
 
 
-def fake_floor(data_address: str, num: int, output_len: int) -> list[float]:
-    """First-token times (s) of a both-role fake seen straight from a ZMQ DEALER."""
+def fake_floor(data_address: str, num: int, output_len: int, token: str = "") -> list[float]:
+    """First-token times (s) of a both-role fake seen straight from a ZMQ DEALER; `token`:
+    the fake's internal token."""
     import zmq
 
     from pdserve.common.params import SamplingParams
@@ -131,7 +132,7 @@ def fake_floor(data_address: str, num: int, output_len: int) -> list[float]:
     for i in range(num):
         rec = RequestRecord(f"floor-{i}", [5] * 16, SamplingParams(max_tokens=output_len, seed=i))
         t0 = time.perf_counter()
-        sock.send(DATA_PATH.encode(Generate(rec=rec)))
+        sock.send(DATA_PATH.encode(Generate(rec=rec, t=token)))
         DATA_PATH.decode(sock.recv())
         out.append(time.perf_counter() - t0)
         for _ in range(output_len - 1):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.common import UserError, __version__
+from pdserve.common.internal_token import insecure_warning, start_problem
 from pdserve.common.options import option
 from pdserve.config import ConfigError, build_config, role_config
 from pdserve.engine.config import EngineConfig
@@ -119,7 +120,15 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
             argv += ["--role", role]
         cfg = build_config(WorkerConfig, argv, prog=f"pdserve {role or 'worker'}",
                            description=WORKER_HELP)
+        # refused here, before the engine (and torch) loads: the error comes at once
+        problem = start_problem(cfg.internal_token, cfg.insecure_no_token, who="a worker")
+        if problem:
+            raise ConfigError(problem, "internal_token")
         _setup_logging(cfg.log_level)
+        if cfg.insecure_no_token:
+            logging.getLogger("pdserve.worker").warning(insecure_warning(
+                f"its ports ({cfg.port}, {cfg.data_address_port}"
+                + (f", {cfg.kv_address_port}" if cfg.role == "decode" else "") + ")"))
         from pdserve.worker import run_worker
 
         return run_worker(cfg)

@@ -31,7 +31,9 @@ this module does the same for pdserve so that such a setup moves over unchanged:
 `python -m pdserve serve` with those flags, so the process SageMaker started becomes the
 proxy. Secret options (`--api-key`, `--internal-token`) travel to it in `PDSERVE_*`
 environment variables rather than argv, where every process of the host could read them.
-With no worker URLs, `pdserve serve` starts a local cluster (1 P + 1 D) in the container.
+With no worker URLs, `pdserve serve` starts a local cluster (1 P + 1 D) in the container,
+with a random internal token of its own. An API key guards /invocations too, and
+SageMaker's InvokeEndpoint sends no Authorization header: `main` warns when one is set.
 """
 
 from __future__ import annotations
@@ -276,6 +278,10 @@ def main(argv: Sequence[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sagemaker_args(os.environ) + argv
     rest, secret_env = secrets_to_env(args)
+    if secret_env.get(env_name("api_key")) or os.environ.get(env_name("api_key")):
+        logger.warning("an API key is set: /invocations needs 'Authorization: Bearer <key>', "
+                       "which SageMaker's InvokeEndpoint does not send (every invocation "
+                       "would answer 401); behind SageMaker, IAM guards the endpoint")
     if dry_run:
         print(shlex.join(["pdserve", "serve", *masked(args)]))
         return 0

@@ -3,9 +3,14 @@
 Keys come from `--api-key` (a list) or else PDSERVE_API_KEY; empty values are dropped, and
 with no key nothing is checked. Keys are kept only as SHA-256 digests; a presented bearer
 token is hashed and compared with `secrets.compare_digest` against every key, OR-ing the
-results (no early exit, so timing says nothing about which key came close). Only paths under
-/v1 are guarded (so /health, /ping, /invocations, /tokenize stay open, as in vLLM); OPTIONS
-(CORS preflight) passes.
+results (no early exit, so timing says nothing about which key came close).
+
+Guarded: /v1/* and SageMaker's /invocations, which generates as /v1 does (vLLM guards only
+/v1, so there /invocations generates for anyone: not here). Open: /health, /ping and
+/version (probes), /metrics and /load (scrapers), and /tokenize and /detokenize, which run
+no model (as in vLLM). OPTIONS (CORS preflight) passes. Behind SageMaker, whose
+InvokeEndpoint sends no Authorization header, IAM guards the endpoint: leave the key unset
+there, or /invocations answers 401.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pdserve.proxy.errors import error_body
 
 API_KEY_ENV = "PDSERVE_API_KEY"
-PROTECTED_PREFIXES = ("/v1",)
+PROTECTED_PREFIXES = ("/v1", "/invocations")
 
 
 def resolve_api_keys(cli_keys: Iterable[str] | None) -> list[str]:

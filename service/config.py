@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pdserve.common.internal_token import placeholder_problem
 from pdserve.common.options import option
 from pdserve.engine.config import EngineConfig
 
@@ -29,8 +30,15 @@ class WorkerConfig(EngineConfig):
                                  "port + 2).")
     advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
                                         "(default: --host).")
-    internal_token: str | None = option(None, secret=True, help="Shared secret the proxy and "
-                                        "peers must present on internal channels.")
+    internal_token: str | None = option(
+        None, secret=True, check=placeholder_problem,
+        help="Shared secret the proxy and peers must present on internal channels (required: "
+        "without one the worker refuses to start unless --insecure-no-token; placeholders such "
+        "as change-me are refused).")
+    insecure_no_token: bool = option(False, help="Run with no internal token: every internal "
+                                     "check is off (anyone who reaches the worker's ports can "
+                                     "generate, read /load and /info, and send KV); logged as "
+                                     "a warning at start.")
     name: str | None = option(None, help="Worker name in logs, metrics and handshakes "
                               "(default: role@host:port).")
     kv_transports: list[str] = option(

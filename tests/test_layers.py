@@ -81,7 +81,7 @@ def watch(port):
 port = int(sys.argv[1])
 threading.Thread(target=watch, args=(port,), daemon=True).start()
 main(["serve", "--prefill", "http://127.0.0.1:9", "--decode", "http://127.0.0.1:10",
-      "--port", str(port)])
+      "--port", str(port), "--insecure-no-token"])
 """
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.workers.cluster import free_port_block
+from tests.workers.cluster import TOKEN, free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -82,8 +82,10 @@ class Procs:
 @pytest.fixture
 def procs(tmp_path_factory, tmp_path) -> Iterator[Procs]:
     cache = tmp_path_factory.getbasetemp() / "pdserve-cache"  # the built-in model, made once
+    # one internal token for every process (the proxy and bench/fake_worker.py read it)
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(cache), "PDSERVE_TORCH_THREADS": "1",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PDSERVE_INTERNAL_TOKEN": TOKEN}
     p = Procs(tmp_path, env)
     yield p
     assert p.stop() == [], "processes left running"

@@ -183,7 +183,7 @@ def test_sagemaker_form_serves_ping_and_invocations(tmp_path: Path, cache_dir: P
         killed = stop_all([proc])
         assert not group_alive(proc.proc.pid), "the local cluster left processes behind"
         if killed:  # a SIGKILLed P leaves its pool file; remove files of dead owners only
-            from pdserve.kv_transfer.shm import sweep_stale
+            from pdserve.common.shm_files import sweep_stale
 
             sweep_stale()
     worker_logs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("pdserve-cluster-*/*.log")}

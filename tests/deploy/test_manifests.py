@@ -135,6 +135,8 @@ def test_systemd_units_run_the_role_configured_by_env_files(role: str) -> None:
         env[key] = value
     cls, extra = role_config(["pdserve", argv[1]])
     check_env(cls, extra, {k: v for k, v in env.items() if k.startswith("PDSERVE_")})
+    # no value to copy as it is: empty, so an unedited file is refused at start
+    assert env["PDSERVE_INTERNAL_TOKEN"] == ""
     if role != "proxy":  # P and D share GPUs, /dev/shm and pids on one host
         for forbidden in ("PrivateIPC", "PrivateDevices", "PrivatePIDs"):
             assert forbidden not in svc, f"{forbidden} breaks CUDA IPC / shm between P and D"
@@ -166,15 +168,23 @@ def _container(dep: dict[str, Any]) -> dict[str, Any]:
     return c
 
 
-def _k8s_env(c: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]:
+# the Secret an operator creates, as the kustomization's comment says (none is shipped)
+SECRET_NAME = "pdserve-secrets"
+SECRET = {"internal-token": "3f9a0c1e7b5d2468ace0bdf13579ace0", "api-key": "sk-k8s-test"}
+
+
+def _k8s_env(c: dict[str, Any], secret: dict[str, str]) -> dict[str, str]:
     env = {}
     for e in c["env"]:
         if "value" in e:
             env[e["name"]] = str(e["value"])
         elif "secretKeyRef" in e["valueFrom"]:
             ref = e["valueFrom"]["secretKeyRef"]
-            assert ref["name"] == secret["metadata"]["name"]
-            env[e["name"]] = str(secret["stringData"][ref["key"]])
+            assert ref["name"] == SECRET_NAME
+            # only the API key may be absent (no key); a pod never starts without the token
+            assert ref.get("optional", False) == (ref["key"] == "api-key"), ref
+            if ref["key"] in secret:
+                env[e["name"]] = secret[ref["key"]]
         else:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             env[e["name"]] = "10.0.0.7"
@@ -185,13 +195,12 @@ def _k8s_env(c: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]:
 def test_k8s_deployment_and_service(k8s: dict, role: str) -> None:
     dep = k8s[("Deployment", f"pdserve-{role}")]
     svc = k8s[("Service", f"pdserve-{role}")]
-    secret = k8s[("Secret", "pdserve-secrets")]
     pod = dep["spec"]["template"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     c = _container(dep)
     assert c["command"] == ["pdserve", "serve" if role == "proxy" else role]
-    env = _k8s_env(c, secret)
+    env = _k8s_env(c, SECRET)
     cls, extra = role_config(c["command"])
     cfg = check_env(cls, extra, env)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -220,7 +229,18 @@ def test_k8s_deployment_and_service(k8s: dict, role: str) -> None:
     if role == "decode":  # pods share no GPU or namespaces: KV over TCP, on the kv port
         assert cfg.kv_transports == ["tcp"]
         assert ports["kv"] == cfg.kv_address_port and ports["data"] == cfg.data_address_port
-    assert env["PDSERVE_INTERNAL_TOKEN"] == secret["stringData"]["internal-token"]
+    assert env["PDSERVE_INTERNAL_TOKEN"] == SECRET["internal-token"]
+    if role == "proxy":  # a Secret without api-key: the proxy starts with no key
+        assert "PDSERVE_API_KEY" not in _k8s_env(c, {"internal-token": "x" * 32})
+
+
+def test_k8s_ships_no_secret_with_a_placeholder_token(k8s: dict) -> None:
+    """`kubectl apply -k` must never write a placeholder over the token an operator created:
+    the Secret is theirs to create (`kubectl create secret`, as the kustomization says)."""
+    assert not [key for key in k8s if key[0] == "Secret"]
+    text = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
+    assert f"create secret generic {SECRET_NAME}" in text
+    assert '--from-literal=internal-token="$(openssl rand -hex 16)"' in text
 
 
 def test_k8s_proxy_urls_name_the_worker_services(k8s: dict) -> None:

@@ -184,6 +184,8 @@ def test_dry_run_prints_the_serve_command_with_secrets_masked() -> None:
     assert out.stdout.strip() == ("pdserve serve --host 0.0.0.0 --port 8080 --max-num-seqs 8 "
                                   "--api-key '***' --max-model-len 256")
     assert "--disable-log-stats" in out.stderr and "sk-secret" not in out.stdout + out.stderr
+    # the key guards /invocations too, and SageMaker's InvokeEndpoint sends no Authorization
+    assert "WARNING pdserve.sagemaker: an API key is set: /invocations needs" in out.stderr
 
 
 def test_a_refused_option_exits_2_with_one_line() -> None:

@@ -104,3 +104,62 @@ def test_generate_with_no_model_uses_the_builtin_one(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(got["token_ids"]) == 5 and got["prompt_token_ids"][0] == 0  # <|begin_of_text|>
     assert any(p.name.startswith("pdserve-builtin-tiny") for p in tmp_path.iterdir())
+
+
+# ---- the internal token: workers and a proxy of given workers fail closed ------------------
+
+# runs the CLI and says whether torch was imported: a refusal must come before the engine
+_MAIN = ("import json, sys; from pdserve.cli import main; rc = main(sys.argv[1:]); "
+         "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+
+
+def _run_main(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("PDSERVE_INTERNAL_TOKEN", "PDSERVE_INSECURE_NO_TOKEN")}
+    r = subprocess.run([sys.executable, "-c", _MAIN, *args], capture_output=True, text=True,
+                       env={**base, **(env or {})}, timeout=60)
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    ((), {}, "no internal token: a worker refuses to start"),
+    ((), {"PDSERVE_INTERNAL_TOKEN": "change-me"}, "PDSERVE_INTERNAL_TOKEN=***: a placeholder"),
+    (("--internal-token", "secret"), {}, "--internal-token=***: a placeholder"),
+    (("--internal-token", "a1b2c3d4e5f6", "--insecure-no-token"), {}, "give one of them"),
+])
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_a_worker_refuses_to_start_without_a_real_token(role, args, env, needle):
+    out, err = _run_main(role, "--port", "0", *args, env=env)
+    assert out == {"rc": 2, "torch": False}, err  # refused before the engine (torch) loads
+    line = err.strip()
+    assert line.startswith(f"pdserve {role}: error: ") and needle in line and "\n" not in line
+    assert "change-me" not in line and "a1b2c3d4e5f6" not in line  # the value is never shown
+    if not args and not env:  # both ways out are named
+        assert "--internal-token or PDSERVE_INTERNAL_TOKEN" in line
+        assert "--insecure-no-token" in line
+
+
+def test_insecure_no_token_starts_a_worker_with_a_warning(monkeypatch, caplog):
+    from pdserve import cli, worker
+
+    started = []
+    monkeypatch.setattr(worker, "run_worker", lambda cfg: started.append(cfg) or 0)
+    monkeypatch.delenv("PDSERVE_INTERNAL_TOKEN", raising=False)
+    assert cli.main(["decode", "--port", "8300", "--insecure-no-token"]) == 0
+    (cfg,) = started
+    assert cfg.internal_token is None and cfg.insecure_no_token
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("running with no internal token (--insecure-no-token)" in r.getMessage()
+               and "8300, 8301, 8302" in r.getMessage() for r in warned), warned
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    ((), {}, "no internal token: the proxy of workers given by URL refuses to start"),
+    ((), {"PDSERVE_INTERNAL_TOKEN": "<your-token>"}, "PDSERVE_INTERNAL_TOKEN=***: a placeholder"),
+])
+def test_the_proxy_of_given_workers_refuses_to_start_without_a_real_token(args, env, needle):
+    out, err = _run_main("serve", "--prefill", "http://127.0.0.1:9", "--decode",
+                         "http://127.0.0.1:10", "--port", "0", *args, env=env)
+    assert out["rc"] == 2, err
+    line = err.strip()
+    assert line.startswith("pdserve serve: error: ") and needle in line and "\n" not in line

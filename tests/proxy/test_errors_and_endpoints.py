@@ -105,9 +105,19 @@ def test_auth(served: Any) -> None:
             .status_code == 200
         assert anon.get("/v1/models", headers={"Authorization": "Bearer sk-second-key"}) \
             .status_code == 200
-        # open paths, as in vLLM
+        # SageMaker's /invocations generates as /v1 does: guarded too (vLLM leaves it open)
+        chat = {"messages": CHAT, "max_tokens": 1}
+        err = error_of(anon.post("/invocations", json=chat), 401)
+        assert err["type"] == "AuthenticationError" and err["code"] == "invalid_api_key"
+        error_of(anon.post("/invocations", json=chat, headers={"Authorization": "Bearer wrong"}),
+                 401)
+        ok = anon.post("/invocations", json=chat, headers={"Authorization": f"Bearer {API_KEY}"})
+        assert ok.status_code == 200 and ok.json()["object"] == "chat.completion", ok.text
+        # open paths: probes, and tokenize/detokenize (they run no model), as in vLLM
         assert anon.get("/health").status_code == 200
+        assert anon.get("/ping").status_code == 200 and anon.post("/ping").status_code == 200
         assert anon.post("/tokenize", json={"prompt": "a"}).status_code == 200
+        assert anon.post("/detokenize", json={"tokens": [1, 2]}).status_code == 200
         assert anon.options("/v1/models").status_code != 401
     for key in ("wrong", ""):
         c = openai.OpenAI(base_url=f"{served.url}/v1", api_key=key or "x", max_retries=0)
