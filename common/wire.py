@@ -3,8 +3,8 @@ messages of the proxy <-> worker data path, with the codec the KV control plane 
 
 The request record is the one type every boundary carries and failover re-submits (DESIGN.md
 §1): request id, prompt ids, output ids so far, sampling params (seed always set on the
-wire), choice index, deadline. A `TokenRow` is one choice's token from one engine step:
-workers stream them, the proxy turns them into text.
+wire), choice index, deadline, priority, cache salt. A `TokenRow` is one choice's token from
+one engine step: workers stream them, the proxy turns them into text.
 
 Every message is one msgspec struct tagged by its kind `k`, encoded as a msgpack map; the
 internal token `t` rides on data-path messages when one is configured. `Codec.decode` turns
@@ -30,6 +30,7 @@ from typing import Any, Union
 import msgspec
 
 from pdserve.common.params import SamplingParams
+from pdserve.common.prefix import check_cache_salt
 
 MAX_MESSAGE_BYTES = 16 << 20  # a 128k-token prompt is ~1 MiB of msgpack ints
 
@@ -72,10 +73,13 @@ class RequestRecord:
     choice_index: int = 0
     deadline: float | None = None
     priority: int = 0  # vLLM's: lower runs first (the proxy's admission queue orders by it)
+    # vLLM's: salts the prefix-block names (common/prefix.py), so tenants share no cached block
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.choice_index < 0 or (self.choice_index and self.params.n != 1):
             raise ValueError("choice_index must be >= 0, and 0 when n > 1")
+        check_cache_salt(self.cache_salt)
 
     def choice_indices(self) -> list[int]:
         return list(range(self.params.n)) if self.params.n > 1 else [self.choice_index]
@@ -180,5 +184,16 @@ class Error(DataMessage, tag="error"):
     # "busy": the worker's queue is full (another worker, or the proxy's queue, may take it)
 
 
+class Ping(DataMessage, tag="ping"):
+    """Proxy -> worker, every `PING_INTERVAL_S`: the step loop answers Pong between steps, so
+    a worker whose data path stopped (frozen, wedged) is told from a slow one in seconds."""
+
+    n: int
+
+
+class Pong(DataMessage, tag="pong"):
+    n: int
+
+
 DATA_PATH = Codec((Reserve, Join, Prefill, Generate, Abort, Reserved, Rejected, Step, First,
-                   Transfer, Error), MAX_MESSAGE_BYTES)
+                   Transfer, Error, Ping, Pong), MAX_MESSAGE_BYTES)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pdserve.common.shm_files import SHM_DIR, SHM_PREFIX
+
 logger = logging.getLogger(__name__)
 
 POOL_LAYOUT = "block-major:[block][layer][kv][slot][kv_head][head_dim]/v1"
@@ -54,8 +56,6 @@ def bytes_per_block(
     return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "pdserve-kv"
 
 
 def shm_pool_path(epoch: int) -> Path:

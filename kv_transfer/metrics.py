@@ -18,3 +18,7 @@ DOWNGRADES = Counter("kv_transfer_transport_downgrade", "Transport downgrades at
 HANDSHAKE_REFUSALS = Counter("kv_transfer_handshake_refusals",
                              "Handshakes refused (incompatible peer, bad token)", ["reason"])
 MALFORMED = Counter("kv_transfer_malformed_messages", "Control messages refused as malformed")
+UNAUTHENTICATED = Counter("kv_transfer_unauthenticated_messages",
+                          "Control messages refused: no handshake, or not the session's key")
+SESSIONS_LOST = Counter("kv_transfer_sessions_lost",
+                        "P->D sessions whose connection was lost (a new session follows)")

@@ -1,17 +1,22 @@
 """Wire format of the KV-transfer control plane: typed messages (`common/wire.py`'s codec).
 
-Every message carries `e`, the sender's epoch (a random 63-bit id drawn at process start),
-so a receiver can tell a restarted peer from the old one. Control messages are bounded in
-size; Data (tcp transport) is a two-frame message: the header, then one block's bytes.
+A link from P to D is a session: one DEALER socket with its own identity and a random
+63-bit session epoch `e`, which every message carries. When the connection is lost (D frozen
+past the heartbeat timeout, D restarted, a network cut) P opens a new session: a new socket,
+identity and epoch, never the old ones again (a ROUTER that still holds an identity ignores a
+new connection under it). Control messages are bounded in size; Data (tcp transport) is a
+two-frame message: the header, then one block's bytes.
 
-Handshake, P -> D: Hello {compat, pool registration, internal token}; D answers Welcome
-{transport} or Refuse {reason}. Then, per request id: Offer (P) -> [Send (D) -> Data... (P)]
--> Done (D); Cancel either way at any time; D answers what it cannot take with Error.
+Handshake, P -> D: Hello {compat, pool registration, internal token, P's process epoch `pe`
+and session number `s`}; D answers Welcome {transport, session key} or Refuse {reason}.
+Every later message, either way, carries the session key in `a`; D refuses one without it
+(the internal token authenticates the handshake, the key each message after it). Then, per
+request id: Offer (P) -> [Send (D) -> Data... (P)] -> Done (D); Cancel either way at any
+time (a P may cancel only its own offers); D answers what it cannot take with Error.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 from typing import Annotated, Any
@@ -28,7 +33,8 @@ class ProtocolError(WireError):
 
 
 class KVMessage(msgspec.Struct, tag_field="k", kw_only=True, omit_defaults=True):
-    e: int  # the sender's epoch
+    e: int  # the session's epoch (D's: its process epoch)
+    a: str = ""  # the session key (Welcome's), on every message after the handshake
 
 
 class Hello(KVMessage, tag="hello"):
@@ -37,10 +43,13 @@ class Hello(KVMessage, tag="hello"):
     token: str
     compat: dict[str, Any]  # a map, not a CompatRecord: an older peer is refused, not garbled
     pool: dict[str, Any]  # the pool registration (sender.py)
+    pe: int = 0  # P's process epoch: sessions of one P process share it
+    s: int = 0  # the session's number in that process (a later one replaces an earlier one)
 
 
 class Welcome(KVMessage, tag="welcome"):
     transport: str
+    key: str = ""  # the session key: `a` of every later message, either way
     downgraded_from: str = ""
     downgrade_reason: str = ""
 
@@ -94,13 +103,3 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return socket.gethostname()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -45,9 +46,14 @@ class HandshakeRequired(ProtocolError):
 
 @dataclass(eq=False)
 class _Peer:
+    """One session of one P (a ROUTER identity)."""
+
     name: str
-    epoch: int
+    epoch: int  # the session's
     transport: transports.Transport
+    key: str  # what every message of the session carries (`a`)
+    process: int = 0  # P's process epoch (Hello.pe) and the session's number in it (Hello.s)
+    session: int = 0
 
 
 class KVReceiver(IOThread):
@@ -105,6 +111,9 @@ class KVReceiver(IOThread):
     # ---- I/O thread: what transports call ------------------------------------------------
 
     def send(self, identity: bytes, msg: proto.KVMessage) -> None:
+        peer = self._peers.get(identity)
+        if peer is not None:
+            msg.a = peer.key
         try:
             self.router.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as e:  # peer gone or slow: deadlines handle it
@@ -176,6 +185,7 @@ class KVReceiver(IOThread):
                     raise ProtocolError("a message needs a body")
                 self._dispatch(identity, decode(frames[1].bytes), frames[2:])
             except HandshakeRequired as e:
+                metrics.UNAUTHENTICATED.inc()
                 self.send(identity, proto.Error(e=self.epoch, reason=str(e), code="handshake"))
             except ProtocolError as e:
                 metrics.MALFORMED.inc()
@@ -189,6 +199,9 @@ class KVReceiver(IOThread):
         if peer is None or msg.e != peer.epoch:
             raise HandshakeRequired(f"{msg.__struct_config__.tag} before a handshake (or from "
                                     "an old epoch)")
+        if not hmac.compare_digest(msg.a.encode(), peer.key.encode()):
+            metrics.UNAUTHENTICATED.inc()
+            raise ProtocolError(f"{msg.__struct_config__.tag} without the session's key")
         if isinstance(msg, proto.Offer):
             self._on_offer(identity, msg)
         elif isinstance(msg, proto.Data):
@@ -198,10 +211,11 @@ class KVReceiver(IOThread):
             if len(rest) != 1:
                 return self.fail(r, f"data frame {msg.i} for {r.rid} has no payload")
             peer.transport.on_data(self, r, msg.i, rest[0].buffer)
-        elif isinstance(msg, proto.Cancel):
+        elif isinstance(msg, proto.Cancel):  # a P cancels only what it offered
             r = self._res.get(msg.rid)
-            self._early.pop(msg.rid, None)
-            if r is not None and r.peer in (None, identity):
+            if self._early.get(msg.rid, (None,))[0] == identity:
+                del self._early[msg.rid]
+            if r is not None and r.peer == identity:
                 self._finish(r, ReservationState.CANCELLED, msg.reason)
         else:
             raise ProtocolError(f"unexpected {msg.__struct_config__.tag} on D")
@@ -219,19 +233,27 @@ class KVReceiver(IOThread):
         why = self.compat.mismatch(msg.compat)
         if why:
             return refuse(f"incompatible engines: {why}", "compat")
-        # a new epoch from a P of the same name is a restart: drop the old incarnation
+        # a new session of a P replaces its earlier one (P lost the connection, or restarted);
+        # a stale Hello (an earlier session's, delivered late) is ignored
         for old_id, old in list(self._peers.items()):
-            if old.name == msg.name and (old.epoch != msg.e or old_id != identity):
-                self._drop_peer(old_id, "P restarted (new epoch)")
+            if old.name != msg.name or (old.epoch == msg.e and old_id == identity):
+                continue
+            if old.process == msg.pe and old.session > msg.s:
+                logger.info("ignored a stale handshake of P %s (session %d < %d)", msg.name,
+                            msg.s, old.session)
+                return
+            self._drop_peer(old_id, "P opened a new session (lost connection or restart)")
         transport, downgrade = transports.choose(self.transports, msg.pool, self.pool,
                                                  self._puller, msg.name)
         old = self._peers.get(identity)  # the same incarnation shaking hands again
         if old is not None:
             old.transport.close()  # its mapping's reference; the new transport holds its own
-        self._peers[identity] = _Peer(msg.name, msg.e, transport)
+        self._peers[identity] = _Peer(msg.name, msg.e, transport, secrets.token_hex(16),
+                                      msg.pe, msg.s)
         self._stats["peers"][msg.name] = transport.name
         self._stats["downgrades"].pop(msg.name, None)
-        welcome = proto.Welcome(e=self.epoch, transport=transport.name)
+        welcome = proto.Welcome(e=self.epoch, transport=transport.name,
+                                key=self._peers[identity].key)
         if downgrade is not None:
             self._stats["downgrades"][msg.name] = downgrade
             self._stats["num_downgrades"] += 1

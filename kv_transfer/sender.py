@@ -5,12 +5,19 @@ prompt's KV writes have completed (on GPU: after their CUDA event), then drains 
 RELEASED (D has the data) or FAILED / CANCELLED (refused, cancelled, deadline passed). After
 any of these P frees the blocks. Until then they must not be reused: D may still read them.
 
-One DEALER socket per D, handshaken once (HELLO with the compatibility record and the pool
-registration; D answers WELCOME with the transport, or REFUSE with the reason, which is kept
-for `/health`). Over tcp, P pushes each block as one zero-copy frame when D asks (SEND).
-Over cuda_ipc (a GPU pool; exported once, at construction) D pulls by itself and P only
-waits for DONE; each HELLO carries a canary checksum of blocks D reads back through its
-mapping. If D downgrades the transport, WELCOME says so and `stats()` shows it.
+One session per D: a DEALER socket with its own identity and epoch, handshaken once (HELLO
+with the compatibility record and the pool registration; D answers WELCOME with the transport
+and the session key every later message carries, or REFUSE with the reason, which is kept
+for `/health`). A socket monitor watches the connection: when it drops (D frozen past the
+heartbeat timeout, D restarted) the session ends and a new one starts at once, so the link
+heals and `stats()` says what it is, never "ready" over a dead connection. Offers already
+sent in the lost session keep their blocks until their deadline (D may still be reading
+them); offers still waiting for the handshake go out in the new session.
+
+Over tcp, P pushes each block as one zero-copy frame when D asks (SEND). Over cuda_ipc (a
+GPU pool; exported once, at construction) D pulls by itself and P only waits for DONE; each
+HELLO carries a canary checksum of blocks D reads back through its mapping. If D downgrades
+the transport, WELCOME says so and `stats()` shows it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
 from pdserve.common.logs import Throttled
@@ -40,11 +48,16 @@ REFUSAL_MEMORY_S = 5.0  # after a refusal, new offers to that D fail fast for th
 
 @dataclass(eq=False)
 class _Dest:
+    """One session with one D."""
+
     address: str
     sock: zmq.Socket
+    monitor: zmq.Socket  # the socket's connection events
+    epoch: int  # this session's
     state: DestState = DestState.CONNECTING
     transport: str = ""
     peer_epoch: int | None = None
+    key: str = ""  # from Welcome
     reason: str = ""
     since: float = field(default_factory=time.monotonic)
 
@@ -63,6 +76,7 @@ class KVSender(IOThread):
         self.transfer_timeout = transfer_timeout
         self.block_bytes = pool.spec.bytes_per_block
         self._dests: dict[str, _Dest] = {}
+        self._sessions = 0  # sessions opened so far (numbers them: Hello.s)
         self._by_sock: dict[zmq.Socket, _Dest] = {}
         self._offers: dict[str, PendingOffer] = {}
         self._stats: dict[str, dict] = {}
@@ -126,29 +140,50 @@ class KVSender(IOThread):
             self._close_dest(d)
             d = None
         if d is None:
+            self._sessions += 1
+            epoch = proto.new_epoch()
             sock = self.ctx.socket(zmq.DEALER)
             configure(sock, MAX_CONTROL_BYTES + 4096)
-            sock.setsockopt(zmq.IDENTITY, f"{self.name}|{self.epoch:x}".encode())
+            sock.setsockopt(zmq.IDENTITY, f"{self.name}|{self.epoch:x}|{epoch:x}".encode())
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sock.connect(address)
-            d = _Dest(address, sock)
+            d = _Dest(address, sock, monitor, epoch)
             self._dests[address] = d
-            self._by_sock[sock] = d
+            self._by_sock[sock] = self._by_sock[monitor] = d
             self.poller.register(sock, zmq.POLLIN)
+            self.poller.register(monitor, zmq.POLLIN)
             # the canary: blocks of an offer to this D, which P keeps until D answers it
             offer = offer or next((o for o in self._offers.values() if o.address == address),
                                   None)
             blocks = offer.block_ids if offer else []
-            sock.send(encode(proto.Hello(e=self.epoch, v=PROTOCOL_VERSION, name=self.name,
+            sock.send(encode(proto.Hello(e=epoch, v=PROTOCOL_VERSION, name=self.name,
                                          token=self.token, compat=self.compat.to_dict(),
-                                         pool=self._pool_registration(blocks))))
-            self._stats[address] = {"state": "connecting", "transport": "", "reason": ""}
+                                         pool=self._pool_registration(blocks), pe=self.epoch,
+                                         s=self._sessions)))
+            self._stats[address] = {"state": "connecting", "transport": "", "reason": "",
+                                    "session": self._sessions}
         return d
 
     def _close_dest(self, d: _Dest) -> None:
         self.poller.unregister(d.sock)
+        self.poller.unregister(d.monitor)
         self._by_sock.pop(d.sock, None)
-        self._dests.pop(d.address, None)
+        self._by_sock.pop(d.monitor, None)
+        if self._dests.get(d.address) is d:
+            del self._dests[d.address]
+        d.sock.disable_monitor()
+        d.monitor.close(0)
         d.sock.close(0)
+
+    def _session_lost(self, d: _Dest) -> None:
+        """The connection of a ready session dropped: end it and start a new one at once."""
+        metrics.SESSIONS_LOST.inc()
+        logger.warning("lost the connection to D %s (transport %s): new session", d.address,
+                       d.transport or "none")
+        self._close_dest(d)
+        self._dest(d.address)
+        self._stats[d.address]["reason"] = "reconnecting: the previous session's connection " \
+                                           "was lost"
 
     def _offer(self, offer: PendingOffer) -> None:
         if offer.rid in self._offers:
@@ -161,21 +196,27 @@ class KVSender(IOThread):
             self._send_offer(d, offer)
 
     def _send_offer(self, d: _Dest, offer: PendingOffer) -> None:
-        offer.state = OfferState.OFFERED
-        self._send(d, proto.Offer(e=self.epoch, rid=offer.rid, blocks=offer.block_ids,
+        offer.state, offer.session = OfferState.OFFERED, d.epoch
+        self._send(d, proto.Offer(e=d.epoch, rid=offer.rid, blocks=offer.block_ids,
                                   num_tokens=offer.num_tokens))
 
     def _send(self, d: _Dest, msg: proto.KVMessage) -> None:
         if d.state is DestState.READY:
+            msg.a = d.key
             d.sock.send(encode(msg))
+
+    def _session_of(self, offer: PendingOffer) -> _Dest | None:
+        """The live session `offer` went out in (None: not sent, or that session ended)."""
+        d = self._dests.get(offer.address)
+        return d if d is not None and d.epoch == offer.session else None
 
     def _cancel(self, rid: str, reason: str) -> None:
         offer = self._offers.get(rid)
         if offer is None:
             return
-        d = self._dests.get(offer.address)
+        d = self._session_of(offer)
         if d is not None:
-            self._send(d, proto.Cancel(e=self.epoch, rid=rid, reason=reason))
+            self._send(d, proto.Cancel(e=d.epoch, rid=rid, reason=reason))
         self._release(offer, EventKind.CANCELLED, reason)
 
     def _release(self, offer: PendingOffer, kind: EventKind, reason: str = "") -> None:
@@ -194,6 +235,8 @@ class KVSender(IOThread):
 
     def handle(self, sock: zmq.Socket) -> None:
         d = self._by_sock.get(sock)
+        if d is not None and sock is d.monitor:
+            return self._on_monitor(d)
         while d is not None:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
@@ -205,10 +248,33 @@ class KVSender(IOThread):
                 metrics.MALFORMED.inc()
                 flood.warning("malformed", "malformed message from D %s: %s", d.address, e)
 
+    def _on_monitor(self, d: _Dest) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(d.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED and self._dests.get(d.address) is d \
+                    and d.state is DestState.READY:
+                return self._session_lost(d)
+
     def _dispatch(self, d: _Dest, msg: proto.KVMessage) -> None:
+        if isinstance(msg, proto.Error):  # unsigned: a restarted D does not know the session
+            flood.warning("error", "D %s reported an error: %s", d.address, msg.reason)
+            if msg.code == "handshake" and d.state is DestState.READY:
+                # D restarted and lost us: a new session; offers it never saw time out
+                self._close_dest(d)
+                self._dest(d.address)
+            return
+        if d.state is DestState.READY and (msg.e != d.peer_epoch or msg.a != d.key):
+            raise ProtocolError(f"{msg.__struct_config__.tag} without this session's key")
         if isinstance(msg, proto.Welcome):
+            if d.state is not DestState.CONNECTING:
+                raise ProtocolError("a second welcome in one session")
             d.state, d.transport, d.peer_epoch = DestState.READY, msg.transport, msg.e
-            self._stats[d.address] = {"state": "ready", "transport": d.transport, "reason": ""}
+            d.key = msg.key
+            self._stats[d.address] = {"state": "ready", "transport": d.transport, "reason": "",
+                                      "session": self._stats[d.address].get("session")}
             if msg.downgraded_from:  # D counted it; shown here for /health and /load
                 self._stats[d.address].update(downgraded_from=msg.downgraded_from,
                                               downgrade_reason=msg.downgrade_reason)
@@ -227,18 +293,11 @@ class KVSender(IOThread):
                 if offer.address == d.address:
                     self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
             return
-        if isinstance(msg, proto.Error):
-            flood.warning("error", "D %s reported an error: %s", d.address, msg.reason)
-            if msg.code == "handshake" and d.state is DestState.READY:
-                # D restarted and lost us: shake hands again; offers it never saw time out
-                self._close_dest(d)
-                self._dest(d.address)
-            return
         if not isinstance(msg, proto.Done | proto.Cancel | proto.Send):
             raise ProtocolError(f"unexpected {msg.__struct_config__.tag} on P")
         offer = self._offers.get(msg.rid)
-        if msg.e != d.peer_epoch or offer is None or offer.address != d.address:
-            return  # an old incarnation of D, or already released (cancelled, timed out)
+        if offer is None or self._session_of(offer) is not d:
+            return  # another session's, or already released (cancelled, timed out)
         if isinstance(msg, proto.Done):
             self._release(offer, EventKind.RELEASED)
         elif isinstance(msg, proto.Cancel):
@@ -255,7 +314,7 @@ class KVSender(IOThread):
             if block.device.type != "cpu":
                 block = block.to("cpu", non_blocking=False)
             payload = block.contiguous().view(-1).view(torch.uint8).numpy()
-            header = encode(proto.Data(e=self.epoch, rid=offer.rid, i=i))
+            header = encode(proto.Data(e=d.epoch, rid=offer.rid, i=i, a=d.key))
             d.sock.send_multipart([header, payload], copy=False)
 
     def next_timeout_ms(self) -> int:
@@ -267,9 +326,9 @@ class KVSender(IOThread):
     def tick(self, now: float) -> None:
         for offer in list(self._offers.values()):
             if now >= offer.deadline:
-                d = self._dests.get(offer.address)
+                d = self._session_of(offer)
                 if d is not None:
-                    self._send(d, proto.Cancel(e=self.epoch, rid=offer.rid,
+                    self._send(d, proto.Cancel(e=d.epoch, rid=offer.rid,
                                                reason="P's transfer deadline passed"))
                 self._release(offer, EventKind.FAILED, "no confirmation from D before the deadline")
         for d in list(self._dests.values()):

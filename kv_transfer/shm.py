@@ -3,44 +3,28 @@ in spirit (D never writes it) and copies offered blocks into its own reserved bl
 
 Pool files are plain files under /dev/shm named by owner pid and epoch
 (`engine/kv_pool.py`), not `multiprocessing.shared_memory` (whose resource tracker unlinks
-segments from the attaching side on Python 3.11). `sweep_stale` removes files whose owner
-process is gone; every worker runs it at start.
+segments from the attaching side on Python 3.11). `sweep_stale` (`common/shm_files.py`)
+removes files whose owner process is gone: every worker runs it at start, `pdserve serve`
+when it restarts a local worker or gives up on one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 
 import torch
 
-from pdserve.engine.kv_pool import DTYPES, SHM_DIR, SHM_PREFIX
-from pdserve.kv_transfer.protocol import pid_alive
+from pdserve.common.shm_files import POOL_FILE, SHM_DIR
+from pdserve.engine.kv_pool import DTYPES
 
 logger = logging.getLogger(__name__)
-
-_NAME = re.compile(rf"{SHM_PREFIX}-(\d+)-([0-9a-f]+)\.pool")
-
-
-def sweep_stale(directory: Path = SHM_DIR) -> list[Path]:
-    """Unlink pool files whose owner process no longer exists; returns what was removed."""
-    removed = []
-    for f in directory.glob(f"{SHM_PREFIX}-*.pool"):
-        m = _NAME.fullmatch(f.name)
-        if m and not pid_alive(int(m.group(1))):
-            f.unlink(missing_ok=True)
-            removed.append(f)
-    if removed:
-        logger.info("removed %d stale KV pool file(s) from %s", len(removed), directory)
-    return removed
-
 
 def attach(path: str, shape: list[int], dtype: str) -> torch.Tensor:
     """Map a peer's pool file; raises OSError/ValueError with the reason if it cannot."""
     p = Path(path)
-    if p.parent != SHM_DIR or not _NAME.fullmatch(p.name):
+    if p.parent != SHM_DIR or not POOL_FILE.fullmatch(p.name):
         raise ValueError(f"{path!r} is not a pdserve pool file")
     if dtype not in DTYPES:
         raise ValueError(f"unknown pool dtype {dtype!r}")

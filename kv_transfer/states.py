@@ -84,3 +84,4 @@ class PendingOffer:
     deadline: float
     state: OfferState = OfferState.CONNECTING
     created: float = field(default_factory=time.monotonic)
+    session: int = 0  # the epoch of the session it was sent in (0: not sent yet)

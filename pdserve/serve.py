@@ -4,6 +4,9 @@ With `--prefill URL... --decode URL...` (or `--worker URL...` for both-role work
 routes to running workers. With none it starts a local cluster first (`--num-prefill` P and
 `--num-decode` D processes of `pdserve worker` on the engine options given here, on loopback
 ports from `--worker-base-port`), stops them on exit, and serves at http://HOST:PORT.
+Workers given by URL need their internal token (`--internal-token`), or `--insecure-no-token`
+when they run without one: otherwise the proxy refuses to start (common/internal_token.py);
+a local cluster draws a random token for its workers.
 
 Startup: workers (if local) -> the proxy's tokenizer and its model's hashes (workers with
 another model are refused) -> uvicorn (TLS, CORS, keep-alive, graceful drain of in-flight
@@ -28,8 +31,16 @@ from pathlib import Path
 import httpx
 
 from pdserve.common import UserError
+from pdserve.common.internal_token import (
+    INSECURE_FLAG,
+    insecure_warning,
+    placeholder_problem,
+    start_problem,
+)
 from pdserve.common.options import option
+from pdserve.config import ConfigError
 from pdserve.engine.config import EngineConfig
+from pdserve.supervisor import Managed, Supervisor, log_tail
 
 logger = logging.getLogger("pdserve.serve")
 
@@ -54,7 +65,8 @@ class ServeConfig(EngineConfig):
     host: str = option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface).")
     port: int = option(8000, help="HTTP port of the OpenAI API.")
     api_key: list[str] = option(default_factory=list, secret=True,
-                                help="API key(s) required on /v1/* (stored hashed).")
+                                help="API key(s) required on /v1/* and /invocations (stored "
+                                "hashed).")
     served_model_name: str | None = option(None, help="Model name clients use (default: the "
                                            "model directory's name).")
     prefill: list[str] = option(default_factory=list, check=_urls, metavar="URL",
@@ -63,8 +75,15 @@ class ServeConfig(EngineConfig):
                                help="Decode workers' HTTP URLs.")
     worker: list[str] = option(default_factory=list, check=_urls, metavar="URL",
                                help="Both-role workers' HTTP URLs.")
-    internal_token: str | None = option(None, secret=True, help="Secret shared with the "
-                                        "workers (a local cluster gets a random one).")
+    internal_token: str | None = option(
+        None, secret=True, check=placeholder_problem,
+        help="Secret shared with the workers: required with worker URLs (unless "
+        "--insecure-no-token); a local cluster draws a random one. Placeholders such as "
+        "change-me are refused.")
+    insecure_no_token: bool = option(False, help="Talk to the workers given by URL with no "
+                                     "internal token (they run with --insecure-no-token); "
+                                     "logged as a warning at start. A local cluster always "
+                                     "has a token.")
     num_prefill: int = option(1, help="Local cluster: prefill workers to start.")
     num_decode: int = option(1, help="Local cluster: decode workers to start.")
     worker_base_port: int = option(8100, help="Local cluster: first worker port (each "
@@ -83,6 +102,12 @@ class ServeConfig(EngineConfig):
                                     help="Seconds a request may wait at the proxy for a worker "
                                     "with room before it gets 429 with Retry-After.")
     health_interval: float = option(1.0, help="Seconds between worker health checks.")
+    data_path_timeout: float = option(
+        2.0, check=lambda v: None if v > 0 else "must be > 0",
+        help="Seconds a worker's step loop may leave the proxy's pings (every 0.5 s) "
+        "unanswered before the worker is ejected and its requests fail over (a frozen or "
+        "wedged worker); it is readmitted when it answers again. Raise it if one engine "
+        "step can take longer.")
     allowed_origins: str = option('["*"]', check=_json_list, help="CORS origins (JSON list).")
     allowed_methods: str = option('["*"]', check=_json_list, help="CORS methods (JSON list).")
     allowed_headers: str = option('["*"]', check=_json_list, help="CORS headers (JSON list).")
@@ -123,37 +148,38 @@ def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None) -> l
     return cmd
 
 
-def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, list]:
-    """Start P and D workers; returns the config pointing at them and their processes."""
+def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, list[Managed]]:
+    """Start P and D workers; returns the config pointing at them and the started workers
+    (what the supervisor restarts)."""
     roles = ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
-    procs, urls = [], {"prefill": [], "decode": []}
+    workers, urls = [], {"prefill": [], "decode": []}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PDSERVE_INTERNAL_TOKEN": cfg.internal_token or ""}
     env.pop("PDSERVE_CONFIG", None)
+    env.pop("PDSERVE_INSECURE_NO_TOKEN", None)  # they have a token: the flag would contradict it
     for i, role in enumerate(roles):
         port = cfg.worker_base_port + 3 * i
         device = cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None
-        log = open(log_dir / f"{role}-{port}.log", "w")  # noqa: SIM115 - lives with the worker
-        procs.append(subprocess.Popen(_worker_cmd(cfg, role, port, device), stdout=log,
-                                      stderr=subprocess.STDOUT, env=env))
-        procs[-1].log_path = Path(log.name)  # named when the worker dies at start
-        urls[role].append(f"http://127.0.0.1:{port}")
-        logger.info("started local %s worker on port %d (log %s)", role, port, log.name)
-    return replace(cfg, prefill=urls["prefill"], decode=urls["decode"]), procs
+        w = Managed(role, port, _worker_cmd(cfg, role, port, device), env,
+                    log_dir / f"{role}-{port}.log")
+        w.log_path.write_text("")
+        w.start()
+        workers.append(w)
+        urls[role].append(w.url)
+        logger.info("started local %s worker on port %d (log %s)", role, port, w.log_path)
+    return replace(cfg, prefill=urls["prefill"], decode=urls["decode"]), workers
 
 
-def wait_for_workers(cfg: ServeConfig, procs: list, timeout: float = 600.0) -> None:
+def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 600.0) -> None:
+    """Until every worker answers /health; a UserError with its log's end if one exits."""
     urls = cfg.prefill + cfg.decode + cfg.worker
     end = time.monotonic() + timeout
     pending = list(urls)
     while pending:
-        for p in procs:
-            if p.poll() is not None:
-                path = getattr(p, "log_path", None)
-                tail = "".join(path.read_text(errors="replace").splitlines(True)[-15:]) \
-                    if path is not None and path.exists() else ""
-                raise UserError(f"a local worker exited with code {p.returncode}; the end of "
-                                f"its log {path}:\n{tail}")
+        for w in workers:
+            if w.proc.poll() is not None:
+                raise UserError(f"a local worker exited with code {w.proc.returncode}; the end "
+                                f"of its log {w.log_path}:\n{log_tail(w.log_path)}")
         try:
             if httpx.get(pending[0] + "/health", timeout=2).status_code == 200:
                 pending.pop(0)
@@ -178,7 +204,7 @@ def stop_processes(procs: list, timeout: float = 20.0) -> None:
 
 # ---- the proxy ----------------------------------------------------------------------------
 
-def build_app(cfg: ServeConfig):
+def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     """The FastAPI app over a ClusterBackend for `cfg`'s workers (started in its lifespan)."""
     from contextlib import asynccontextmanager
 
@@ -202,13 +228,14 @@ def build_app(cfg: ServeConfig):
     registry = Registry({"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.worker},
                         token=cfg.internal_token or "",
                         expected=model_identity(model_path, cfg.tokenizer),
-                        interval=cfg.health_interval)
+                        interval=cfg.health_interval, silence_limit=cfg.data_path_timeout)
     default_name = BUILTIN_MODEL_NAME if cfg.model is None else Path(model_path).name
     backend = ClusterBackend(registry, tokenizer, cfg.served_model_name or default_name,
                              model_path=model_path, min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
                              max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
                              max_queued_requests=cfg.max_queued_requests,
-                             max_queue_delay=cfg.max_queue_delay)
+                             max_queue_delay=cfg.max_queue_delay,
+                             local_workers=supervisor.snapshot if supervisor else None)
     app = create_app(backend, api_keys=cfg.api_key, served_model_name=cfg.served_model_name,
                      max_body_bytes=cfg.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
@@ -263,8 +290,9 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def serve_proxy(cfg: ServeConfig) -> None:
-    """One proxy process (blocks until SIGTERM/SIGINT; drains streams first)."""
+def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None) -> None:
+    """One proxy process (blocks until SIGTERM/SIGINT; drains streams first); `supervisor`
+    (a local cluster's, in its first proxy process) is reported in /health."""
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(),
@@ -272,7 +300,7 @@ def serve_proxy(cfg: ServeConfig) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
     sock = _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1)
     config = uvicorn.Config(
-        build_app(cfg), log_level="warning", access_log=False,
+        build_app(cfg, supervisor), log_level="warning", access_log=False,
         timeout_keep_alive=int(cfg.keep_alive_timeout),
         timeout_graceful_shutdown=int(cfg.shutdown_timeout),
         ssl_keyfile=cfg.ssl_keyfile, ssl_certfile=cfg.ssl_certfile,
@@ -288,20 +316,34 @@ def run_serve(cfg: ServeConfig) -> int:
     import signal
     import tempfile
 
-    procs: list = []
+    external = bool(cfg.prefill or cfg.decode or cfg.worker)
+    if external:  # workers it did not start: refuse before anything starts
+        problem = start_problem(cfg.internal_token, cfg.insecure_no_token,
+                                who="the proxy of workers given by URL")
+        if problem:
+            raise ConfigError(problem, "internal_token")
+        if cfg.insecure_no_token:
+            logger.warning(insecure_warning("the workers' ports"))
+    elif cfg.insecure_no_token:
+        logger.warning("%s has no effect on a local cluster: it draws a random token",
+                       INSECURE_FLAG)
+    workers: list[Managed] = []
+    supervisor = None
     # uvicorn re-raises SIGTERM after its own graceful shutdown; as SystemExit it unwinds
     # through the finally below, which stops a local cluster's workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    if not (cfg.prefill or cfg.decode or cfg.worker):
-        if cfg.internal_token is None:
-            cfg = replace(cfg, internal_token=secrets.token_hex(16))
+    if not external:
+        cfg = replace(cfg, internal_token=cfg.internal_token or secrets.token_hex(16),
+                      insecure_no_token=False)
         log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
         logger.info("no workers given: starting a local cluster (%d P + %d D); logs in %s",
                     cfg.num_prefill, cfg.num_decode, log_dir)
-        cfg, procs = start_local_cluster(cfg, log_dir)
+        cfg, workers = start_local_cluster(cfg, log_dir)
     try:
-        if procs:
-            wait_for_workers(cfg, procs)
+        if workers:
+            wait_for_workers(cfg, workers)
+            supervisor = Supervisor(workers)  # from now on a dead worker is restarted
+            supervisor.start()
         extra = []
         ctx = mp.get_context("spawn")
         for _ in range(cfg.api_server_count - 1):
@@ -309,13 +351,15 @@ def run_serve(cfg: ServeConfig) -> int:
             p.start()
             extra.append(p)
         try:
-            serve_proxy(cfg)
+            serve_proxy(cfg, supervisor)
         finally:
             for p in extra:
                 p.terminate()
                 p.join(10)
     finally:
-        stop_processes(procs)
+        if supervisor is not None:
+            supervisor.stop()
+        stop_processes([w.proc for w in workers if w.proc is not None])
     return 0
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from pdserve.common.shm_files import sweep_stale
 from pdserve.engine.setup import build_engine
 from pdserve.kv_transfer.protocol import new_epoch
-from pdserve.kv_transfer.shm import sweep_stale
 from pdserve.service.config import WorkerConfig
 
 logger = logging.getLogger("pdserve.worker")

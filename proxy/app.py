@@ -12,7 +12,8 @@ aborts the request.
 
 Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokenize,
 /detokenize; GET /health (200 / 503, the backend's report as JSON), /version; GET|POST
-/ping and POST /invocations (SageMaker). Only /v1 needs the API key. Token-ids-only mode
+/ping and POST /invocations (SageMaker). /v1/* and /invocations need the API key when one
+is set (`auth.py`); /tokenize, /detokenize and the probes stay open. Token-ids-only mode
 (backend.tokenizer is None): completions with token-id prompts work and return `text: ""`
 with `token_ids` in each choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
 """
@@ -140,7 +141,7 @@ class OpenAIServer:
         response_id = f"{prefix}-{rid}"
         # unique inside the backend even when a client reuses its X-Request-Id
         gen_req = GenerationRequest(f"{response_id}-{uuid.uuid4().hex[:8]}", prompt_ids, params,
-                                    priority=req.priority)
+                                    priority=req.priority, cache_salt=req.cache_salt)
         gen = Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
                          include_stop_str_in_output=req.include_stop_str_in_output,
                          skip_special_tokens=req.skip_special_tokens)

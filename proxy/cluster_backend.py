@@ -20,7 +20,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -54,7 +54,8 @@ class ClusterBackend:
                  model_path: str | None = None, min_pd_prompt_tokens: int = 16,
                  skip_p_cached_fraction: float = 0.8, max_retries: int = 2,
                  request_timeout: float = 600.0, max_queued_requests: int = 1024,
-                 max_queue_delay: float = 20.0):
+                 max_queue_delay: float = 20.0,
+                 local_workers: Callable[[], list[dict[str, Any]]] | None = None):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -63,6 +64,7 @@ class ClusterBackend:
         self.skip_p_cached_fraction = skip_p_cached_fraction
         self.max_retries = max_retries
         self.request_timeout = request_timeout
+        self.local_workers = local_workers  # a local cluster's supervisor record, for /health
         self._max_model_len = 0
         self._vocab_size = 0
         self._rng = random.Random()
@@ -103,7 +105,11 @@ class ClusterBackend:
         await self.registry.close()
 
     async def health(self) -> dict[str, Any]:
-        return {"healthy": self.registry.ready(), "workers": self.registry.snapshot()}
+        report = {"healthy": self.registry.ready(), "serves": self.registry.serves(),
+                  "workers": self.registry.snapshot()}
+        if self.local_workers is not None:
+            report["local_workers"] = self.local_workers()
+        return report
 
     # ---- routing -------------------------------------------------------------------------
 
@@ -217,7 +223,7 @@ class ClusterBackend:
         rec, attempt, engine_failures = req, 0, 0
         d_worker: Worker | None = None
         bs = self.registry.reference.get("block_size", 16) if self.registry.reference else 16
-        hashes = prefix_block_hashes(req.prompt_token_ids, bs)
+        hashes = prefix_block_hashes(req.prompt_token_ids, bs, cache_salt=req.cache_salt)
         deadline = start + self.admission.max_delay  # of waiting for room, 429 after it
         while True:
             route, a, b = await self._admit(rec, exclude, hashes, deadline)
@@ -245,7 +251,9 @@ class ClusterBackend:
                 if attempt > self.max_retries:
                     raise BackendError(f"no worker could serve the request: {e}") from e
                 metrics.RETRIES.inc()
-                exclude.update(w.url for w in (a, b) if w is not None)
+                # only the worker that failed: its partner of the pair may serve the retry
+                failed = [w for w in (a, b) if w is not None and w.link is e.link]
+                exclude.update(w.url for w in failed or (a, b) if w is not None)
                 rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
                 logger.warning("retrying %s elsewhere: %s", req.request_id, e)
             finally:
@@ -287,7 +295,7 @@ class ClusterBackend:
             d = self._pick(ds, [])
             rec = RequestRecord(f"{req.request_id}#fo{next(self._attempt)}",
                                 req.prompt_token_ids, replace(req.params, n=1),
-                                toks[:-1], choice, req.deadline)
+                                toks[:-1], choice, req.deadline, cache_salt=req.cache_salt)
             d.assign(rec.request_id, [], len(rec.prompt_token_ids))
             try:
                 if not toks:  # the choice never produced a token: start it over

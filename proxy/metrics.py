@@ -34,3 +34,9 @@ WORKER_HEALTHY = Gauge("pdserve_proxy_worker_healthy", "1 if the worker is routa
                        ["worker", "role"])
 WORKER_REQUESTS = Counter("pdserve_proxy_worker_requests", "Requests routed to each worker",
                           ["worker", "role"])
+WORKER_RESTARTS = Counter("pdserve_proxy_worker_restarts",
+                          "Local-cluster workers restarted by `pdserve serve`'s supervisor",
+                          ["worker", "role"])
+WORKER_EJECTIONS = Counter("pdserve_proxy_worker_ejections",
+                           "Workers ejected: data path silent or health checks failing",
+                           ["worker", "role"])

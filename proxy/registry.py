@@ -2,7 +2,9 @@
 
 Each worker is known by its HTTP base URL. At start and every `interval` the registry reads
 GET /health (and /info until known); two failures in a row eject the worker (its in-flight
-requests fail over at once), a success readmits it. A worker whose /info does not match
+requests fail over at once), a success readmits it. Its data-path link pings the step loop
+twice a second: silent past `silence_limit` it is ejected too (a frozen process, a wedged
+loop), readmitted when it answers again. A worker whose /info does not match
 the proxy's model (config or tokenizer hash) or the other workers' KV layout is refused,
 with the reason shown in the proxy's /health. Load comes from every data-path frame (D's
 STEP frames, P's FIRST answers, a report after any message no step answered); what was routed
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,6 @@ from pdserve.proxy.workers import WorkerLink
 logger = logging.getLogger(__name__)
 
 PREFIX_MEMORY = 50_000  # block hashes remembered per worker (LRU)
-BUSY_GRACE_S = 15.0  # a worker that answered on the data path this recently is busy, not dead
 
 
 @dataclass(eq=False)
@@ -49,7 +49,8 @@ class Worker:
 
     @property
     def usable(self) -> bool:
-        return self.healthy and self.refused is None and self.link is not None
+        return self.healthy and self.refused is None and self.link is not None and \
+            self.link.alive
 
     def score(self) -> float:
         """Lower is better: queued + running as last reported, plus what is on its way."""
@@ -104,6 +105,8 @@ class Worker:
     def snapshot(self) -> dict[str, Any]:
         return {"url": self.url, "role": self.role, "name": self.name, "healthy": self.healthy,
                 "refused": self.refused, "active": self.active,
+                "data_path": None if self.link is None else
+                ("ok" if self.link.alive else f"silent for {self.link.silence():.1f} s"),
                 "transport": self.load.get("kv_transports") or self.info.get("kv_peers"),
                 "load": {k: v for k, v in self.load.items() if isinstance(v, int | float)}}
 
@@ -112,11 +115,12 @@ class Registry:
     """All workers; `start()` fetches their /info and begins health checks."""
 
     def __init__(self, urls: dict[str, list[str]], token: str = "", expected: dict | None = None,
-                 interval: float = 1.0):
+                 interval: float = 1.0, silence_limit: float = 2.0):
         self.workers = [Worker(u, role) for role, us in urls.items() for u in us]
         self.token = token
         self.expected = expected or {}  # the proxy's own config/tokenizer hashes
         self.interval = interval
+        self.silence_limit = silence_limit  # of a worker's data path before it is ejected
         self.reference: dict[str, Any] | None = None
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
@@ -133,8 +137,22 @@ class Registry:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     def ready(self) -> bool:
-        roles = {w.role for w in self.workers if w.usable}
-        return "both" in roles or {"prefill", "decode"} <= roles
+        """Whether a request can be served now: a D (with or without a P: alone it prefills
+        prompts itself) or a both-role worker is usable."""
+        return bool({"decode", "both"} & {w.role for w in self.workers if w.usable})
+
+    def serves(self) -> str:
+        """What the proxy can serve now, in words (its /health says it)."""
+        n = {r: len(self.usable(r)) for r in ("prefill", "decode", "both")}
+        if n["decode"] and n["prefill"]:
+            how = f"prefill/decode: {n['prefill']} P + {n['decode']} D"
+        elif n["decode"]:
+            how = f"decode workers only ({n['decode']} D, no P: D prefills every prompt)"
+        else:
+            how = ""
+        if n["both"]:
+            how = (how + "; " if how else "") + f"{n['both']} both-role worker(s)"
+        return how or "nothing: no decode or both-role worker is usable"
 
     async def _loop(self) -> None:
         while True:
@@ -157,12 +175,11 @@ class Registry:
             r = await self.http.get(w.url + "/health")
             ok = r.status_code == 200
         except httpx.TimeoutException as e:
-            # a worker saturating its CPU can answer HTTP slowly while its data path streams:
-            # only a silent one counts as failing
-            recent = w.link is not None and time.monotonic() - w.link.last_heard < BUSY_GRACE_S
-            ok = recent and w.healthy
+            # a worker saturating its CPU can answer HTTP slowly while its step loop answers
+            # the link's pings: only one silent there too counts as failing
+            ok = w.healthy and w.link is not None and w.link.alive
             logger.debug("health check of %s timed out (%s)%s", w.url, e,
-                         "; busy on the data path, kept" if ok else "")
+                         "; its data path answers, kept" if ok else "")
         except (httpx.HTTPError, ValueError) as e:
             ok = False
             logger.debug("health check of %s failed: %s", w.url, e)
@@ -192,7 +209,8 @@ class Registry:
             self.reference = compat
         self.admitted.set()
         if w.link is None:
-            w.link = WorkerLink(info["data_address"], self.token)
+            w.link = WorkerLink(info["data_address"], self.token,
+                                silence_limit=self.silence_limit)
             w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:

@@ -29,15 +29,17 @@ from pdserve.common.wire import DATA_PATH, RequestRecord, TokenRow, WireError
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
 _link_ids = itertools.count()
+PING_INTERVAL_S = 0.5  # how often each link pings its worker's step loop
 
 
 class WorkerError(RuntimeError):
     """A worker refused or failed a request; `retryable` when another worker may succeed;
     `code` as the worker's Error says ("engine": its engine failed on the request)."""
 
-    def __init__(self, message: str, retryable: bool = False, code: str = ""):
+    def __init__(self, message: str, retryable: bool = False, code: str = "",
+                 link: WorkerLink | None = None):
         super().__init__(message)
-        self.retryable, self.code = retryable, code
+        self.retryable, self.code, self.link = retryable, code, link
 
 
 @dataclass(eq=False)
@@ -55,6 +57,8 @@ class WorkerLink:
     unacked_tokens: int = 0
     busy: bool = False  # it answered busy; no room until its next report
     last_heard: float = 0.0  # time.monotonic() of the last frame from the worker
+    silence_limit: float = 2.0  # seconds without a frame (pings every PING_INTERVAL_S): dead
+    alive: bool = True  # its data path answers (False: silent past `silence_limit`)
     on_transfer: Any = None  # callback(rid, ok, reason) for P's Transfer reports
     on_report: Any = None  # callback() after each load report (room may have opened)
 
@@ -67,7 +71,11 @@ class WorkerLink:
         self.queues: dict[str, asyncio.Queue] = {}
         self._epoch: int | None = None  # of the worker's counts (`_acknowledge`)
         self._acked = (0, 0)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.last_heard = time.monotonic()
+        self._answered = 0  # the latest Ping answered
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._watcher = loop.create_task(self._watch())
 
     def send(self, msg: wire.DataMessage) -> None:
         msg.t = self.token
@@ -111,6 +119,35 @@ class WorkerLink:
         for q in self.queues.values():
             q.put_nowait(wire.Error(reason=reason, retryable=True))
 
+    def silence(self) -> float:
+        """Seconds since the worker's last frame."""
+        return time.monotonic() - self.last_heard
+
+    async def _watch(self) -> None:
+        """Ping the worker's step loop every PING_INTERVAL_S (while unanswered, once per
+        `silence_limit`: pings do not pile up for a dead worker); past `silence_limit`
+        without a frame it is dead: its requests fail over at once and it gets none until it
+        answers again (a frozen or wedged worker, whose HTTP thread may still look fine)."""
+        n, sent_at = 0, 0.0
+        while True:
+            now = time.monotonic()
+            gap = PING_INTERVAL_S if self._answered >= n else self.silence_limit
+            if now - sent_at >= gap:
+                n, sent_at = n + 1, now
+                try:
+                    self.send(wire.Ping(n=n))
+                except zmq.ZMQError:
+                    return
+            if self.alive and self.silence() > self.silence_limit:
+                self.alive = False
+                logger.warning("worker %s: no answer on the data path for %.1f s: ejected, its "
+                               "requests fail over", self.address, self.silence())
+                self.fail_all(f"the worker's data path stopped answering ({self.address})")
+            try:
+                await asyncio.sleep(PING_INTERVAL_S / 4)
+            except asyncio.CancelledError:
+                return
+
     async def _read(self) -> None:
         while True:
             try:
@@ -121,6 +158,14 @@ class WorkerLink:
             except (asyncio.CancelledError, zmq.ZMQError):
                 return
             self.last_heard = time.monotonic()
+            if not self.alive:
+                self.alive = True
+                logger.info("worker %s answers on the data path again: readmitted", self.address)
+                if self.on_report is not None:
+                    self.on_report()
+            if isinstance(msg, wire.Pong):
+                self._answered = max(self._answered, msg.n)
+                continue
             if isinstance(msg, wire.Step | wire.First):  # one connection: reports come in order
                 self.load = msg.load
                 self._acknowledge(msg.load)
@@ -144,31 +189,37 @@ class WorkerLink:
 
     async def close(self) -> None:
         self._reader.cancel()
+        self._watcher.cancel()
         self.sock.close(0)
 
 
-async def _expect(q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
+async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
+    """The next message of one request from `link`'s worker; a WorkerError blaming that
+    worker (`.link`) for an Error, a wrong kind or no answer before `deadline`."""
     timeout = max(0.0, deadline - time.monotonic())
     try:
         item = await asyncio.wait_for(q.get(), timeout)
     except TimeoutError:
-        raise WorkerError("the worker did not answer in time", retryable=True) from None
+        raise WorkerError("the worker did not answer in time", retryable=True,
+                          link=link) from None
     if isinstance(item, wire.Error):
-        raise WorkerError(f"worker failed the request: {item.reason}", item.retryable, item.code)
+        raise WorkerError(f"worker failed the request: {item.reason}", item.retryable, item.code,
+                          link)
     if not isinstance(item, kinds):
-        raise WorkerError(f"unexpected {type(item).__name__} from a worker")
+        raise WorkerError(f"unexpected {type(item).__name__} from a worker", link=link)
     return item
 
 
-async def _step_rows(q: asyncio.Queue, deadline: float, running: set[int]) -> list[TokenRow]:
+async def _step_rows(link: WorkerLink, q: asyncio.Queue, deadline: float,
+                     running: set[int]) -> list[TokenRow]:
     """The next step's rows of one request (every row already queued goes out together);
     choices that finished leave `running`. Raises WorkerError on an Error in between."""
-    batch = [await _expect(q, deadline, TokenRow)]
+    batch = [await _expect(link, q, deadline, TokenRow)]
     while not q.empty():
         item = q.get_nowait()
         if isinstance(item, wire.Error):
             raise WorkerError(f"the worker failed the request: {item.reason}", item.retryable,
-                              item.code)
+                              item.code, link)
         batch.append(item)
     running.difference_update(r.choice_index for r in batch if r.finish_reason is not None)
     return batch
@@ -184,12 +235,12 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
     touched_p = joined = False
     try:
         d.send(wire.Reserve(rec=rec))
-        msg = await _expect(qd, deadline, wire.Reserved, wire.Rejected)
+        msg = await _expect(d, qd, deadline, wire.Reserved, wire.Rejected)
         if isinstance(msg, wire.Rejected):
-            raise WorkerError(f"D rejected the reservation: {msg.reason}", retryable=True)
+            raise WorkerError(f"D rejected the reservation: {msg.reason}", retryable=True, link=d)
         p.send(wire.Prefill(rec=rec, kv=msg.kv))
         touched_p = True
-        rows = (await _expect(qp, deadline, wire.First)).out
+        rows = (await _expect(p, qp, deadline, wire.First)).out
         yield rows
         running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
         if not running:
@@ -198,7 +249,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
         d.send(wire.Join(rid=rid, first=[r for r in rows if r.finish_reason is None]))
         joined = True
         while running:
-            yield await _step_rows(qd, deadline, running)
+            yield await _step_rows(d, qd, deadline, running)
     finally:
         if running:  # left early: free everything the request holds
             d.send(wire.Abort(rid=rid))
@@ -217,7 +268,7 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
     try:
         w.send(wire.Generate(rec=rec))
         while running:
-            yield await _step_rows(q, deadline, running)
+            yield await _step_rows(w, q, deadline, running)
     finally:
         if running:
             w.send(wire.Abort(rid=rec.request_id))
@@ -235,12 +286,13 @@ async def run_resume(rec: RequestRecord, d: WorkerLink, last_token: int,
     running = {rec.choice_index}
     try:
         d.send(wire.Reserve(rec=rec))
-        msg = await _expect(q, deadline, wire.Reserved, wire.Rejected)
+        msg = await _expect(d, q, deadline, wire.Reserved, wire.Rejected)
         if isinstance(msg, wire.Rejected):
-            raise WorkerError(f"D rejected the re-submission: {msg.reason}", retryable=True)
+            raise WorkerError(f"D rejected the re-submission: {msg.reason}", retryable=True,
+                              link=d)
         d.send(wire.Join(rid=rid, first=[TokenRow(rid, rec.choice_index, last_token, None, None)]))
         while running:
-            yield await _step_rows(q, deadline, running)
+            yield await _step_rows(d, q, deadline, running)
     finally:
         if running:
             d.send(wire.Abort(rid=rid))

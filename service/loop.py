@@ -27,6 +27,8 @@ from pdserve.common.wire import (
     DataMessage,
     Error,
     Generate,
+    Ping,
+    Pong,
     Prefill,
     RequestRecord,
     Reserve,
@@ -187,6 +189,10 @@ class WorkerLoop:
                 msg = DATA_PATH.decode(frame)
                 if self._token and not hmac.compare_digest(msg.t.encode(), self._token):
                     raise WireError("wrong internal token", getattr(msg, "rid", None))
+                if isinstance(msg, Ping):  # the proxy's liveness probe of this loop
+                    self._gone.discard(identity)
+                    self.send(identity, Pong(n=msg.n))
+                    continue
                 if isinstance(msg, Reserve | Prefill | Generate):  # taken in, whatever comes
                     self._gone.discard(identity)
                     acks = self._acks.setdefault(identity, [0, 0])

@@ -45,7 +45,8 @@ def test_32_concurrent_requests_move_bit_exact(procs, p_dev, d_dev):
     stats = d.call("stats")
     assert stats["peers"] == {"P0": "cuda_ipc"}, stats
     assert stats["num_downgrades"] == 0 and stats["cuda_ipc_mappings"] == 1, stats
-    assert p.call("stats")[addr] == {"state": "ready", "transport": "cuda_ipc", "reason": ""}
+    assert p.call("stats")[addr] == {"state": "ready", "transport": "cuda_ipc", "reason": "",
+                                     "session": 1}
     wait_for(lambda: all_free(p))
     assert all_free(d)
 
@@ -62,6 +63,31 @@ def test_restarted_p_is_remapped_and_the_old_mapping_closed(procs):
     assert stats["peers"] == {"P-a": "cuda_ipc"}, stats
     assert stats["cuda_ipc_mappings"] == 1, stats  # the dead P's handle was closed
     wait_for(lambda: all_free(p2))
+    assert all_free(d)
+
+
+def test_a_frozen_d_gets_a_fresh_session_and_one_mapping(procs):
+    """D SIGSTOPped past the heartbeat timeout: P opens a new session; D maps P's pool for
+    it and closes the old session's mapping; pulls are bit-exact again at once."""
+    import os
+    import signal
+    import time
+
+    d = procs("D", device="cuda:0", transports=IPC)
+    p = procs("P", device="cuda:0")
+    addr = d.call("address")
+    move(d, p, addr, {"r1": 50}, 1)
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: p.call("stats")[addr]["session"] >= 2, timeout=8)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    move(d, p, addr, {"r2": 70, "r3": 33}, 2)
+    assert time.monotonic() - resumed < 5.0
+    stats = d.call("stats")
+    assert stats["peers"] == {"P0": "cuda_ipc"} and stats["cuda_ipc_mappings"] == 1, stats
+    wait_for(lambda: all_free(p))
     assert all_free(d)
 
 

@@ -9,21 +9,29 @@ import torch
 import zmq
 from msgspec.msgpack import encode as packb
 
+from pdserve.common import shm_files
 from pdserve.common.compat import PROTOCOL_VERSION
-from pdserve.engine.kv_pool import SHM_DIR, SHM_PREFIX, KVPool, KVPoolSpec
+from pdserve.common.shm_files import SHM_DIR, SHM_PREFIX
+from pdserve.engine.kv_pool import KVPool, KVPoolSpec
 from pdserve.kv_transfer import shm
 from pdserve.kv_transfer.protocol import (
+    Cancel,
+    Data,
+    Done,
     Error,
     Hello,
     Offer,
     ProtocolError,
     Refuse,
+    Send,
     Welcome,
     decode,
     encode,
 )
 from pdserve.kv_transfer.receiver import KVReceiver
 from tests.kv_transfer.harness import SPEC, compat
+
+SPEC_BLOCK_BYTES = KVPoolSpec(**SPEC, dtype=torch.float32).bytes_per_block
 
 
 @pytest.mark.parametrize("frame, needle", [
@@ -68,9 +76,79 @@ def test_d_answers_malformed_and_unknown_messages_and_keeps_serving():
         assert isinstance(refuse, Refuse) and "head_dim differs" in refuse.reason
         sock.send(encode(Hello(e=1, v=PROTOCOL_VERSION, name="p", token="tok",
                                compat=compat().to_dict(), pool={})))
-        assert decode(sock.recv()) == Welcome(e=rx.epoch, transport="tcp")
+        welcome = decode(sock.recv())
+        assert isinstance(welcome, Welcome) and welcome.transport == "tcp"
+        assert len(welcome.key) == 32 and welcome.a == welcome.key
+        # after the handshake every message must carry the session's key
+        sock.send(encode(Offer(e=1, rid="r", blocks=[0], num_tokens=5, a="guess")))
+        err = decode(sock.recv())
+        assert isinstance(err, Error) and "without the session's key" in err.reason
+        sock.send(encode(Offer(e=1, rid="r", blocks=[0], num_tokens=5)))
+        assert "without the session's key" in decode(sock.recv()).reason
     finally:
         sock.close()
+        ctx.term()
+        rx.close()
+
+
+def _handshake(ctx, rx, name: str, epoch: int) -> tuple[zmq.Socket, str]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(rx.address)
+    sock.send(encode(Hello(e=epoch, v=PROTOCOL_VERSION, name=name, token="tok",
+                           compat=compat().to_dict(), pool={})))
+    welcome = decode(sock.recv())
+    assert isinstance(welcome, Welcome), welcome
+    return sock, welcome.key
+
+
+def _events(rx, rid, timeout=5.0):
+    import time
+
+    end, seen = time.monotonic() + timeout, []
+    while time.monotonic() < end and not seen:
+        seen = [e.kind.value for e in rx.events() if e.rid == rid]
+        time.sleep(0.02)
+    return seen
+
+
+def test_a_second_connection_cannot_cancel_anothers_offer():
+    """P1 offers; another connection (one that shook hands with the token, and one with P1's
+    session epoch but not its key) sends Cancel for P1's request: D ignores both, and the
+    transfer completes. Before per-session keys and owner checks, the first cancelled it."""
+    pool = KVPool(KVPoolSpec(**SPEC, dtype=torch.float32), torch.device("cpu"))
+    rx = KVReceiver(pool, compat(), internal_token="tok", transports=("tcp",))
+    ctx = zmq.Context()
+    socks = []
+    try:
+        p1, key1 = _handshake(ctx, rx, "p1", 11)
+        intruder, key2 = _handshake(ctx, rx, "intruder", 22)
+        socks += [p1, intruder]
+        assert key1 != key2
+        rx.reserve("r", [3, 4], 10.0)  # not offered yet: no owner
+        intruder.send(encode(Cancel(e=22, rid="r", reason="x", a=key2)))
+        anon = ctx.socket(zmq.DEALER)
+        anon.setsockopt(zmq.LINGER, 0)
+        anon.setsockopt(zmq.RCVTIMEO, 5000)
+        anon.connect(rx.address)
+        socks.append(anon)
+        anon.send(encode(Cancel(e=11, rid="r", reason="x", a="")))
+        assert decode(anon.recv()).code == "handshake"  # no session on that connection
+        assert _events(rx, "r", timeout=0.5) == []  # still reserved
+        p1.send(encode(Offer(e=11, rid="r", blocks=[7, 8], num_tokens=20, a=key1)))
+        send = decode(p1.recv())
+        assert isinstance(send, Send) and send.a == key1
+        intruder.send(encode(Cancel(e=22, rid="r", reason="x", a=key2)))  # now P1's offer
+        for i in range(2):
+            p1.send_multipart([encode(Data(e=11, rid="r", i=i, a=key1)),
+                               bytes(SPEC_BLOCK_BYTES)])
+        done = decode(p1.recv())
+        assert isinstance(done, Done) and done.rid == "r" and done.a == key1
+        assert _events(rx, "r") == ["arrived"]
+    finally:
+        for s in socks:
+            s.close()
         ctx.term()
         rx.close()
 
@@ -82,7 +160,7 @@ def test_stale_pool_files_are_swept(tmp_path):
     stale.write_bytes(b"x")
     live.write_bytes(b"x")
     try:
-        removed = shm.sweep_stale()
+        removed = shm_files.sweep_stale()
         assert stale in removed and not stale.exists()
         assert live.exists()
     finally:

@@ -3,7 +3,9 @@ and every fault ending with both pools all free."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -152,3 +154,38 @@ def test_200_transfers_racing_with_cancels_leak_nothing(procs):
              interval=0.2)
     outcomes = [k for _, k, _ in d.call("log")]
     assert outcomes.count("arrived") > 100  # most moved; cancels raced the rest
+
+
+def test_a_d_frozen_past_the_heartbeat_timeout_gets_a_fresh_session(procs):
+    """D is SIGSTOPped for 5 s (past the 3 s heartbeat timeout), then continued: P notices
+    the lost connection, opens a new session, and transfers to D work again at once. With
+    one fixed identity per P the ROUTER ignored the reconnection and every later transfer
+    waited for its deadline (`../shared/reference/zmq_stall_repro.py`)."""
+    d = procs("D", transports=["tcp"])
+    p = procs("P", transfer_timeout=3.0)
+    addr = d.call("address")
+    d.call("reserve", "r1", 40, 30.0)
+    want1 = p.call("fill", "r1", 40, 1)
+    p.call("offer", "r1", addr, 40, 30.0)
+    wait_for(lambda: "r1" in d.call("arrived"))
+    assert d.call("read", "r1") == want1
+    assert p.call("stats")[addr]["session"] == 1
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        p.call("fill", "r2", 40, 2)
+        p.call("offer", "r2", addr, 40, 3.0)  # sent into the frozen D: fails at its deadline
+        time.sleep(5)
+        pass
+        time.sleep(2.0)
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    d.call("reserve", "r3", 40, 30.0)
+    want3 = p.call("fill", "r3", 40, 3)
+    p.call("offer", "r3", addr, 40, 10.0)
+    wait_for(lambda: "r3" in d.call("arrived"), timeout=10)
+    assert time.monotonic() - resumed < 5.0
+    assert d.call("read", "r3") == want3
+    assert p.call("stats")[addr]["state"] == "ready"
+    wait_for(lambda: "failed" in kinds(p, "r2"), timeout=10)
+    wait_for(lambda: all_free(p) and all_free(d), timeout=10)

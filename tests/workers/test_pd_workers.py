@@ -15,7 +15,7 @@ import zmq
 from pdserve import LLM, SamplingParams
 from pdserve.common.wire import DATA_PATH, Error, RequestRecord
 from pdserve.proxy.workers import WorkerError, WorkerLink, run_both, run_pd  # noqa: F401 (see fixture)
-from tests.workers.cluster import start_worker, wait_healthy
+from tests.workers.cluster import TOKEN, start_worker, wait_healthy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -76,7 +76,7 @@ def expected(llm, recs):
             for r, o in zip(recs, outs) for c in o.outputs}
 
 
-async def collect(recs, p, d, token="secret", both=False, abort_some=False):
+async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False):
     links = {}
 
     def link(w):
@@ -145,7 +145,7 @@ def test_burst_with_random_aborts_leaves_pools_free(cluster):
     wait_for(lambda: pools_idle(cluster), timeout=30, interval=0.3)
 
 
-def raw_call(worker, frames, token="secret", timeout_ms=5000):
+def raw_call(worker, frames, token=TOKEN, timeout_ms=5000):
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -171,20 +171,20 @@ def raw_frame(kind: str, token: str, **fields) -> bytes:
 
 
 @pytest.mark.parametrize("worker, frame, needle", [
-    ("D", raw_frame("abort", "secret", rid="nope"), "unknown request id"),
-    ("P", raw_frame("abort", "secret", rid="nope"), "unknown request id"),
-    ("D", raw_frame("join", "secret", rid="nope", first=[]), "unknown request id"),
+    ("D", raw_frame("abort", TOKEN, rid="nope"), "unknown request id"),
+    ("P", raw_frame("abort", TOKEN, rid="nope"), "unknown request id"),
+    ("D", raw_frame("join", TOKEN, rid="nope", first=[]), "unknown request id"),
     ("D", b"\xc1\x00garbage", "not a msgpack"),
     ("P", msgspec.msgpack.encode({"k": "bogus"}), "unknown message kind"),
-    ("P", raw_frame("prefill", "secret", rec=rec_wire(prompt_token_ids=[5, 10**7]), kv=None),
+    ("P", raw_frame("prefill", TOKEN, rec=rec_wire(prompt_token_ids=[5, 10**7]), kv=None),
      "vocabulary"),
-    ("D", raw_frame("reserve", "secret", rec=rec_wire(prompt_token_ids=[5] * 600)), "max_model_len"),
-    ("both", raw_frame("generate", "secret", rec=rec_wire(params={"top_p": 3})), "top_p"),
+    ("D", raw_frame("reserve", TOKEN, rec=rec_wire(prompt_token_ids=[5] * 600)), "max_model_len"),
+    ("both", raw_frame("generate", TOKEN, rec=rec_wire(params={"top_p": 3})), "top_p"),
     ("D", raw_frame("reserve", "wrong", rec=rec_wire()), "wrong internal token"),
-    ("P", raw_frame("reserve", "secret", rec=rec_wire()), "does not take reserve"),
-    ("D", raw_frame("join", "secret", rid="x", first=[["x", 0, "nine", None, None]]),
+    ("P", raw_frame("reserve", TOKEN, rec=rec_wire()), "does not take reserve"),
+    ("D", raw_frame("join", TOKEN, rid="x", first=[["x", 0, "nine", None, None]]),
      "join: Expected `int`, got `str` - at `$.first[0][2]`"),
-    ("P", raw_frame("prefill", "secret", rec=rec_wire(params={"seed": None}), kv=None),
+    ("P", raw_frame("prefill", TOKEN, rec=rec_wire(params={"seed": None}), kv=None),
      "seed must be set"),
 ])
 def test_bad_input_on_the_data_path_gets_an_error_reply(cluster, worker, frame, needle):
@@ -248,7 +248,8 @@ def _fields(kind: str) -> list[tuple[str, dict]]:
         out.append((name, {**valid, name: _wrong(value)}))
         if name == "rec":
             for f, v in value.items():
-                out.append((f"rec.{f}", {**valid, "rec": {**value, f: _wrong(v)}}))
+                bad = 12345 if f == "cache_salt" else _wrong(v)  # None, but a str|None field
+                out.append((f"rec.{f}", {**valid, "rec": {**value, f: bad}}))
             for f, v in value["params"].items():
                 bad = {**value, "params": {**value["params"], f: _wrong(v)}}
                 out.append((f"rec.params.{f}", {**valid, "rec": bad}))
@@ -263,7 +264,7 @@ def test_each_field_of_the_wrong_type_gets_an_error_and_the_worker_serves_on(clu
     """Well-formed frames with the valid token, one field of the wrong type at a time (the
     fault campaign killed workers with 5 of 7 of these): an Error naming the field."""
     for path, fields in _fields(kind):
-        reply = raw_call(cluster[worker], raw_frame(kind, "secret", **fields))
+        reply = raw_call(cluster[worker], raw_frame(kind, TOKEN, **fields))
         assert isinstance(reply, Error) and f"- at `$.{path}`" in reply.reason, (kind, path,
                                                                                 reply)
     assert cluster[worker].get("/health").status_code == 200
@@ -277,7 +278,7 @@ def test_the_proxys_view_of_room_catches_up_without_a_step(cluster):
     from tests.kv_transfer.harness import wait_for
 
     async def main():
-        d = WorkerLink(cluster["D"].data, "secret")
+        d = WorkerLink(cluster["D"].data, TOKEN)
         try:
             rids = [f"view-{i}" for i in range(3)]
             queues = [d.subscribe(r) for r in rids]
@@ -321,7 +322,7 @@ def test_a_full_worker_answers_busy_and_serves_on(cluster):
         wait_healthy([p])
 
         async def main():
-            link = WorkerLink(p.data, "secret")
+            link = WorkerLink(p.data, TOKEN)
             try:
                 rids = [f"full-{i}" for i in range(6)]
                 queues = {r: link.subscribe(r) for r in rids}

@@ -1,0 +1,106 @@
+"""The proxy's data-path liveness, over real ZMQ sockets in one process: a WorkerLink pings a
+ROUTER that plays a worker's step loop. Silent past the limit, the link is dead (requests
+waiting on it fail over at once, retryable, blaming that worker) and the registry neither
+routes to it nor counts it in what the proxy serves; answering again readmits it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zmq
+import zmq.asyncio
+
+from pdserve.common import wire
+from pdserve.common.wire import DATA_PATH
+from pdserve.proxy.registry import Registry
+from pdserve.proxy.workers import WorkerLink
+
+
+class FakeLoop:
+    """A worker's data-path socket that answers Ping with Pong while `answering`."""
+
+    def __init__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.answering, self.pings = True, 0
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self):
+        while True:
+            identity, frame = await self.sock.recv_multipart()
+            msg = DATA_PATH.decode(frame)
+            if isinstance(msg, wire.Ping):
+                self.pings += 1
+                if self.answering:
+                    await self.sock.send_multipart([identity, DATA_PATH.encode(
+                        wire.Pong(n=msg.n))])
+
+    async def close(self):
+        self.task.cancel()
+        self.sock.close(0)
+        self.ctx.term()
+
+
+async def until(pred, timeout: float) -> float:
+    start = time.monotonic()
+    while not pred():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_a_silent_worker_is_ejected_and_readmitted_when_it_answers():
+    async def main():
+        worker = FakeLoop()
+        link = WorkerLink(worker.address, silence_limit=0.6)
+        reports = []
+        link.on_report = lambda: reports.append(time.monotonic())
+        try:
+            await asyncio.sleep(1.0)
+            assert link.alive and worker.pings >= 2  # pinged every 0.5 s, answered
+            q = link.subscribe("r1")
+            worker.answering = False  # frozen
+            took = await until(lambda: not link.alive, 3.0)
+            assert took <= 0.6 + 0.5 + 0.2
+            err = q.get_nowait()  # its request fails over at once
+            assert isinstance(err, wire.Error) and err.retryable
+            pings = worker.pings
+            await asyncio.sleep(1.5)
+            assert worker.pings - pings <= 3  # unanswered: once per silence limit, no pile-up
+            worker.answering = True
+            await until(lambda: link.alive, 2.0)
+            assert reports  # woke the admission queue: room again
+        finally:
+            await link.close()
+            await worker.close()
+    asyncio.run(main())
+
+
+def test_the_registry_routes_only_to_live_links_and_says_what_it_serves():
+    async def main():
+        worker = FakeLoop()
+        reg = Registry({"prefill": ["http://p"], "decode": ["http://d"]})
+        p, d = reg.workers
+        for w, role in ((p, "prefill"), (d, "decode")):
+            w.role, w.healthy = role, True
+            w.link = WorkerLink(worker.address, silence_limit=0.6)
+        try:
+            await asyncio.sleep(0.2)
+            assert reg.ready() and reg.serves() == "prefill/decode: 1 P + 1 D"
+            p.healthy = False  # no P: D prefills by itself, the proxy still serves
+            assert reg.ready() and reg.usable("decode") == [d]
+            assert reg.serves().startswith("decode workers only")
+            worker.answering = False
+            await until(lambda: not d.link.alive, 3.0)
+            assert reg.usable("decode") == [] and not reg.ready()
+            assert reg.serves().startswith("nothing")
+            assert d.snapshot()["data_path"].startswith("silent for")
+        finally:
+            for w in reg.workers:
+                await w.link.close()
+            await worker.close()
+    asyncio.run(main())
