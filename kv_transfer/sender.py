@@ -176,7 +176,7 @@ class KVSender(IOThread):
         d.sock.close(0)
 
     def _session_lost(self, d: _Dest) -> None:
-        """The connection of a ready session dropped: end it and start a new one at once."""
+        """The session's connection dropped: end it and start a new one at once."""
         metrics.SESSIONS_LOST.inc()
         logger.warning("lost the connection to D %s (transport %s): new session", d.address,
                        d.transport or "none")
@@ -255,7 +255,7 @@ class KVSender(IOThread):
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_DISCONNECTED and self._dests.get(d.address) is d \
-                    and d.state is DestState.READY:
+                    and d.state is not DestState.REFUSED:  # a Hello in flight is lost too
                 return self._session_lost(d)
 
     def _dispatch(self, d: _Dest, msg: proto.KVMessage) -> None:

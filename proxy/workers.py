@@ -61,6 +61,7 @@ class WorkerLink:
     alive: bool = True  # its data path answers (False: silent past `silence_limit`)
     on_transfer: Any = None  # callback(rid, ok, reason) for P's Transfer reports
     on_report: Any = None  # callback() after each load report (room may have opened)
+    on_dead: Any = None  # callback() when the data path goes silent past `silence_limit`
 
     def __post_init__(self) -> None:
         self.ctx = zmq.asyncio.Context.instance()
@@ -143,6 +144,8 @@ class WorkerLink:
                 logger.warning("worker %s: no answer on the data path for %.1f s: ejected, its "
                                "requests fail over", self.address, self.silence())
                 self.fail_all(f"the worker's data path stopped answering ({self.address})")
+                if self.on_dead is not None:
+                    self.on_dead()
             try:
                 await asyncio.sleep(PING_INTERVAL_S / 4)
             except asyncio.CancelledError:

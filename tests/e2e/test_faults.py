@@ -133,11 +133,16 @@ def idle_and_free(url: str) -> bool:
     return True
 
 
-def routed(url: str) -> dict[str, float]:
+def per_worker(url: str, metric: str) -> dict[str, float]:
+    """A proxy counter by worker URL (`pdserve_proxy_worker_<metric>_total`)."""
     text = httpx.get(url + "/metrics", timeout=5).text
     return {line.split('worker="')[1].split('"')[0]: float(line.split()[-1])
             for line in text.splitlines()
-            if line.startswith("pdserve_proxy_worker_requests_total{")}
+            if line.startswith(f"pdserve_proxy_worker_{metric}_total{{")}
+
+
+def routed(url: str) -> dict[str, float]:
+    return per_worker(url, "requests")
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +223,9 @@ def restarted_and_serving(served, reference, victims: list[dict], round_: int) -
     after = routed(url)
     for v in victims:
         assert after.get(v["url"], 0) > before.get(v["url"], 0), (v["url"], before, after)
+    restarts = per_worker(url, "restarts")
+    for v in victims:  # counted as the supervisor's record says
+        assert restarts[v["url"]] == v["restarts"] + 1, restarts
 
 
 def test_kill_a_d(served, reference):
@@ -253,10 +261,12 @@ def test_a_frozen_d_is_ejected_and_comes_back(served, reference):
         os.kill(d["pid"], signal.SIGSTOP)
         wait(ejected, 10, "the frozen D ejected")
         times["ejected"] = time.monotonic()
+        times["ejections"] = per_worker(url, "ejections").get(d["url"], 0)
 
     try:
         storm(served, reference, 7, freeze, check_free=False)  # its streams failed over
         assert times["ejected"] - times["stop"] <= 3.0, times
+        assert times["ejections"] >= 1, times
         time.sleep(max(0.0, times["stop"] + 20 - time.monotonic()))
     finally:
         os.kill(d["pid"], signal.SIGCONT)

@@ -57,8 +57,9 @@ def test_a_silent_worker_is_ejected_and_readmitted_when_it_answers():
     async def main():
         worker = FakeLoop()
         link = WorkerLink(worker.address, silence_limit=0.6)
-        reports = []
+        reports, deaths = [], []
         link.on_report = lambda: reports.append(time.monotonic())
+        link.on_dead = lambda: deaths.append(time.monotonic())
         try:
             await asyncio.sleep(1.0)
             assert link.alive and worker.pings >= 2  # pinged every 0.5 s, answered
@@ -66,6 +67,7 @@ def test_a_silent_worker_is_ejected_and_readmitted_when_it_answers():
             worker.answering = False  # frozen
             took = await until(lambda: not link.alive, 3.0)
             assert took <= 0.6 + 0.5 + 0.2
+            assert len(deaths) == 1  # counted once (pdserve_proxy_worker_ejections)
             err = q.get_nowait()  # its request fails over at once
             assert isinstance(err, wire.Error) and err.retryable
             pings = worker.pings
