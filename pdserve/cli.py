@@ -1,11 +1,13 @@
 """The `pdserve` command line: one subcommand per role, each built from its frozen config.
 
+    pdserve serve [--prefill URL --decode URL]      the OpenAI API (a local cluster by default)
+    pdserve prefill | decode | worker                one worker process of that role
     pdserve generate --prompt TEXT [--model PATH]    offline generation in this process
-    pdserve make-tiny-model --out DIR                a tiny random checkpoint (tests, demos)
+    pdserve bench | sagemaker | make-tiny-model      load generator, SageMaker entry, tiny model
 
-Expected failures (bad option, unreadable checkpoint, prompt too long) print one line naming
-the cause and exit non-zero; a traceback means a bug. The serving roles (serve, prefill,
-decode) arrive with the issues that build them.
+Expected failures (bad option, unreadable checkpoint, prompt too long, no internal token)
+print one line naming the cause and exit non-zero (2 for configuration); a traceback means a
+bug. `pdserve --help` lists every subcommand.
 """
 
 from __future__ import annotations
