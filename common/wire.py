@@ -174,6 +174,7 @@ class Transfer(DataMessage, tag="transfer"):
     ok: bool
     reason: str = ""
     transport: str = ""
+    load: dict[str, Any] = msgspec.field(default_factory=dict)  # P's, the blocks released
 
 
 class Error(DataMessage, tag="error"):
@@ -193,6 +194,7 @@ class Ping(DataMessage, tag="ping"):
 
 class Pong(DataMessage, tag="pong"):
     n: int
+    load: dict[str, Any] = msgspec.field(default_factory=dict)  # the worker's, as in a report
 
 
 DATA_PATH = Codec((Reserve, Join, Prefill, Generate, Abort, Reserved, Rejected, Step, First,

@@ -130,7 +130,8 @@ class PrefillLoop(WorkerLoop):
             ok = ev.kind is EventKind.RELEASED
             metrics.REQUESTS.labels("prefill", "transferred" if ok else "transfer_failed").inc()
             self.send(r.identity, Transfer(rid=ev.rid, ok=ok, reason=ev.reason,
-                                           transport=ev.transport))
+                                           transport=ev.transport,
+                                           load=self.load_for(r.identity, self.load())))
 
     def load(self) -> dict[str, Any]:
         s, bm = self.engine.scheduler, self.engine.bm

@@ -40,6 +40,7 @@ class Admission:
         self.waiting = 0  # requests in the queue now
         # (priority, arrival, future of the route, try_route: the route now, or None)
         self._heap: list[tuple[int, int, asyncio.Future, Callable[[], Any]]] = []
+        self._changed: asyncio.Event | None = None  # set by the next wake() (`changed`)
 
     async def admit(self, priority: int, deadline: float, try_route: Callable[[], Any],
                     release: Callable[[Any], None]) -> Any:
@@ -85,8 +86,22 @@ class Admission:
                 "the server is overloaded: no worker had room for this request within "
                 f"{self.max_delay:g} s; retry later", self.max_delay))
 
+    async def changed(self, timeout: float) -> None:
+        """Until the next `wake()` (a load report, a worker admitted or answering again, a
+        request ending) or `timeout` seconds: how a request that no worker can serve at all
+        waits for one, with no polling."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
     def wake(self) -> None:
         """Route waiters, first in line first, while workers have room."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         while self._heap:
             _, _, fut, try_route = self._heap[0]
             if not fut.done():

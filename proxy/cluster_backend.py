@@ -197,9 +197,10 @@ class ClusterBackend:
             except OverloadedError:
                 raise
             except BackendError:
-                if time.monotonic() >= end:
+                left = end - time.monotonic()
+                if left <= 0:
                     raise
-            await asyncio.sleep(0.2)
+                await self.admission.changed(left)  # a worker admitted or back: try again
 
     # ---- serving -------------------------------------------------------------------------
 

@@ -168,13 +168,17 @@ class WorkerLink:
                     self.on_report()
             if isinstance(msg, wire.Pong):
                 self._answered = max(self._answered, msg.n)
-                continue
-            if isinstance(msg, wire.Step | wire.First):  # one connection: reports come in order
+            # one connection: reports come in order; Pong and Transfer carry one too (so the
+            # view of an idle worker is fresh: P's blocks free once their transfer ended)
+            if isinstance(msg, wire.Step | wire.First) or (
+                    isinstance(msg, wire.Pong | wire.Transfer) and msg.load):
                 self.load = msg.load
                 self._acknowledge(msg.load)
                 self.busy = False
                 if self.on_report is not None:
                     self.on_report()
+            if isinstance(msg, wire.Pong):
+                continue
             if isinstance(msg, wire.Step):
                 for row in msg.out:
                     q = self.queues.get(row.request_id)

@@ -191,7 +191,7 @@ class WorkerLoop:
                     raise WireError("wrong internal token", getattr(msg, "rid", None))
                 if isinstance(msg, Ping):  # the proxy's liveness probe of this loop
                     self._gone.discard(identity)
-                    self.send(identity, Pong(n=msg.n))
+                    self.send(identity, Pong(n=msg.n, load=self.load_for(identity, self.load())))
                     continue
                 if isinstance(msg, Reserve | Prefill | Generate):  # taken in, whatever comes
                     self._gone.discard(identity)

@@ -260,3 +260,27 @@ def test_a_denormal_temperature_samples_at_the_minimum(client):
     low = client.completions.create(temperature=0.01, **kw).model_dump()
     assert tiny["choices"][0]["token_ids"] == low["choices"][0]["token_ids"]
     assert tiny["choices"][0]["token_ids"] != [0] * 8
+
+
+def test_the_proxys_view_of_p_is_fresh_after_the_transfer(cluster, client):
+    """P's FIRST report still counts the prompt's blocks as awaiting transfer; the TRANSFER
+    report (and the ping answers) bring the proxy the load after they were freed: an idle
+    cluster's /health shows no P holding blocks (it used to keep the FIRST numbers for good)."""
+    model = model_name(client)
+    for i in range(4):
+        client.completions.create(model=model, prompt=prompt_ids(300 + i, 60), max_tokens=4)
+
+    def p_loads():
+        health = httpx.get(cluster["url"] + "/health", timeout=5).json()
+        return [w["load"] for w in health["workers"] if w["role"] == "prefill"]
+
+    end = time.monotonic() + 10
+    while True:
+        loads = p_loads()
+        if loads and all(ld.get("blocks_awaiting_transfer") == 0 and ld.get(
+                "kv_cache_usage_perc", 1) < 1 and ld.get("num_requests_running") == 0
+                for ld in loads):
+            break
+        assert time.monotonic() < end, loads
+        time.sleep(0.1)
+    assert any("blocks_awaiting_transfer" in ld for ld in loads)  # P reported, not empty

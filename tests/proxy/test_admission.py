@@ -170,3 +170,21 @@ def test_a_links_count_of_unacknowledged_requests():
         finally:
             await link.close()
     asyncio.run(main())
+
+
+def test_waiting_for_a_worker_wakes_on_the_event_not_a_timer():
+    """A request no worker can serve waits in `changed()`: a wake (a worker admitted or
+    answering again) ends the wait at once; with none it ends at its timeout."""
+    async def main():
+        adm = Admission(max_queued=10, max_delay=5)
+        t0 = time.monotonic()
+        await adm.changed(0.05)
+        assert 0.04 <= time.monotonic() - t0 < 0.5  # timed out: nothing happened
+        waiter = asyncio.create_task(adm.changed(5.0))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        t1 = time.monotonic()
+        adm.wake()
+        await waiter
+        assert time.monotonic() - t1 < 0.05
+    asyncio.run(main())
