@@ -176,7 +176,7 @@ class KVSender(IOThread):
         d.sock.close(0)
 
     def _session_lost(self, d: _Dest) -> None:
-        """The session's connection dropped: end it and start a new one at once."""
+        """The session's connection dropped (or D lost it): end it, start a new one at once."""
         metrics.SESSIONS_LOST.inc()
         logger.warning("lost the connection to D %s (transport %s): new session", d.address,
                        d.transport or "none")
@@ -262,9 +262,7 @@ class KVSender(IOThread):
         if isinstance(msg, proto.Error):  # unsigned: a restarted D does not know the session
             flood.warning("error", "D %s reported an error: %s", d.address, msg.reason)
             if msg.code == "handshake" and d.state is DestState.READY:
-                # D restarted and lost us: a new session; offers it never saw time out
-                self._close_dest(d)
-                self._dest(d.address)
+                self._session_lost(d)  # D restarted and lost us; offers it never saw time out
             return
         if d.state is DestState.READY and (msg.e != d.peer_epoch or msg.a != d.key):
             raise ProtocolError(f"{msg.__struct_config__.tag} without this session's key")

@@ -38,5 +38,6 @@ WORKER_RESTARTS = Counter("pdserve_proxy_worker_restarts",
                           "Local-cluster workers restarted by `pdserve serve`'s supervisor",
                           ["worker", "role"])
 WORKER_EJECTIONS = Counter("pdserve_proxy_worker_ejections",
-                           "Workers ejected: data path silent or health checks failing",
-                           ["worker", "role"])
+                           "Workers ejected, by cause: data_path (silent past "
+                           "--data-path-timeout) or health (two failed health checks)",
+                           ["worker", "role", "cause"])

@@ -196,7 +196,7 @@ class Registry:
             w.healthy = False
             logger.warning("worker %s (%s) ejected: health checks failing", w.name or w.url,
                            w.role)
-            metrics.WORKER_EJECTIONS.labels(w.url, w.role).inc()
+            metrics.WORKER_EJECTIONS.labels(w.url, w.role, "health").inc()
             if w.link is not None:
                 w.link.fail_all(f"worker {w.name or w.url} is unreachable")
 
@@ -214,7 +214,8 @@ class Registry:
             w.link = WorkerLink(info["data_address"], self.token,
                                 silence_limit=self.silence_limit)
             w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
-            w.link.on_dead = lambda w=w: metrics.WORKER_EJECTIONS.labels(w.url, w.role).inc()
+            w.link.on_dead = lambda w=w: metrics.WORKER_EJECTIONS.labels(
+                w.url, w.role, "data_path").inc()
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:
         for key, want in self.expected.items():

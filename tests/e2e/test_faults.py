@@ -133,12 +133,16 @@ def idle_and_free(url: str) -> bool:
     return True
 
 
-def per_worker(url: str, metric: str) -> dict[str, float]:
-    """A proxy counter by worker URL (`pdserve_proxy_worker_<metric>_total`)."""
+def per_worker(url: str, metric: str, where: str = "") -> dict[str, float]:
+    """A proxy counter by worker URL (`pdserve_proxy_worker_<metric>_total`), summed over
+    the series whose labels contain `where`."""
     text = httpx.get(url + "/metrics", timeout=5).text
-    return {line.split('worker="')[1].split('"')[0]: float(line.split()[-1])
-            for line in text.splitlines()
-            if line.startswith(f"pdserve_proxy_worker_{metric}_total{{")}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"pdserve_proxy_worker_{metric}_total{{") and where in line:
+            worker = line.split('worker="')[1].split('"')[0]
+            out[worker] = out.get(worker, 0.0) + float(line.split()[-1])
+    return out
 
 
 def routed(url: str) -> dict[str, float]:
@@ -261,7 +265,7 @@ def test_a_frozen_d_is_ejected_and_comes_back(served, reference):
         os.kill(d["pid"], signal.SIGSTOP)
         wait(ejected, 10, "the frozen D ejected")
         times["ejected"] = time.monotonic()
-        times["ejections"] = per_worker(url, "ejections").get(d["url"], 0)
+        times["ejections"] = per_worker(url, "ejections", 'cause="data_path"').get(d["url"], 0)
 
     try:
         storm(served, reference, 7, freeze, check_free=False)  # its streams failed over
