@@ -60,6 +60,9 @@ class _DReq:
     kv: KV = KV.PENDING
     received: float = field(default_factory=time.monotonic)
     last_token: dict[int, float] = field(default_factory=dict)
+    join_at: float = 0.0  # handoff timestamps (time.monotonic()): Join came,
+    kv_at: float = 0.0  # the KV's arrival reached the loop,
+    ready_at: float = 0.0  # both: it joined the batch (0 once its first D token is out)
 
 
 class StreamingLoop(WorkerLoop):
@@ -77,6 +80,9 @@ class StreamingLoop(WorkerLoop):
             r = self.reqs.get(o.request_id)
             if r is None:
                 continue
+            if r.ready_at:
+                metrics.HANDOFF.labels("to_step").observe(now - r.ready_at)
+                r.ready_at = 0.0
             frames.setdefault(r.identity, []).append(o)
             prev = r.last_token.get(o.choice_index)
             if prev is not None:
@@ -186,7 +192,7 @@ class DecodeLoop(StreamingLoop):
             vocab = self.parts.model_config.vocab_size
             if any(not 0 <= x.token_id < vocab for x in msg.first):
                 raise WireError("join: token id outside the vocabulary", msg.rid)
-            r.first = msg.first
+            r.first, r.join_at = msg.first, time.monotonic()
             self._try_join(r)
         elif isinstance(msg, wire.Abort):
             r = self._known(msg.rid)
@@ -232,6 +238,10 @@ class DecodeLoop(StreamingLoop):
             metrics.FALLBACKS.inc()
         self.engine.join(r.rec.request_id, r.first, kv_ready=r.kv is KV.ARRIVED)
         r.state = DState.RUNNING
+        if r.kv is KV.ARRIVED:
+            r.ready_at = time.monotonic()
+            metrics.HANDOFF.labels("kv_after_join").observe(max(0.0, r.kv_at - r.join_at))
+            metrics.HANDOFF.labels("join_after_kv").observe(max(0.0, r.join_at - r.kv_at))
         if r.req.finished:
             self.reqs.pop(r.rec.request_id, None)
 
@@ -241,6 +251,10 @@ class DecodeLoop(StreamingLoop):
             if r is None:
                 continue
             r.kv = KV.ARRIVED if ev.kind is EventKind.ARRIVED else KV.RECOMPUTE
+            r.kv_at = time.monotonic()
+            if r.kv is KV.ARRIVED:
+                metrics.HANDOFF.labels("pull").observe(ev.seconds)
+                metrics.HANDOFF.labels("wake").observe(r.kv_at - ev.at)
             if r.state is DState.ABORTING:
                 self._abort_running(r)
                 continue
@@ -263,6 +277,15 @@ class DecodeLoop(StreamingLoop):
                 else:
                     self._abort_running(r)
         self._admit()
+
+    def wake_fds(self) -> list[int]:
+        return [self.receiver.events_fd]
+
+    def next_deadline(self) -> float | None:
+        waits = [r.deadline for r in self.reqs.values() if r.state is DState.RESERVED]
+        if self.queue:
+            waits.append(self.queue[0].deadline)
+        return min(waits, default=None)
 
     def load(self) -> dict[str, Any]:
         reserved = self.engine.scheduler.reserved

@@ -2,7 +2,9 @@
 
 ZMQ sockets are not thread-safe, so each endpoint (KVReceiver on D, KVSender on P) runs one
 I/O thread that owns all its sockets. The engine's step loop never blocks on it: it puts
-commands on a queue (waking the thread through an inproc pipe) and drains events.
+commands on a queue (waking the thread through an inproc pipe) and drains events, which
+wake the step loop in turn: its poller watches `events_fd` (a self-pipe written on each
+event), so a transfer's end reaches the loop at once, not at its next timer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+
+from pdserve.common.wakeup import Waker
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,12 @@ class IOThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._events_waker = Waker()
+
+    @property
+    def events_fd(self) -> int:
+        """Readable while events wait to be drained: register it with the consumer's poller."""
+        return self._events_waker.fd
 
     def start(self) -> None:
         self._thread.start()
@@ -65,9 +75,12 @@ class IOThread:
 
     def emit(self, event: Any) -> None:
         self._events.put(event)
+        self._events_waker.wake()
 
     def events(self) -> list[Any]:
-        """Drain the events produced so far (non-blocking)."""
+        """Drain the events produced so far (non-blocking). An event emitted after the
+        wake-ups were drained wakes `events_fd` again: none is left unannounced."""
+        self._events_waker.drain()
         out = []
         while True:
             try:
@@ -113,9 +126,11 @@ class IOThread:
 
     def close(self, timeout: float = 5.0) -> None:
         if not self._thread.is_alive():
+            self._events_waker.close()
             return
         self._stop.set()
         self.submit(lambda: None)
         self._thread.join(timeout)
         with self._wake_lock:
             self.ctx.destroy(linger=0)  # closes every socket left (the thread has ended)
+        self._events_waker.close()

@@ -23,10 +23,13 @@ process (e.g. a benchmark) shares the mapping instead of failing.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -298,22 +301,33 @@ def verify_canary(src: torch.Tensor, canary_info: dict | None, stream: torch.cud
 @dataclass(eq=False)
 class _Pending:
     event: torch.cuda.Event
+    serial: int  # tells this copy from an earlier one of the same rid
     keep: tuple  # the id tensors and source pool: alive until the copy has run
 
 
 class Puller:
-    """D: runs each transfer as ONE gather launch on a dedicated stream of D's device and
-    tracks it until its event completes (all calls from the receiver's I/O thread).
+    """D: runs each transfer as ONE gather launch on a dedicated stream of D's device, and
+    a waiter thread that blocks on each copy's CUDA event in launch order and calls
+    `on_done(rid, serial)` the moment it completed (the receiver then ends the
+    reservation: no polling). Calls other than the waiter's come from the receiver's I/O
+    thread.
 
-    Blocks a copy writes are never handed back while it runs: `poll` reports a rid only
-    after its event completed, and `discard` (every other way a reservation ends: cancel,
+    Blocks a copy writes are never handed back while it runs: `finished` is true only after
+    its event completed, and `discard` (every other way a reservation ends: cancel,
     failure, P gone) waits for a running copy before the receiver emits the event after
     which the scheduler may reuse the blocks."""
 
-    def __init__(self, device: torch.device, pool: torch.Tensor | None = None):
+    def __init__(self, device: torch.device, pool: torch.Tensor | None = None,
+                 on_done: Callable[[str, int], None] | None = None):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
+        self.on_done = on_done
         self._pending: dict[str, _Pending] = {}
+        self._serials = itertools.count(1)
+        self._waits: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiter = threading.Thread(target=self._wait_loop, name="kv-pull-waiter",
+                                        daemon=True)
+        self._waiter.start()
         if pool is not None:  # compile the gather now, not inside a P's handshake
             try:
                 read_blocks(pool, [0], self.stream)
@@ -324,9 +338,10 @@ class Puller:
         return len(self._pending)
 
     def start(self, rid: str, src_pool: torch.Tensor, src_ids: list[int],
-              dst_pool: torch.Tensor, dst_ids: list[int]) -> None:
-        """Launch the copy dst_pool[dst_ids] = src_pool[src_ids]. Ids must be in range
-        (checked by the caller: a read past a mapping faults D's whole CUDA context)."""
+              dst_pool: torch.Tensor, dst_ids: list[int]) -> int:
+        """Launch the copy dst_pool[dst_ids] = src_pool[src_ids]; returns its serial. Ids
+        must be in range (checked by the caller: a read past a mapping faults D's whole
+        CUDA context)."""
         from pdserve.kernels.block_copy import gather_blocks
 
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
@@ -336,14 +351,36 @@ class Puller:
             gather_blocks(src_pool, ids[0], dst_pool, ids[1])
             event = torch.cuda.Event()
             event.record(self.stream)
-        self._pending[rid] = _Pending(event, (ids, src_pool))
+        serial = next(self._serials)
+        self._pending[rid] = _Pending(event, serial, (ids, src_pool))
+        self._waits.put((rid, serial, event))
+        return serial
 
-    def poll(self) -> list[str]:
-        """Rids whose copy has completed (forgotten here). Never blocks."""
-        done = [rid for rid, p in self._pending.items() if p.event.query()]
-        for rid in done:
-            del self._pending[rid]
-        return done
+    def _wait_loop(self) -> None:
+        while True:
+            item = self._waits.get()
+            if item is None:
+                return
+            rid, serial, event = item
+            try:
+                event.synchronize()  # releases the GIL; copies complete in launch order
+            except Exception:  # noqa: BLE001 - a faulted context: deadlines end the transfer
+                logger.exception("waiting for the KV copy of %s failed", rid)
+                continue
+            if self.on_done is not None:
+                try:
+                    self.on_done(rid, serial)
+                except Exception:  # noqa: BLE001 - the receiver closed meanwhile
+                    logger.debug("KV copy of %s completed after the receiver closed", rid)
+
+    def finished(self, rid: str, serial: int) -> bool:
+        """True (and the copy forgotten) if `rid`'s copy `serial` is the one pending: the
+        waiter saw its event complete. False for a copy discarded meanwhile."""
+        p = self._pending.get(rid)
+        if p is None or p.serial != serial:
+            return False
+        del self._pending[rid]
+        return True
 
     def discard(self, rid: str) -> None:
         """Wait for rid's copy if one is running, then forget it."""
@@ -354,3 +391,7 @@ class Puller:
     def wait_all(self) -> None:
         for p in self._pending.values():
             p.event.synchronize()
+
+    def close(self) -> None:
+        """End the waiter thread (after the copies queued before)."""
+        self._waits.put(None)

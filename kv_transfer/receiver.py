@@ -84,7 +84,7 @@ class KVReceiver(IOThread):
         self._peers: dict[bytes, _Peer] = {}
         self._stats = {"peers": {}, "active": 0, "downgrades": {}, "num_downgrades": 0}
         # cuda_ipc pulls run on a stream of D's device; made here, used by the I/O thread
-        self._puller = cuda_ipc.Puller(pool.device, pool.tensor) \
+        self._puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied) \
             if pool.device.type == "cuda" else None
         self.start()
 
@@ -293,9 +293,17 @@ class KVReceiver(IOThread):
         r.deadline = time.monotonic() + self.transfer_timeout
         self._peers[identity].transport.start(self, r)
 
+    def _on_copied(self, rid: str, serial: int) -> None:
+        """(the puller's waiter thread) a cuda_ipc copy completed: end its reservation."""
+        self.submit(lambda: self._copied(rid, serial))
+
+    def _copied(self, rid: str, serial: int) -> None:
+        if self._puller is not None and self._puller.finished(rid, serial):
+            r = self._res.get(rid)
+            if r is not None and r.state is ReservationState.PULLING:
+                self.done(r)
+
     def next_timeout_ms(self) -> int:
-        if self._puller is not None and len(self._puller):
-            return 1  # copies in flight: poll their events often (latency of DONE/ARRIVED)
         if not self._res and not self._early:
             return 100
         now = time.monotonic()
@@ -304,11 +312,6 @@ class KVReceiver(IOThread):
         return max(1, min(100, int((nearest - now) * 1000) + 1))
 
     def tick(self, now: float) -> None:
-        if self._puller is not None and len(self._puller):
-            for rid in self._puller.poll():
-                r = self._res.get(rid)
-                if r is not None and r.state is ReservationState.PULLING:
-                    self.done(r)
         for r in list(self._res.values()):
             if now >= r.deadline:
                 if r.state is ReservationState.RESERVED:
@@ -324,6 +327,7 @@ class KVReceiver(IOThread):
     def on_close(self) -> None:
         if self._puller is not None:
             self._puller.wait_all()
+            self._puller.close()
         for identity in list(self._peers):
             self._drop_peer(identity, "D closing")
         self.router.close(0)

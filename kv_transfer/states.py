@@ -58,6 +58,7 @@ class TransferEvent:
     transport: str = ""
     nbytes: int = 0
     seconds: float = 0.0
+    at: float = field(default_factory=time.monotonic)  # when it was emitted (wake latency)
 
 
 @dataclass(eq=False)

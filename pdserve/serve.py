@@ -173,7 +173,8 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, l
 def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 600.0) -> None:
     """Until every worker answers /health; a UserError with its log's end if one exits."""
     urls = cfg.prefill + cfg.decode + cfg.worker
-    end = time.monotonic() + timeout
+    start = time.monotonic()
+    end = start + timeout
     pending = list(urls)
     while pending:
         for w in workers:
@@ -181,10 +182,14 @@ def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 
                 raise UserError(f"a local worker exited with code {w.proc.returncode}; the end "
                                 f"of its log {w.log_path}:\n{log_tail(w.log_path)}")
         try:
-            if httpx.get(pending[0] + "/health", timeout=2).status_code == 200:
-                pending.pop(0)
+            r = httpx.get(pending[0] + "/health", timeout=2)
+            if r.status_code == 200:
+                warm = r.json().get("warmup_s")
+                logger.info("worker %s ready %.1f s after launch%s", pending.pop(0),
+                            time.monotonic() - start,
+                            f" (warm-up {warm:.1f} s)" if isinstance(warm, int | float) else "")
                 continue
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         if time.monotonic() > end:
             raise UserError(f"worker {pending[0]} not healthy after {timeout:.0f} s")

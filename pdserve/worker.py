@@ -30,11 +30,17 @@ def run_worker(cfg: WorkerConfig) -> int:
     except Exception:
         parts.pool.close()
         raise
-    server, thread = serve_ops_in_thread(loop)
-    extra = f" kv={loop.kv_address}" if cfg.role == "decode" else ""
-    logger.info("%s worker %s ready: http=http://%s:%d data=%s%s", cfg.role, cfg.worker_name,
-                cfg.public_host, cfg.port, loop.data_address, extra)
+    server, thread = serve_ops_in_thread(loop)  # /health says why it is not ready yet
     try:
+        if cfg.warmup:
+            try:
+                loop.warm_up()
+            except Exception:
+                loop.shutdown()
+                raise
+        extra = f" kv={loop.kv_address}" if cfg.role == "decode" else ""
+        logger.info("%s worker %s ready: http=http://%s:%d data=%s%s", cfg.role,
+                    cfg.worker_name, cfg.public_host, cfg.port, loop.data_address, extra)
         loop.run()
     finally:
         server.should_exit = True

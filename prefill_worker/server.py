@@ -3,15 +3,20 @@
 Per request (`PState`): Prefill {rec, kv} arrives -> PREFILLING: the engine (Role.PREFILL)
 schedules the prompt with others under max_num_batched_tokens, chunking long prompts and
 reusing prefix-cached blocks -> the step that finishes the prompt draws the n first tokens
--> First goes to the proxy at once (with P's load) -> if a choice is still running and `kv`
-names a D, READY: the blocks are offered once their KV writes are complete (a CUDA event on
-GPU) -> OFFERED: the transfer's end (Transfer {ok} to the proxy) frees them. Abort frees at
-any point (an OFFERED request's blocks once the sender's cancel event comes).
+-> if a choice is still running and `kv` names a D, READY: the blocks are offered to D in
+that same iteration once their KV writes are complete (on GPU a CUDA event, recorded after
+the step; a waiter thread wakes the loop when one completes late) -> First goes to the
+proxy at once (with P's load) -> OFFERED: the transfer's end (an event that wakes the loop;
+Transfer {ok} to the proxy) frees them. Abort frees at any point (an OFFERED request's
+blocks once the sender's cancel event comes).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +33,8 @@ from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
 from pdserve.service.loop import WorkerLoop
 
+logger = logging.getLogger(__name__)
+
 
 class PState(enum.Enum):
     PREFILLING = "prefilling"  # queued or running in the engine
@@ -43,6 +50,32 @@ class _PReq:
     received: float
     state: PState = PState.PREFILLING
     event: torch.cuda.Event | None = None  # GPU: recorded after the prompt's KV writes
+    prefilled: float = 0.0  # time.monotonic() when its prompt's step ended
+
+
+class _EventWaiter:
+    """A thread that waits for CUDA events and wakes the step loop when each completes,
+    so a READY request is offered the moment its KV writes are done (no polling)."""
+
+    def __init__(self, wake):
+        self._wake = wake
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kv-ready-waiter", daemon=True)
+        self._thread.start()
+
+    def watch(self, event: torch.cuda.Event) -> None:
+        self._q.put(event)
+
+    def _run(self) -> None:
+        while (event := self._q.get()) is not None:
+            try:
+                event.synchronize()  # releases the GIL
+            except Exception:  # noqa: BLE001 - the step loop's next step reports the fault
+                logger.exception("waiting for a prefill's KV writes failed")
+            self._wake()
+
+    def close(self) -> None:
+        self._q.put(None)
 
 
 class PrefillLoop(WorkerLoop):
@@ -54,6 +87,8 @@ class PrefillLoop(WorkerLoop):
                                internal_token=cfg.internal_token or "",
                                transfer_timeout=cfg.transfer_timeout)
         self._ready: list[_PReq] = []  # READY, in order
+        self._waiter: _EventWaiter | None = None  # made on the first late KV write
+        self._watched: torch.cuda.Event | None = None  # the event the waiter waits for
 
     def on_message(self, identity: bytes, msg: DataMessage) -> None:
         if isinstance(msg, Prefill):
@@ -96,22 +131,26 @@ class PrefillLoop(WorkerLoop):
         for o in outs:
             by_rid.setdefault(o.request_id, []).append(o)
         now = time.monotonic()
-        load = self.load()
         held = self.engine.scheduler.held
+        for rid in by_rid:
+            r = self.reqs[rid]
+            if rid in held and r.kv is not None:
+                r.state, r.event, r.prefilled = PState.READY, event, now
+                self._ready.append(r)
+        self._offer_ready()  # the KV leaves for D before the first token leaves for the proxy
+        load = self.load()
         for rid, rows in by_rid.items():
             r = self.reqs[rid]
             self.send(r.identity, First(rid=rid, out=rows, load=self.load_for(r.identity, load)))
             metrics.TTFT.observe(now - r.received)
             metrics.GENERATION_TOKENS.labels("prefill").inc(len(rows))
-            if rid in held and r.kv is not None:
-                r.state, r.event = PState.READY, event
-                self._ready.append(r)
-            else:  # every choice finished on P, or no D: nothing to move
-                self.engine.scheduler.release(rid)
+            if r.state is PState.PREFILLING:  # every choice finished on P, or no D: nothing
+                self.engine.scheduler.release(rid)  # to move
                 self.reqs.pop(rid)
                 metrics.REQUESTS.labels("prefill", "prefilled").inc()
 
-    def tick(self) -> None:
+    def _offer_ready(self) -> None:
+        """Offer every READY request whose KV writes are complete; wake up for the rest."""
         still = []
         for r in self._ready:
             if r.event is not None and not r.event.query():
@@ -121,7 +160,17 @@ class PrefillLoop(WorkerLoop):
             seq = self.engine.scheduler.held[rid]
             self.sender.offer(rid, r.kv, seq.block_table, seq.num_prompt_tokens)
             r.state = PState.OFFERED
+            metrics.HANDOFF.labels("offer_wait").observe(time.monotonic() - r.prefilled)
         self._ready = still
+        if still and still[-1].event is not self._watched:  # one stream: the latest
+            if self._waiter is None:  # event completes last
+                self._waiter = _EventWaiter(self.waker.wake)
+            self._watched = still[-1].event
+            self._waiter.watch(self._watched)
+
+    def tick(self) -> None:
+        if self._ready:
+            self._offer_ready()
         for ev in self.sender.events():
             r = self.reqs.pop(ev.rid, None)
             self.engine.scheduler.release(ev.rid)
@@ -132,6 +181,9 @@ class PrefillLoop(WorkerLoop):
             self.send(r.identity, Transfer(rid=ev.rid, ok=ok, reason=ev.reason,
                                            transport=ev.transport,
                                            load=self.load_for(r.identity, self.load())))
+
+    def wake_fds(self) -> list[int]:
+        return [self.sender.events_fd]
 
     def load(self) -> dict[str, Any]:
         s, bm = self.engine.scheduler, self.engine.bm
@@ -145,5 +197,7 @@ class PrefillLoop(WorkerLoop):
         return {"kv_peers": self.sender.stats()}
 
     def close(self) -> None:
+        if self._waiter is not None:
+            self._waiter.close()
         self.sender.close()
         super().close()

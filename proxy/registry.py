@@ -40,6 +40,8 @@ class Worker:
     link: WorkerLink | None = None
     healthy: bool = False
     refused: str | None = None
+    status: str = "unknown"  # as its /health says it: ok, warming, dead (with `reason`)
+    reason: str = ""
     failures: int = 0
     active: int = 0  # requests this proxy has in flight on it
     prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU)
@@ -105,6 +107,7 @@ class Worker:
 
     def snapshot(self) -> dict[str, Any]:
         return {"url": self.url, "role": self.role, "name": self.name, "healthy": self.healthy,
+                "status": self.status, **({"reason": self.reason} if self.reason else {}),
                 "refused": self.refused, "active": self.active,
                 "data_path": None if self.link is None else
                 ("ok" if self.link.alive else f"silent for {self.link.silence():.1f} s"),
@@ -153,6 +156,9 @@ class Registry:
             how = ""
         if n["both"]:
             how = (how + "; " if how else "") + f"{n['both']} both-role worker(s)"
+        warming = [w.name or w.url for w in self.workers if w.status == "warming"]
+        if warming:
+            how = (how + "; " if how else "") + f"warming up: {', '.join(warming)}"
         return how or "nothing: no decode or both-role worker is usable"
 
     async def _loop(self) -> None:
@@ -175,6 +181,11 @@ class Registry:
                 self._admit(w, r.json())
             r = await self.http.get(w.url + "/health")
             ok = r.status_code == 200
+            try:
+                body = r.json()
+                w.status, w.reason = str(body.get("status", "")), str(body.get("reason") or "")
+            except (ValueError, AttributeError):
+                w.status, w.reason = ("ok" if ok else "failing"), ""
         except httpx.TimeoutException as e:
             # a worker saturating its CPU can answer HTTP slowly while its step loop answers
             # the link's pings: only one silent there too counts as failing
@@ -183,7 +194,10 @@ class Registry:
                          "; its data path answers, kept" if ok else "")
         except (httpx.HTTPError, ValueError) as e:
             ok = False
+            w.status, w.reason = "unreachable", str(e)
             logger.debug("health check of %s failed: %s", w.url, e)
+        if ok and w.refused is None and w.info and w.link is None:
+            self._connect(w)  # ready: its step loop runs and answers the link's pings
         if ok:
             if not w.healthy and w.refused is None:
                 logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
@@ -210,12 +224,14 @@ class Registry:
         if self.reference is None:
             self.reference = compat
         self.admitted.set()
-        if w.link is None:
-            w.link = WorkerLink(info["data_address"], self.token,
-                                silence_limit=self.silence_limit)
-            w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
-            w.link.on_dead = lambda w=w: metrics.WORKER_EJECTIONS.labels(
-                w.url, w.role, "data_path").inc()
+
+    def _connect(self, w: Worker) -> None:
+        """Open the data-path link of a worker whose /health said ok (not while it warms
+        up: its step loop, which answers the pings, is not running yet)."""
+        w.link = WorkerLink(w.info["data_address"], self.token, silence_limit=self.silence_limit)
+        w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
+        w.link.on_dead = lambda w=w: metrics.WORKER_EJECTIONS.labels(
+            w.url, w.role, "data_path").inc()
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:
         for key, want in self.expected.items():

@@ -248,13 +248,15 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
         p.send(wire.Prefill(rec=rec, kv=msg.kv))
         touched_p = True
         rows = (await _expect(p, qp, deadline, wire.First)).out
-        yield rows
         running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
+        # D hears before the client does: the Join must not wait for the first token's
+        # trip to the client (this generator resumes only when the caller asks for more)
         if not running:
             d.send(wire.Abort(rid=rid))  # every choice ended on P: D never decodes it
-            return
-        d.send(wire.Join(rid=rid, first=[r for r in rows if r.finish_reason is None]))
-        joined = True
+        else:
+            d.send(wire.Join(rid=rid, first=[r for r in rows if r.finish_reason is None]))
+            joined = True
+        yield rows
         while running:
             yield await _step_rows(d, qd, deadline, running)
     finally:

@@ -51,6 +51,10 @@ class WorkerConfig(EngineConfig):
                                         "then for P's KV before it is dropped.")
     transfer_timeout: float = option(30.0, check=lambda v: None if v > 0 else "must be > 0",
                                      help="Seconds a started KV transfer may take.")
+    warmup: bool = option(True, help="Before serving, run every kernel shape class this role "
+                          "uses (prefill chunks short and long, decode, sampling) so no live "
+                          "request pays for compiling them; /health answers 503 'warming' "
+                          "meanwhile and the proxy routes around it.")
     max_queued_requests: int = option(
         256, check=lambda v: None if v > 0 else "must be > 0",
         help="Requests this worker queues (P: prompts waiting for prefill; D: reservations "

@@ -5,6 +5,11 @@ Threads: the main thread runs the step loop (`WorkerLoop.run`), which owns the e
 the data-path ROUTER socket and never blocks on I/O while there is work; uvicorn serves
 /health, /load, /info and /metrics from a second thread (`ops_http.py`), reading a snapshot
 the loop publishes after every iteration. kv_transfer endpoints run their own I/O thread.
+
+Wake-ups: with nothing to run, the loop sleeps in one poll on the data-path socket, its own
+Waker (stop, GPU completions) and each transfer endpoint's event pipe (`wake_fds`), until
+the nearest deadline its role keeps (`next_deadline`), or forever: an idle worker uses no
+CPU, and a message, a transfer's end or a completed copy is handled the moment it comes.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ import hmac
 import json
 import logging
 import os
+import random
 import signal
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import zmq
 
 from pdserve.common.compat import CompatRecord
 from pdserve.common.logs import Throttled
+from pdserve.common.params import SamplingParams
+from pdserve.common.wakeup import Waker
 from pdserve.common.wire import (
     DATA_PATH,
     DataMessage,
@@ -73,6 +82,22 @@ def orca_header(fmt: str | None, load: dict[str, Any]) -> str | None:
     return None
 
 
+WARMUP_OUTPUT_TOKENS = 3  # per warm-up request: a few decode steps (D, both)
+STALLED_WAIT_MS = 100  # a stalled engine's longest sleep: a safety net, events wake it first
+
+
+class _StopEvent(threading.Event):
+    """`set()` also wakes the step loop's poll (from any thread or a signal handler)."""
+
+    def __init__(self, waker: Waker):
+        super().__init__()
+        self.waker = waker
+
+    def set(self) -> None:
+        super().set()
+        self.waker.wake()
+
+
 class WorkerLoop:
     """The step loop of one worker: data-path socket in, engine steps, replies out.
 
@@ -96,8 +121,12 @@ class WorkerLoop:
         self.sock.bind(f"tcp://{cfg.host}:{cfg.data_address_port}")
         self.data_address = f"tcp://{cfg.public_host}:{cfg.data_address_port}"
         self._token = (cfg.internal_token or "").encode()
-        self.stop_event = threading.Event()
-        self.snapshot: dict[str, Any] = {"load": {}, "health": {"status": "starting"}}
+        self.waker = Waker()  # wakes the step loop's poll: stop, GPU completions
+        self.stop_event = _StopEvent(self.waker)
+        self.snapshot: dict[str, Any] = {"load": {}, "health": {
+            "status": "starting", "reason": "loading the model", "role": self.role.value,
+            "name": cfg.worker_name}}
+        self.warmup_s: float | None = None  # how long `warm_up` took
         self._seq = 0
         self._counted = (0, 0, 0)  # preemptions, prefix queries, prefix hits already exported
         self.dead_reason: str | None = None
@@ -126,6 +155,16 @@ class WorkerLoop:
 
     def info(self) -> dict[str, Any]:
         return {}
+
+    def wake_fds(self) -> list[int]:
+        """File descriptors whose readability means `tick()` has something to do (transfer
+        endpoints' event pipes); the idle loop's poll watches them."""
+        return []
+
+    def next_deadline(self) -> float | None:
+        """The nearest `time.monotonic()` at which `tick()` must run though nothing came
+        (a reservation's timeout); None: none."""
+        return None
 
     def close(self) -> None:
         """Release endpoints and the pool (the loop has ended)."""
@@ -244,23 +283,95 @@ class WorkerLoop:
         status = "ok" if self.dead_reason is None else "dead"
         self.snapshot = {"load": load, "health": {"status": status, "role": self.role.value,
                                                   "name": self.cfg.worker_name,
-                                                  "reason": self.dead_reason, **self.info()}}
+                                                  "reason": self.dead_reason,
+                                                  "warmup_s": self.warmup_s, **self.info()}}
+
+    def warmup_prompts(self) -> list[list[int]]:
+        """Prompt lengths of the warm-up's rounds (each round's prompts run together).
+        Compiled kernels (Triton) specialize on integer arguments (== 1, multiples of 16):
+        one round has a prompt longer than a step's token budget (a full chunk, then a
+        short one over prior context), the next 1-, 17- and 32-token prompts. The torch ops
+        compile nothing: one short round proves the path."""
+        cap = self.engine.max_model_len - 1 - WARMUP_OUTPUT_TOKENS
+        if cap < 1:
+            return []
+        short = sorted({min(n, cap) for n in (1, 17, 32)})
+        if self.parts.runner.ops.name == "torch":
+            return [short]
+        budget = self.parts.config.max_num_batched_tokens
+        return [[min(budget + 37, cap)], short]
+
+    def warm_up(self) -> float:
+        """Before serving: run every kernel shape class this role uses (prefill chunks short
+        and long, decode (D, both), sampling greedy and random with top-k/top-p, logprobs,
+        n = 2 forks) through the engine, so no live request pays for compiling them.
+        /health answers 503 "warming" meanwhile. Returns the seconds it took. Raises if
+        the engine cannot run (the worker then exits with the error)."""
+        t0 = time.monotonic()
+        rounds = self.warmup_prompts()
+        sizes = " then ".join("/".join(map(str, r)) for r in rounds)
+        self.snapshot = {**self.snapshot, "health": {
+            **self.snapshot["health"], "status": "warming",
+            "reason": f"warming up: compiling and running each kernel shape before serving "
+                      f"(prompts of {sizes} tokens, decode, sampling)"}}
+        eng, rng = self.engine, random.Random(0)
+        vocab = self.parts.model_config.vocab_size
+        kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9,
+                                                                  top_k=20, logprobs=2),
+                 SamplingParams(temperature=1.0, n=2)]
+        n = 0
+        for lengths in rounds:
+            for i, length in enumerate(lengths):
+                p = kinds[i % len(kinds)]
+                params = replace(p, max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True, seed=n)
+                eng.add_request([rng.randrange(vocab) for _ in range(length)], params,
+                                f"warmup-{n}")
+                n += 1
+            while eng.has_unfinished():
+                eng.step()
+                if eng.failed:
+                    raise RuntimeError(f"warm-up request failed: {eng.failed[0][1]}")
+            for rid in list(eng.scheduler.held):  # P keeps prefilled blocks for a transfer
+                eng.scheduler.release(rid)
+        bm = self.engine.bm  # its prefix lookups are not traffic
+        self._counted = (self.engine.scheduler.num_preemptions, bm.num_prefix_queries,
+                         bm.num_prefix_hits)
+        self.warmup_s = time.monotonic() - t0
+        logger.info("warm-up done in %.2f s (prompts of %s tokens)", self.warmup_s, sizes)
+        return self.warmup_s
+
+    def _wait_ms(self) -> int | None:
+        """How long the poll may sleep: 0 while the engine can run; else until the role's
+        nearest deadline (a stalled engine, waiting for blocks a transfer holds, at most
+        STALLED_WAIT_MS); None (until woken) when idle."""
+        if self.has_work() and not self.engine.scheduler.stalled:
+            return 0
+        deadline = self.next_deadline()
+        wait = None if deadline is None else \
+            max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        if self.has_work():  # stalled
+            wait = STALLED_WAIT_MS if wait is None else min(wait, STALLED_WAIT_MS)
+        return wait
 
     def run(self) -> None:
         """Until SIGTERM/SIGINT or `stop_event`: receive, tick, step, publish."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.waker.fd, zmq.POLLIN)
+        for fd in self.wake_fds():
+            poller.register(fd, zmq.POLLIN)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
         self.publish()
         try:
             while not self.stop_event.is_set():
-                # a stalled engine (waiting for blocks a transfer holds) must not spin the CPU
-                work = self.has_work()
-                if poller.poll(5 if work and self.engine.scheduler.stalled else 0 if work else 20):
+                ready = dict(poller.poll(self._wait_ms()))
+                if self.waker.fd in ready:
+                    self.waker.drain()
+                if self.sock in ready:
                     self._receive()
-                self.tick()
+                self.tick()  # drains the transfer events (their pipes with them)
                 if self.has_work():
                     try:
                         self.step()
@@ -274,6 +385,11 @@ class WorkerLoop:
                 self.settle()
                 self.publish()
         finally:
-            self.close()
-            self.sock.close(0)
-            self.ctx.term()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Release everything the loop holds (after `run`, or when it never ran)."""
+        self.close()
+        self.sock.close(0)
+        self.ctx.term()
+        self.waker.close()

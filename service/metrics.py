@@ -23,3 +23,11 @@ ITL = Histogram("pdserve_inter_token_latency_seconds", "Time between a choice's 
                 buckets=(.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5, 5, 10))
 E2E = Histogram("pdserve_e2e_request_latency_seconds", "Request received to last token",
                 buckets=(.3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
+HANDOFF = Histogram(
+    "pdserve_kv_handoff_seconds", "The P->D handoff of one request, split by stage. P: "
+    "offer_wait (the prompt's step ended -> its KV offered, writes complete). D: pull (offer "
+    "received -> KV in D's blocks), wake (KV landed -> D's loop saw it), kv_after_join / "
+    "join_after_kv (how long the later of the two came after the other; 0 for the earlier), "
+    "to_step (KV and Join both in -> the end of the step carrying its first D token)",
+    ["stage"], buckets=(.0001, .00025, .0005, .001, .002, .004, .008, .016, .032, .064, .128,
+                        .256, .512, 1, 2.5, 10))

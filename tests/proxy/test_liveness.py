@@ -106,3 +106,43 @@ def test_the_registry_routes_only_to_live_links_and_says_what_it_serves():
                 await w.link.close()
             await worker.close()
     asyncio.run(main())
+
+
+def test_a_warming_worker_gets_no_link_and_no_traffic_until_its_health_says_ok():
+    """/health 503 "warming" (the worker compiles its kernels): the registry shows it
+    warming, with the reason, opens no data-path link to it (its loop is not running yet,
+    so pings would eject it), and routes nothing there; once it answers 200 it is usable."""
+    import httpx
+
+    async def main():
+        worker = FakeLoop()
+        state = {"warming": True}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/info":
+                return httpx.Response(200, json={"role": "decode", "name": "d0", "compat": {},
+                                                 "data_address": worker.address})
+            if state["warming"]:
+                return httpx.Response(503, json={"status": "warming", "role": "decode",
+                                                 "reason": "warming up: compiling kernels"})
+            return httpx.Response(200, json={"status": "ok", "role": "decode"})
+
+        reg = Registry({"decode": ["http://d"]}, silence_limit=0.6)
+        reg.http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        (d,) = reg.workers
+        try:
+            for _ in range(3):
+                await reg.check_all()
+            assert d.status == "warming" and d.reason == "warming up: compiling kernels"
+            assert d.link is None and worker.pings == 0 and not reg.ready()
+            assert reg.usable("decode") == [] and "warming up: d0" in reg.serves()
+            assert d.snapshot()["status"] == "warming"
+            state["warming"] = False
+            await reg.check_all()
+            assert d.status == "ok" and d.link is not None and reg.usable("decode") == [d]
+            await until(lambda: worker.pings >= 1, 2.0)
+            assert "warming" not in reg.serves()
+        finally:
+            await reg.close()
+            await worker.close()
+    asyncio.run(main())

@@ -1,0 +1,138 @@
+"""The step loops wake on their inputs, never on a timer, and warm up before serving; in one
+process over the built-in model (real engines, real sockets, no proxy).
+
+- an idle loop sleeps in one poll until something comes: over a second it iterates at most
+  once, and a stop request wakes it at once;
+- a transfer event (D's receiver) wakes an idle D's loop, which would otherwise sleep on;
+- P offers a prompt's KV in the step that prefilled it, before the first token goes out;
+- during the warm-up /health answers 503 "warming" with the reason; 200 after.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import Prefill, RequestRecord
+from pdserve.decode_worker.server import BothLoop, DecodeLoop
+from pdserve.engine.builtin_model import builtin_model_path
+from pdserve.engine.setup import build_engine
+from pdserve.kv_transfer.states import EventKind, TransferEvent
+from pdserve.prefill_worker.server import PrefillLoop
+from pdserve.service.config import WorkerConfig
+from pdserve.service.ops_http import create_ops_app
+from tests.workers.cluster import free_port_block
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_loop(cls, role: str):
+    port = free_port_block()
+    cfg = WorkerConfig(model=str(builtin_model_path()), device="cpu", role=role, port=port,
+                       num_gpu_blocks_override=128, torch_threads=1, insecure_no_token=True)
+    return cls(cfg, build_engine(cfg, progress=False))
+
+
+class Counting:
+    """Runs a loop in a thread and counts its iterations (each ends with `publish`)."""
+
+    def __init__(self, loop):
+        self.loop, self.iterations = loop, 0
+        publish = loop.publish
+
+        def counted():
+            self.iterations += 1
+            publish()
+        loop.publish = counted
+        self.thread = threading.Thread(target=loop.run, daemon=True)
+        self.thread.start()
+
+    def settle(self, timeout: float = 10.0) -> int:
+        """The count once it stopped changing for 0.5 s."""
+        end = time.monotonic() + timeout
+        last = -1
+        while self.iterations != last and time.monotonic() < end:
+            last = self.iterations
+            time.sleep(0.5)
+        return self.iterations
+
+    def stop(self) -> float:
+        t0 = time.monotonic()
+        self.loop.stop_event.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        return time.monotonic() - t0
+
+
+def test_an_idle_loop_sleeps_until_woken_and_stops_at_once():
+    c = Counting(make_loop(BothLoop, "both"))
+    try:
+        before = c.settle()
+        time.sleep(1.0)
+        assert c.iterations - before == 0  # it used to wake every 20 ms (50 a second)
+    finally:
+        took = c.stop()
+    assert took < 1.0  # the stop woke the poll; no timer had to expire
+
+
+def test_a_transfer_event_wakes_an_idle_decode_loop():
+    c = Counting(make_loop(DecodeLoop, "decode"))
+    try:
+        before = c.settle()
+        c.loop.receiver.emit(TransferEvent("nobody", EventKind.ARRIVED))
+        end = time.monotonic() + 5
+        while c.iterations == before and time.monotonic() < end:
+            time.sleep(0.01)
+        assert c.iterations > before  # the event's pipe woke the poll (no timer would)
+        after = c.settle()
+        time.sleep(0.5)
+        assert c.iterations == after  # and the drained pipe lets it sleep again
+    finally:
+        c.stop()
+
+
+def test_p_offers_the_kv_in_the_step_that_prefilled_it():
+    loop = make_loop(PrefillLoop, "prefill")
+    order = []
+    loop.sender.offer = lambda rid, *a, **k: order.append(("offer", rid))
+    send = loop.send
+    loop.send = lambda identity, msg: (order.append((type(msg).__name__, msg.rid)),
+                                       send(identity, msg))
+    try:
+        rec = RequestRecord("r1", list(range(5, 45)), SamplingParams(max_tokens=4, seed=1))
+        loop.on_message(b"proxy", Prefill(rec=rec, kv="tcp://127.0.0.1:9"))
+        while loop.has_work():
+            loop.step()
+        assert order[:2] == [("offer", "r1"), ("First", "r1")]  # no tick in between
+    finally:
+        loop.shutdown()
+
+
+def test_health_says_warming_with_the_reason_until_the_warm_up_ends():
+    loop = make_loop(BothLoop, "both")
+    client = TestClient(create_ops_app(loop))
+    seen = []
+    step = loop.engine.step
+
+    def observed_step():
+        r = client.get("/health")
+        seen.append((r.status_code, r.json()))
+        return step()
+    loop.engine.step = observed_step
+    try:
+        took = loop.warm_up()
+        loop.engine.step = step
+        assert seen, "the warm-up ran no step"
+        for code, body in seen:
+            assert code == 503 and body["status"] == "warming"
+            assert "warming up" in body["reason"] and body["role"] == "both"
+        assert not loop.engine.has_unfinished() and loop.engine.bm.usage == 0.0
+        loop.publish()
+        r = client.get("/health")
+        assert r.status_code == 200 and r.json()["warmup_s"] == pytest.approx(took)
+    finally:
+        loop.shutdown()
