@@ -51,6 +51,8 @@ from pdserve.common.wire import (
     First,
     Generate,
     Join,
+    Ping,
+    Pong,
     Prefill,
     RequestRecord,
     Reserve,
@@ -189,7 +191,9 @@ class FakeWorker:
         if self.token and msg.t != self.token:
             raise WireError("wrong internal token", rid)
         kind = msg.__struct_config__.tag
-        if isinstance(msg, Reserve) and self.role == "decode":
+        if isinstance(msg, Ping):  # the proxy's liveness probe (proxy/workers.py)
+            self.send(identity, Pong(n=msg.n, load=self.load()))
+        elif isinstance(msg, Reserve) and self.role == "decode":
             self.reserved[msg.rec.request_id] = (identity, msg.rec)
             self.send(identity, Reserved(rid=msg.rec.request_id, kv="tcp://127.0.0.1:0"))
         elif isinstance(msg, Generate if self.role != "prefill" else Prefill):
