@@ -46,6 +46,7 @@ import zmq
 from pdserve.common.wire import (
     DATA_PATH,
     Abort,
+    Connect,
     DataMessage,
     Error,
     First,
@@ -193,6 +194,8 @@ class FakeWorker:
         kind = msg.__struct_config__.tag
         if isinstance(msg, Ping):  # the proxy's liveness probe (proxy/workers.py)
             self.send(identity, Pong(n=msg.n, load=self.load()))
+        elif isinstance(msg, Connect):  # open KV sessions ahead: a fake moves no KV
+            pass
         elif isinstance(msg, Reserve) and self.role == "decode":
             self.reserved[msg.rec.request_id] = (identity, msg.rec)
             self.send(identity, Reserved(rid=msg.rec.request_id, kv="tcp://127.0.0.1:0"))

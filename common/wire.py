@@ -197,5 +197,13 @@ class Pong(DataMessage, tag="pong"):
     load: dict[str, Any] = msgspec.field(default_factory=dict)  # the worker's, as in a report
 
 
+class Connect(DataMessage, tag="connect"):
+    """Proxy -> P, when a D becomes usable (or P does): open KV sessions to these D's now,
+    so the first request's transfer does not wait for a handshake (a cuda_ipc handshake
+    maps P's pool into D: the better part of a second)."""
+
+    kv: list[str]  # D's KV-transfer addresses
+
+
 DATA_PATH = Codec((Reserve, Join, Prefill, Generate, Abort, Reserved, Rejected, Step, First,
-                   Transfer, Error, Ping, Pong), MAX_MESSAGE_BYTES)
+                   Transfer, Error, Ping, Pong, Connect), MAX_MESSAGE_BYTES)

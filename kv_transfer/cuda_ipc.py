@@ -328,6 +328,10 @@ class Puller:
         self._waiter = threading.Thread(target=self._wait_loop, name="kv-pull-waiter",
                                         daemon=True)
         self._waiter.start()
+        try:  # import CuPy now (it opens P's handles), not inside the first handshake
+            _cupy()
+        except RuntimeError as e:
+            logger.warning("%s: cuda_ipc handshakes will downgrade", e)
         if pool is not None:  # compile the gather now, not inside a P's handshake
             try:
                 read_blocks(pool, [0], self.stream)

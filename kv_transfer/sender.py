@@ -66,7 +66,8 @@ class KVSender(IOThread):
     """P's transfer endpoint. Thread-safe API: offer, cancel, events, stats, close."""
 
     def __init__(self, pool: KVPool, compat: CompatRecord, *, name: str,
-                 internal_token: str = "", transfer_timeout: float = 30.0):
+                 internal_token: str = "", transfer_timeout: float = 30.0,
+                 canary_block: int | None = None):
         super().__init__("kv-sender")
         self.pool = pool
         self.compat = compat
@@ -75,6 +76,9 @@ class KVSender(IOThread):
         self.token = internal_token
         self.transfer_timeout = transfer_timeout
         self.block_bytes = pool.spec.bytes_per_block
+        # a block the caller never writes after filling it with random bytes: every HELLO's
+        # canary (else the blocks of the offer that opened the session, kept until D answers)
+        self.canary_block = canary_block
         self._dests: dict[str, _Dest] = {}
         self._sessions = 0  # sessions opened so far (numbers them: Hello.s)
         self._by_sock: dict[zmq.Socket, _Dest] = {}
@@ -105,6 +109,11 @@ class KVSender(IOThread):
         deadline = time.monotonic() + (timeout or self.transfer_timeout)
         offer = PendingOffer(rid, address, list(block_ids), num_tokens, deadline)
         self.submit(lambda: self._offer(offer))
+
+    def connect(self, address: str) -> None:
+        """Open a session to the D at `address` now, ahead of any offer (a no-op if one is
+        open or opening), so the first transfer finds the handshake done."""
+        self.submit(lambda: self._dest(address))
 
     def cancel(self, rid: str, reason: str = "cancelled by P") -> None:
         """Withdraw an offer; D frees its reservation. An event (CANCELLED) still follows,
@@ -152,10 +161,12 @@ class KVSender(IOThread):
             self._by_sock[sock] = self._by_sock[monitor] = d
             self.poller.register(sock, zmq.POLLIN)
             self.poller.register(monitor, zmq.POLLIN)
-            # the canary: blocks of an offer to this D, which P keeps until D answers it
+            # the canary: P's canary block, or the blocks of an offer to this D, which P
+            # keeps until D answers it
             offer = offer or next((o for o in self._offers.values() if o.address == address),
                                   None)
-            blocks = offer.block_ids if offer else []
+            blocks = [self.canary_block] if self.canary_block is not None else \
+                offer.block_ids if offer else []
             sock.send(encode(proto.Hello(e=epoch, v=PROTOCOL_VERSION, name=self.name,
                                          token=self.token, compat=self.compat.to_dict(),
                                          pool=self._pool_registration(blocks), pe=self.epoch,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +24,16 @@ from typing import Any
 
 import torch
 
-from pdserve.common.wire import Abort, DataMessage, First, Prefill, TokenRow, Transfer, WireError
+from pdserve.common.wire import (
+    Abort,
+    Connect,
+    DataMessage,
+    First,
+    Prefill,
+    TokenRow,
+    Transfer,
+    WireError,
+)
 from pdserve.engine.scheduler import Role
 from pdserve.engine.sequence import Request
 from pdserve.engine.setup import EngineParts
@@ -34,6 +44,7 @@ from pdserve.service.config import WorkerConfig
 from pdserve.service.loop import WorkerLoop
 
 logger = logging.getLogger(__name__)
+MAX_CONNECT = 256  # D addresses in one Connect
 
 
 class PState(enum.Enum):
@@ -85,13 +96,33 @@ class PrefillLoop(WorkerLoop):
         super().__init__(cfg, parts)
         self.sender = KVSender(parts.pool, self.compat, name=cfg.worker_name,
                                internal_token=cfg.internal_token or "",
-                               transfer_timeout=cfg.transfer_timeout)
+                               transfer_timeout=cfg.transfer_timeout,
+                               canary_block=self._canary_block())
         self._ready: list[_PReq] = []  # READY, in order
         self._waiter: _EventWaiter | None = None  # made on the first late KV write
         self._watched: torch.cuda.Event | None = None  # the event the waiter waits for
 
+    def _canary_block(self) -> int | None:
+        """GPU: one block taken for good and filled with random bytes, the canary of every
+        cuda_ipc handshake (D checks its mapping of our pool by reading it), so a session
+        can open before any offer (`Connect`). CPU pools need none."""
+        pool = self.parts.pool
+        if pool.device.type != "cuda":
+            return None
+        (block,) = self.engine.bm.allocate([0], block_hashes=[]).block_table
+        data = pool.tensor[block].view(-1).view(torch.uint8)
+        gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+        data.copy_(torch.randint(0, 256, data.shape, dtype=torch.uint8, generator=gen))
+        return block
+
     def on_message(self, identity: bytes, msg: DataMessage) -> None:
-        if isinstance(msg, Prefill):
+        if isinstance(msg, Connect):  # the proxy: D's to open KV sessions to, ahead of use
+            if len(msg.kv) > MAX_CONNECT or not all(
+                    isinstance(a, str) and a.startswith("tcp://") for a in msg.kv):
+                raise WireError(f"connect takes at most {MAX_CONNECT} tcp:// addresses")
+            for address in msg.kv:
+                self.sender.connect(address)
+        elif isinstance(msg, Prefill):
             rec = msg.rec
             self.check_new(rec)
             if rec.output_token_ids:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import zmq
 
+from pdserve.common import wire
 from pdserve.common.compat import compat_mismatch
 from pdserve.proxy import metrics
 from pdserve.proxy.workers import WorkerLink
@@ -199,11 +201,13 @@ class Registry:
         if ok and w.refused is None and w.info and w.link is None:
             self._connect(w)  # ready: its step loop runs and answers the link's pings
         if ok:
-            if not w.healthy and w.refused is None:
+            came = not w.healthy and w.refused is None
+            w.healthy, w.failures = True, 0
+            if came:
                 logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
+                self._introduce(w)
                 if self.on_report is not None:
                     self.on_report()  # room for requests waiting
-            w.healthy, w.failures = True, 0
             return
         w.failures += 1
         if w.healthy and w.failures >= 2:
@@ -232,6 +236,20 @@ class Registry:
         w.link.on_transfer, w.link.on_report = self.on_transfer, self.on_report
         w.link.on_dead = lambda w=w: metrics.WORKER_EJECTIONS.labels(
             w.url, w.role, "data_path").inc()
+
+    def _introduce(self, w: Worker) -> None:
+        """A P or D just became usable: have each P open its KV session to each D now, not
+        at the first request (a cuda_ipc handshake maps P's pool into D)."""
+        ps = [w] if w.role == "prefill" else self.usable("prefill") if w.role == "decode" else []
+        kvs = [d.info["kv_address"] for d in ([w] if w.role == "decode" else
+                                              self.usable("decode"))
+               if isinstance(d.info.get("kv_address"), str)]
+        for p in ps:
+            if p.usable and kvs:
+                try:
+                    p.link.send(wire.Connect(kv=kvs))
+                except zmq.ZMQError as e:  # a link closing: the first offer connects instead
+                    logger.debug("connect to %s not sent: %s", p.url, e)
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:
         for key, want in self.expected.items():

@@ -25,6 +25,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import torch
 import zmq
 
 from pdserve.common.compat import CompatRecord
@@ -46,6 +47,7 @@ from pdserve.common.wire import (
 )
 from pdserve.engine.kv_pool import POOL_LAYOUT, dtype_name
 from pdserve.engine.llm_engine import LLMEngine, Role
+from pdserve.engine.sampler import SampleRow
 from pdserve.engine.setup import EngineParts
 from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
@@ -288,18 +290,36 @@ class WorkerLoop:
 
     def warmup_prompts(self) -> list[list[int]]:
         """Prompt lengths of the warm-up's rounds (each round's prompts run together).
-        Compiled kernels (Triton) specialize on integer arguments (== 1, multiples of 16):
-        one round has a prompt longer than a step's token budget (a full chunk, then a
-        short one over prior context), the next 1-, 17- and 32-token prompts. The torch ops
-        compile nothing: one short round proves the path."""
+        Compiled kernels (Triton) specialize on integer arguments (== 1, multiples of 16)
+        and pick tiles by size, so the rounds give each integer a kernel sees (tokens in a
+        step, block-table width, query tiles) each class: a prompt longer than a step's
+        token budget (a full chunk, then a short one over prior context), one token alone,
+        17 + 32 tokens together, 300 and 256 tokens. The torch ops compile nothing: one
+        short round proves the path."""
         cap = self.engine.max_model_len - 1 - WARMUP_OUTPUT_TOKENS
         if cap < 1:
             return []
-        short = sorted({min(n, cap) for n in (1, 17, 32)})
         if self.parts.runner.ops.name == "torch":
-            return [short]
+            return [[min(n, cap) for n in (1, 17, 32)]]
         budget = self.parts.config.max_num_batched_tokens
-        return [[min(budget + 37, cap)], short]
+        return [[min(n, cap) for n in r]
+                for r in ([budget + 37], [1], [17, 32], [300], [256])]
+
+    def warm_sampler(self) -> list[int]:
+        """Draw from random logits at each row count whose kernel launch differs (the
+        exponential race splits the vocabulary over fewer programs as rows grow, which
+        changes the reduce kernel's tile: 1, 3, 9, 17, ... rows up to max_num_seqs).
+        Returns the row counts drawn."""
+        top = self.parts.config.max_num_seqs
+        counts = sorted({min(n, top) for n in (1, 2, 3, 5, 9, 17, 33, 65, 129, 257, 513)})
+        vocab = self.parts.model_config.vocab_size
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for n in counts:
+            logits = torch.randn(n, vocab, generator=gen).to(self.parts.device)
+            rows = [SampleRow(SamplingParams(temperature=1.0, seed=i), i, 0, (1, 2), 1)
+                    for i in range(n)]
+            self.parts.sampler(logits, rows)
+        return counts
 
     def warm_up(self) -> float:
         """Before serving: run every kernel shape class this role uses (prefill chunks short
@@ -316,13 +336,13 @@ class WorkerLoop:
                       f"(prompts of {sizes} tokens, decode, sampling)"}}
         eng, rng = self.engine, random.Random(0)
         vocab = self.parts.model_config.vocab_size
-        kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9,
-                                                                  top_k=20, logprobs=2),
+        kinds = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0),
+                 SamplingParams(temperature=0.8, top_p=0.9, top_k=20, logprobs=2),
                  SamplingParams(temperature=1.0, n=2)]
         n = 0
         for lengths in rounds:
-            for i, length in enumerate(lengths):
-                p = kinds[i % len(kinds)]
+            for length in lengths:
+                p = kinds[n % len(kinds)]
                 params = replace(p, max_tokens=WARMUP_OUTPUT_TOKENS, ignore_eos=True, seed=n)
                 eng.add_request([rng.randrange(vocab) for _ in range(length)], params,
                                 f"warmup-{n}")
@@ -333,6 +353,8 @@ class WorkerLoop:
                     raise RuntimeError(f"warm-up request failed: {eng.failed[0][1]}")
             for rid in list(eng.scheduler.held):  # P keeps prefilled blocks for a transfer
                 eng.scheduler.release(rid)
+        if self.parts.runner.ops.name != "torch":
+            self.warm_sampler()
         bm = self.engine.bm  # its prefix lookups are not traffic
         self._counted = (self.engine.scheduler.num_preemptions, bm.num_prefix_queries,
                          bm.num_prefix_hits)

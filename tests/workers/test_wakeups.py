@@ -21,6 +21,7 @@ from pdserve.common.wire import Prefill, RequestRecord
 from pdserve.decode_worker.server import BothLoop, DecodeLoop
 from pdserve.engine.builtin_model import builtin_model_path
 from pdserve.engine.setup import build_engine
+from pdserve.kv_transfer.protocol import new_epoch
 from pdserve.kv_transfer.states import EventKind, TransferEvent
 from pdserve.prefill_worker.server import PrefillLoop
 from pdserve.service.config import WorkerConfig
@@ -34,7 +35,9 @@ def make_loop(cls, role: str):
     port = free_port_block()
     cfg = WorkerConfig(model=str(builtin_model_path()), device="cpu", role=role, port=port,
                        num_gpu_blocks_override=128, torch_threads=1, insecure_no_token=True)
-    return cls(cfg, build_engine(cfg, progress=False))
+    # P's CPU pool lives in /dev/shm, as in a real worker (pdserve/worker.py)
+    epoch = new_epoch() if role == "prefill" else None
+    return cls(cfg, build_engine(cfg, progress=False, pool_shm_epoch=epoch))
 
 
 class Counting:
@@ -136,3 +139,25 @@ def test_health_says_warming_with_the_reason_until_the_warm_up_ends():
         assert r.status_code == 200 and r.json()["warmup_s"] == pytest.approx(took)
     finally:
         loop.shutdown()
+
+
+def test_connect_opens_ps_kv_session_to_d_before_any_offer():
+    """The proxy's Connect (sent when a P or D becomes usable) has P shake hands with D at
+    once, so the first request's transfer finds the session ready; a Connect naming
+    anything but tcp:// addresses is refused."""
+    from pdserve.common.wire import Connect, WireError
+
+    d = make_loop(DecodeLoop, "decode")
+    p = make_loop(PrefillLoop, "prefill")
+    try:
+        p.on_message(b"proxy", Connect(kv=[d.receiver.address]))
+        end = time.monotonic() + 10
+        while p.sender.stats().get(d.receiver.address, {}).get("state") != "ready":
+            assert time.monotonic() < end, p.sender.stats()
+            time.sleep(0.02)
+        assert p.sender.stats()[d.receiver.address]["transport"] == "shm"
+        with pytest.raises(WireError, match="tcp://"):
+            p.on_message(b"proxy", Connect(kv=["ipc:///tmp/elsewhere"]))
+    finally:
+        p.shutdown()
+        d.shutdown()
