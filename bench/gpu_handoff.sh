@@ -11,6 +11,7 @@
 # Usage (repo root, on the lent machine; carry [".whl"] after `bash scripts/gpu_wheels.sh fetch`):
 #   bash bench/gpu_handoff.sh                           # the definition: 200 requests x 3 runs
 #   NUM_REQUESTS=60 RUNS=2 bash bench/gpu_handoff.sh    # fits one 10-minute device call
+#   MPS_REQUESTS=100 ...                                # and P/D once more under MPS
 # Time: each run is NUM_REQUESTS / 2 s of arrivals, twice (P/D and both-role), plus each
 # cluster's start (weights are dummy: mostly CUDA graph capture and Triton compiles) and
 # 10 s of idle-CPU measurement per configuration.
@@ -43,6 +44,23 @@ timeout 3600 python3 "$bench" --mode gpu --num-requests "$NUM_REQUESTS" --runs "
   --out "$OUT/handoff_gpu.json" --log-dir "$OUT/logs/gpu" >"$OUT/gpu.txt" 2>&1
 echo "gpu rc=$?" >>"$OUT/gpu.txt"
 
+# 3. (MPS_REQUESTS > 0) P/D again under an MPS daemon of our own (private pipe and log dirs;
+# the GPU's settings are not touched): P's prefill kernels and D's decode steps then share
+# the GPU's SMs instead of taking turns in time slices
+if [ "${MPS_REQUESTS:-0}" -gt 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d); CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+  export CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  if nvidia-cuda-mps-control -d; then
+    timeout 420 python3 "$bench" --mode gpu-pd --num-requests "$MPS_REQUESTS" --runs 1 \
+      --out "$OUT/mps.json" --log-dir "$OUT/logs/mps" >"$OUT/mps.txt" 2>&1
+    echo "mps rc=$?" >>"$OUT/mps.txt"
+    echo quit | nvidia-cuda-mps-control
+  else
+    echo "the MPS daemon did not start" >"$OUT/mps.txt"
+  fi
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+fi
+
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
 python3 - "$OUT/cold.json" <<'PY'
 import json, sys
@@ -57,3 +75,4 @@ print(f"cold start (empty Triton cache), 1 P + 1 D on one GPU: launch -> ready "
       f"{'-' if first is None else f'{first:.0f}'} ms{'; error: ' + m['error'] if 'error' in m else ''}")
 PY
 tail -n 30 "$OUT/cold.txt" | grep -E "^\| |failed|error" ; tail -n 20 "$OUT/gpu.txt"
+if [ -f "$OUT/mps.txt" ]; then echo "== P/D under MPS:"; tail -n 4 "$OUT/mps.txt"; fi

@@ -134,7 +134,9 @@ def test_fake_pd_engines_behind_the_real_proxy(procs: Procs) -> None:
     # TCP_NODELAY (Nagle held the first chunk ~40 ms for the client's delayed ACK)
     # the fakes' delays are a floor; the proxy adds a little on top
     assert 0.030 <= s["ttft"]["p50"] < 0.030 + 0.05
-    assert 0.010 <= s["token2"]["p50"] < 0.010 + 0.02
+    # the fake D times token 2 from the Join, which the proxy sends before it streams token
+    # 1 to the client: a little under one ITL may separate them there, never ~0
+    assert 0.010 - 0.003 <= s["token2"]["p50"] < 0.010 + 0.02
     assert s["tpot"]["p50"] == pytest.approx(0.010, abs=0.003)
 
 
