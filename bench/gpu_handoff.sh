@@ -38,7 +38,13 @@ echo "cold start: TRITON_CACHE_DIR=$TRITON_CACHE_DIR (empty: $(ls -A "$TRITON_CA
 timeout 900 python3 "$bench" --mode gpu-pd --warmup 0 --num-requests "$COLD_REQUESTS" --runs 1 \
   --out "$OUT/cold.json" --log-dir "$OUT/logs/cold" >>"$OUT/cold.txt" 2>&1
 echo "cold rc=$?" >>"$OUT/cold.txt"
+# what compiled when: each kernel the Triton cache holds, by time (a compile after the
+# workers' "warm-up done" log line is one a live request paid for)
+find "$TRITON_CACHE_DIR" -type f -name '*.json' ! -name '__grp__*' -printf '%TT %f\n' \
+  | sort >"$OUT/cold_cache.txt"
+grep -h "warm-up done\|ready:" "$OUT"/logs/cold/gpu-pd/*.log >>"$OUT/cold_cache.txt" 2>/dev/null
 
+if [ -n "${COLD_ONLY:-}" ]; then cat "$OUT/cold_cache.txt"; tail -n 4 "$OUT/cold.txt"; exit 0; fi
 # 2. the measurement, P/D then both-role, with the Triton cache step 1 filled
 timeout 3600 python3 "$bench" --mode gpu --num-requests "$NUM_REQUESTS" --runs "$RUNS" \
   --out "$OUT/handoff_gpu.json" --log-dir "$OUT/logs/gpu" >"$OUT/gpu.txt" 2>&1

@@ -292,9 +292,10 @@ class WorkerLoop:
         """Prompt lengths of the warm-up's rounds (each round's prompts run together).
         Compiled kernels (Triton) specialize on integer arguments (== 1, multiples of 16)
         and pick tiles by size, so the rounds give each integer a kernel sees (tokens in a
-        step, block-table width, query tiles) each class: a prompt longer than a step's
-        token budget (a full chunk, then a short one over prior context), one token alone,
-        17 + 32 tokens together, 300 and 256 tokens. The torch ops compile nothing: one
+        step, block-table width, query tiles) each class and the pairs live prompts make:
+        prompts longer than a step's token budget (a full chunk, then a short or a long one
+        over prior context), one just under the budget, one token alone, 17 + 32 tokens
+        together, 300 and 256 tokens. The torch ops compile nothing: one
         short round proves the path."""
         cap = self.engine.max_model_len - 1 - WARMUP_OUTPUT_TOKENS
         if cap < 1:
@@ -302,8 +303,12 @@ class WorkerLoop:
         if self.parts.runner.ops.name == "torch":
             return [[min(n, cap) for n in (1, 17, 32)]]
         budget = self.parts.config.max_num_batched_tokens
+        # the long ones: a full chunk then a short one over context; a chunk just under the
+        # budget alone and over a full chunk of context (query tiles a multiple of 16,
+        # block-table widths not)
         return [[min(n, cap) for n in r]
-                for r in ([budget + 37], [1], [17, 32], [300], [256])]
+                for r in ([budget + 37], [max(1, budget - 96)], [2 * budget - 96], [1],
+                          [17, 32], [300], [256])]
 
     def warm_sampler(self) -> list[int]:
         """Draw from random logits at each row count whose kernel launch differs (the
