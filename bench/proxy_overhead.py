@@ -251,9 +251,11 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
     if args.client == "raw":
         span = max(e for r in runs for e in r["ends"]) - min(t for r in runs for t in r["starts"])
         tokens, failed = sum(r["tokens"] for r in runs), sum(r["failed"] for r in runs)
+        events = sum(r.get("events", 0) for r in runs)
         itl = (max(r["itl_p50_ms"] for r in runs), max(r["itl_p99_ms"] for r in runs))
     else:
         span, tokens = span_tokens(runs)
+        events = 0  # pdserve bench does not count events
         failed = sum(run["summary"]["failed"] for run in runs)
         gaps = [g for run in runs for r in run["requests"] for g in r["itl_s"]]
         itl = (pct(gaps, 50) * 1e3, pct(gaps, 99) * 1e3)
@@ -265,7 +267,8 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
            "tokens_per_proxy_cpu_s": tokens / proxy_cpu, "fakes_cpu_s": fake_cpu,
            "clients_cpu_s": client_cpu, "wall_s": wall,
            "offered_tokens_per_s": args.streams * 1e3 / args.tput_itl_ms,
-           "client": args.client, "itl_p50_ms": itl[0], "itl_p99_ms": itl[1]}
+           "client": args.client, "itl_p50_ms": itl[0], "itl_p99_ms": itl[1],
+           "tokens_per_sse_event": tokens / events if events else float("nan")}
     print(f"throughput: {tokens} tokens in {span:.2f} s = {res['tokens_per_s']:.0f} tokens/s "
           f"through one proxy ({args.streams} streams from {args.client_procs} {args.client} "
           f"client processes, {failed} failed; offered "
@@ -273,7 +276,8 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
           f"({100 * res['proxy_cpu_util']:.0f}% of a core) = {res['tokens_per_proxy_cpu_s']:.0f} "
           f"tokens per proxy CPU-second; fakes {fake_cpu:.1f} CPU-s; clients {client_cpu:.1f} "
           f"CPU-s (wall {wall:.1f} s, {os.cpu_count()} CPUs); ITL p50 "
-          f"{res['itl_p50_ms']:.1f} p99 {res['itl_p99_ms']:.1f} ms", flush=True)
+          f"{res['itl_p50_ms']:.1f} p99 {res['itl_p99_ms']:.1f} ms; "
+          f"{res['tokens_per_sse_event']:.2f} tokens per SSE event", flush=True)
     return res
 
 
@@ -333,7 +337,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs; logs and JSON in {out}; nodelay fix: "
           f"{args.nodelay_fix}; load average {os.getloadavg()}", flush=True)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"loadavg_start": os.getloadavg()}
     phases = args.phases.split(",")
     if "latency" in phases:
         results["latency"] = latency(args, out)
@@ -342,6 +346,17 @@ def main() -> None:
     if "long" in phases:
         results["long"] = long_prompts(args, out)
     results["loadavg_end"] = os.getloadavg()
+    # fixed keys, so runs compare (issue 17): raw-socket client rows, per path
+    lat = {r["mode"]: r for r in results.get("latency", []) if r["client"] == "raw socket"}
+    tput = results.get("throughput", {})
+    results["summary"] = {
+        "added_ttft_p50_ms": {m: lat[m]["ttft_p50"] for m in ("both", "pd") if m in lat},
+        "added_e2e_p50_ms": {m: lat[m]["e2e_p50"] for m in ("both", "pd") if m in lat},
+        "tokens_per_s": tput.get("tokens_per_s"),
+        "tokens_per_proxy_cpu_s": tput.get("tokens_per_proxy_cpu_s"),
+        "tokens_per_sse_event": tput.get("tokens_per_sse_event"),
+        "loadavg_start": results["loadavg_start"], "loadavg_end": results["loadavg_end"]}
+    print("summary:", json.dumps(results["summary"]))
     print(f"load average (1, 5, 15 min) at the end: {results['loadavg_end']}")
     (out / "summary.json").write_text(json.dumps(results, indent=1))
 

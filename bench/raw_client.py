@@ -25,6 +25,7 @@ import numpy as np
 
 _USAGE = re.compile(rb'"completion_tokens": (\d+)')
 _EMPTY = b'"text": ""'
+_TEXT = b'"text": "'
 
 
 def _request(host: str, body: bytes) -> bytes:
@@ -100,6 +101,7 @@ async def _stream_conn(host: str, port: int, num: int, input_len: int, output_le
             res["failed"] += 1
             continue
         res["tokens"] += int(m.group(1))
+        res["events"] += buf.count(_TEXT) - buf.count(_EMPTY)  # SSE events that carry text
         res["ends"].append(time.time())
     writer.close()
 
@@ -107,7 +109,7 @@ async def _stream_conn(host: str, port: int, num: int, input_len: int, output_le
 async def stream_many(url: str, conns: int, per_conn: int, input_len: int, output_len: int,
                       seed: int = 0) -> dict:
     host, port = url.removeprefix("http://").split(":")
-    res: dict = {"tokens": 0, "failed": 0, "starts": [], "ends": [], "gaps": []}
+    res: dict = {"tokens": 0, "events": 0, "failed": 0, "starts": [], "ends": [], "gaps": []}
     await asyncio.gather(*(_stream_conn(host, int(port), per_conn, input_len, output_len,
                                         seed * 100_003 + i, res) for i in range(conns)))
     gaps = np.asarray(res.pop("gaps") or [np.nan]) * 1e3

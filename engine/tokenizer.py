@@ -27,6 +27,7 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer) -> None:
         self.hf = hf_tokenizer  # the transformers tokenizer (chat templates live there)
+        self._backend = _plain_backend(hf_tokenizer)
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -39,7 +40,25 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        """transformers' decode; straight through the Rust tokenizer where that is all
+        transformers would do (the proxy decodes every streamed token: its Python wrapper
+        cost ~10 µs a call)."""
+        if self._backend is not None:
+            return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _plain_backend(hf):
+    """The `tokenizers.Tokenizer` under a fast tokenizer whose decode is exactly its
+    backend's (transformers' own `_decode`, no clean-up of tokenization spaces), else None."""
+    backend = getattr(hf, "_tokenizer", None)
+    decode = getattr(type(hf), "_decode", None)
+    if backend is None or not callable(getattr(backend, "decode", None)) or decode is None:
+        return None
+    if decode.__module__ != "transformers.tokenization_utils_tokenizers" or \
+            type(hf).decode.__module__ != "transformers.tokenization_utils_base":
+        return None  # a tokenizer class of its own: keep its decode
+    return None if getattr(hf, "clean_up_tokenization_spaces", False) else backend
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:

@@ -179,11 +179,18 @@ class WorkerLink:
                     self.on_report()
             if isinstance(msg, wire.Pong):
                 continue
-            if isinstance(msg, wire.Step):
+            if isinstance(msg, wire.Step):  # one delivery per request per frame
+                mine: dict[str, list[TokenRow]] = {}
                 for row in msg.out:
-                    q = self.queues.get(row.request_id)
+                    rows = mine.get(row.request_id)
+                    if rows is None:
+                        mine[row.request_id] = [row]
+                    else:
+                        rows.append(row)
+                for rid, rows in mine.items():
+                    q = self.queues.get(rid)
                     if q is not None:
-                        q.put_nowait(row)
+                        q.put_nowait(rows)
             elif isinstance(msg, wire.Transfer):
                 if self.on_transfer is not None:
                     self.on_transfer(msg.rid, msg.ok, msg.reason)
@@ -219,15 +226,15 @@ async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: t
 
 async def _step_rows(link: WorkerLink, q: asyncio.Queue, deadline: float,
                      running: set[int]) -> list[TokenRow]:
-    """The next step's rows of one request (every row already queued goes out together);
+    """The next step's rows of one request (every frame already queued goes out together);
     choices that finished leave `running`. Raises WorkerError on an Error in between."""
-    batch = [await _expect(link, q, deadline, TokenRow)]
+    batch = list(await _expect(link, q, deadline, list))
     while not q.empty():
         item = q.get_nowait()
         if isinstance(item, wire.Error):
             raise WorkerError(f"the worker failed the request: {item.reason}", item.retryable,
                               item.code, link)
-        batch.append(item)
+        batch.extend(item)
     running.difference_update(r.choice_index for r in batch if r.finish_reason is not None)
     return batch
 
