@@ -9,10 +9,11 @@ when they run without one: otherwise the proxy refuses to start (common/internal
 a local cluster draws a random token for its workers.
 
 Startup: workers (if local) -> the proxy's tokenizer and its model's hashes (workers with
-another model are refused) -> uvicorn (TLS, CORS, keep-alive, graceful drain of in-flight
-streams on SIGTERM), serving at once while health checks admit workers in the background
-(/health says why it is 503 until a pair is up). `--api-server-count N` runs N proxy
-processes on the same port (SO_REUSEPORT). The proxy process imports no torch.
+another model are refused) -> uvicorn on uvloop and httptools (TLS, CORS, keep-alive,
+graceful drain of in-flight streams on SIGTERM), serving at once while health checks admit
+workers in the background (/health says why it is 503 until a pair is up).
+`--api-server-count N` runs N proxy processes on the same port (SO_REUSEPORT). The proxy
+process imports no torch.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ class ServeConfig(EngineConfig):
     shutdown_timeout: float = option(30.0, help="On SIGTERM, seconds to drain in-flight "
                                      "streams before closing them.")
     api_server_count: int = option(1, help="Proxy processes sharing the port.")
+    uvloop: bool = option(True, help="Run the proxy's event loop on uvloop (--no-uvloop: "
+                          "asyncio's); asyncio's, with a warning, if uvloop is not installed.")
+    httptools: bool = option(True, help="Parse HTTP with httptools (--no-httptools: h11); h11, "
+                             "with a warning, if httptools is not installed.")
 
 
 # ---- local cluster ------------------------------------------------------------------------
@@ -224,6 +229,7 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     from pdserve.proxy import metrics
     from pdserve.proxy.app import create_app
     from pdserve.proxy.cluster_backend import ClusterBackend
+    from pdserve.proxy.middleware import RequestCountMiddleware
     from pdserve.proxy.registry import Registry
 
     model_path = cfg.model or str(builtin_model_path())
@@ -248,11 +254,8 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                        allow_headers=json.loads(cfg.allowed_headers),
                        allow_credentials=cfg.allow_credentials)
 
-    @app.middleware("http")
-    async def count_requests(request, call_next):
-        response = await call_next(request)
-        metrics.HTTP_REQUESTS.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    # outermost (pure ASGI, as every middleware here): every answer counts, by route template
+    app.add_middleware(RequestCountMiddleware)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -295,6 +298,29 @@ def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def uvicorn_io(cfg: ServeConfig) -> tuple[str, str]:
+    """uvicorn's `loop` and `http`: uvloop and httptools unless turned off; asyncio's loop and
+    h11 for what cannot be imported, with one warning naming it."""
+    import importlib
+
+    missing = []
+    for module, wanted in (("uvloop", cfg.uvloop), ("httptools", cfg.httptools)):
+        try:
+            if wanted:
+                importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        logger.warning("%s not importable: the proxy serves with %s instead (slower; install "
+                       "%s, or pass %s to choose this)", " and ".join(missing),
+                       " and ".join({"uvloop": "asyncio's event loop",
+                                     "httptools": "h11"}[m] for m in missing),
+                       " ".join(missing), " ".join(f"--no-{m}" for m in missing))
+    loop = "uvloop" if cfg.uvloop and "uvloop" not in missing else "asyncio"
+    http = "httptools" if cfg.httptools and "httptools" not in missing else "h11"
+    return loop, http
+
+
 def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None) -> None:
     """One proxy process (blocks until SIGTERM/SIGINT; drains streams first); `supervisor`
     (a local cluster's, in its first proxy process) is reported in /health."""
@@ -304,8 +330,9 @@ def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
     sock = _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1)
+    loop, http = uvicorn_io(cfg)
     config = uvicorn.Config(
-        build_app(cfg, supervisor), log_level="warning", access_log=False,
+        build_app(cfg, supervisor), log_level="warning", access_log=False, loop=loop, http=http,
         timeout_keep_alive=int(cfg.keep_alive_timeout),
         timeout_graceful_shutdown=int(cfg.shutdown_timeout),
         ssl_keyfile=cfg.ssl_keyfile, ssl_certfile=cfg.ssl_certfile,

@@ -46,7 +46,7 @@ from pdserve.proxy.protocol import (
     parse_request,
 )
 from pdserve.proxy.serving import Generation, collect
-from pdserve.proxy.streaming import ClientDisconnected, SSEResponse, cancel_on_disconnect, sse_stream
+from pdserve.proxy.streaming import ClientDisconnected, DisconnectWatch, SSEResponse, sse_stream
 from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
 from pdserve.proxy.validation import check_strings, validate
 
@@ -150,20 +150,28 @@ class OpenAIServer:
             model=self.model_name, tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
             return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
             prompt_token_ids=prompt_ids, include_usage=req.include_usage)
+        # one task watches for the client's disconnect, from here to the stream's end
+        watch: DisconnectWatch | None = DisconnectWatch(request.receive)
         try:
             if req.stream:
-                await cancel_on_disconnect(request, gen.start())
-                return SSEResponse(sse_stream(gen, fmt, echo), on_close=gen.aclose)
+                await watch.run(gen.start())
+                response = SSEResponse(sse_stream(gen, fmt, echo), on_close=gen.aclose,
+                                       watch=watch)
+                watch = None  # the response closes it
+                return response
 
             async def whole() -> dict[str, Any]:
                 await gen.start()
                 choices = await collect(gen)
                 return fmt.response(choices, gen.num_completion_tokens, echo)
 
-            return JSONResponse(await cancel_on_disconnect(request, whole()))
+            return JSONResponse(await watch.run(whole()))
         except ClientDisconnected:
             logger.info("request %s: client disconnected before the response", rid)
             return Response(status_code=499)
+        finally:
+            if watch is not None:
+                await watch.close()
 
     # ---- tokenizer endpoints -------------------------------------------------------------
 

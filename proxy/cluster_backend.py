@@ -261,7 +261,6 @@ class ClusterBackend:
                 self._release((route, a, b), rid)
                 self._pairs.pop(rid, None)
                 self.admission.wake()  # a request ended or moved: room, maybe
-        metrics.E2E.observe(time.monotonic() - start)
 
     def _deliver(self, rows: list[TokenRow], outputs: dict[int, list[int]], finished: set[int],
                  stamps: dict[int, float], start: float) -> list[ChoiceDelta]:

@@ -5,6 +5,11 @@
   `request.state.request_id` and use it in the response id (`chatcmpl-<id>`).
 - `BodyLimitMiddleware`: bodies over `max_body_bytes` get 413, by Content-Length before the
   handler runs, or while a chunked body is read (the handler's read raises OpenAIError 413).
+- `RequestCountMiddleware`: counts every HTTP request in `metrics.HTTP_REQUESTS` by endpoint
+  and status. The endpoint is the matched route's path template ("/v1/completions"; a 405
+  or a 401 answered before routing still names the route its path matches), "other" when no
+  route matches, so unknown paths add no time series. A handler that raises before its
+  response starts counts as 500.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import json
 import re
 import uuid
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdserve.proxy import metrics
 from pdserve.proxy.errors import OpenAIError, error_body
 
 _SANE_ID = re.compile(r"[!-~]{1,128}")
@@ -85,3 +92,49 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that served (or would serve) `scope`; "other"."""
+    route = scope.get("route")  # set by the router when it matched (or matched but for method)
+    if route is None:  # answered before routing (401, 413, CORS preflight) or no route: 404
+        app = scope.get("app")
+        for r in getattr(getattr(app, "router", None), "routes", ()):
+            if r.matches(scope)[0] is not Match.NONE:
+                route = r
+                break
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) and path else "other"
+
+
+class RequestCountMiddleware:
+    """Outermost, so every answer counts (401, 413 and CORS preflights included); counted
+    when the response starts (a stream at its first byte), as 500 if the app raises first."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            counted = True
+            metrics.HTTP_REQUESTS.labels(route_template(scope), str(status)).inc()
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start" and not counted:
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not counted:
+                count(500)  # the server error middleware above answers 500
+            raise
+        if not counted:
+            count(500)  # returned without a response: the server answers 500

@@ -6,18 +6,23 @@ per backend batch, one `ChoiceUpdate` per choice with news: released text (detok
 strings applied), the tokens it counts, their logprobs and the finish. When a stop string
 fires, that choice ignores later tokens; when every choice is done the backend generator is
 closed, which aborts whatever the engine still runs (e.g. a choice ended by a stop string).
-`collect()` runs a generation to the end for a non-streaming response.
+A generation whose every choice finished is observed once in the e2e latency histogram
+(`start()` to the batch that finished the last choice, stop strings included); one that
+fails or is abandoned is not. `collect()` runs a generation to the end for a non-streaming
+response.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
 from pdserve.common.wire import Logprob
+from pdserve.proxy import metrics
 from pdserve.proxy.backend import Backend, BackendError, ChoiceDelta, GenerationRequest
 from pdserve.proxy.detokenizer import TextStream
 from pdserve.proxy.errors import OpenAIError
@@ -111,6 +116,7 @@ class Generation:
         }
         self._agen: AsyncGenerator[list[ChoiceDelta], None] | None = None
         self._first: list[ChoiceDelta] | None = None
+        self._started: float | None = None  # None again once observed
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -123,6 +129,7 @@ class Generation:
     async def start(self) -> None:
         """Submit and wait for the first batch. Raises OpenAIError: 400 for a request the
         backend refuses, 503 when the backend cannot serve."""
+        self._started = time.monotonic()
         self._agen = self.backend.generate(self.request)
         try:
             self._first = await self._agen.__anext__()
@@ -149,10 +156,13 @@ class Generation:
             while True:
                 if batch is not None:
                     out = self._apply(batch)
+                    done = all(c.done for c in self.choices.values())
+                    if done:  # before the yield: the consumer may stop at the last batch
+                        self._observe_e2e()
                     if out:
                         yield out
-                if all(c.done for c in self.choices.values()):
-                    return
+                    if done:
+                        return
                 try:
                     batch = await self._agen.__anext__()
                 except StopAsyncIteration:
@@ -162,6 +172,13 @@ class Generation:
             raise OpenAIError(str(e), status_code=e.status_code) from e
         finally:
             await self.aclose()
+
+    def _observe_e2e(self) -> None:
+        # here, not in the backend: closing its generator at the last batch (which aborts
+        # what a stop string left running) skips any code after the backend's loop
+        started, self._started = self._started, None
+        if started is not None:
+            metrics.E2E.observe(time.monotonic() - started)
 
     def _apply(self, batch: list[ChoiceDelta]) -> list[ChoiceUpdate]:
         out = []

@@ -1,10 +1,15 @@
 """Client disconnects: every way a client can leave ends the backend generation at once.
 
-- Streaming: `SSEResponse` listens for `http.disconnect` while it streams (whatever ASGI
-  version the server speaks; Starlette only does so below ASGI 2.4) and always closes its
-  body iterator, whose `finally` closes the backend generator (the engine aborts the request).
-- Before the first byte (queued, prefilling) and non-streaming requests:
-  `cancel_on_disconnect` races the handler's work against `http.disconnect` and cancels it.
+One `DisconnectWatch` per request: a single task waits on `receive()` for `http.disconnect`
+for the request's whole life and cancels whatever section runs inline in the request's own
+task at that moment (`run()`):
+- before the response (queued, prefilling, and all of a non-streaming request's work): the
+  cancelled work's `finally` blocks close the backend generator (the engine aborts the
+  request) and `run()` raises ClientDisconnected;
+- while `SSEResponse` streams (whatever ASGI version the server speaks; Starlette watches
+  only below ASGI 2.4): the stream stops and the body iterator is closed, whose `finally`
+  closes the backend generator.
+A request thus costs one helper task, however it ends.
 
 `sse_stream` is that body iterator: the formatted chunks of one `Generation`, a usage chunk
 if asked, an error event if the backend fails mid-way, then `data: [DONE]`.
@@ -13,12 +18,12 @@ if asked, an error event if the backend fails mid-way, then `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -34,67 +39,87 @@ class ClientDisconnected(Exception):
     """The client went away before the response was ready."""
 
 
+class DisconnectWatch:
+    """Watches one request's `receive` for `http.disconnect` (one task, started by the first
+    `run()`, ended by `close()`) and cancels the `run()` in progress when it comes. Read the
+    request body before the first `run()`: the watch consumes what `receive` yields."""
+
+    def __init__(self, receive: Receive):
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._scope: anyio.CancelScope | None = None
+        self.disconnected = False
+
+    async def _watch(self) -> None:
+        try:
+            while (await self._receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # noqa: BLE001 - a broken receive: nothing more to learn from it
+            logger.debug("receive() failed while watching for a disconnect", exc_info=True)
+            return
+        self.disconnected = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await `work` in this task; ClientDisconnected (with `work` cancelled, its
+        `finally` blocks run) if the client disconnects first or already had."""
+        if self.disconnected:
+            if inspect.iscoroutine(work):
+                work.close()
+            raise ClientDisconnected()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                return await work
+            finally:
+                self._scope = None
+        raise ClientDisconnected()  # the scope caught the watch's cancellation
+
+    async def close(self) -> None:
+        """Stop watching (idempotent); the task has ended when this returns."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+
+
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None,
-                 on_close: Callable[[], Awaitable[None]] | None = None):
+                 on_close: Callable[[], Awaitable[None]] | None = None,
+                 watch: DisconnectWatch | None = None):
         """`on_close` runs however the response ends, even if the client left before the
-        body iterator started (closing a never-started generator runs none of its code)."""
+        body iterator started (closing a never-started generator runs none of its code).
+        `watch`: the request's DisconnectWatch, which the response then owns and closes
+        (default: its own, on the `receive` it is called with)."""
         super().__init__(content, headers={"Cache-Control": "no-cache", **(headers or {})},
                          media_type=self.media_type)
         self.on_close = on_close
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = self.watch or DisconnectWatch(receive)
         try:
-            async with anyio.create_task_group() as tg:
-
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the server could not write: the client is gone
-                        logger.debug("client gone while streaming")
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()  # disconnected: stop streaming
+            await watch.run(self.stream_response(send))
+        except ClientDisconnected:
+            logger.debug("client disconnected mid-stream")
+        except OSError:  # the server could not write: the client is gone
+            logger.debug("client gone while streaming")
         finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
             with anyio.CancelScope(shield=True):
+                await watch.close()
+                aclose = getattr(self.body_iterator, "aclose", None)
                 if aclose is not None:
                     await aclose()
                 if self.on_close is not None:
                     await self.on_close()
         if self.background is not None:
             await self.background()
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (then raises
-    ClientDisconnected). Both helper tasks have ended when this returns or raises."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # cancelled ourselves: take both helpers down with us
-        task.cancel()
-        watcher.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-        raise
-    if task in done:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        return task.result()
-    task.cancel()  # its finally blocks abort the backend request
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnected()
 
 
 async def sse_stream(gen: Generation, fmt: ResponseFormatter, prefix_text: str = "") \

@@ -3,7 +3,7 @@
 #
 # The GPU machine (Python 3.12, torch, triton, transformers, msgpack, httpx,
 # aiohttp, uvloop, prometheus-client) lacks pyzmq, msgspec, fastapi, starlette, uvicorn,
-# pydantic and their small dependencies, and it reaches no package registry.
+# httptools, pydantic and their small dependencies, and it reaches no package registry.
 # So the wheels are downloaded here into the git-ignored folder .whl/ at the
 # repo root, travel with the working tree (the run tool's carry: [".whl"]),
 # and are installed there into a private folder put on PYTHONPATH.
@@ -49,11 +49,12 @@ PINS=(
   # uvicorn
   click==8.5.1
   h11==0.16.0
+  httptools==0.9.0           # the proxy's HTTP parser (pdserve serve; uvloop: the image's)
 )
 
 # Modules the GPU runs import (checked by `install`); the last ones come with the image.
 IMPORTS=(zmq msgspec fastapi starlette uvicorn pydantic pydantic_core anyio click h11
-         httpx prometheus_client torch triton transformers)
+         httptools httpx prometheus_client torch triton transformers)
 
 MAX_BYTES=$((30 * 1024 * 1024))
 

@@ -1,10 +1,12 @@
 """Proxy operations with fake engines (bench/fake_worker.py) behind a real `pdserve serve`:
-CORS preflight, several proxy processes on one port, and SIGTERM draining a running stream."""
+CORS preflight, several proxy processes on one port, SIGTERM draining a running stream, a
+client's disconnect aborting its request on the worker, and the request metrics."""
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -16,6 +18,13 @@ ORIGIN = "http://app.example"
 
 
 def start_cluster(procs: Procs, *proxy_args: str) -> tuple[str, object]:
+    url, proxy, _ = start_cluster_with_worker(procs, *proxy_args)
+    return url, proxy
+
+
+def start_cluster_with_worker(procs: Procs, *proxy_args: str) -> tuple[str, object, str]:
+    """A fake both-role worker (10 ms TTFT, 50 ms ITL) behind a real `pdserve serve`: the
+    proxy's URL, its process and the worker's HTTP URL (its /load counts running requests)."""
     w_port, port = free_port_block(2), free_port_block(1)
     procs.start("fake", "bench/fake_worker.py", "--role", "both", "--port", str(w_port),
                 "--ttft-ms", "10", "--itl-ms", "50")
@@ -23,7 +32,7 @@ def start_cluster(procs: Procs, *proxy_args: str) -> tuple[str, object]:
                         f"http://127.0.0.1:{w_port}", "--port", str(port), *proxy_args)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(procs, url, "proxy")
-    return url, proxy
+    return url, proxy, f"http://127.0.0.1:{w_port}"
 
 
 def completion(url: str, n: int = 4) -> dict:
@@ -70,3 +79,59 @@ def test_sigterm_drains_a_running_stream(procs: Procs) -> None:
         raise AssertionError("the proxy still answers after its drain")
     except httpx.HTTPError:
         pass
+
+
+def metric_samples(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of metric `name` on the proxy's /metrics, keyed by their sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for s in fam.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_disconnect_abort_and_request_metrics(procs: Procs) -> None:
+    """The real serve stack (every middleware): a non-streaming client that hangs up
+    mid-generation has its request aborted on the worker at once, not after max_tokens
+    (200 tokens at 50 ms would take 10 s); the e2e latency histogram counts each finished
+    request once; the HTTP counter labels routes by template and unknown paths as "other"."""
+    url, _, w_url = start_cluster_with_worker(procs)
+    model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": [5, 6, 7], "max_tokens": 200,
+                       "ignore_eos": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        t0 = time.monotonic()
+        while not httpx.get(w_url + "/load", timeout=5).json()["num_requests_running"]:
+            assert time.monotonic() - t0 < 5, "the request never reached the worker"
+            time.sleep(0.02)
+        time.sleep(0.3)  # a few tokens in
+    t0 = time.monotonic()  # the client hung up
+    while (load := httpx.get(w_url + "/load", timeout=5).json())["num_requests_running"]:
+        assert time.monotonic() - t0 < 2, "the worker still runs the abandoned request"
+        time.sleep(0.02)
+    assert load["fake_tokens_emitted"] < 60, load  # stopped early, not at 200
+    e2e = "pdserve_proxy_e2e_request_latency_seconds_count"
+    assert metric_samples(url, e2e) == {(): 0}  # the abandoned request did not finish
+    assert completion(url)["usage"]["completion_tokens"] == 4
+    assert metric_samples(url, e2e) == {(): 1}
+    with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+            "model": model, "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True,
+            "stream": True}) as r:
+        assert [ln for ln in r.iter_lines() if ln.startswith("data: ")][-1] == "data: [DONE]"
+    assert metric_samples(url, e2e) == {(): 2}  # once per finished request, streamed or not
+    for path in ("/nope", "/v1/nope", "/x/y/z"):
+        assert httpx.get(url + path, timeout=5).status_code == 404
+    samples = metric_samples(url, "pdserve_proxy_http_requests_total")
+    endpoints = {dict(k)["endpoint"] for k in samples}
+    assert endpoints <= {"/v1/models", "/v1/completions", "/health", "/metrics", "other"}, \
+        endpoints
+    assert samples[(("endpoint", "other"), ("status", "404"))] == 3
+    assert samples[(("endpoint", "/v1/completions"), ("status", "200"))] >= 1
+    assert "not importable" not in procs.log("proxy")  # served on uvloop and httptools
