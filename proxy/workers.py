@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from pdserve.common import wire
 from pdserve.common.logs import Throttled
@@ -64,9 +63,12 @@ class WorkerLink:
     on_dead: Any = None  # callback() when the data path goes silent past `silence_limit`
 
     def __post_init__(self) -> None:
-        self.ctx = zmq.asyncio.Context.instance()
+        # a plain socket driven by the event loop's reader on its FD: zmq.asyncio's futures
+        # cost more per message than everything else the proxy does with a frame
+        self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a send: queue it
         self.sock.setsockopt(zmq.IDENTITY, f"proxy-{id(self):x}-{next(_link_ids)}".encode())
         self.sock.connect(self.address)
         self.queues: dict[str, asyncio.Queue] = {}
@@ -74,13 +76,19 @@ class WorkerLink:
         self._acked = (0, 0)
         self.last_heard = time.monotonic()
         self._answered = 0  # the latest Ping answered
-        loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read())
-        self._watcher = loop.create_task(self._watch())
+        self._loop = asyncio.get_running_loop()
+        self._fd = self.sock.getsockopt(zmq.FD)
+        self._drain_soon = False
+        self._closed = False
+        self._loop.add_reader(self._fd, self._drain)
+        self._watcher = self._loop.create_task(self._watch())
 
     def send(self, msg: wire.DataMessage) -> None:
         msg.t = self.token
-        self.sock.send(DATA_PATH.encode(msg))
+        self.sock.send(DATA_PATH.encode(msg), zmq.NOBLOCK)
+        if not self._drain_soon:  # a send can consume the FD's edge: look for replies
+            self._drain_soon = True
+            self._loop.call_soon(self._drain)
         if isinstance(msg, wire.Reserve | wire.Prefill | wire.Generate):
             self.routed.pop(msg.rec.request_id, None)
             self.unacked += 1
@@ -151,58 +159,70 @@ class WorkerLink:
             except asyncio.CancelledError:
                 return
 
-    async def _read(self) -> None:
-        while True:
+    def _drain(self) -> None:
+        """Every frame waiting on the socket (the FD is edge-triggered: read to EAGAIN)."""
+        self._drain_soon = False
+        while not self._closed:
             try:
-                msg = DATA_PATH.decode(await self.sock.recv())
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            try:
+                msg = DATA_PATH.decode(frame)
             except WireError as e:
                 flood.warning("bad frame", "bad frame from worker %s: %s", self.address, e)
                 continue
-            except (asyncio.CancelledError, zmq.ZMQError):
-                return
-            self.last_heard = time.monotonic()
-            if not self.alive:
-                self.alive = True
-                logger.info("worker %s answers on the data path again: readmitted", self.address)
-                if self.on_report is not None:
-                    self.on_report()
-            if isinstance(msg, wire.Pong):
-                self._answered = max(self._answered, msg.n)
-            # one connection: reports come in order; Pong and Transfer carry one too (so the
-            # view of an idle worker is fresh: P's blocks free once their transfer ended)
-            if isinstance(msg, wire.Step | wire.First) or (
-                    isinstance(msg, wire.Pong | wire.Transfer) and msg.load):
-                self.load = msg.load
-                self._acknowledge(msg.load)
-                self.busy = False
-                if self.on_report is not None:
-                    self.on_report()
-            if isinstance(msg, wire.Pong):
-                continue
-            if isinstance(msg, wire.Step):  # one delivery per request per frame
-                mine: dict[str, list[TokenRow]] = {}
-                for row in msg.out:
-                    rows = mine.get(row.request_id)
-                    if rows is None:
-                        mine[row.request_id] = [row]
-                    else:
-                        rows.append(row)
-                for rid, rows in mine.items():
-                    q = self.queues.get(rid)
-                    if q is not None:
-                        q.put_nowait(rows)
-            elif isinstance(msg, wire.Transfer):
-                if self.on_transfer is not None:
-                    self.on_transfer(msg.rid, msg.ok, msg.reason)
-            elif (q := self.queues.get(getattr(msg, "rid", None))) is not None:
-                if isinstance(msg, wire.Error) and msg.code == "busy":
-                    self.busy = True  # its queue filled since its last report
-                q.put_nowait(msg)
-            elif isinstance(msg, wire.Error):
-                flood.warning("error", "worker %s: %s", self.address, msg.reason)
+            self._handle(msg)
+
+    def _handle(self, msg: wire.DataMessage) -> None:
+        self.last_heard = time.monotonic()
+        if not self.alive:
+            self.alive = True
+            logger.info("worker %s answers on the data path again: readmitted", self.address)
+            if self.on_report is not None:
+                self.on_report()
+        if isinstance(msg, wire.Pong):
+            self._answered = max(self._answered, msg.n)
+        # one connection: reports come in order; Pong and Transfer carry one too (so the
+        # view of an idle worker is fresh: P's blocks free once their transfer ended)
+        if isinstance(msg, wire.Step | wire.First) or (
+                isinstance(msg, wire.Pong | wire.Transfer) and msg.load):
+            self.load = msg.load
+            self._acknowledge(msg.load)
+            self.busy = False
+            if self.on_report is not None:
+                self.on_report()
+        if isinstance(msg, wire.Pong):
+            return
+        if isinstance(msg, wire.Step):  # one delivery per request per frame
+            mine: dict[str, list[TokenRow]] = {}
+            for row in msg.out:
+                rows = mine.get(row.request_id)
+                if rows is None:
+                    mine[row.request_id] = [row]
+                else:
+                    rows.append(row)
+            for rid, rows in mine.items():
+                q = self.queues.get(rid)
+                if q is not None:
+                    q.put_nowait(rows)
+        elif isinstance(msg, wire.Transfer):
+            if self.on_transfer is not None:
+                self.on_transfer(msg.rid, msg.ok, msg.reason)
+        elif (q := self.queues.get(getattr(msg, "rid", None))) is not None:
+            if isinstance(msg, wire.Error) and msg.code == "busy":
+                self.busy = True  # its queue filled since its last report
+            q.put_nowait(msg)
+        elif isinstance(msg, wire.Error):
+            flood.warning("error", "worker %s: %s", self.address, msg.reason)
 
     async def close(self) -> None:
-        self._reader.cancel()
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
         self._watcher.cancel()
         self.sock.close(0)
 
@@ -210,12 +230,16 @@ class WorkerLink:
 async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
     """The next message of one request from `link`'s worker; a WorkerError blaming that
     worker (`.link`) for an Error, a wrong kind or no answer before `deadline`."""
-    timeout = max(0.0, deadline - time.monotonic())
-    try:
-        item = await asyncio.wait_for(q.get(), timeout)
-    except TimeoutError:
-        raise WorkerError("the worker did not answer in time", retryable=True,
-                          link=link) from None
+    if not q.empty():
+        item = q.get_nowait()
+    else:
+        loop = asyncio.get_running_loop()
+        try:  # a timer on this task, not wait_for's extra task per message
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                item = await q.get()
+        except TimeoutError:
+            raise WorkerError("the worker did not answer in time", retryable=True,
+                              link=link) from None
     if isinstance(item, wire.Error):
         raise WorkerError(f"worker failed the request: {item.reason}", item.retryable, item.code,
                           link)
