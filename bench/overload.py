@@ -74,7 +74,8 @@ async def one(host: str, port: int, prompt: list[int], out_len: int) -> dict:
             if h.lower().startswith("retry-after:"):
                 rec["retry_after"] = h.split(":", 1)[1].strip()
         while data := await reader.read(1 << 16):
-            if rec["ttft"] is None and b'"text": "' in data.replace(b'"text": ""', b""):
+            flat = data.replace(b'"text": "', b'"text":"')
+            if rec["ttft"] is None and b'"text":"' in flat.replace(b'"text":""', b""):
                 rec["ttft"] = time.monotonic() - t0
     except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
         rec["status"] = type(e).__name__

@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-_USAGE = re.compile(rb'"completion_tokens": (\d+)')
-_EMPTY = b'"text": ""'
-_TEXT = b'"text": "'
+_USAGE = re.compile(rb'"completion_tokens": ?(\d+)')
+_EMPTY = b'"text":""'  # the proxy's compact JSON (spaces are taken out before matching)
+_TEXT = b'"text":"'
 
 
 def _request(host: str, body: bytes) -> bytes:
@@ -42,7 +42,8 @@ def _body(rng: np.random.Generator, input_len: int, output_len: int, usage: bool
 
 
 def _has_output(data: bytes) -> bool:
-    return b'"text": "' in data.replace(_EMPTY, b"")
+    data = data.replace(b'"text": "', _TEXT)
+    return _TEXT in data.replace(_EMPTY, b"")
 
 
 def raw_probe(url: str, num: int, input_len: int, output_len: int, seed: int = 1) \
@@ -101,7 +102,8 @@ async def _stream_conn(host: str, port: int, num: int, input_len: int, output_le
             res["failed"] += 1
             continue
         res["tokens"] += int(m.group(1))
-        res["events"] += buf.count(_TEXT) - buf.count(_EMPTY)  # SSE events that carry text
+        flat = buf.replace(b'"text": "', _TEXT)
+        res["events"] += flat.count(_TEXT) - flat.count(_EMPTY)  # SSE events that carry text
         res["ends"].append(time.time())
     writer.close()
 

@@ -10,10 +10,11 @@ Logprob values of -inf (masked tokens) become -9999.0, OpenAI's "very unlikely".
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
+
+import msgspec
 
 from pdserve.common.wire import Logprob
 from pdserve.proxy.serving import ChoiceResult, ChoiceUpdate
@@ -23,8 +24,12 @@ VERY_UNLIKELY = -9999.0
 DONE = "data: [DONE]\n\n"
 
 
+_json = msgspec.json.Encoder()
+
+
 def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"
+    """One SSE event; compact JSON, UTF-8 as is (msgspec: ~10x json.dumps per event)."""
+    return "data: " + _json.encode(obj).decode() + "\n\n"
 
 
 def usage(num_prompt: int, num_completion: int) -> dict[str, int]:

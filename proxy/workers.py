@@ -227,19 +227,25 @@ class WorkerLink:
         self.sock.close(0)
 
 
+_TIMEOUT = "proxy-timeout"
+
+
+def _arm(deadline: float, *queues: asyncio.Queue) -> asyncio.TimerHandle:
+    """One timer per request (not one per message): at `deadline` (time.monotonic()) a
+    timeout marker lands in each of its queues, failing whichever wait comes first."""
+    loop = asyncio.get_running_loop()
+    marker = wire.Error(reason="the worker did not answer in time", retryable=True,
+                        code=_TIMEOUT)
+    return loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
+                        lambda: [q.put_nowait(marker) for q in queues])
+
+
 async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
     """The next message of one request from `link`'s worker; a WorkerError blaming that
     worker (`.link`) for an Error, a wrong kind or no answer before `deadline`."""
-    if not q.empty():
-        item = q.get_nowait()
-    else:
-        loop = asyncio.get_running_loop()
-        try:  # a timer on this task, not wait_for's extra task per message
-            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-                item = await q.get()
-        except TimeoutError:
-            raise WorkerError("the worker did not answer in time", retryable=True,
-                              link=link) from None
+    item = q.get_nowait() if not q.empty() else await q.get()
+    if isinstance(item, wire.Error) and item.code == _TIMEOUT:
+        raise WorkerError("the worker did not answer in time", retryable=True, link=link)
     if isinstance(item, wire.Error):
         raise WorkerError(f"worker failed the request: {item.reason}", item.retryable, item.code,
                           link)
@@ -269,6 +275,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
     rid = rec.request_id
     deadline = time.monotonic() + timeout
     qd, qp = d.subscribe(rid), p.subscribe(rid)
+    timer = _arm(deadline, qd, qp)
     running = set(rec.choice_indices())
     touched_p = joined = False
     try:
@@ -295,6 +302,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
             d.send(wire.Abort(rid=rid))
             if touched_p and not joined:
                 p.send(wire.Abort(rid=rid))
+        timer.cancel()
         d.unsubscribe(rid)
         p.unsubscribe(rid)
 
@@ -304,6 +312,7 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
     """Yield each step's rows for one request served by a both-role worker."""
     deadline = time.monotonic() + timeout
     q = w.subscribe(rec.request_id)
+    timer = _arm(deadline, q)
     running = set(rec.choice_indices())
     try:
         w.send(wire.Generate(rec=rec))
@@ -312,6 +321,7 @@ async def run_both(rec: RequestRecord, w: WorkerLink,
     finally:
         if running:
             w.send(wire.Abort(rid=rec.request_id))
+        timer.cancel()
         w.unsubscribe(rec.request_id)
 
 
@@ -323,6 +333,7 @@ async def run_resume(rec: RequestRecord, d: WorkerLink, last_token: int,
     rid = rec.request_id
     deadline = time.monotonic() + timeout
     q = d.subscribe(rid)
+    timer = _arm(deadline, q)
     running = {rec.choice_index}
     try:
         d.send(wire.Reserve(rec=rec))
@@ -336,4 +347,5 @@ async def run_resume(rec: RequestRecord, d: WorkerLink, last_token: int,
     finally:
         if running:
             d.send(wire.Abort(rid=rid))
+        timer.cancel()
         d.unsubscribe(rid)

@@ -146,3 +146,32 @@ def test_a_warming_worker_gets_no_link_and_no_traffic_until_its_health_says_ok()
             await reg.close()
             await worker.close()
     asyncio.run(main())
+
+
+def test_a_request_whose_worker_never_answers_times_out_blaming_that_worker():
+    """One timer per request: past its deadline the wait fails with a retryable WorkerError
+    naming the link, though the worker's pings are answered (alive but not serving it)."""
+    from pdserve.common.params import SamplingParams
+    from pdserve.common.wire import RequestRecord
+    from pdserve.proxy.workers import WorkerError, run_both
+
+    async def main():
+        worker = FakeLoop()  # answers pings only
+        link = WorkerLink(worker.address, silence_limit=5.0)
+        rec = RequestRecord("slow-1", [5, 6, 7], SamplingParams(max_tokens=4, seed=1))
+        try:
+            t0 = time.monotonic()
+            gen = run_both(rec, link, timeout=0.4)
+            try:
+                await gen.__anext__()
+                raise AssertionError("rows came from a worker that sends none")
+            except WorkerError as e:
+                assert "did not answer in time" in str(e) and e.retryable and e.link is link
+            finally:
+                await gen.aclose()
+            assert 0.35 <= time.monotonic() - t0 < 2.0
+            assert link.alive and "slow-1" not in link.queues  # unsubscribed, timer gone
+        finally:
+            await link.close()
+            await worker.close()
+    asyncio.run(main())
