@@ -66,7 +66,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from overload import free_port  # bench/ is this script's folder
 
 HERE = Path(__file__).resolve().parent
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -299,28 +299,6 @@ async def run_load(url: str, prompts: list[list[int]], arrivals: list[float] | N
 
 # ---- processes ----------------------------------------------------------------------------
 
-def free_port_block(n: int = 1) -> int:
-    """A base port p with p .. p+n-1 free a moment ago."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port block")
-
-
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when this script dies, even by SIGKILL."""
     try:
@@ -494,7 +472,7 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
     env.pop("PDSERVE_CONFIG", None)
     if mode.startswith("cpu"):
         env["OMP_NUM_THREADS"] = "1"
-    port = free_port_block(1)
+    port = free_port(1)
     cluster.url = f"http://127.0.0.1:{port}"
     serve = [py, "-m", "pdserve", "serve", "--port", str(port), "--min-pd-prompt-tokens", "0",
              *args.serve_arg]
@@ -503,7 +481,7 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
         env["PDSERVE_INTERNAL_TOKEN"] = secrets.token_hex(16)  # the fakes check it
         urls = {}
         for role in ("prefill", "decode"):
-            wp = free_port_block(2)
+            wp = free_port(2)
             urls[role] = f"http://127.0.0.1:{wp}"
             cluster.start(f"fake-{role}", [py, str(HERE / "fake_worker.py"), "--role", role,
                                            "--port", str(wp), "--ttft-ms", "0", "--itl-ms",
@@ -514,7 +492,7 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
     if mode == "cpu-builtin":
         env.pop("PDSERVE_INTERNAL_TOKEN", None)  # a local cluster draws its own
         cluster.start("proxy", [*serve, "--num-prefill", "1", "--num-decode", "1",
-                                "--worker-base-port", str(free_port_block(6)),
+                                "--worker-base-port", str(free_port(6)),
                                 "--torch-threads", "1"], env)
         return "prefill/decode"
     # gpu: Llama-3-8B shapes, dummy weights, token ids only (no tokenizer for these shapes)
@@ -531,10 +509,10 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
         env.pop("PDSERVE_INTERNAL_TOKEN", None)
         cluster.start("proxy", [*serve, *engine, "--num-prefill", "1", "--num-decode", "1",
                                 "--local-devices", str(args.gpu), str(args.gpu),
-                                "--worker-base-port", str(free_port_block(6))], env)
+                                "--worker-base-port", str(free_port(6))], env)
         return "prefill/decode"
     env["PDSERVE_INTERNAL_TOKEN"] = secrets.token_hex(16)  # in the environment, not argv
-    wp = free_port_block(3)
+    wp = free_port(3)
     cluster.start("both-worker", [py, "-m", "pdserve", "worker", "--role", "both", *engine,
                                   "--port", str(wp), "--device", str(args.gpu),
                                   *args.worker_arg], env)
