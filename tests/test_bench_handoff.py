@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:  # bench scripts import their neighbours by name
+    sys.path.insert(0, str(ROOT / "bench"))
 _spec = importlib.util.spec_from_file_location("bench_handoff", ROOT / "bench" / "handoff.py")
 handoff = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(handoff)
