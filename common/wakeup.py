@@ -20,6 +20,12 @@ class Waker:
         os.set_blocking(self._w, False)
         self._closed = False
 
+    @property
+    def write_fd(self) -> int:
+        """The pipe's write end (for `signal.set_wakeup_fd`: a signal that lands on another
+        thread still wakes the poll, so the main thread runs its Python handler)."""
+        return self._w
+
     def wake(self) -> None:
         try:
             os.write(self._w, b"\0")

@@ -387,9 +387,14 @@ class WorkerLoop:
         poller.register(self.waker.fd, zmq.POLLIN)
         for fd in self.wake_fds():
             poller.register(fd, zmq.POLLIN)
+        previous_fd = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
+            # a process-directed signal may be delivered to any thread (the KV I/O thread,
+            # the HTTP thread): the main thread, asleep in the poll, would never run the
+            # handler. CPython writes each signal to this fd, whatever thread took it.
+            previous_fd = signal.set_wakeup_fd(self.waker.write_fd, warn_on_full_buffer=False)
         self.publish()
         try:
             while not self.stop_event.is_set():
@@ -412,6 +417,8 @@ class WorkerLoop:
                 self.settle()
                 self.publish()
         finally:
+            if previous_fd is not None:
+                signal.set_wakeup_fd(previous_fd)
             self.shutdown()
 
     def shutdown(self) -> None:

@@ -161,3 +161,31 @@ def test_connect_opens_ps_kv_session_to_d_before_any_offer():
     finally:
         p.shutdown()
         d.shutdown()
+
+
+def test_sigterm_taken_by_another_thread_still_stops_the_idle_loop():
+    """A process-directed SIGTERM may land on any thread (the KV I/O thread, the HTTP
+    thread); the main thread sleeps in the poll with no timeout, so the signal must wake it
+    (signal.set_wakeup_fd on the loop's Waker): once, under load, a decode worker slept on
+    through its SIGTERM and needed SIGKILL."""
+    import signal
+
+    loop = make_loop(BothLoop, "both")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    fired = threading.Event()
+
+    def elsewhere():
+        time.sleep(0.5)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # to this thread only
+        fired.set()
+        time.sleep(5)
+        loop.stop_event.set()  # the fallback that keeps a broken loop from hanging the test
+    threading.Thread(target=elsewhere, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        loop.run()  # in the main thread, like a worker
+        took = time.monotonic() - t0
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert fired.is_set() and took < 3.0, took
