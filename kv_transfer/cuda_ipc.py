@@ -338,9 +338,6 @@ class Puller:
             except Exception as e:  # noqa: BLE001 - the handshake will report it
                 logger.warning("gather kernel warm-up on %s failed: %s", device, e)
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def start(self, rid: str, src_pool: torch.Tensor, src_ids: list[int],
               dst_pool: torch.Tensor, dst_ids: list[int]) -> int:
         """Launch the copy dst_pool[dst_ids] = src_pool[src_ids]; returns its serial. Ids

@@ -230,19 +230,18 @@ class WorkerLink:
 _TIMEOUT = "proxy-timeout"
 
 
-def _arm(deadline: float, *queues: asyncio.Queue) -> asyncio.TimerHandle:
-    """One timer per request (not one per message): at `deadline` (time.monotonic()) a
-    timeout marker lands in each of its queues, failing whichever wait comes first."""
-    loop = asyncio.get_running_loop()
+def _arm(timeout: float, *queues: asyncio.Queue) -> asyncio.TimerHandle:
+    """One timer per request (not one per message): `timeout` seconds from now a timeout
+    marker lands in each of its queues, failing whichever wait comes first."""
     marker = wire.Error(reason="the worker did not answer in time", retryable=True,
                         code=_TIMEOUT)
-    return loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()),
-                        lambda: [q.put_nowait(marker) for q in queues])
+    return asyncio.get_running_loop().call_later(
+        max(0.0, timeout), lambda: [q.put_nowait(marker) for q in queues])
 
 
-async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: type) -> Any:
+async def _expect(link: WorkerLink, q: asyncio.Queue, *kinds: type) -> Any:
     """The next message of one request from `link`'s worker; a WorkerError blaming that
-    worker (`.link`) for an Error, a wrong kind or no answer before `deadline`."""
+    worker (`.link`) for an Error, a wrong kind or the request's deadline (`_arm`)."""
     item = q.get_nowait() if not q.empty() else await q.get()
     if isinstance(item, wire.Error) and item.code == _TIMEOUT:
         raise WorkerError("the worker did not answer in time", retryable=True, link=link)
@@ -254,11 +253,11 @@ async def _expect(link: WorkerLink, q: asyncio.Queue, deadline: float, *kinds: t
     return item
 
 
-async def _step_rows(link: WorkerLink, q: asyncio.Queue, deadline: float,
+async def _step_rows(link: WorkerLink, q: asyncio.Queue,
                      running: set[int]) -> list[TokenRow]:
     """The next step's rows of one request (every frame already queued goes out together);
     choices that finished leave `running`. Raises WorkerError on an Error in between."""
-    batch = list(await _expect(link, q, deadline, list))
+    batch = list(await _expect(link, q, list))
     while not q.empty():
         item = q.get_nowait()
         if isinstance(item, wire.Error):
@@ -273,19 +272,18 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
                  timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
     """Yield each step's rows for one request served by P then D (see the module doc)."""
     rid = rec.request_id
-    deadline = time.monotonic() + timeout
     qd, qp = d.subscribe(rid), p.subscribe(rid)
-    timer = _arm(deadline, qd, qp)
+    timer = _arm(timeout, qd, qp)
     running = set(rec.choice_indices())
     touched_p = joined = False
     try:
         d.send(wire.Reserve(rec=rec))
-        msg = await _expect(d, qd, deadline, wire.Reserved, wire.Rejected)
+        msg = await _expect(d, qd, wire.Reserved, wire.Rejected)
         if isinstance(msg, wire.Rejected):
             raise WorkerError(f"D rejected the reservation: {msg.reason}", retryable=True, link=d)
         p.send(wire.Prefill(rec=rec, kv=msg.kv))
         touched_p = True
-        rows = (await _expect(p, qp, deadline, wire.First)).out
+        rows = (await _expect(p, qp, wire.First)).out
         running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
         # D hears before the client does: the Join must not wait for the first token's
         # trip to the client (this generator resumes only when the caller asks for more)
@@ -296,7 +294,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
             joined = True
         yield rows
         while running:
-            yield await _step_rows(d, qd, deadline, running)
+            yield await _step_rows(d, qd, running)
     finally:
         if running:  # left early: free everything the request holds
             d.send(wire.Abort(rid=rid))
@@ -310,14 +308,13 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
 async def run_both(rec: RequestRecord, w: WorkerLink,
                    timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
     """Yield each step's rows for one request served by a both-role worker."""
-    deadline = time.monotonic() + timeout
     q = w.subscribe(rec.request_id)
-    timer = _arm(deadline, q)
+    timer = _arm(timeout, q)
     running = set(rec.choice_indices())
     try:
         w.send(wire.Generate(rec=rec))
         while running:
-            yield await _step_rows(w, q, deadline, running)
+            yield await _step_rows(w, q, running)
     finally:
         if running:
             w.send(wire.Abort(rid=rec.request_id))
@@ -331,19 +328,18 @@ async def run_resume(rec: RequestRecord, d: WorkerLink, last_token: int,
     tokens before `last_token` (the choice's latest). D recomputes prompt + output and draws
     on from the same (seed, choice, position), so the text continues as it would have."""
     rid = rec.request_id
-    deadline = time.monotonic() + timeout
     q = d.subscribe(rid)
-    timer = _arm(deadline, q)
+    timer = _arm(timeout, q)
     running = {rec.choice_index}
     try:
         d.send(wire.Reserve(rec=rec))
-        msg = await _expect(d, q, deadline, wire.Reserved, wire.Rejected)
+        msg = await _expect(d, q, wire.Reserved, wire.Rejected)
         if isinstance(msg, wire.Rejected):
             raise WorkerError(f"D rejected the re-submission: {msg.reason}", retryable=True,
                               link=d)
         d.send(wire.Join(rid=rid, first=[TokenRow(rid, rec.choice_index, last_token, None, None)]))
         while running:
-            yield await _step_rows(d, q, deadline, running)
+            yield await _step_rows(d, q, running)
     finally:
         if running:
             d.send(wire.Abort(rid=rid))
