@@ -91,11 +91,15 @@ def procs(tmp_path_factory, tmp_path) -> Iterator[Procs]:
     assert p.stop() == [], "processes left running"
 
 
-def wait_healthy(procs: Procs, url: str, name: str, timeout: float = 150) -> None:
+def wait_healthy(procs: Procs, url: str, name: str, timeout: float = 150,
+                 serves: str = "") -> None:
+    """Until `url`'s /health is 200 (and, for a proxy, says it serves `serves`: a proxy is
+    ready with a D alone, before its P is admitted)."""
     end = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            r = httpx.get(url + "/health", timeout=2)
+            if r.status_code == 200 and serves in str(r.json().get("serves", "")):
                 return
         except httpx.HTTPError:
             pass
@@ -124,7 +128,7 @@ def test_fake_pd_engines_behind_the_real_proxy(procs: Procs) -> None:
                 "--decode", f"http://127.0.0.1:{d_port}", "--port", str(port),
                 "--min-pd-prompt-tokens", "0")
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(procs, url, "proxy")
+    wait_healthy(procs, url, "proxy", serves="prefill/decode")
     run = run_bench(procs, url, "--num-prompts", "6", "--concurrency", "2", "--input-len", "64",
                     "--output-len", "5")
     s = run["summary"]
