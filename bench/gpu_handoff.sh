@@ -6,12 +6,14 @@
 #   1. cold start: the first P/D launch with a fresh, empty TRITON_CACHE_DIR (mktemp -d) and no
 #      warm-up request: launch -> ready ("ready_s") and the first request's TTFT
 #      ("first_ttft_ms"), COLD_REQUESTS requests (default 10);
-#   2. the measurement (`--mode gpu`: P/D, then both-role), Triton cache now warm.
+#   2. the measurement (`--mode $MODE`, default gpu: P/D, then both-role; gpu-all adds P/D with
+#      --mps off), Triton cache now warm. P/D runs under the private MPS daemon that
+#      `pdserve serve --mps auto` starts for two workers on one GPU.
 # JSON and logs under $OUT (cold.json, handoff_gpu.json, logs.tgz); the tables print last.
 # Usage (repo root, on the lent machine; carry [".whl"] after `bash scripts/gpu_wheels.sh fetch`):
 #   bash bench/gpu_handoff.sh                           # the definition: 200 requests x 3 runs
 #   NUM_REQUESTS=60 RUNS=2 bash bench/gpu_handoff.sh    # fits one 10-minute device call
-#   MPS_REQUESTS=100 ...                                # and P/D once more under MPS
+#   DECODE_PERCENTS="50" ...    # and P/D with D limited to 50% of the SMs (--mps-decode-percent)
 # Time: each run is NUM_REQUESTS / 2 s of arrivals, twice (P/D and both-role), plus each
 # cluster's start (weights are dummy: mostly CUDA graph capture and Triton compiles) and
 # 10 s of idle-CPU measurement per configuration.
@@ -46,26 +48,19 @@ grep -h "warm-up done\|ready:" "$OUT"/logs/cold/gpu-pd/*.log >>"$OUT/cold_cache.
 
 if [ -n "${COLD_ONLY:-}" ]; then cat "$OUT/cold_cache.txt"; tail -n 4 "$OUT/cold.txt"; exit 0; fi
 # 2. the measurement, P/D then both-role, with the Triton cache step 1 filled
-timeout 3600 python3 "$bench" --mode gpu --num-requests "$NUM_REQUESTS" --runs "$RUNS" \
+timeout 3600 python3 "$bench" --mode "${MODE:-gpu}" --num-requests "$NUM_REQUESTS" --runs "$RUNS" \
   --out "$OUT/handoff_gpu.json" --log-dir "$OUT/logs/gpu" >"$OUT/gpu.txt" 2>&1
 echo "gpu rc=$?" >>"$OUT/gpu.txt"
 
-# 3. (MPS_REQUESTS > 0) P/D again under an MPS daemon of our own (private pipe and log dirs;
-# the GPU's settings are not touched): P's prefill kernels and D's decode steps then share
-# the GPU's SMs instead of taking turns in time slices
-if [ "${MPS_REQUESTS:-0}" -gt 0 ] && command -v nvidia-cuda-mps-control >/dev/null; then
-  CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d); CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
-  export CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-  if nvidia-cuda-mps-control -d; then
-    timeout 420 python3 "$bench" --mode gpu-pd --num-requests "$MPS_REQUESTS" --runs 1 \
-      --out "$OUT/mps.json" --log-dir "$OUT/logs/mps" >"$OUT/mps.txt" 2>&1
-    echo "mps rc=$?" >>"$OUT/mps.txt"
-    echo quit | nvidia-cuda-mps-control
-  else
-    echo "the MPS daemon did not start" >"$OUT/mps.txt"
-  fi
-  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-fi
+# 3. (DECODE_PERCENTS="50 30") P/D once per value with D's kernels limited to that share of
+# the SMs under the cluster's MPS daemon (pdserve serve --mps-decode-percent), NUM_REQUESTS
+# requests, 1 run each
+for pct in ${DECODE_PERCENTS:-}; do
+  timeout 420 python3 "$bench" --mode gpu-pd --num-requests "$NUM_REQUESTS" --runs 1 \
+    --serve-arg=--mps-decode-percent --serve-arg="$pct" \
+    --out "$OUT/pd_decode$pct.json" --log-dir "$OUT/logs/pd_decode$pct" >"$OUT/pd_decode$pct.txt" 2>&1
+  echo "decode-percent $pct rc=$?" >>"$OUT/pd_decode$pct.txt"
+done
 
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
 python3 - "$OUT/cold.json" <<'PY'
@@ -81,4 +76,6 @@ print(f"cold start (empty Triton cache), 1 P + 1 D on one GPU: launch -> ready "
       f"{'-' if first is None else f'{first:.0f}'} ms{'; error: ' + m['error'] if 'error' in m else ''}")
 PY
 tail -n 30 "$OUT/cold.txt" | grep -E "^\| |failed|error" ; tail -n 20 "$OUT/gpu.txt"
-if [ -f "$OUT/mps.txt" ]; then echo "== P/D under MPS:"; tail -n 4 "$OUT/mps.txt"; fi
+for f in "$OUT"/pd_decode*.txt; do
+  [ -f "$f" ] && { echo "== $(basename "$f" .txt):"; tail -n 3 "$f"; }
+done

@@ -37,7 +37,9 @@ Modes (each one cluster, started here and stopped at the end, `--min-pd-prompt-t
   built-in tiny model, workers at `--torch-threads 1`, OMP_NUM_THREADS=1). Same workload.
 - gpu-pd and gpu-both (`--mode gpu` = both, one after the other on GPU 0): Llama-3-8B shapes
   (bench/serving_gpu.py's LLAMA3_8B) with dummy bf16 weights, token-ids-only serving;
-  gpu-pd is a local 1 P + 1 D on the same GPU (`--local-devices 0 0`, KV over cuda_ipc),
+  gpu-pd is a local 1 P + 1 D on the same GPU (`--local-devices 0 0`, KV over cuda_ipc;
+  `pdserve serve` starts a private MPS daemon for them: --mps auto), gpu-pd-timeslice the
+  same with `--mps off` (the two processes take turns on the GPU in time slices),
   gpu-both one `pdserve worker --role both` behind `pdserve serve --worker URL`; each with
   `--gpu-kv-bytes` of KV. 4,000-token prompts, 64 output tokens, Poisson 2 req/s.
 `--rate`, `--prompt-len`, `--output-len` override the mode's workload (rate 0: sequential).
@@ -93,8 +95,10 @@ WORKLOADS = {
     "cpu-builtin": dict(prompt_len=300, output_len=24, rate=0.0, vocab_high=4000),
     "gpu-pd": dict(prompt_len=4000, output_len=64, rate=2.0, vocab_high=128000),
     "gpu-both": dict(prompt_len=4000, output_len=64, rate=2.0, vocab_high=128000),
+    "gpu-pd-timeslice": dict(prompt_len=4000, output_len=64, rate=2.0, vocab_high=128000),
 }
-GROUPS = {"cpu": ["cpu-fake", "cpu-builtin"], "gpu": ["gpu-pd", "gpu-both"]}
+GROUPS = {"cpu": ["cpu-fake", "cpu-builtin"], "gpu": ["gpu-pd", "gpu-both"],
+          "gpu-all": ["gpu-pd", "gpu-both", "gpu-pd-timeslice"]}
 
 
 # ---- the numbers --------------------------------------------------------------------------
@@ -505,11 +509,12 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
     engine = ["--model", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
               "--skip-tokenizer-init", "--max-model-len", str(args.gpu_max_model_len),
               "--kv-cache-memory-bytes", str(args.gpu_kv_bytes)]
-    if mode == "gpu-pd":
+    if mode in ("gpu-pd", "gpu-pd-timeslice"):
         env.pop("PDSERVE_INTERNAL_TOKEN", None)
+        mps = ["--mps", "off"] if mode == "gpu-pd-timeslice" else []
         cluster.start("proxy", [*serve, *engine, "--num-prefill", "1", "--num-decode", "1",
                                 "--local-devices", str(args.gpu), str(args.gpu),
-                                "--worker-base-port", str(free_port(6))], env)
+                                "--worker-base-port", str(free_port(6)), *mps], env)
         return "prefill/decode"
     env["PDSERVE_INTERNAL_TOKEN"] = secrets.token_hex(16)  # in the environment, not argv
     wp = free_port(3)
@@ -595,8 +600,10 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path, results: dict, sav
         res["serves"] = health.get("serves")
         res["commands"] = {label: " ".join(p.args) for label, p in cluster.procs}
         # a local cluster's workers log where `pdserve serve` says (copied here at the end)
-        res["worker_logs"] = re.findall(r"\(log (\S+\.log)\)",
-                                        (cluster.log_dir / "proxy.log").read_text())
+        proxy_log = (cluster.log_dir / "proxy.log").read_text()
+        res["worker_logs"] = re.findall(r"\(log (\S+\.log)\)", proxy_log)
+        # a local cluster's MPS decision (pdserve serve --mps), as it logged it
+        res["mps"] = [ln.strip() for ln in proxy_log.splitlines() if "MPS" in ln][:2]
         print(f"   ready in {res['ready_s']:.1f} s: {res['serves']}", flush=True)
         save()
         arr_rng = np.random.default_rng(args.seed)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from pdserve import mps
 from pdserve.common import UserError
 from pdserve.common.internal_token import (
     INSECURE_FLAG,
@@ -91,6 +92,19 @@ class ServeConfig(EngineConfig):
                                    "worker takes 3).")
     local_devices: list[str] = option(default_factory=list, help="Local cluster: devices for "
                                       "the workers in order P..., D... (cycled).")
+    mps: str = option("auto", choices=("auto", "on", "off"),
+                      help="Local cluster: CUDA MPS for workers that share a GPU. auto: start "
+                      "a private MPS daemon when two or more local workers share a GPU and "
+                      "nvidia-cuda-mps-control is on PATH (their kernels then run side by "
+                      "side instead of taking turns in time slices; a fatal GPU fault in one "
+                      "then ends its GPU neighbours too); on: always (an error if it cannot); "
+                      "off: never. A daemon named by CUDA_MPS_PIPE_DIRECTORY, or the "
+                      "system's, is used as it is.")
+    mps_decode_percent: int = option(
+        100, check=lambda v: None if 1 <= v <= 100 else "must be in 1..100",
+        help="Local cluster under MPS: the share of a GPU's SMs a decode worker's kernels "
+        "may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), leaving the rest to a prefill worker "
+        "on the same GPU; 100: no limit.")
     min_pd_prompt_tokens: int = option(16, help="Prompts shorter than this skip P (D "
                                        "prefills them itself).")
     max_retries: int = option(2, help="Retries on other workers before a request's first "
@@ -153,19 +167,56 @@ def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None) -> l
     return cmd
 
 
-def start_local_cluster(cfg: ServeConfig, log_dir: Path) -> tuple[ServeConfig, list[Managed]]:
-    """Start P and D workers; returns the config pointing at them and the started workers
-    (what the supervisor restarts)."""
+def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
+    """(role, --device or None for the config's own) of each local worker, in start order."""
     roles = ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
+    return [(role, cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None)
+            for i, role in enumerate(roles)]
+
+
+def start_mps(cfg: ServeConfig, log_dir: Path) -> tuple[mps.Daemon | None, bool]:
+    """Per --mps: start a private MPS daemon for the local workers when they share a GPU.
+    Returns the daemon (None if none was started) and whether the workers run under MPS."""
+    devices = [d or cfg.device for _, d in _local_roles(cfg)]
+    try:
+        p = mps.plan(cfg.mps, devices)
+    except mps.MpsError as e:
+        raise ConfigError(str(e), "mps") from e
+    if not p.start:
+        quiet = cfg.mps == "auto" and not (p.warn or p.under)  # nothing shared: nothing to say
+        (logger.warning if p.warn else logger.debug if quiet else logger.info)("%s", p.reason)
+        return None, p.under
+    logger.info("%s", p.reason)
+    daemon = mps.Daemon(log_dir)
+    try:
+        daemon.start()
+    except mps.MpsError as e:
+        if cfg.mps == "on":
+            raise UserError(f"--mps on: the MPS daemon did not start: {e}") from e
+        logger.warning("the MPS daemon did not start, so the workers share their GPU in time "
+                       "slices: %s", e)
+        return None, False
+    return daemon, True
+
+
+def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str] | None = None,
+                        ) -> tuple[ServeConfig, list[Managed]]:
+    """Start P and D workers; returns the config pointing at them and the started workers
+    (what the supervisor restarts). `mps_env`: the MPS daemon's variables, when the workers
+    run under one."""
     workers, urls = [], {"prefill": [], "decode": []}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "PDSERVE_INTERNAL_TOKEN": cfg.internal_token or ""}
     env.pop("PDSERVE_CONFIG", None)
     env.pop("PDSERVE_INSECURE_NO_TOKEN", None)  # they have a token: the flag would contradict it
-    for i, role in enumerate(roles):
+    if mps_env is not None:
+        env.update(mps_env)
+    for i, (role, device) in enumerate(_local_roles(cfg)):
         port = cfg.worker_base_port + 3 * i
-        device = cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None
-        w = Managed(role, port, _worker_cmd(cfg, role, port, device), env,
+        wenv = env
+        if mps_env is not None and role == "decode" and cfg.mps_decode_percent < 100:
+            wenv = {**env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(cfg.mps_decode_percent)}
+        w = Managed(role, port, _worker_cmd(cfg, role, port, device), wenv,
                     log_dir / f"{role}-{port}.log")
         w.log_path.write_text("")
         w.start()
@@ -361,6 +412,7 @@ def run_serve(cfg: ServeConfig) -> int:
                        INSECURE_FLAG)
     workers: list[Managed] = []
     supervisor = None
+    daemon = None
     # uvicorn re-raises SIGTERM after its own graceful shutdown; as SystemExit it unwinds
     # through the finally below, which stops a local cluster's workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -370,8 +422,11 @@ def run_serve(cfg: ServeConfig) -> int:
         log_dir = Path(tempfile.mkdtemp(prefix="pdserve-cluster-"))
         logger.info("no workers given: starting a local cluster (%d P + %d D); logs in %s",
                     cfg.num_prefill, cfg.num_decode, log_dir)
-        cfg, workers = start_local_cluster(cfg, log_dir)
     try:
+        if not external:
+            daemon, under_mps = start_mps(cfg, log_dir)
+            cfg, workers = start_local_cluster(cfg, log_dir, daemon.env if daemon else
+                                               ({} if under_mps else None))
         if workers:
             wait_for_workers(cfg, workers)
             supervisor = Supervisor(workers)  # from now on a dead worker is restarted
@@ -392,6 +447,8 @@ def run_serve(cfg: ServeConfig) -> int:
         if supervisor is not None:
             supervisor.stop()
         stop_processes([w.proc for w in workers if w.proc is not None])
+        if daemon is not None:
+            daemon.stop()
     return 0
 
 
