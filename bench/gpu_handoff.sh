@@ -34,6 +34,8 @@ COLD_REQUESTS=${COLD_REQUESTS:-10}
 cd /tmp  # run as a user would, outside the checkout
 
 # 1. cold start: an empty Triton cache for the first P/D launch; no warm-up request
+# (SKIP_COLD=1: skip it; step 2 then uses the default Triton cache, ~/.triton)
+if [ -z "${SKIP_COLD:-}" ]; then
 export TRITON_CACHE_DIR; TRITON_CACHE_DIR=$(mktemp -d)
 echo "cold start: TRITON_CACHE_DIR=$TRITON_CACHE_DIR (empty: $(ls -A "$TRITON_CACHE_DIR" | wc -l) entries)" \
   | tee "$OUT/cold.txt"
@@ -45,6 +47,7 @@ echo "cold rc=$?" >>"$OUT/cold.txt"
 find "$TRITON_CACHE_DIR" -type f -name '*.json' ! -name '__grp__*' -printf '%TT %f\n' \
   | sort >"$OUT/cold_cache.txt"
 grep -h "warm-up done\|ready:" "$OUT"/logs/cold/gpu-pd/*.log >>"$OUT/cold_cache.txt" 2>/dev/null
+fi
 
 if [ -n "${COLD_ONLY:-}" ]; then cat "$OUT/cold_cache.txt"; tail -n 4 "$OUT/cold.txt"; exit 0; fi
 # 2. the measurement, P/D then both-role, with the Triton cache step 1 filled
@@ -63,7 +66,7 @@ for pct in ${DECODE_PERCENTS:-}; do
 done
 
 cd "$OUT" && tar czf logs.tgz logs && rm -rf logs
-python3 - "$OUT/cold.json" <<'PY'
+[ -z "${SKIP_COLD:-}" ] && python3 - "$OUT/cold.json" <<'PY'
 import json, sys
 try:
     m = json.load(open(sys.argv[1]))["modes"]["gpu-pd"]
@@ -75,7 +78,8 @@ print(f"cold start (empty Triton cache), 1 P + 1 D on one GPU: launch -> ready "
       f"{'-' if ready is None else f'{ready:.1f}'} s, first request's TTFT "
       f"{'-' if first is None else f'{first:.0f}'} ms{'; error: ' + m['error'] if 'error' in m else ''}")
 PY
-tail -n 30 "$OUT/cold.txt" | grep -E "^\| |failed|error" ; tail -n 20 "$OUT/gpu.txt"
+[ -f "$OUT/cold.txt" ] && tail -n 30 "$OUT/cold.txt" | grep -E "^\| |failed|error"
+tail -n 20 "$OUT/gpu.txt"
 for f in "$OUT"/pd_decode*.txt; do
   [ -f "$f" ] && { echo "== $(basename "$f" .txt):"; tail -n 3 "$f"; }
 done

@@ -22,3 +22,7 @@ UNAUTHENTICATED = Counter("kv_transfer_unauthenticated_messages",
                           "Control messages refused: no handshake, or not the session's key")
 SESSIONS_LOST = Counter("kv_transfer_sessions_lost",
                         "P->D sessions whose connection was lost (a new session follows)")
+EARLY_OFFERS = Counter("kv_transfer_early_offers",
+                       "Offers that came before their reservation (P starts before D has "
+                       "reserved): matched when the reservation came, or expired",
+                       ["outcome"])

@@ -135,6 +135,7 @@ class KVReceiver(IOThread):
         self._update_active()
         early = self._early.pop(rid, None)
         if early is not None:
+            metrics.EARLY_OFFERS.labels("matched").inc()
             self._on_offer(early[0], early[1])
 
     def _cancel(self, rid: str, reason: str) -> None:
@@ -322,6 +323,7 @@ class KVReceiver(IOThread):
         for rid, (identity, _, until) in list(self._early.items()):
             if now >= until:
                 del self._early[rid]
+                metrics.EARLY_OFFERS.labels("expired").inc()
                 self.send(identity, proto.Cancel(e=self.epoch, rid=rid, reason="no reservation on D"))
 
     def on_close(self) -> None:

@@ -212,7 +212,9 @@ class ClusterBackend:
                 metrics.WORKER_REQUESTS.labels(w.url, w.role).inc()
         if route == "pd":
             self._pairs[rec.request_id] = (a.url, b.url)
-            return run_pd(rec, a.link, b.link, self.request_timeout)
+            kv = b.info.get("kv_address")
+            return run_pd(rec, a.link, b.link, self.request_timeout,
+                          kv if isinstance(kv, str) else None)
         return run_both(rec, a.link, self.request_timeout)
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:

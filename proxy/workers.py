@@ -3,8 +3,9 @@
 `WorkerLink` owns one socket and a reader task that routes each reply to the queue of its
 request id (a Step frame's rows fan out to many requests) and keeps the worker's latest load
 report. `run_pd` drives one request through a decode-first reservation:
-Reserve on D -> Reserved -> Prefill on P (with D's KV address) -> First (yielded at once)
--> Join on D with the still-running choices -> Step rows until every choice finished.
+Reserve on D and, at once, Prefill on P (with D's KV address as D reported it; without one
+P waits for D's Reserved, which names it) -> Reserved -> First (yielded at once) -> Join on
+D with the still-running choices -> Step rows until every choice finished.
 `run_both` sends Generate to a both-role worker. Leaving either generator early (client
 gone, error) sends Abort to every worker involved. Messages are `common/wire.py`'s.
 """
@@ -268,9 +269,15 @@ async def _step_rows(link: WorkerLink, q: asyncio.Queue,
     return batch
 
 
-async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
-                 timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
-    """Yield each step's rows for one request served by P then D (see the module doc)."""
+async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink, timeout: float = 600.0,
+                 d_kv: str | None = None) -> AsyncIterator[list[TokenRow]]:
+    """Yield each step's rows for one request served by P then D (see the module doc).
+
+    `d_kv`: D's KV-transfer address as D reported it, if known. Then P starts at once, with
+    the Reserve still on its way to D (D picked with room, so it is reserved in D's next loop
+    turn, while P prefills; an offer that overtakes it waits at D's receiver): the prompt
+    does not wait for D to end the step it is running. Without it, P starts on D's
+    Reserved, which names the address."""
     rid = rec.request_id
     qd, qp = d.subscribe(rid), p.subscribe(rid)
     timer = _arm(timeout, qd, qp)
@@ -278,11 +285,18 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink,
     touched_p = joined = False
     try:
         d.send(wire.Reserve(rec=rec))
+        if d_kv is not None:
+            p.send(wire.Prefill(rec=rec, kv=d_kv))
+            touched_p = True
         msg = await _expect(d, qd, wire.Reserved, wire.Rejected)
-        if isinstance(msg, wire.Rejected):
+        if isinstance(msg, wire.Rejected):  # P (if started) is aborted below
             raise WorkerError(f"D rejected the reservation: {msg.reason}", retryable=True, link=d)
-        p.send(wire.Prefill(rec=rec, kv=msg.kv))
-        touched_p = True
+        if not touched_p:
+            p.send(wire.Prefill(rec=rec, kv=msg.kv))
+            touched_p = True
+        elif msg.kv != d_kv:  # D moved its KV endpoint since it reported it (a restart)
+            raise WorkerError(f"D's KV address is {msg.kv}, not {d_kv} as reported",
+                              retryable=True, link=d)
         rows = (await _expect(p, qp, wire.First)).out
         running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
         # D hears before the client does: the Join must not wait for the first token's

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 
 import httpx
 import msgspec
@@ -76,8 +77,11 @@ def expected(llm, recs):
             for r, o in zip(recs, outs) for c in o.outputs}
 
 
-async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False):
+async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False, early=False):
+    """Every request's tokens. `early`: P starts with D's reported KV address, before D's
+    Reserved (as the proxy does), so offers may overtake their reservations."""
     links = {}
+    d_kv = d.get("/info").json()["kv_address"] if early else None
 
     def link(w):
         if w.data not in links:
@@ -87,7 +91,7 @@ async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False):
     got: dict = {}
 
     async def one(rec, i):
-        gen = run_both(rec, link(d)) if both else run_pd(rec, link(p), link(d))
+        gen = run_both(rec, link(d)) if both else run_pd(rec, link(p), link(d), d_kv=d_kv)
         n = 0
         async for rows in gen:
             for r in rows:
@@ -107,17 +111,23 @@ async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False):
     return got
 
 
-@pytest.mark.parametrize("d_name", ["D", "Dtcp", "Dsmall", "Dnone", "both"],
-                         ids=["shm", "tcp", "preemption", "transfer-failure", "both-role"])
-def test_64_concurrent_requests_equal_offline(cluster, reference, d_name):
+@pytest.mark.parametrize("d_name, early", [("D", True), ("Dtcp", False), ("Dsmall", True),
+                                            ("Dsmall", False), ("Dnone", True),
+                                            ("both", False)],
+                         ids=["shm", "tcp-after-reserved", "preemption",
+                              "preemption-after-reserved", "transfer-failure", "both-role"])
+def test_64_concurrent_requests_equal_offline(cluster, reference, d_name, early):
     recs = workload(64, seed=hash(d_name) % 1000)
     want = expected(reference, recs)
-    got = asyncio.run(collect(recs, cluster["P"], cluster[d_name], both=d_name == "both"))
+    got = asyncio.run(collect(recs, cluster["P"], cluster[d_name], both=d_name == "both",
+                              early=early))
     assert got == want
     d = cluster[d_name]
     load = d.load()
     if d_name == "Dsmall":
         assert load["num_preemptions"] > 0
+    if d_name == "Dsmall" and early:  # offers came while D had no room to reserve yet
+        assert 'kv_transfer_early_offers_total{outcome="matched"}' in d.get("/metrics").text
     if d_name == "Dnone":
         assert load["kv_transfer_fallbacks"] > 0
     if d_name in ("D", "Dtcp"):
@@ -139,7 +149,8 @@ def test_burst_with_random_aborts_leaves_pools_free(cluster):
 
     recs = workload(48, seed=77)
     for d_name in ("D", "Dtcp"):
-        asyncio.run(collect(recs, cluster["P"], cluster[d_name], abort_some=True))
+        asyncio.run(collect(recs, cluster["P"], cluster[d_name], abort_some=True,
+                            early=d_name == "D"))
         recs = workload(48, seed=78)
     # P's prefix cache keeps freed blocks evictable: they count as free
     wait_for(lambda: pools_idle(cluster), timeout=30, interval=0.3)
@@ -349,3 +360,47 @@ def test_a_full_worker_answers_busy_and_serves_on(cluster):
         assert 'pdserve_requests_rejected_total{role="prefill"}' in p.get("/metrics").text
     finally:
         p.stop()
+
+
+def test_p_started_before_d_refuses_is_aborted_and_frees_its_blocks(cluster):
+    """The proxy starts P with D's reported KV address before D's Reserved: when D then
+    refuses the request (here: a D with a shorter max_model_len), the request fails with D's
+    reason and P, which had already taken the prompt, frees everything it held."""
+    from tests.kv_transfer.harness import wait_for
+    from tests.workers.cluster import start_worker
+
+    tmp = cluster["P"].log.parent
+    d = start_worker("decode", tmp, "--max-model-len", "128",
+                     env={"PDSERVE_CACHE_DIR": str(tmp / "cache")})
+    p = cluster["P"]
+    aborted = 'pdserve_requests_total{finish_reason="abort",role="prefill"}'
+
+    def p_aborts() -> float:
+        m = re.search(re.escape(aborted) + r" (\S+)", p.get("/metrics").text)
+        return float(m.group(1)) if m else 0.0
+
+    try:
+        wait_healthy([d])
+        before = p_aborts()
+
+        async def main():
+            lp, ld = WorkerLink(p.data, TOKEN), WorkerLink(d.data, TOKEN)
+            try:
+                rec = RequestRecord("too-long-for-d", list(range(5, 305)),
+                                    SamplingParams(max_tokens=4, seed=1))
+                gen = run_pd(rec, lp, ld, 60, d_kv=d.get("/info").json()["kv_address"])
+                with pytest.raises(WorkerError, match="max_model_len"):
+                    async for _ in gen:
+                        pass
+            finally:
+                await lp.close()
+                await ld.close()
+
+        asyncio.run(main())
+        wait_for(lambda: p_aborts() == before + 1, timeout=10, interval=0.2)
+        wait_for(lambda: (lambda ld: ld["num_requests_waiting"] == ld["num_requests_running"]
+                          == ld["blocks_awaiting_transfer"] == 0)(p.load()),
+                 timeout=15, interval=0.2)
+        assert d.load()["num_reserved_blocks"] == 0
+    finally:
+        d.stop()
