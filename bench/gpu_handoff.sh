@@ -14,6 +14,7 @@
 #   bash bench/gpu_handoff.sh                           # the definition: 200 requests x 3 runs
 #   NUM_REQUESTS=60 RUNS=2 bash bench/gpu_handoff.sh    # fits one 10-minute device call
 #   DECODE_PERCENTS="50" ...    # and P/D with D limited to 50% of the SMs (--mps-decode-percent)
+#   BENCH_ARGS="--serve-arg=--prefill-first" ...   # step 2's P/D with D holding for P's prefills
 # Time: each run is NUM_REQUESTS / 2 s of arrivals, twice (P/D and both-role), plus each
 # cluster's start (weights are dummy: mostly CUDA graph capture and Triton compiles) and
 # 10 s of idle-CPU measurement per configuration.
@@ -51,7 +52,8 @@ fi
 
 if [ -n "${COLD_ONLY:-}" ]; then cat "$OUT/cold_cache.txt"; tail -n 4 "$OUT/cold.txt"; exit 0; fi
 # 2. the measurement, P/D then both-role, with the Triton cache step 1 filled
-timeout 3600 python3 "$bench" --mode "${MODE:-gpu}" --num-requests "$NUM_REQUESTS" --runs "$RUNS" \
+# shellcheck disable=SC2086  # BENCH_ARGS: extra bench/handoff.py arguments, word-split
+timeout 3600 python3 "$bench" --mode "${MODE:-gpu}" --num-requests "$NUM_REQUESTS" --runs "$RUNS" ${BENCH_ARGS:-} \
   --out "$OUT/handoff_gpu.json" --log-dir "$OUT/logs/gpu" >"$OUT/gpu.txt" 2>&1
 echo "gpu rc=$?" >>"$OUT/gpu.txt"
 

@@ -105,6 +105,11 @@ class ServeConfig(EngineConfig):
         help="Local cluster under MPS: the share of a GPU's SMs a decode worker's kernels "
         "may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), leaving the rest to a prefill worker "
         "on the same GPU; 100: no limit.")
+    prefill_first: bool = option(
+        False, help="Local cluster: a decode worker holds its decode steps while a prefill "
+        "worker on the same GPU prefills (at most 250 ms at a time; see `pdserve decode "
+        "--help`, --gpu-turns-*): prompts then run at full speed, so TTFT matches a "
+        "both-role worker's, and running streams stall meanwhile, as they do there.")
     min_pd_prompt_tokens: int = option(16, help="Prompts shorter than this skip P (D "
                                        "prefills them itself).")
     max_retries: int = option(2, help="Retries on other workers before a request's first "
@@ -174,6 +179,29 @@ def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
             for i, role in enumerate(roles)]
 
 
+def _gpu_turns(cfg: ServeConfig, local: list[tuple[str, str | None]], log_dir: Path
+               ) -> dict[int, list[str]]:
+    """--prefill-first: the turn-taking flags of each local worker (by start index) that
+    shares its GPU with a worker of the other role (service/gpu_turns.py)."""
+    has_gpu = mps.gpu_present()
+    gpus = [mps.gpu_index(d or cfg.device, has_gpu) for _, d in local]
+    sockets = {i: str(log_dir / f"gpu-turns-{i}.sock") for i, (role, _) in enumerate(local)
+               if role == "decode" and gpus[i] is not None}
+    flags: dict[int, list[str]] = {}
+    for i, (role, _) in enumerate(local):
+        if role != "prefill" or gpus[i] is None:
+            continue
+        peers = [j for j in sockets if gpus[j] == gpus[i]]
+        if peers:
+            flags[i] = ["--gpu-turns-notify", *(sockets[j] for j in peers)]
+            for j in peers:
+                flags[j] = ["--gpu-turns-socket", sockets[j]]
+    if not flags:
+        logger.warning("--prefill-first: no prefill and decode worker share a GPU here: "
+                       "nothing to do")
+    return flags
+
+
 def start_mps(cfg: ServeConfig, log_dir: Path) -> tuple[mps.Daemon | None, bool]:
     """Per --mps: start a private MPS daemon for the local workers when they share a GPU.
     Returns the daemon (None if none was started) and whether the workers run under MPS."""
@@ -211,12 +239,14 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
     env.pop("PDSERVE_INSECURE_NO_TOKEN", None)  # they have a token: the flag would contradict it
     if mps_env is not None:
         env.update(mps_env)
-    for i, (role, device) in enumerate(_local_roles(cfg)):
+    local = _local_roles(cfg)
+    turns = _gpu_turns(cfg, local, log_dir) if cfg.prefill_first else {}
+    for i, (role, device) in enumerate(local):
         port = cfg.worker_base_port + 3 * i
         wenv = env
         if mps_env is not None and role == "decode" and cfg.mps_decode_percent < 100:
             wenv = {**env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(cfg.mps_decode_percent)}
-        w = Managed(role, port, _worker_cmd(cfg, role, port, device), wenv,
+        w = Managed(role, port, _worker_cmd(cfg, role, port, device) + turns.get(i, []), wenv,
                     log_dir / f"{role}-{port}.log")
         w.log_path.write_text("")
         w.start()

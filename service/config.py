@@ -55,6 +55,19 @@ class WorkerConfig(EngineConfig):
                           "uses (prefill chunks short and long, decode, sampling) so no live "
                           "request pays for compiling them; /health answers 503 'warming' "
                           "meanwhile and the proxy routes around it.")
+    gpu_turns_notify: list[str] = option(
+        default_factory=list, metavar="PATH",
+        help="P sharing a GPU with D: the Unix sockets (each D's --gpu-turns-socket) told when "
+        "this P has prefill work and when not (pdserve serve --prefill-first sets it).")
+    gpu_turns_socket: str | None = option(
+        None, metavar="PATH",
+        help="D sharing a GPU with P: a Unix socket to bind; while a P there says it has "
+        "prefill work, D starts no decode step (for at most --gpu-turns-max-hold-ms at a "
+        "time), so prompts run at full speed, as in a both-role worker.")
+    gpu_turns_max_hold_ms: float = option(
+        250.0, check=lambda v: None if v > 0 else "must be > 0",
+        help="D: the longest it holds its decode steps for a busy P before it takes one "
+        "step anyway.")
     max_queued_requests: int = option(
         256, check=lambda v: None if v > 0 else "must be > 0",
         help="Requests this worker queues (P: prompts waiting for prefill; D: reservations "

@@ -51,6 +51,7 @@ from pdserve.engine.sampler import SampleRow
 from pdserve.engine.setup import EngineParts
 from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
+from pdserve.service.gpu_turns import TurnAnnouncer, TurnListener
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)  # what a peer can repeat at will is logged at most every 10 s
@@ -140,6 +141,11 @@ class WorkerLoop:
         self._told: dict[bytes, tuple] = {}  # identity -> (`_gist`, acks) its last report had
         self._gone: set[bytes] = set()  # identities we could not reach
         self._epoch = int.from_bytes(os.urandom(4), "little")  # a restart resets the counts
+        # prefill first on a shared GPU (service/gpu_turns.py): P announces, D holds
+        self.turns_out = TurnAnnouncer(cfg.gpu_turns_notify, cfg.worker_name) \
+            if cfg.gpu_turns_notify and self.role is Role.PREFILL else None
+        self.turns_in = TurnListener(cfg.gpu_turns_socket, cfg.gpu_turns_max_hold_ms / 1000) \
+            if cfg.gpu_turns_socket and self.role is Role.DECODE else None
 
     # ---- to implement --------------------------------------------------------------------
 
@@ -372,7 +378,12 @@ class WorkerLoop:
         nearest deadline (a stalled engine, waiting for blocks a transfer holds, at most
         STALLED_WAIT_MS); None (until woken) when idle."""
         if self.has_work() and not self.engine.scheduler.stalled:
-            return 0
+            hold = self.turns_in.hold_until(time.monotonic()) if self.turns_in else None
+            if hold is None:
+                return 0
+            # a P on this GPU prefills: wait for its idle datagram, or the hold's end
+            deadline = min(filter(None, (self.next_deadline(), hold)))
+            return max(0, int((deadline - time.monotonic()) * 1000) + 1)
         deadline = self.next_deadline()
         wait = None if deadline is None else \
             max(0, int((deadline - time.monotonic()) * 1000) + 1)
@@ -387,6 +398,8 @@ class WorkerLoop:
         poller.register(self.waker.fd, zmq.POLLIN)
         for fd in self.wake_fds():
             poller.register(fd, zmq.POLLIN)
+        if self.turns_in is not None:
+            poller.register(self.turns_in.fd, zmq.POLLIN)  # drained by hold_until
         previous_fd = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -404,7 +417,9 @@ class WorkerLoop:
                 if self.sock in ready:
                     self._receive()
                 self.tick()  # drains the transfer events (their pipes with them)
-                if self.has_work():
+                if self.turns_out is not None:
+                    self.turns_out.set(self.has_work())  # before the prefill kernels launch
+                if self.has_work() and not self._holding():
                     try:
                         self.step()
                     except Exception as e:  # an engine fault: report dead, keep answering
@@ -415,14 +430,29 @@ class WorkerLoop:
                         self.fail_request(rid, why)
                     self.engine.failed.clear()
                 self.settle()
+                if self.turns_out is not None:
+                    self.turns_out.set(self.has_work())
                 self.publish()
         finally:
             if previous_fd is not None:
                 signal.set_wakeup_fd(previous_fd)
             self.shutdown()
 
+    def _holding(self) -> bool:
+        """D on a shared GPU while a P there prefills (gpu_turns): skip this step."""
+        if self.turns_in is None:
+            return False
+        now = time.monotonic()
+        if self.turns_in.hold_until(now) is not None:
+            return True
+        self.turns_in.stepped(now)
+        return False
+
     def shutdown(self) -> None:
         """Release everything the loop holds (after `run`, or when it never ran)."""
+        for t in (self.turns_out, self.turns_in):
+            if t is not None:
+                t.close()
         self.close()
         self.sock.close(0)
         self.ctx.term()

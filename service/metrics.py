@@ -31,3 +31,6 @@ HANDOFF = Histogram(
     "to_step (KV and Join both in -> the end of the step carrying its first D token)",
     ["stage"], buckets=(.0001, .00025, .0005, .001, .002, .004, .008, .016, .032, .064, .128,
                         .256, .512, 1, 2.5, 10))
+GPU_TURN_HOLDS = Counter("pdserve_gpu_turn_holds",
+                         "D: decode holds begun because a prefill worker on its GPU was busy "
+                         "(--gpu-turns-socket)")

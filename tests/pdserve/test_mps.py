@@ -155,3 +155,26 @@ def test_mps_on_without_the_control_program_is_a_config_error(
         pytest.skip("a system MPS daemon runs here")
     with pytest.raises(ConfigError, match="nvidia-cuda-mps-control is not on PATH"):
         start_mps(ServeConfig(mps="on", local_devices=["0", "0"]), tmp_path)
+
+
+def test_prefill_first_pairs_p_and_d_on_the_same_gpu(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prefill-first: each D sharing a GPU with a P binds a turns socket, and every P on
+    that GPU is told it; workers on GPUs of their own get nothing."""
+    monkeypatch.setattr(mps, "gpu_present", lambda env=None: True)
+    monkeypatch.setattr(Managed, "start", lambda self: None)
+    cfg = ServeConfig(internal_token="t" * 32, prefill_first=True, mps="off", num_prefill=2,
+                      num_decode=2, local_devices=["0", "1", "0", "2"])  # P0 P1 D0 D2
+    _, (p0, p1, d0, d2) = start_local_cluster(cfg, tmp_path)
+
+    def flag(w: Managed, name: str) -> list[str] | None:
+        if name not in w.cmd:
+            return None
+        i = w.cmd.index(name) + 1
+        return w.cmd[i:i + 1] if name == "--gpu-turns-socket" else w.cmd[i:]
+
+    sock = flag(d0, "--gpu-turns-socket")
+    assert sock and sock[0].startswith(str(tmp_path))
+    assert flag(p0, "--gpu-turns-notify") == sock
+    for w in (p1, d2):
+        assert flag(w, "--gpu-turns-notify") is None and flag(w, "--gpu-turns-socket") is None
