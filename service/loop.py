@@ -399,7 +399,7 @@ class WorkerLoop:
         for fd in self.wake_fds():
             poller.register(fd, zmq.POLLIN)
         if self.turns_in is not None:
-            poller.register(self.turns_in.fd, zmq.POLLIN)  # drained by hold_until
+            poller.register(self.turns_in.fd, zmq.POLLIN)
         previous_fd = None
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -416,6 +416,8 @@ class WorkerLoop:
                     self.waker.drain()
                 if self.sock in ready:
                     self._receive()
+                if self.turns_in is not None and self.turns_in.fd in ready:
+                    self.turns_in.drain()  # also when idle: an unread datagram would spin the poll
                 self.tick()  # drains the transfer events (their pipes with them)
                 if self.turns_out is not None:
                     self.turns_out.set(self.has_work())  # before the prefill kernels launch

@@ -31,10 +31,11 @@ from tests.workers.cluster import free_port_block
 pytestmark = pytest.mark.timeout(120)
 
 
-def make_loop(cls, role: str):
+def make_loop(cls, role: str, **kw):
     port = free_port_block()
     cfg = WorkerConfig(model=str(builtin_model_path()), device="cpu", role=role, port=port,
-                       num_gpu_blocks_override=128, torch_threads=1, insecure_no_token=True)
+                       num_gpu_blocks_override=128, torch_threads=1, insecure_no_token=True,
+                       **kw)
     # P's CPU pool lives in /dev/shm, as in a real worker (pdserve/worker.py)
     epoch = new_epoch() if role == "prefill" else None
     return cls(cfg, build_engine(cfg, progress=False, pool_shm_epoch=epoch))
@@ -95,6 +96,29 @@ def test_a_transfer_event_wakes_an_idle_decode_loop():
         time.sleep(0.5)
         assert c.iterations == after  # and the drained pipe lets it sleep again
     finally:
+        c.stop()
+
+
+def test_an_idle_d_reads_ps_turn_datagrams_and_sleeps_again(tmp_path):
+    """A D with nothing to decode while its P announces prefill work (--prefill-first) wakes
+    once per datagram and sleeps again: an unread datagram would keep its poll spinning
+    (it did, on an H100: the spinning loop took the GIL from D's KV I/O thread and a 1.6 ms
+    pull took 28 ms)."""
+    from pdserve.service.gpu_turns import TurnAnnouncer
+
+    sock = str(tmp_path / "turns.sock")
+    c = Counting(make_loop(DecodeLoop, "decode", gpu_turns_socket=sock))
+    p = TurnAnnouncer([sock], "P0")
+    try:
+        before = c.settle()
+        p.set(True)  # P busy, D idle
+        after = c.settle()
+        assert 1 <= after - before <= 3
+        time.sleep(0.5)
+        assert c.iterations == after
+        assert c.loop.turns_in.busy == {b"P0"}
+    finally:
+        p.close()
         c.stop()
 
 
