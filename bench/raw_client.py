@@ -1,14 +1,15 @@
 """Lean clients for bench/proxy_overhead.py: cheap enough that the proxy, not the client,
 is what gets measured (httpx costs ~100 µs of client CPU per streamed token; this ~10).
 
-- `raw_probe`: sequential streamed requests over one keep-alive socket (TCP_NODELAY), TTFT
-  and e2e per request, no HTTP library.
+- `RawProbe` (`raw_probe`: n at once): sequential streamed requests over one keep-alive
+  socket (TCP_NODELAY), TTFT and e2e per request, no HTTP library.
 - `stream_many` (also `python bench/raw_client.py stream ...`, one process per call): many
   concurrent keep-alive connections on asyncio streams, each sending requests one after
   another; counts output tokens from each response's usage chunk, and the gaps between
   reads that brought output. Prints one JSON line.
-- `fake_floor`: what a fake engine alone adds to its configured first-token delay, seen
-  from a ZMQ DEALER (the proxy's side of the data path) with no proxy in between.
+- `FakeDirect` (`fake_floor`: n at once): what a fake engine alone adds to its configured
+  first-token delay, seen from a ZMQ DEALER (the proxy's side of the data path) with no
+  proxy in between.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ def _has_output(data: bytes) -> bool:
     return _TEXT in data.replace(_EMPTY, b"")
 
 
-def raw_probe(url: str, num: int, input_len: int, output_len: int, seed: int = 1) \
-        -> list[tuple[float, float]]:
-    """(ttft, e2e) in seconds of `num` sequential streamed requests on one connection."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(num):
-        req = _request(host, _body(rng, input_len, output_len, usage=False))
+class RawProbe:
+    """Sequential streamed requests over one keep-alive socket (TCP_NODELAY)."""
+
+    def __init__(self, url: str, input_len: int, output_len: int, seed: int = 1):
+        self.host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((self.host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rng = np.random.default_rng(seed)
+        self.input_len, self.output_len = input_len, output_len
+
+    def one(self) -> tuple[float, float]:
+        """(ttft, e2e) in seconds of one request."""
+        sock = self.sock
+        req = _request(self.host, _body(self.rng, self.input_len, self.output_len, usage=False))
         t0 = time.perf_counter()
         sock.sendall(req)
         buf, ttft = b"", None
@@ -69,9 +74,20 @@ def raw_probe(url: str, num: int, input_len: int, output_len: int, seed: int = 1
         e2e = time.perf_counter() - t0
         while not buf.endswith(b"0\r\n\r\n"):  # the chunked body's terminator
             buf += sock.recv(1 << 16)
-        out.append((ttft or e2e, e2e))
-    sock.close()
-    return out
+        return ttft or e2e, e2e
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def raw_probe(url: str, num: int, input_len: int, output_len: int, seed: int = 1) \
+        -> list[tuple[float, float]]:
+    """(ttft, e2e) in seconds of `num` sequential streamed requests on one connection."""
+    probe = RawProbe(url, input_len, output_len, seed)
+    try:
+        return [probe.one() for _ in range(num)]
+    finally:
+        probe.close()
 
 
 async def _stream_conn(host: str, port: int, num: int, input_len: int, output_len: int,
@@ -120,30 +136,51 @@ async def stream_many(url: str, conns: int, per_conn: int, input_len: int, outpu
     return res
 
 
+class FakeDirect:
+    """A fake engine straight from a ZMQ DEALER (the proxy's side of the data path):
+    Generate to a both-role fake, or Prefill (no D) to a prefill fake."""
+
+    def __init__(self, data_address: str, output_len: int, token: str = "", role: str = "both"):
+        import zmq
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(data_address)
+        self.output_len, self.token, self.role, self.n = output_len, token, role, 0
+
+    def one(self) -> float:
+        """The first-token time (s) of one request."""
+        from pdserve.common.params import SamplingParams
+        from pdserve.common.wire import DATA_PATH, Generate, Prefill, RequestRecord
+
+        self.n += 1
+        rec = RequestRecord(f"floor-{self.n}", [5] * 16,
+                            SamplingParams(max_tokens=self.output_len, seed=self.n))
+        msg = Generate(rec=rec, t=self.token) if self.role == "both" else \
+            Prefill(rec=rec, kv=None, t=self.token)
+        t0 = time.perf_counter()
+        self.sock.send(DATA_PATH.encode(msg))
+        DATA_PATH.decode(self.sock.recv())
+        ttft = time.perf_counter() - t0
+        # the rest of the stream; a prefill fake follows its First with a Transfer
+        for _ in range(self.output_len - 1 if self.role == "both" else 1):
+            DATA_PATH.decode(self.sock.recv())
+        return ttft
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
 def fake_floor(data_address: str, num: int, output_len: int, token: str = "") -> list[float]:
     """First-token times (s) of a both-role fake seen straight from a ZMQ DEALER; `token`:
     the fake's internal token."""
-    import zmq
-
-    from pdserve.common.params import SamplingParams
-    from pdserve.common.wire import DATA_PATH, Generate, RequestRecord
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(data_address)
-    out = []
-    for i in range(num):
-        rec = RequestRecord(f"floor-{i}", [5] * 16, SamplingParams(max_tokens=output_len, seed=i))
-        t0 = time.perf_counter()
-        sock.send(DATA_PATH.encode(Generate(rec=rec, t=token)))
-        DATA_PATH.decode(sock.recv())
-        out.append(time.perf_counter() - t0)
-        for _ in range(output_len - 1):
-            DATA_PATH.decode(sock.recv())
-    sock.close()
-    ctx.term()
-    return out
+    direct = FakeDirect(data_address, output_len, token)
+    try:
+        return [direct.one() for _ in range(num)]
+    finally:
+        direct.close()
 
 
 def main() -> None:
