@@ -161,11 +161,16 @@ class WorkerLink:
                 return
 
     def _drain(self) -> None:
-        """Every frame waiting on the socket (the FD is edge-triggered: read to EAGAIN)."""
+        """Every frame waiting on the socket (the FD is edge-triggered: read while EVENTS says
+        POLLIN; asking EVENTS, not recv's EAGAIN, ends the loop: pyzmq raises EAGAIN as an
+        exception, ~4% of a py-spy profile's samples of the proxy at sequential requests)."""
         self._drain_soon = False
+        sock = self.sock
         while not self._closed:
             try:
-                frame = self.sock.recv(zmq.NOBLOCK)
+                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError:
