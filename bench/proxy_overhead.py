@@ -52,8 +52,8 @@ _PROXY_MAIN = """import socket, sys
 import pdserve.serve as s
 if {fix}:
     make = s._listen_socket
-    def listen(host, port, reuse_port):
-        sock = make(host, port, reuse_port)
+    def listen(host, port, reuse_port, **kw):
+        sock = make(host, port, reuse_port, **kw)
         if sock.proto == socket.IPPROTO_TCP:
             return sock
         return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())

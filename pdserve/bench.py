@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -364,6 +365,22 @@ def report(cfg: BenchConfig, model: str, runs: list[dict[str, Any]]) -> None:
         print("plots: " + ", ".join(map(str, written)))
 
 
+def check_plot_dir(path: Path) -> None:
+    """ConfigError now if --plot-dir cannot be honoured (no matplotlib, or a folder that
+    cannot be made or written), so a long run does not end without its plots."""
+    from pdserve.bench_metrics import MISSING_MATPLOTLIB, _pyplot
+
+    if _pyplot() is None:
+        raise ConfigError(MISSING_MATPLOTLIB, "plot_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--plot-dir {path}: cannot create it ({e.strerror})",
+                          "plot_dir") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--plot-dir {path}: not writable", "plot_dir")
+
+
 def run_bench(argv: Sequence[str]) -> int:
     """The `pdserve bench` command: 0 if any request succeeded, 1 if every one failed."""
     import pdserve.serve  # noqa: F401 - registers serve's PDSERVE_* names (not typos here)
@@ -372,6 +389,8 @@ def run_bench(argv: Sequence[str]) -> int:
         "Load-test an OpenAI-compatible server: streamed requests at Poisson request rates or "
         "a fixed concurrency; reports TTFT, token-2, TPOT, ITL and E2E (mean/p50/p90/p99), "
         "throughput and goodput under SLOs."))
+    if cfg.plot_dir:
+        check_plot_dir(Path(cfg.plot_dir))  # before the load, not after it
     model, runs = asyncio.run(run_all(cfg))
     report(cfg, model, runs)
     return 0 if any(r["summary"]["completed"] for r in runs) else 1

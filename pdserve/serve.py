@@ -18,10 +18,12 @@ process imports no torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -365,18 +367,37 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     return app
 
 
-def _listen_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+def _listen_socket(host: str, port: int, reuse_port: bool, listen: bool = True
+                   ) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP;
     # without it every streamed chunk on a kept-alive connection waits ~40 ms (Nagle)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+def reserve_port(cfg: ServeConfig) -> socket.socket:
+    """The proxy's port, bound (not yet listening: a client is refused, not left waiting,
+    until the proxy serves) before any worker starts; a UserError naming the port and
+    --port if it cannot be had."""
+    try:
+        return _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1,
+                              listen=False)
+    except OSError as e:
+        why = "in use by another process" if e.errno == errno.EADDRINUSE else e.strerror
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {why} (choose another "
+                        "with --port)") from e
 
 
 def uvicorn_io(cfg: ServeConfig) -> tuple[str, str]:
@@ -402,15 +423,20 @@ def uvicorn_io(cfg: ServeConfig) -> tuple[str, str]:
     return loop, http
 
 
-def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None) -> None:
+def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None,
+                sock: socket.socket | None = None) -> None:
     """One proxy process (blocks until SIGTERM/SIGINT; drains streams first); `supervisor`
-    (a local cluster's, in its first proxy process) is reported in /health."""
+    (a local cluster's, in its first proxy process) is reported in /health; `sock`: its
+    port bound by `reserve_port` (else bound here)."""
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
-    sock = _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1)
+    if sock is None:
+        sock = _listen_socket(cfg.host, cfg.port, reuse_port=cfg.api_server_count > 1)
+    else:
+        sock.listen(2048)
     loop, http = uvicorn_io(cfg)
     config = uvicorn.Config(
         build_app(cfg, supervisor), log_level="warning", access_log=False, loop=loop, http=http,
@@ -440,9 +466,12 @@ def run_serve(cfg: ServeConfig) -> int:
     elif cfg.insecure_no_token:
         logger.warning("%s has no effect on a local cluster: it draws a random token",
                        INSECURE_FLAG)
+    port = reserve_port(cfg)  # before anything starts
     workers: list[Managed] = []
     supervisor = None
     daemon = None
+    log_dir: Path | None = None
+    clean_exit = False
     # uvicorn re-raises SIGTERM after its own graceful shutdown; as SystemExit it unwinds
     # through the finally below, which stops a local cluster's workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -468,17 +497,27 @@ def run_serve(cfg: ServeConfig) -> int:
             p.start()
             extra.append(p)
         try:
-            serve_proxy(cfg, supervisor)
+            serve_proxy(cfg, supervisor, port)
         finally:
             for p in extra:
                 p.terminate()
                 p.join(10)
+        clean_exit = True
+    except (SystemExit, KeyboardInterrupt):  # SIGTERM (see above) or Ctrl-C: a normal stop
+        clean_exit = True
+        raise
     finally:
+        port.close()
         if supervisor is not None:
             supervisor.stop()
         stop_processes([w.proc for w in workers if w.proc is not None])
         if daemon is not None:
             daemon.stop()
+        if log_dir is not None:
+            if clean_exit:  # the workers' logs go with the cluster
+                shutil.rmtree(log_dir, ignore_errors=True)
+            else:
+                logger.info("the local cluster's logs are kept in %s", log_dir)
     return 0
 
 

@@ -131,3 +131,21 @@ def test_result_json_shape_and_several_rates(tmp_path: Path) -> None:
 def test_an_unreachable_server_is_a_clear_error(capsys) -> None:
     assert main(["bench", "--base-url", "http://127.0.0.1:9", "--no-progress"]) == 2
     assert "cannot read the model name" in capsys.readouterr().err
+
+
+def test_plot_dir_is_checked_before_any_request(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--plot-dir that cannot be honoured stops the command at once (exit 2, one line), not
+    after the whole load has run."""
+    import pdserve.bench_metrics as bm
+
+    with FakeOpenAI(first_delay=5 * MS, itl=2 * MS, num_tokens=2) as server:
+        monkeypatch.setattr(bm, "_pyplot", lambda: None)  # as without matplotlib
+        args = ["bench", "--base-url", server.url, "--no-progress", "--num-prompts", "3"]
+        assert main([*args, "--plot-dir", str(tmp_path / "plots")]) == 2
+        assert "--plot-dir needs matplotlib" in capsys.readouterr().err
+        monkeypatch.setattr(bm, "_pyplot", lambda: object())  # matplotlib there
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        assert main([*args, "--plot-dir", str(blocker / "plots")]) == 2
+        assert "--plot-dir" in capsys.readouterr().err
+        assert server.requests() == []  # nothing was sent

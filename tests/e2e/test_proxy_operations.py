@@ -135,3 +135,30 @@ def test_disconnect_abort_and_request_metrics(procs: Procs) -> None:
     assert samples[(("endpoint", "other"), ("status", "404"))] == 3
     assert samples[(("endpoint", "/v1/completions"), ("status", "200"))] >= 1
     assert "not importable" not in procs.log("proxy")  # served on uvloop and httptools
+
+
+def test_a_busy_proxy_port_is_one_line_before_any_worker_starts(procs: Procs, tmp_path) -> None:
+    """Another process holds --port: `pdserve serve` (a local cluster, which would start
+    workers) exits 1 at once with one line naming the port and the flag; no worker started
+    and no cluster folder was made."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**procs.env, "TMPDIR": str(tmp_path)}
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "pdserve", "serve", "--port", str(port),
+                            "--worker-base-port", str(free_port_block(6))],
+                           capture_output=True, text=True, env=env, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == [f"pdserve serve: error: cannot listen on 127.0.0.1:{port}: in use by "
+                      "another process (choose another with --port)"], r.stderr
+    assert "Traceback" not in r.stderr and "started local" not in r.stderr
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("pdserve-cluster-")]
+    assert took < 30
