@@ -144,12 +144,20 @@ WORKER_HELP = ("Run one engine worker: prefill (P), decode (D) or both. It serve
 
 def run_serve_cmd(argv: Sequence[str]) -> int:
     from pdserve.serve import ServeConfig, run_serve
+    from pdserve.vllm_args import translate
 
-    cfg = build_config(ServeConfig, argv, prog="pdserve serve", description=(
+    argv, dropped = translate(argv)  # `vllm serve MODEL --trust-remote-code ...` habits
+    cfg = build_config(ServeConfig, argv, prog="pdserve serve [MODEL]", description=(
         "The OpenAI-compatible proxy. With --prefill/--decode (or --worker) URLs it routes to "
         "running workers; with none it starts a local cluster (1 P + 1 D on the built-in model "
-        "unless told otherwise) and serves it at http://127.0.0.1:8000/v1."))
+        "unless told otherwise) and serves it at http://127.0.0.1:8000/v1. MODEL (a local "
+        "checkpoint folder) may come first, as in `vllm serve MODEL`; vLLM options pdserve has "
+        "no use for are ignored with a warning, --tensor-parallel-size and the other parallel "
+        "sizes are accepted at 1."))
     _setup_logging(cfg.log_level)
+    if dropped:
+        logging.getLogger("pdserve.serve").warning(
+            "ignoring vLLM option(s): %s", "; ".join(f"{f} ({why})" for f, why in dropped))
     return run_serve(cfg)
 
 

@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 
@@ -162,3 +163,32 @@ def test_a_busy_proxy_port_is_one_line_before_any_worker_starts(procs: Procs, tm
     assert "Traceback" not in r.stderr and "started local" not in r.stderr
     assert not [p for p in os.listdir(tmp_path) if p.startswith("pdserve-cluster-")]
     assert took < 30
+
+
+def test_a_vllm_command_line_serves(procs: Procs) -> None:
+    """`pdserve serve MODEL` with vLLM's options as a vLLM user types them: the positional
+    model, --tensor-parallel-size 1, and vLLM-only options pdserve ignores with one warning
+    naming each; the official openai SDK gets a completion from the local P/D cluster."""
+    import openai
+
+    from pdserve.engine.builtin_model import builtin_model_path
+
+    model = builtin_model_path(Path(procs.env["PDSERVE_CACHE_DIR"]))
+    port = free_port_block(1)
+    procs.start("proxy", "-m", "pdserve", "serve", str(model), "--tensor-parallel-size", "1",
+                "--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture",
+                "8192", "--port", str(port), "--worker-base-port", str(free_port_block(6)),
+                "--min-pd-prompt-tokens", "0")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(procs, url, "proxy", serves="prefill/decode")
+    with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+        served = client.models.list().data[0].id
+        out = client.completions.create(model=served, prompt="The quick brown fox",
+                                        max_tokens=4, temperature=0)
+    assert out.choices[0].text and out.usage.completion_tokens == 4
+    log = procs.log("proxy")
+    warning = [ln for ln in log.splitlines() if "ignoring vLLM option(s)" in ln]
+    assert len(warning) == 1
+    for flag in ("--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture"):
+        assert flag in warning[0]
+    assert "--tensor-parallel-size" not in warning[0]  # 1 is what pdserve does: accepted
