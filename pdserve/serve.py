@@ -258,9 +258,25 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
     return replace(cfg, prefill=urls["prefill"], decode=urls["decode"]), workers
 
 
+def _check_own(url: str, w: Managed | None, token: str) -> None:
+    """A UserError unless the worker answering at `url` is the process we started (another
+    cluster's worker on a port ours could not take would otherwise be served as ours)."""
+    if w is None or w.proc is None:
+        return
+    port = url.rsplit(":", 1)[1]
+    r = httpx.get(url + "/info", timeout=5, headers={"Authorization": f"Bearer {token}"})
+    pid = r.json().get("pid") if r.status_code == 200 else None
+    if r.status_code != 200 or pid != w.proc.pid:
+        raise UserError(f"port {port} is held by another process (a worker that is not this "
+                        f"cluster's answers there); choose free worker ports with "
+                        f"--worker-base-port (this cluster's {w.role} worker's log: "
+                        f"{w.log_path})")
+
+
 def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 600.0) -> None:
     """Until every worker answers /health; a UserError with its log's end if one exits."""
     urls = cfg.prefill + cfg.decode + cfg.worker
+    by_url = {w.url: w for w in workers}
     start = time.monotonic()
     end = start + timeout
     pending = list(urls)
@@ -272,6 +288,7 @@ def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 
         try:
             r = httpx.get(pending[0] + "/health", timeout=2)
             if r.status_code == 200:
+                _check_own(pending[0], by_url.get(pending[0]), cfg.internal_token or "")
                 warm = r.json().get("warmup_s")
                 logger.info("worker %s ready %.1f s after launch%s", pending.pop(0),
                             time.monotonic() - start,

@@ -9,6 +9,7 @@ that send `endpoint-load-metrics-format: text|json` carry `endpoint-load-metrics
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 
 import uvicorn
@@ -55,6 +56,7 @@ def create_ops_app(loop: WorkerLoop) -> FastAPI:
         p = loop.parts
         return JSONResponse({
             "role": loop.role.value, "name": loop.cfg.worker_name, "version": __version__,
+            "pid": os.getpid(),  # a local cluster checks its workers are its own processes
             "compat": loop.compat.to_dict(), "model_path": p.model_path,
             "data_address": loop.data_address, **loop.info(),
             "eos_token_ids": list(p.model_config.eos_token_ids),

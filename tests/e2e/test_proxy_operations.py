@@ -192,3 +192,48 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     for flag in ("--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture"):
         assert flag in warning[0]
     assert "--tensor-parallel-size" not in warning[0]  # 1 is what pdserve does: accepted
+
+
+def test_a_local_cluster_never_serves_another_clusters_workers(procs: Procs, tmp_path) -> None:
+    """Another cluster's worker (a fake, its own token) holds our prefill worker's ports:
+    `pdserve serve` exits 1 with one line saying so, instead of serving the foreign worker
+    as its own (it used to: the foreign /health said 200)."""
+    import os
+    import subprocess
+    import sys
+
+    base = free_port_block(6)
+    env = {**procs.env, "PDSERVE_INTERNAL_TOKEN": "another-clusters-token-0123456789"}
+    foreign = subprocess.Popen([sys.executable, "bench/fake_worker.py", "--role", "prefill",
+                                "--port", str(base)], env=env, cwd=Path(__file__).parents[2],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 30
+        while True:  # the foreign worker is up
+            try:
+                if httpx.get(f"http://127.0.0.1:{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end and foreign.poll() is None
+            time.sleep(0.1)
+        own_env = {k: v for k, v in procs.env.items() if k != "PDSERVE_INTERNAL_TOKEN"}
+        serve = subprocess.Popen([sys.executable, "-m", "pdserve", "serve", "--port",
+                                  str(free_port_block(1)), "--worker-base-port", str(base)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**own_env, "TMPDIR": str(tmp_path)},
+                                 start_new_session=True)
+        try:
+            _, stderr = serve.communicate(timeout=90)
+        finally:  # if it hangs (serving the foreign worker), its workers go with it
+            if serve.poll() is None:
+                os.killpg(serve.pid, signal.SIGKILL)
+                serve.wait(10)
+    finally:
+        foreign.terminate()
+        foreign.wait(10)
+    assert serve.returncode == 1
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("pdserve serve: error:")]
+    assert len(errors) == 1 and f"port {base} is held by another process" in errors[0], \
+        stderr[-2000:]
+    assert "serving the OpenAI API" not in stderr
