@@ -18,6 +18,7 @@ process imports no torch.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -372,12 +373,26 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                              "workers": registry.snapshot()})
 
     inner = app.router.lifespan_context
+    scheme = "https" if cfg.ssl_certfile else "http"
+    where = f"{scheme}://{cfg.host}:{cfg.port}/v1 (pid {os.getpid()})"
+
+    async def announce() -> None:
+        """One "serving" line once the workers can serve a request (a P/D pair, a D, or a
+        both-role worker): until then requests get 503 with the reason in /health."""
+        def can_serve() -> bool:  # with P workers configured: a P/D pair
+            return registry.ready() and (not cfg.prefill or bool(registry.usable("prefill")))
+
+        while not can_serve():
+            await backend.admission.changed(60.0)  # woken by every admission and report
+        logger.info("serving the OpenAI API at %s: %s", where, registry.serves())
 
     @asynccontextmanager
     async def lifespan(a):
         await backend.start()
+        announcing = asyncio.get_running_loop().create_task(announce())
         async with inner(a):
             yield
+        announcing.cancel()
         await backend.close()
 
     app.router.lifespan_context = lifespan
@@ -462,8 +477,8 @@ def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None,
         ssl_keyfile=cfg.ssl_keyfile, ssl_certfile=cfg.ssl_certfile,
         ssl_ca_certs=cfg.ssl_ca_certs, ssl_cert_reqs=cfg.ssl_cert_reqs)
     scheme = "https" if cfg.ssl_certfile else "http"
-    logger.info("serving the OpenAI API at %s://%s:%d/v1 (pid %d)", scheme, cfg.host, cfg.port,
-                os.getpid())
+    logger.info("listening at %s://%s:%d (pid %d); waiting for the workers' health checks",
+                scheme, cfg.host, cfg.port, os.getpid())
     uvicorn.Server(config).run(sockets=[sock])
 
 

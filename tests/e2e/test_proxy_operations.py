@@ -192,6 +192,10 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     for flag in ("--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture"):
         assert flag in warning[0]
     assert "--tensor-parallel-size" not in warning[0]  # 1 is what pdserve does: accepted
+    # "serving" is said once the P/D pair can serve, not when the port opens
+    assert log.index("listening at") < log.index(
+        f"serving the OpenAI API at http://127.0.0.1:{port}/v1 (pid ")
+    assert "prefill/decode: 1 P + 1 D" in log[log.index("serving the OpenAI API"):]
 
 
 def test_a_local_cluster_never_serves_another_clusters_workers(procs: Procs, tmp_path) -> None:
