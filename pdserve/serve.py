@@ -72,6 +72,10 @@ class ServeConfig(EngineConfig):
     api_key: list[str] = option(default_factory=list, secret=True,
                                 help="API key(s) required on /v1/* and /invocations (stored "
                                 "hashed).")
+    chat_template: str | None = option(
+        None, metavar="FILE|TEMPLATE",
+        help="The chat template for /v1/chat/completions: a Jinja file, or the template "
+        "itself (as vLLM's --chat-template); default: the tokenizer's own.")
     served_model_name: str | None = option(None, help="Model name clients use (default: the "
                                            "model directory's name).")
     prefill: list[str] = option(default_factory=list, check=_urls, metavar="URL",
@@ -315,6 +319,21 @@ def stop_processes(procs: list, timeout: float = 20.0) -> None:
 
 # ---- the proxy ----------------------------------------------------------------------------
 
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text, or the value itself when it names no file (a value
+    with Jinja markup is a template; anything else that is not a file is an error)."""
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a long inline template is no path
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(f"--chat-template {value!r}: no such file, and not a Jinja template",
+                      "chat_template")
+
+
 def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     """The FastAPI app over a ClusterBackend for `cfg`'s workers (started in its lifespan)."""
     from contextlib import asynccontextmanager
@@ -336,6 +355,11 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     model_path = cfg.model or str(builtin_model_path())
     ModelConfig.from_pretrained(model_path)  # refuse, naming the field, what workers refuse
     tokenizer = None if cfg.skip_tokenizer_init else load_tokenizer(cfg.tokenizer or model_path)
+    if cfg.chat_template is not None:
+        if tokenizer is None:
+            raise ConfigError("--chat-template needs a tokenizer (not --skip-tokenizer-init)",
+                              "chat_template")
+        tokenizer.hf.chat_template = read_chat_template(cfg.chat_template)
     # workers of another model (or tokenizer) are refused, with the reason in /health
     registry = Registry({"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.worker},
                         token=cfg.internal_token or "",
@@ -498,6 +522,8 @@ def run_serve(cfg: ServeConfig) -> int:
     elif cfg.insecure_no_token:
         logger.warning("%s has no effect on a local cluster: it draws a random token",
                        INSECURE_FLAG)
+    if cfg.chat_template is not None:
+        read_chat_template(cfg.chat_template)  # a bad value is refused before anything starts
     port = reserve_port(cfg)  # before anything starts
     workers: list[Managed] = []
     supervisor = None

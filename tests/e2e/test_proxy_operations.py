@@ -241,3 +241,30 @@ def test_a_local_cluster_never_serves_another_clusters_workers(procs: Procs, tmp
     assert len(errors) == 1 and f"port {base} is held by another process" in errors[0], \
         stderr[-2000:]
     assert "serving the OpenAI API" not in stderr
+
+
+def test_chat_template_from_the_command_line(procs: Procs, tmp_path) -> None:
+    """--chat-template (vLLM's flag) as inline Jinja replaces the tokenizer's own: /tokenize
+    of a conversation gives the ids of the custom rendering; a value that is neither a file
+    nor a template is one error line, before anything starts."""
+    import subprocess
+    import sys
+
+    from pdserve.engine.builtin_model import builtin_model_path
+    from pdserve.engine.tokenizer import load_tokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    url, _ = start_cluster(procs, "--chat-template", template)
+    msgs = [{"role": "user", "content": "hello there"}]
+    r = httpx.post(url + "/tokenize", json={"messages": msgs, "add_generation_prompt": False},
+                   timeout=10)
+    assert r.status_code == 200, r.text
+    tok = load_tokenizer(builtin_model_path(Path(procs.env["PDSERVE_CACHE_DIR"])))
+    assert r.json()["tokens"] == tok.encode("[user] hello there\n", add_special_tokens=False)
+    bad = subprocess.run([sys.executable, "-m", "pdserve", "serve", "--chat-template",
+                          str(tmp_path / "missing.jinja"), "--port", str(free_port_block(1))],
+                         capture_output=True, text=True, env=procs.env, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "pdserve serve: error: --chat-template ") and "no such file" in bad.stderr
+    assert "started local" not in bad.stderr
