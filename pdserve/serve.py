@@ -76,8 +76,11 @@ class ServeConfig(EngineConfig):
         None, metavar="FILE|TEMPLATE",
         help="The chat template for /v1/chat/completions: a Jinja file, or the template "
         "itself (as vLLM's --chat-template); default: the tokenizer's own.")
-    served_model_name: str | None = option(None, help="Model name clients use (default: the "
-                                           "model directory's name).")
+    served_model_name: list[str] = option(
+        default_factory=list, metavar="NAME",
+        help="Model name(s) clients use; the first one names responses to requests that give "
+        "none, and /v1/models lists them all (default: --model as given, and the model "
+        "folder's name; pdserve-builtin-tiny for the built-in model).")
     prefill: list[str] = option(default_factory=list, check=_urls, metavar="URL",
                                 help="Prefill workers' HTTP URLs (http://host:port).")
     decode: list[str] = option(default_factory=list, check=_urls, metavar="URL",
@@ -365,14 +368,16 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                         token=cfg.internal_token or "",
                         expected=model_identity(model_path, cfg.tokenizer),
                         interval=cfg.health_interval, silence_limit=cfg.data_path_timeout)
-    default_name = BUILTIN_MODEL_NAME if cfg.model is None else Path(model_path).name
-    backend = ClusterBackend(registry, tokenizer, cfg.served_model_name or default_name,
+    # vLLM's default name is --model as given; the folder's name is accepted too
+    names = cfg.served_model_name or ([BUILTIN_MODEL_NAME] if cfg.model is None else
+                                      list(dict.fromkeys([cfg.model, Path(model_path).name])))
+    backend = ClusterBackend(registry, tokenizer, names[0],
                              model_path=model_path, min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
                              max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
                              max_queued_requests=cfg.max_queued_requests,
                              max_queue_delay=cfg.max_queue_delay,
                              local_workers=supervisor.snapshot if supervisor else None)
-    app = create_app(backend, api_keys=cfg.api_key, served_model_name=cfg.served_model_name,
+    app = create_app(backend, api_keys=cfg.api_key, served_model_name=names,
                      max_body_bytes=cfg.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
                        allow_methods=json.loads(cfg.allowed_methods),

@@ -77,15 +77,20 @@ async def read_json(request: Request) -> Any:
 class OpenAIServer:
     """Request handling shared by the routes; one per app."""
 
-    def __init__(self, backend: Backend, served_model_name: str | None):
+    def __init__(self, backend: Backend, served_model_name: str | Sequence[str] | None):
         self.backend = backend
-        self.model_name = served_model_name or backend.model_name
+        names = [served_model_name] if isinstance(served_model_name, str) else \
+            list(served_model_name or ())
+        # every name a client may ask for (vLLM's --served-model-name takes several); the
+        # first answers /v1/models first and names responses to a request without one
+        self.model_names = list(dict.fromkeys(names)) or [backend.model_name]
+        self.model_name = self.model_names[0]
         self.tokenizer = ProxyTokenizer(backend.tokenizer) if backend.tokenizer is not None \
             else None
         self.created = int(time.time())
 
     def check_model(self, name: str | None) -> None:
-        if name and name != self.model_name:
+        if name and name not in self.model_names:
             raise model_not_found(name)
 
     def need_tokenizer(self, what: str, param: str | None) -> ProxyTokenizer:
@@ -147,7 +152,8 @@ class OpenAIServer:
                          skip_special_tokens=req.skip_special_tokens)
         fmt = ResponseFormatter(
             kind="chat" if prefix == "chatcmpl" else "completion", response_id=response_id,
-            model=self.model_name, tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
+            model=req.model if req.model in self.model_names else self.model_name,
+            tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
             return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
             prompt_token_ids=prompt_ids, include_usage=req.include_usage)
         # one task watches for the client's disconnect, from here to the stream's end
@@ -219,7 +225,8 @@ class OpenAIServer:
 
 
 def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
-               served_model_name: str | None = None, max_body_bytes: int = 4 << 20) -> FastAPI:
+               served_model_name: str | Sequence[str] | None = None,
+               max_body_bytes: int = 4 << 20) -> FastAPI:
     """The app over `backend` (owned by the caller, who closes it). `api_keys` empty: the
     PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth."""
     server = OpenAIServer(backend, served_model_name)
@@ -241,7 +248,7 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return models_response([server.model_name], root=backend.model_path,
+        return models_response(server.model_names, root=backend.model_path,
                                max_model_len=backend.max_model_len, created=server.created)
 
     @app.post("/tokenize")

@@ -89,7 +89,7 @@ def test_vllm_variables_map_to_the_options_pdserve_shares() -> None:
     assert cfg.model == "/opt/ml/model" and cfg.max_num_seqs == 64
     assert cfg.gpu_memory_utilization == 0.85 and cfg.max_model_len == 4096
     assert cfg.dtype == "float16"  # vLLM's "half"
-    assert cfg.served_model_name == "llama" and cfg.api_key == ["sk-1"]
+    assert cfg.served_model_name == ["llama"] and cfg.api_key == ["sk-1"]
     assert cfg.enable_prefix_caching is False
 
 

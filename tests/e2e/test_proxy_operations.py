@@ -182,9 +182,14 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     url = f"http://127.0.0.1:{port}"
     wait_healthy(procs, url, "proxy", serves="prefill/decode")
     with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
-        served = client.models.list().data[0].id
-        out = client.completions.create(model=served, prompt="The quick brown fox",
+        served = [m.id for m in client.models.list().data]
+        out = client.completions.create(model=str(model), prompt="The quick brown fox",
                                         max_tokens=4, temperature=0)
+        by_folder = client.completions.create(model=model.name, prompt="The quick brown fox",
+                                              max_tokens=1, temperature=0)
+    # vLLM's default served name is the model argument as given; the folder's name works too
+    assert served == [str(model), model.name]
+    assert out.model == str(model) and by_folder.model == model.name
     assert out.choices[0].text and out.usage.completion_tokens == 4
     log = procs.log("proxy")
     warning = [ln for ln in log.splitlines() if "ignoring vLLM option(s)" in ln]

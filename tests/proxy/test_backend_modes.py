@@ -140,3 +140,19 @@ def test_failures(backend: LocalBackend) -> None:
             assert r.json()["error"]["message"] == "prompt refused by the worker"
         assert c.get("/health").status_code == 503
         assert c.get("/ping").status_code == 503
+
+
+def test_several_served_model_names(backend: LocalBackend) -> None:
+    """--served-model-name a b (vLLM takes several): /v1/models lists each, a request may
+    name any of them and its response carries the name it used; a request without one gets
+    the first; another name is 404 model_not_found."""
+    with serve(create_app(TokenIdsOnly(backend), served_model_name=["first", "alias"])) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["first", "alias"]
+        body = {"prompt": [0, 5, 6], "max_tokens": 2, "ignore_eos": True}
+        for asked, answered in (("alias", "alias"), ("first", "first"), (None, "first")):
+            r = c.post("/v1/completions", json={**body, **({"model": asked} if asked else {})})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == answered
+        r = c.post("/v1/completions", json={**body, "model": "other"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
