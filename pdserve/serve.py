@@ -45,7 +45,7 @@ from pdserve.common.internal_token import (
 from pdserve.common.options import option
 from pdserve.config import ConfigError
 from pdserve.engine.config import EngineConfig
-from pdserve.supervisor import Managed, Supervisor, log_tail
+from pdserve.supervisor import Managed, Supervisor
 
 logger = logging.getLogger("pdserve.serve")
 
@@ -98,6 +98,10 @@ class ServeConfig(EngineConfig):
                                      "has a token.")
     num_prefill: int = option(1, help="Local cluster: prefill workers to start.")
     num_decode: int = option(1, help="Local cluster: decode workers to start.")
+    echo_worker_logs: bool = option(True, help="Local cluster: each worker's output also "
+                                    "goes to this console, each line prefixed with its role "
+                                    "and port (as docker compose does); "
+                                    "--no-echo-worker-logs: to its log file only.")
     worker_base_port: int = option(8100, help="Local cluster: first worker port (each "
                                    "worker takes 3).")
     local_devices: list[str] = option(default_factory=list, help="Local cluster: devices for "
@@ -257,7 +261,8 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
         if mps_env is not None and role == "decode" and cfg.mps_decode_percent < 100:
             wenv = {**env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(cfg.mps_decode_percent)}
         w = Managed(role, port, _worker_cmd(cfg, role, port, device) + turns.get(i, []), wenv,
-                    log_dir / f"{role}-{port}.log")
+                    log_dir / f"{role}-{port}.log",
+                    echo=sys.stderr if cfg.echo_worker_logs else None)
         w.log_path.write_text("")
         w.start()
         workers.append(w)
@@ -292,7 +297,7 @@ def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 
         for w in workers:
             if w.proc.poll() is not None:
                 raise UserError(f"a local worker exited with code {w.proc.returncode}; the end "
-                                f"of its log {w.log_path}:\n{log_tail(w.log_path)}")
+                                f"of its log {w.log_path}:\n{w.log_end()}")
         try:
             r = httpx.get(pending[0] + "/health", timeout=2)
             if r.status_code == 200:

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TextIO
 
 from pdserve.common.shm_files import sweep_stale
 
@@ -52,16 +52,48 @@ class Managed:
     crashes: collections.deque = field(default_factory=collections.deque)  # monotonic times
     next_start: float = 0.0
     last_exit: int | None = None
+    echo: TextIO | None = None  # also copy the output here, each line prefixed
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def prefix(self) -> str:
+        return f"{self.role}-{self.port} | "
+
     def start(self) -> None:
-        with open(self.log_path, "a") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env)
+        if self.echo is None:
+            with open(self.log_path, "a") as log:  # the child keeps its own descriptor
+                self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.env)
+        else:  # a thread tees the output to the log file and, prefixed, to `echo`
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env=self.env)
+            self._teeing = threading.Thread(target=self._tee, args=(self.proc.stdout,),
+                                            daemon=True, name=f"tee-{self.role}-{self.port}")
+            self._teeing.start()
         self.state = "running"
+
+    def log_end(self, lines: int = 15) -> str:
+        """The end of its log, once a dead worker's last output is in the file."""
+        teeing = getattr(self, "_teeing", None)
+        if teeing is not None and self.proc is not None and self.proc.poll() is not None:
+            teeing.join(5)
+        return log_tail(self.log_path, lines)
+
+    def _tee(self, out: IO[bytes]) -> None:
+        """Until the worker's output ends: every line to its log file and to `echo` (a
+        console gone is no reason to stop: the worker would block on a full pipe)."""
+        with open(self.log_path, "ab") as log, out:
+            for line in out:
+                log.write(line)
+                log.flush()
+                try:
+                    self.echo.write(self.prefix + line.decode(errors="replace"))
+                    self.echo.flush()
+                except (OSError, ValueError):
+                    pass
 
     def snapshot(self) -> dict[str, Any]:
         return {"role": self.role, "url": self.url, "state": self.state,
@@ -119,13 +151,13 @@ class Supervisor:
                 logger.error("local %s worker on port %d exited (code %s), its %d-th crash in "
                              "%.0f s: not restarting it; the cluster serves without it. The "
                              "end of its log %s:\n%s", w.role, w.port, w.last_exit,
-                             len(w.crashes), WINDOW_S, w.log_path, log_tail(w.log_path))
+                             len(w.crashes), WINDOW_S, w.log_path, w.log_end())
                 return
             delay = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** (len(w.crashes) - 1))
             w.state, w.next_start = "restarting", now + delay
             logger.warning("local %s worker on port %d exited (code %s); restarting it in "
                            "%.1f s. The end of its log %s:\n%s", w.role, w.port, w.last_exit,
-                           delay, w.log_path, log_tail(w.log_path))
+                           delay, w.log_path, w.log_end())
         elif w.state == "restarting" and now >= w.next_start:
             from pdserve.proxy import metrics
 

@@ -191,12 +191,17 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     assert served == [str(model), model.name]
     assert out.model == str(model) and by_folder.model == model.name
     assert out.choices[0].text and out.usage.completion_tokens == 4
-    log = procs.log("proxy")
+    log = (procs.tmp / "proxy.log").read_text()  # whole: the workers' lines are in it too
     warning = [ln for ln in log.splitlines() if "ignoring vLLM option(s)" in ln]
     assert len(warning) == 1
     for flag in ("--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture"):
         assert flag in warning[0]
     assert "--tensor-parallel-size" not in warning[0]  # 1 is what pdserve does: accepted
+    # each worker's output is on the console too, prefixed as docker compose does
+    for role in ("prefill", "decode"):
+        assert f"{role}-" in log and " | " in log
+        assert any(ln.startswith(f"{role}-") and " | " in ln and " ready: http=" in ln
+                   for ln in log.splitlines()), log[-3000:]
     # "serving" is said once the P/D pair can serve, not when the port opens
     assert log.index("listening at") < log.index(
         f"serving the OpenAI API at http://127.0.0.1:{port}/v1 (pid ")

@@ -75,3 +75,20 @@ def test_a_death_sweeps_dead_workers_pool_files(tmp_path):
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_output_goes_to_the_log_and_prefixed_to_the_console(tmp_path):
+    """`pdserve serve` echoes each local worker's output, prefixed with its role and port (as
+    docker compose does), and keeps the whole of it in the worker's log file; the end of
+    the log of a worker that died holds its last line."""
+    import io
+
+    console = io.StringIO()
+    cmd = [sys.executable, "-c", "print('loading'); import sys; "
+           "print('pdserve worker: error: no such model', file=sys.stderr); sys.exit(1)"]
+    w = Managed("prefill", 8100, cmd, dict(os.environ), tmp_path / "p.log", echo=console)
+    w.start()
+    w.proc.wait(30)
+    assert w.log_end().splitlines() == ["loading", "pdserve worker: error: no such model"]
+    assert console.getvalue().splitlines() == [
+        "prefill-8100 | loading", "prefill-8100 | pdserve worker: error: no such model"]
