@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pdserve.common import __version__
+from pdserve.common.logs import Throttled
 from pdserve.proxy.auth import APIKeyMiddleware, resolve_api_keys
 from pdserve.proxy.backend import Backend, GenerationRequest
 from pdserve.proxy.errors import OpenAIError, install_error_handlers, model_not_found
@@ -51,6 +52,7 @@ from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
 from pdserve.proxy.validation import check_strings, validate
 
 logger = logging.getLogger(__name__)
+flood = Throttled(logger)
 
 _seed_source = random.SystemRandom()
 READY_WAIT_S = 10.0
@@ -138,7 +140,10 @@ class OpenAIServer:
                    prefix: str, prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
         # a proxy just started serves before its workers' first health checks: wait a little
         if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
-            raise OpenAIError("no worker is ready yet: see /health", status_code=503)
+            why = (await self.health_report()).get("serves") or "no worker is admitted"
+            flood.warning("not ready", "503: no worker can serve yet (%s); see /health", why)
+            raise OpenAIError(f"no worker can serve yet ({why}): see /health",
+                              status_code=503)
         seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
         params = validate(req, prompt_ids, prompt_param, max_model_len=self.backend.max_model_len,
                           vocab_size=self.backend.vocab_size, seed=seed)

@@ -79,11 +79,18 @@ class ClusterBackend:
         self.registry.start()
 
     async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.registry.admitted.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        """Whether a worker is admitted, waiting (at most `timeout`) only for the first round
+        of health checks: a request that comes while no worker can serve gets its 503 at
+        once, with the reason, instead of hanging (issue 18)."""
+        reg = self.registry
+        if not reg.checked.is_set() and not reg.admitted.is_set():
+            waits = [asyncio.ensure_future(e.wait()) for e in (reg.checked, reg.admitted)]
+            try:
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits:
+                    t.cancel()
+        return reg.admitted.is_set()
 
     @property
     def max_model_len(self) -> int:
@@ -187,7 +194,8 @@ class ClusterBackend:
                      deadline: float) -> tuple[str, Worker, Worker | None]:
         """A route with room: now, or from the admission queue (a 429 past `deadline`). When
         no worker can serve at all, wait up to NO_WORKER_WAIT_S for one to be (re)admitted:
-        a worker restarting or a health check racing a burst is not a 503 at once."""
+        a worker restarting or a health check racing a burst is not a 503 at once (but a
+        cluster that never could serve is)."""
         end = time.monotonic() + NO_WORKER_WAIT_S
         while True:
             try:
@@ -198,7 +206,8 @@ class ClusterBackend:
                 raise
             except BackendError:
                 left = end - time.monotonic()
-                if left <= 0:
+                # never able to serve (a D unreachable from the start): no use waiting
+                if left <= 0 or not (self.registry.served_once or self.registry.ready()):
                     raise
                 await self.admission.changed(left)  # a worker admitted or back: try again
 

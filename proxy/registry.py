@@ -131,6 +131,8 @@ class Registry:
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
         self.admitted = asyncio.Event()  # set once a worker's /info was accepted
+        self.checked = asyncio.Event()  # set once the first round of health checks ended
+        self.served_once = False  # whether `ready()` was ever true (restarts are waited for)
         self.on_transfer = self.on_report = None
 
     def _headers(self) -> dict[str, str]:
@@ -145,7 +147,9 @@ class Registry:
     def ready(self) -> bool:
         """Whether a request can be served now: a D (with or without a P: alone it prefills
         prompts itself) or a both-role worker is usable."""
-        return bool({"decode", "both"} & {w.role for w in self.workers if w.usable})
+        ok = bool({"decode", "both"} & {w.role for w in self.workers if w.usable})
+        self.served_once = self.served_once or ok
+        return ok
 
     def serves(self) -> str:
         """What the proxy can serve now, in words (its /health says it)."""
@@ -169,6 +173,7 @@ class Registry:
                 await self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 logger.exception("health check round failed")
+            self.checked.set()
             await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:

@@ -278,3 +278,32 @@ def test_chat_template_from_the_command_line(procs: Procs, tmp_path) -> None:
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "pdserve serve: error: --chat-template ") and "no such file" in bad.stderr
     assert "started local" not in bad.stderr
+
+
+def test_a_proxy_whose_decode_worker_never_answers_says_503_at_once(procs: Procs) -> None:
+    """--decode (and --prefill) URLs nothing listens on: a request gets 503 at once with
+    what the proxy can serve ("nothing: ..."), and the log says why; it used to hang 41 s.
+    (A cluster that served before waits a little for a restarting worker: test_faults.)"""
+    dead = [f"http://127.0.0.1:{free_port_block(2)}" for _ in range(2)]
+    port = free_port_block(1)
+    procs.start("proxy", "-m", "pdserve", "serve", "--prefill", dead[0], "--decode", dead[1],
+                "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 60
+    while True:  # the port is open (its /health answers 503: nothing is usable)
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 503:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < end, procs.log("proxy")
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/completions", timeout=60,
+                   json={"prompt": [5, 6, 7], "max_tokens": 2})
+    took = time.monotonic() - t0
+    assert r.status_code == 503, r.text
+    assert "no worker can serve yet (nothing: no decode or both-role worker is usable)" in \
+        r.json()["error"]["message"]
+    assert took < 3, took
+    assert "503: no worker can serve yet" in procs.log("proxy")
