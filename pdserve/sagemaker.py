@@ -83,13 +83,15 @@ VLLM_DROPPED: dict[str, str] = {
     "max-log-len": "pdserve does not log request contents",
 }
 # vLLM options that are no-ops at 1 and refused otherwise (pdserve does not shard a model)
+# ({local_devices} and {num_engines}: the option names of the form the user configures)
 VLLM_ONLY_ONE: dict[str, str] = {
     "tensor-parallel-size": "pdserve does not shard a model across GPUs; give each worker "
-    "its own GPU (SM_PDSERVE_LOCAL_DEVICES) instead",
+    "its own GPU ({local_devices}) instead",
     "pipeline-parallel-size": "pdserve does not shard a model across GPUs",
-    "data-parallel-size": "use SM_PDSERVE_NUM_PREFILL / SM_PDSERVE_NUM_DECODE for more "
-    "engines",
+    "data-parallel-size": "use {num_engines} for more engines",
 }
+SM_NAMES = {"local_devices": "SM_PDSERVE_LOCAL_DEVICES",
+            "num_engines": "SM_PDSERVE_NUM_PREFILL / SM_PDSERVE_NUM_DECODE"}
 # vLLM options refused unless empty or "none": dropping them would load the model wrongly
 VLLM_ONLY_NONE: dict[str, str] = {
     "quantization": "pdserve loads unquantized checkpoints only",
@@ -177,7 +179,8 @@ def translate(environ: Mapping[str, str]) -> Translation:
         name, value = _flag_name(var, VLLM_PREFIX), environ[var]
         if name in VLLM_ONLY_ONE:
             if value.strip() not in ("", "1"):
-                raise ConfigError(f"{var}={value!r}: {VLLM_ONLY_ONE[name]}", var)
+                raise ConfigError(f"{var}={value!r}: "
+                                  + VLLM_ONLY_ONE[name].format(**SM_NAMES), var)
             continue  # 1 is what pdserve does anyway
         if name in VLLM_ONLY_NONE:
             if value.strip().lower() not in ("", "none"):

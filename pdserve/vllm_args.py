@@ -51,10 +51,9 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
         i += 1
         if name in VLLM_ONLY_ONE:
             if value is None or value.strip() != "1":
-                raise ConfigError(f"--{name} {value or ''}".rstrip() + f": {VLLM_ONLY_ONE[name]}"
-                                  .replace("SM_PDSERVE_LOCAL_DEVICES", "--local-devices")
-                                  .replace("SM_PDSERVE_NUM_PREFILL / SM_PDSERVE_NUM_DECODE",
-                                           "--num-prefill / --num-decode"), name)
+                why = VLLM_ONLY_ONE[name].format(local_devices="--local-devices",
+                                                 num_engines="--num-prefill / --num-decode")
+                raise ConfigError(f"--{name} {value or ''}".rstrip() + f": {why}", name)
             continue  # 1 is what pdserve does anyway
         if name in VLLM_ONLY_NONE:
             if (value or "").strip().lower() not in ("", "none"):
