@@ -33,6 +33,11 @@ class Tokenizer:
         return len(self.hf)
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` whose decode is exactly this tokenizer's, or None."""
+        return self._backend
+
+    @property
     def eos_token_id(self) -> int | None:
         return self.hf.eos_token_id
 

@@ -23,18 +23,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import re
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from pdserve.common import __version__
 from pdserve.common.logs import Throttled
-from pdserve.proxy.auth import APIKeyMiddleware, resolve_api_keys
+from pdserve.proxy.auth import APIKeyMiddleware, APIKeys, resolve_api_keys
 from pdserve.proxy.backend import Backend, GenerationRequest
 from pdserve.proxy.errors import OpenAIError, install_error_handlers, model_not_found
 from pdserve.proxy.formatting import ResponseFormatter, models_response
@@ -55,25 +58,43 @@ logger = logging.getLogger(__name__)
 flood = Throttled(logger)
 
 _seed_source = random.SystemRandom()
+_encode_json = msgspec.json.Encoder().encode
 READY_WAIT_S = 10.0
 NO_TOKENIZER = ("this server has no tokenizer (token-ids-only mode): {what}; send token ids "
                 "as the prompt of /v1/completions")
 
 
-async def read_json(request: Request) -> Any:
-    """The decoded JSON body; 400 for another content type or malformed JSON."""
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+# a lone surrogate can only come from a \\uD800-\\uDFFF escape in an ASCII body
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def decode_json(content_type: str, raw: bytes) -> Any:
+    """The decoded JSON body; 400 for another content type, malformed JSON or a string
+    UTF-8 cannot encode."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise OpenAIError("Unsupported Media Type: Only 'application/json' is allowed")
-    raw = await request.body()
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIError(f"the request body is not valid JSON: {e}") from e
     except RecursionError:
         raise OpenAIError("the request body nests too deeply") from None
-    check_strings(data)
+    if not raw.isascii() or _SURROGATE_ESCAPE.search(raw):  # else every string is valid
+        check_strings(data)
     return data
+
+
+async def read_json(request: Request) -> Any:
+    """The decoded JSON body of a framework request (`decode_json`)."""
+    return decode_json(request.headers.get("content-type", ""), await request.body())
+
+
+class CompactJSONResponse(JSONResponse):
+    """JSONResponse rendered by msgspec: the same compact UTF-8 JSON, several times faster."""
+
+    def render(self, content: Any) -> bytes:
+        return _encode_json(content)
 
 
 class OpenAIServer:
@@ -102,7 +123,9 @@ class OpenAIServer:
 
     # ---- completions ---------------------------------------------------------------------
 
-    async def chat(self, request: Request, data: Any) -> Response:
+    async def chat(self, rid: str, receive: Receive, data: Any) -> Response:
+        """`rid`: the request's id (X-Request-Id); `receive`: its ASGI receive, read to the
+        body's end (a disconnect watch reads it from here on)."""
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, data)
         self.check_model(req.model)
         tok = self.need_tokenizer("chat completions need a chat template", "messages")
@@ -115,9 +138,9 @@ class OpenAIServer:
                 chat_template_kwargs=req.chat_template_kwargs)
         except ChatTemplateError as e:
             raise OpenAIError(str(e), param="messages") from e
-        return await self._run(request, req, "chatcmpl", prompt_ids, "messages", "")
+        return await self._run(rid, receive, req, "chatcmpl", prompt_ids, "messages", "")
 
-    async def completion(self, request: Request, data: Any) -> Response:
+    async def completion(self, rid: str, receive: Receive, data: Any) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, data)
         self.check_model(req.model)
         prompt = req.single_prompt()
@@ -134,10 +157,11 @@ class OpenAIServer:
             if req.echo and self.tokenizer is not None:
                 echo = await asyncio.to_thread(self.tokenizer.decode, prompt_ids,
                                                req.skip_special_tokens)
-        return await self._run(request, req, "cmpl", prompt_ids, "prompt", echo)
+        return await self._run(rid, receive, req, "cmpl", prompt_ids, "prompt", echo)
 
-    async def _run(self, request: Request, req: ChatCompletionRequest | CompletionRequest,
-                   prefix: str, prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
+    async def _run(self, rid: str, receive: Receive,
+                   req: ChatCompletionRequest | CompletionRequest, prefix: str,
+                   prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
         # a proxy just started serves before its workers' first health checks: wait a little
         if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
             why = (await self.health_report()).get("serves") or "no worker is admitted"
@@ -147,10 +171,9 @@ class OpenAIServer:
         seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
         params = validate(req, prompt_ids, prompt_param, max_model_len=self.backend.max_model_len,
                           vocab_size=self.backend.vocab_size, seed=seed)
-        rid = request.state.request_id
         response_id = f"{prefix}-{rid}"
         # unique inside the backend even when a client reuses its X-Request-Id
-        gen_req = GenerationRequest(f"{response_id}-{uuid.uuid4().hex[:8]}", prompt_ids, params,
+        gen_req = GenerationRequest(f"{response_id}-{os.urandom(4).hex()}", prompt_ids, params,
                                     priority=req.priority, cache_salt=req.cache_salt)
         gen = Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
                          include_stop_str_in_output=req.include_stop_str_in_output,
@@ -162,7 +185,7 @@ class OpenAIServer:
             return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
             prompt_token_ids=prompt_ids, include_usage=req.include_usage)
         # one task watches for the client's disconnect, from here to the stream's end
-        watch: DisconnectWatch | None = DisconnectWatch(request.receive)
+        watch: DisconnectWatch | None = DisconnectWatch(receive)
         try:
             if req.stream:
                 await watch.run(gen.start())
@@ -176,13 +199,22 @@ class OpenAIServer:
                 choices = await collect(gen)
                 return fmt.response(choices, gen.num_completion_tokens, echo)
 
-            return JSONResponse(await watch.run(whole()))
+            return CompactJSONResponse(await watch.run(whole()))
         except ClientDisconnected:
             logger.info("request %s: client disconnected before the response", rid)
             return Response(status_code=499)
         finally:
             if watch is not None:
                 await watch.close()
+
+    async def invocation(self, rid: str, receive: Receive, data: Any) -> Response:
+        """SageMaker's /invocations: a chat body (`messages`) or a completion (`prompt`)."""
+        if isinstance(data, dict) and "messages" in data:
+            return await self.chat(rid, receive, data)
+        if isinstance(data, dict) and "prompt" in data:
+            return await self.completion(rid, receive, data)
+        raise OpenAIError("Cannot find suitable handler for request. Expected one of: "
+                          "['ChatCompletionRequest', 'CompletionRequest']")
 
     # ---- tokenizer endpoints -------------------------------------------------------------
 
@@ -231,25 +263,31 @@ class OpenAIServer:
 
 def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
                served_model_name: str | Sequence[str] | None = None,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
+               max_body_bytes: int = 4 << 20, fast_path: bool = True) -> FastAPI:
     """The app over `backend` (owned by the caller, who closes it). `api_keys` empty: the
-    PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth."""
+    PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth.
+    `fast_path`: the generation routes answered in front of the framework
+    (`fast_path.FastPath`, which behaves as the FastAPI app for everything else); False:
+    the plain FastAPI app."""
     server = OpenAIServer(backend, served_model_name)
+    keys = resolve_api_keys(api_keys)
     app = FastAPI(title="pdserve", version=__version__)
     app.state.server = server
     install_error_handlers(app)
     # added last = outermost: every response, 401 and 413 included, gets X-Request-Id
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, api_keys=resolve_api_keys(api_keys))
+    app.add_middleware(APIKeyMiddleware, api_keys=keys)
     app.add_middleware(RequestIdMiddleware)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await server.chat(request, await read_json(request))
+        return await server.chat(request.state.request_id, request.receive,
+                                 await read_json(request))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await server.completion(request, await read_json(request))
+        return await server.completion(request.state.request_id, request.receive,
+                                       await read_json(request))
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -280,12 +318,12 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
 
     @app.post("/invocations")
     async def invocations(request: Request) -> Response:
-        data = await read_json(request)
-        if isinstance(data, dict) and "messages" in data:
-            return await server.chat(request, data)
-        if isinstance(data, dict) and "prompt" in data:
-            return await server.completion(request, data)
-        raise OpenAIError("Cannot find suitable handler for request. Expected one of: "
-                          "['ChatCompletionRequest', 'CompletionRequest']")
+        return await server.invocation(request.state.request_id, request.receive,
+                                       await read_json(request))
 
-    return app
+    if not fast_path:
+        return app
+    from pdserve.proxy.fast_path import FastPath
+
+    return FastPath(app, server, api_keys=APIKeys(keys),  # type: ignore[return-value]
+                    max_body_bytes=max_body_bytes)

@@ -41,12 +41,22 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-class APIKeyMiddleware:
-    """Pure ASGI middleware (no BaseHTTPMiddleware: it would break streaming cancellation)."""
+UNAUTHORIZED_BODY = json.dumps(error_body(
+    "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'.",
+    "AuthenticationError", None, "invalid_api_key")).encode()
+UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(UNAUTHORIZED_BODY)).encode()),
+                        (b"www-authenticate", b"Bearer")]
 
-    def __init__(self, app: ASGIApp, api_keys: Iterable[str]):
-        self.app = app
+
+class APIKeys:
+    """The accepted keys, as digests; `verify` checks an Authorization header's value."""
+
+    def __init__(self, api_keys: Iterable[str]):
         self._digests = [_digest(k) for k in api_keys if k]
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
 
     def verify(self, authorization: str | None) -> bool:
         if not authorization:
@@ -60,8 +70,16 @@ class APIKeyMiddleware:
             ok |= secrets.compare_digest(presented, d)
         return ok
 
+
+class APIKeyMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would break streaming cancellation)."""
+
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str]):
+        self.app = app
+        self.keys = APIKeys(api_keys)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._digests or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -76,13 +94,9 @@ class APIKeyMiddleware:
             if name == b"authorization":
                 auth = value.decode("latin-1")
                 break
-        if self.verify(auth):
+        if self.keys.verify(auth):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_body("Incorrect or missing API key: send the header "
-                                     "'Authorization: Bearer <key>'.", "AuthenticationError",
-                                     None, "invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": UNAUTHORIZED_HEADERS})
+        await send({"type": "http.response.body", "body": UNAUTHORIZED_BODY})

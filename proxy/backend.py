@@ -12,7 +12,7 @@ thread of the test process).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,8 +56,12 @@ class ChoiceDelta:
     finish_reason: str | None = None
 
 
-def to_deltas(rows: Iterable[TokenRow]) -> list[ChoiceDelta]:
+def to_deltas(rows: Sequence[TokenRow]) -> list[ChoiceDelta]:
     """One engine step's rows of one request, as one ChoiceDelta per choice."""
+    if len(rows) == 1:  # the common case: one choice, one token this step
+        r = rows[0]
+        return [ChoiceDelta(r.choice_index, [r.token_id],
+                            None if r.logprobs is None else [r.logprobs], r.finish_reason)]
     out: dict[int, ChoiceDelta] = {}
     for r in rows:
         d = out.setdefault(r.choice_index, ChoiceDelta(r.choice_index, []))

@@ -36,17 +36,20 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Text of one choice's output ids, delivered as it becomes certain."""
+    """Text of one choice's output ids, delivered as it becomes certain. With a Rust
+    tokenizer each id is one `tokenizers` DecodeStream step (the same two offsets and
+    hold-back rule, in Rust: one call per token); a step that fails (a window whose decode is
+    not prefix-stable) moves this choice to the windows decoded here, from the same offsets."""
 
     def __init__(self, tokenizer: ProxyTokenizer, skip_special_tokens: bool = True):
-        # No prompt context before the first window (vLLM adds some): the contract is with
-        # decode(output ids) alone, which is what a non-streaming response returns too.
         self.tok = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
         self.emitted: list[str] = []  # every delta so far
+        stream = getattr(tokenizer, "decode_stream", None)  # a bare `decode` will do too
+        self._rust, self._stream = stream(skip_special_tokens) if stream else (None, None)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -55,12 +58,24 @@ class IncrementalDetokenizer:
         """Append one id; returns the text it completes (often all of its text, sometimes ""
         while a multi-byte character is incomplete)."""
         self.ids.append(token_id)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self._rust, token_id)
+            except Exception as e:  # noqa: BLE001 - the windows below decide instead
+                logger.debug("DecodeStream step failed (%s): decoding windows", e)
+                self._stream = None
+            else:
+                if delta is None:
+                    return ""
+                self.prefix_offset = self.read_offset  # as the stream moved its own
+                self.read_offset = len(self.ids)
+                self.emitted.append(delta)
+                return delta
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing certain yet: keep the window
         if not new_text.startswith(prefix_text):
-            # the window's old text changed: not prefix-stable here; finish() reconciles
             logger.debug("detokenizer window not prefix-stable: %r -> %r", prefix_text, new_text)
         delta = new_text[len(prefix_text):]
         self.prefix_offset = self.read_offset

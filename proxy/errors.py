@@ -72,9 +72,9 @@ def model_not_found(name: str) -> OpenAIError:
                        code="model_not_found")
 
 
-def sse_error(err: OpenAIError) -> str:
+def sse_error(err: OpenAIError) -> bytes:
     """A mid-stream error event (the status is already 200); `data: [DONE]` follows it."""
-    return f"data: {json.dumps(err.body())}\n\n"
+    return f"data: {json.dumps(err.body())}\n\n".encode()
 
 
 def install_error_handlers(app: FastAPI) -> None:

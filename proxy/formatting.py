@@ -21,15 +21,15 @@ from pdserve.proxy.serving import ChoiceResult, ChoiceUpdate
 from pdserve.proxy.tokenization import ProxyTokenizer
 
 VERY_UNLIKELY = -9999.0
-DONE = "data: [DONE]\n\n"
+DONE = b"data: [DONE]\n\n"
 
 
 _json = msgspec.json.Encoder()
 
 
-def sse(obj: dict[str, Any]) -> str:
-    """One SSE event; compact JSON, UTF-8 as is (msgspec: ~10x json.dumps per event)."""
-    return "data: " + _json.encode(obj).decode() + "\n\n"
+def sse(obj: dict[str, Any]) -> bytes:
+    """One SSE event, as the bytes sent; compact JSON, UTF-8 as is (msgspec)."""
+    return b"data: " + _json.encode(obj) + b"\n\n"
 
 
 def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
@@ -114,6 +114,9 @@ class ResponseFormatter:
         self.prompt_token_ids = prompt_token_ids
         self.include_usage = include_usage
         self._completion_lps: dict[int, CompletionLogprobs] = {}
+        # every chunk of a stream starts the same: `data: {"id":...,"choices":[` encoded once
+        head = _json.encode(self._chunk_head())
+        self._chunk_start = b"data: " + head[:-1] + b',"choices":['
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
@@ -170,7 +173,7 @@ class ResponseFormatter:
             head["usage"] = None
         return head
 
-    def first_chunks(self, indices: list[int], prefix_text: str = "") -> list[str]:
+    def first_chunks(self, indices: list[int], prefix_text: str = "") -> list[bytes]:
         """Chat: the role announcement of every choice. Completions with echo: the prompt."""
         chunks = []
         for i in indices:
@@ -181,10 +184,10 @@ class ResponseFormatter:
                 choice = {"index": i, "text": prefix_text, "logprobs": None, "finish_reason": None}
             else:
                 continue
-            chunks.append(sse({**self._chunk_head(), "choices": [choice]}))
+            chunks.append(self._chunk_start + _json.encode(choice) + b"]}\n\n")
         return chunks
 
-    def chunk(self, upd: ChoiceUpdate) -> str | None:
+    def chunk(self, upd: ChoiceUpdate) -> bytes | None:
         """One choice's update as an SSE event, or None when it carries nothing to show."""
         has_lps = self.logprobs is not None and bool(upd.logprobs)
         if not (upd.text or has_lps or upd.finish_reason is not None
@@ -203,9 +206,9 @@ class ResponseFormatter:
                       if has_lps else None,
                       "finish_reason": upd.finish_reason}
         choice = self._extras(choice, upd.token_ids, upd.finish_reason, upd.stop_reason)
-        return sse({**self._chunk_head(), "choices": [choice]})
+        return self._chunk_start + _json.encode(choice) + b"]}\n\n"
 
-    def usage_chunk(self, num_completion_tokens: int) -> str:
+    def usage_chunk(self, num_completion_tokens: int) -> bytes:
         head = self._chunk_head()
         head["usage"] = usage(len(self.prompt_token_ids), num_completion_tokens)
         return sse({**head, "choices": []})

@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pdserve.proxy import metrics
 from pdserve.proxy.errors import OpenAIError, error_body
 
-_SANE_ID = re.compile(r"[!-~]{1,128}")
+SANE_ID = re.compile(r"[!-~]{1,128}")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -43,8 +43,8 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        rid = incoming if incoming is not None and _SANE_ID.fullmatch(incoming) \
-            else uuid.uuid4().hex
+        rid = incoming if incoming is not None and SANE_ID.fullmatch(incoming) \
+            else os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:

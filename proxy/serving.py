@@ -114,6 +114,7 @@ class Generation:
                 skip_special_tokens=skip_special_tokens), request.params.stop_token_ids)
             for i in request.choice_indices()
         }
+        self._num_done = 0  # choices finished (`_apply`)
         self._agen: AsyncGenerator[list[ChoiceDelta], None] | None = None
         self._first: list[ChoiceDelta] | None = None
         self._started: float | None = None  # None again once observed
@@ -156,7 +157,7 @@ class Generation:
             while True:
                 if batch is not None:
                     out = self._apply(batch)
-                    done = all(c.done for c in self.choices.values())
+                    done = self._num_done == len(self.choices)
                     if done:  # before the yield: the consumer may stop at the last batch
                         self._observe_e2e()
                     if out:
@@ -191,6 +192,8 @@ class Generation:
             upd = choice.apply(delta, self.want_logprobs)
             if upd is not None:
                 out.append(upd)
+                if upd.finish_reason is not None:
+                    self._num_done += 1
         return out
 
     async def aclose(self) -> None:

@@ -90,7 +90,7 @@ class DisconnectWatch:
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], headers: dict[str, str] | None = None,
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None,
                  on_close: Callable[[], Awaitable[None]] | None = None,
                  watch: DisconnectWatch | None = None):
         """`on_close` runs however the response ends, even if the client left before the
@@ -123,7 +123,7 @@ class SSEResponse(StreamingResponse):
 
 
 async def sse_stream(gen: Generation, fmt: ResponseFormatter, prefix_text: str = "") \
-        -> AsyncIterator[str]:
+        -> AsyncIterator[bytes]:
     """The SSE events of a started generation; closes it however the stream ends."""
     updates = gen.updates()
     try:

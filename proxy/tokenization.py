@@ -12,6 +12,11 @@ from typing import Any
 
 from pdserve.engine.tokenizer import Tokenizer
 
+try:  # tokenizers >= 0.21: incremental decoding in Rust, one call per token
+    from tokenizers.decoders import DecodeStream as _DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the proxy decodes windows itself
+    _DecodeStream = None
+
 
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
@@ -53,6 +58,14 @@ class ProxyTokenizer:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> tuple[Any, Any]:
+        """(the Rust tokenizer, a new `tokenizers` DecodeStream over it) when this
+        tokenizer's decode is the Rust tokenizer's; (None, None) otherwise."""
+        backend = self.tokenizer.backend
+        if backend is None or _DecodeStream is None:
+            return None, None
+        return backend, _DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False,

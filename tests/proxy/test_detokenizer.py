@@ -97,6 +97,51 @@ def test_random_multibyte_text_split_anywhere(tok: ProxyTokenizer, seed: int) ->
         assert "".join(deltas) + rest == tok.decode(mixed)
 
 
+class WindowsOnly:
+    """The same tokenizer without `decode_stream`: the detokenizer decodes windows itself."""
+
+    def __init__(self, tok: ProxyTokenizer):
+        self.decode = tok.decode
+
+
+class FailingStep:
+    """A DecodeStream that raises at its `fail_at`-th step (counting from 0)."""
+
+    def __init__(self, inner: Any, fail_at: int):
+        self.inner, self.fail_at, self.n = inner, fail_at, 0
+
+    def step(self, rust: Any, token_id: int) -> str | None:
+        self.n += 1
+        if self.n - 1 == self.fail_at:
+            raise RuntimeError("Invalid prefix encountered")
+        return self.inner.step(rust, token_id)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rust_decode_stream_gives_the_windows_deltas(tok: ProxyTokenizer, seed: int) -> None:
+    """Token by token, the DecodeStream path releases what the window method does, and a
+    step that fails hands over to the windows mid-stream without losing or repeating text."""
+    assert IncrementalDetokenizer(tok)._stream is not None  # the Rust path is the one tested
+    rng = random.Random(200 + seed)
+    vocab = len(tok.tokenizer)
+    for _ in range(80):
+        text = " ".join(rng.choice(MULTIBYTE + ["plain", "a"]) for _ in range(4))
+        data = text.encode()
+        cut = rng.randrange(len(data))
+        ids = (byte_ids(tok, data[:cut]) + [rng.randrange(vocab) for _ in range(3)]
+               + tok.encode(data[cut:].decode("utf-8", "replace"), add_special_tokens=False))
+        for skip in (True, False):
+            want = stream_text(WindowsOnly(tok), ids, skip)  # type: ignore[arg-type]
+            assert stream_text(tok, ids, skip) == want, ids
+            d = IncrementalDetokenizer(tok, skip)
+            k = rng.randrange(len(ids))
+            d._stream = FailingStep(d._stream, k)
+            deltas = [d.add(i) for i in ids]
+            assert d._stream is None or k >= len(ids)
+            assert "".join(deltas) + d.finish() == tok.decode(ids, skip_special_tokens=skip)
+            assert deltas[:k] == want[0][:k]
+
+
 def text_stream(tok: ProxyTokenizer, ids: list[int], stop: list[str],
                 include: bool = False) -> tuple[str, TextStream, int]:
     """Run ids through a TextStream until a stop fires; (text, stream, tokens consumed)."""
