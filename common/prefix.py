@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
+from hashlib import sha256
 
 # Named in the compatibility record: P, D and the proxy must agree on it.
 PREFIX_HASH_FUNCTION = "sha256-int32le-chain-64/v1"
+
+_FIRST = b"\xff" * 8  # the parent name of a first block
+_BIG_ENDIAN = sys.byteorder != "little"
+assert array("i").itemsize == 4, "token ids are hashed as int32"
 
 # A salt is a tenant's secret, not a document: vLLM asks for ~43 characters (256 bits, base64).
 MAX_CACHE_SALT_CHARS = 256
@@ -58,11 +65,21 @@ def prefix_block_hashes(
 ) -> list[int]:
     """Hashes of every *full* block of `token_ids`; `start` (already computed hashes of the
     leading blocks, under the same `cache_salt`) is extended and returned, so callers can
-    hash incrementally."""
+    hash incrementally. The same names as `hash_block_tokens` block by block, with the ids
+    packed once (the proxy hashes every prompt on its request path)."""
     hashes = list(start) if start else []
-    parent = hashes[-1] if hashes else None
-    for b in range(len(hashes), len(token_ids) // block_size):
-        parent = hash_block_tokens(parent, token_ids[b * block_size : (b + 1) * block_size],
-                                   cache_salt if b == 0 else None)
-        hashes.append(parent)
+    first, n = len(hashes), len(token_ids) // block_size
+    if first >= n:
+        return hashes
+    data = array("i", token_ids[first * block_size:n * block_size])  # OverflowError as struct
+    if _BIG_ENDIAN:
+        data.byteswap()
+    packed, step = data.tobytes(), 4 * block_size
+    parent = hashes[-1].to_bytes(8, "little") if hashes else _FIRST
+    for b in range(first, n):
+        block = packed[(b - first) * step:(b - first + 1) * step]
+        if b == 0 and cache_salt:
+            block += cache_salt.encode("utf-8")
+        parent = sha256(parent + block).digest()[:8]
+        hashes.append(int.from_bytes(parent, "little"))
     return hashes

@@ -56,7 +56,9 @@ def check_strings(data: Any) -> None:
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab_size] if vocab_size else []
+    if not vocab_size or not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return
+    bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise OpenAIError(f"{param}: token id(s) {bad[:5]} outside the vocabulary [0, "
                           f"{vocab_size})", param=param)

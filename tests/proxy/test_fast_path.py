@@ -82,6 +82,12 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("a lone surrogate", "/v1/completions", {"content": b'{"model": "%s", "prompt": "a\\ud800"}'
                                              % MODEL.encode(), "headers": {
                                                  **AUTH, "Content-Type": "application/json"}}),
+    ("nested too deeply", "/v1/completions", {"content": b'{"prompt": ' + b"[" * 1500 + b"]"
+                                              * 1500 + b"}", "headers": {
+                                                  **AUTH, "Content-Type": "application/json"}}),
+    ("NaN (the standard library's JSON)", "/v1/completions", {
+        "content": b'{"model": "%s", "prompt": "a", "temperature": NaN}' % MODEL.encode(),
+        "headers": {**AUTH, "Content-Type": "application/json"}}),
     ("not an object", "/v1/chat/completions", {"json": [1, 2], "headers": AUTH}),
     ("too large by Content-Length", "/v1/completions",
      {"json": {**SHORT, "prompt": "x" * (2 * LIMIT)}, "headers": AUTH}),
