@@ -78,6 +78,16 @@ def free_port_block(n: int = 2) -> int:
     raise RuntimeError("no free port block")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc): the extra proxy processes."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = task / "children"
+        if children.exists():
+            out += [int(c) for c in children.read_text().split()]
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (Linux /proc), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -88,7 +98,8 @@ class Cluster:
     """Fake workers + one proxy, as subprocesses; `stop()` ends them by pid."""
 
     def __init__(self, mode: str, args: argparse.Namespace, batch: bool, log_dir: Path,
-                 itl_ms: float | None = None, profile: str | None = None):
+                 itl_ms: float | None = None, profile: str | None = None,
+                 api_servers: int = 1):
         self.procs: list[subprocess.Popen] = []
         log_dir.mkdir(parents=True, exist_ok=True)
         # the fakes check the proxy's internal token, as real workers do
@@ -109,7 +120,8 @@ class Cluster:
         main.write_text(_PROXY_MAIN.format(fix=args.nodelay_fix))
         pre = [sys.executable] + (["-m", "cProfile", "-o", profile] if profile else [])
         self.proxy = self._start([*pre, str(main), *flags, "--port", str(self.port),
-                                  "--min-pd-prompt-tokens", "0", "--log-level", "warning"],
+                                  "--min-pd-prompt-tokens", "0", "--log-level", "warning",
+                                  "--api-server-count", str(api_servers)],
                                  log_dir / "proxy.log", env)
         self.fakes = self.procs[:-1]
         end = time.monotonic() + 120
@@ -258,12 +270,14 @@ def span_tokens(runs: list[dict]) -> tuple[float, int]:
 
 def throughput(args: argparse.Namespace, out: Path) -> dict:
     c = Cluster("pd", args, batch=True, log_dir=out / "tput", itl_ms=args.tput_itl_ms,
-                profile=args.profile)
+                profile=args.profile, api_servers=args.api_server_count)
     per = args.streams // args.client_procs
     try:
         bench_procs(c.url, [["--concurrency", "8", "--num-prompts", "16", "--output-len", "16",
                              "--input-len", "64"]], out, "tput-warm")
+        proxies = [c.proxy.pid] + child_pids(c.proxy.pid)  # --api-server-count > 1
         cpu0 = {p.pid: cpu_seconds(p.pid) for p in c.procs}
+        proxy_cpu0 = sum(cpu_seconds(pid) for pid in proxies)
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the clients, once reaped
         t0 = time.monotonic()
         if args.client == "raw":
@@ -275,6 +289,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
                                "tput")
         wall = time.monotonic() - t0
         cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p in c.procs}
+        proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - proxy_cpu0
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
     finally:
@@ -290,9 +305,9 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
         failed = sum(run["summary"]["failed"] for run in runs)
         gaps = [g for run in runs for r in run["requests"] for g in r["itl_s"]]
         itl = (pct(gaps, 50) * 1e3, pct(gaps, 99) * 1e3)
-    proxy_cpu = cpu[c.proxy.pid]
     fake_cpu = sum(cpu[p.pid] for p in c.fakes)
     res = {"streams": args.streams, "client_procs": args.client_procs, "tokens": tokens,
+           "api_server_count": args.api_server_count,
            "failed": failed, "span_s": span, "tokens_per_s": tokens / span,
            "proxy_cpu_s": proxy_cpu, "proxy_cpu_util": proxy_cpu / wall,
            "tokens_per_proxy_cpu_s": tokens / proxy_cpu, "fakes_cpu_s": fake_cpu,
@@ -301,7 +316,8 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
            "client": args.client, "itl_p50_ms": itl[0], "itl_p99_ms": itl[1],
            "tokens_per_sse_event": tokens / events if events else float("nan")}
     print(f"throughput: {tokens} tokens in {span:.2f} s = {res['tokens_per_s']:.0f} tokens/s "
-          f"through one proxy ({args.streams} streams from {args.client_procs} {args.client} "
+          f"through {args.api_server_count} proxy process(es) ({args.streams} streams from "
+          f"{args.client_procs} {args.client} "
           f"client processes, {failed} failed; offered "
           f"{res['offered_tokens_per_s']:.0f}); proxy CPU {proxy_cpu:.1f} s "
           f"({100 * res['proxy_cpu_util']:.0f}% of a core) = {res['tokens_per_proxy_cpu_s']:.0f} "
@@ -360,6 +376,8 @@ def main() -> None:
     p.add_argument("--long-len", type=int, default=8192)
     p.add_argument("--long-rate", type=float, default=4.0)
     p.add_argument("--num-long", type=int, default=12)
+    p.add_argument("--api-server-count", type=int, default=1, help="proxy processes on the "
+                   "port in the throughput phase (their CPU is summed); needs free cores")
     p.add_argument("--profile", default=None, help="cProfile the throughput phase's proxy")
     p.add_argument("--nodelay-fix", action="store_true", help="stopgap: TCP_NODELAY on the "
                    "proxy's connections (see _PROXY_MAIN)")
