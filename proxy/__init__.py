@@ -8,7 +8,8 @@ engine and imports no torch (the layer contracts in pyproject.toml hold it to th
     app = create_app(backend, api_keys=["sk-..."])   # any Backend; serve with uvicorn
 
 Modules: `backend` (the seam: GenerationRequest, ChoiceDelta, Backend), `cluster_backend`,
-`registry` and `workers` (P/D routing over the data path), `app` (routes), `protocol`
+`registry` and `workers` (P/D routing over the data path), `app` (routes), `fast_path`
+(the generation routes in front of the framework), `protocol`
 (request models), `serving` (one request's deltas -> text updates), `detokenizer`,
 `tokenization`, `formatting`, `streaming`, `errors`, `auth`, `middleware`, `metrics`. Names
 load lazily so importing the package stays cheap.

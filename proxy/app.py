@@ -16,6 +16,10 @@ Routes: POST /v1/chat/completions, /v1/completions; GET /v1/models; POST /tokeni
 is set (`auth.py`); /tokenize, /detokenize and the probes stay open. Token-ids-only mode
 (backend.tokenizer is None): completions with token-id prompts work and return `text: ""`
 with `token_ids` in each choice; text prompts, chat, stop strings and /tokenize get a 400 that says why.
+
+The generation routes are served by `fast_path.FastPath` in front of this FastAPI app (the
+same `OpenAIServer` calls, without the framework's layers); the routes below still answer
+what it hands over (cross-origin requests) and every app made with `fast_path=False`.
 """
 
 from __future__ import annotations
