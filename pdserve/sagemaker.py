@@ -68,7 +68,7 @@ VLLM_DROPPED: dict[str, str] = {
     "trust-remote-code": "pdserve runs no checkpoint code (Llama-family models only)",
     "disable-log-requests": "pdserve does not log request contents",
     "enable-log-requests": "pdserve does not log request contents",
-    "disable-log-stats": "pdserve logs no periodic stats (use /metrics)",
+    "disable-log-stats": "use SM_PDSERVE_STATS_INTERVAL=0",
     "uvicorn-log-level": "use SM_PDSERVE_LOG_LEVEL",
     "disable-frontend-multiprocessing": "use SM_PDSERVE_API_SERVER_COUNT",
     "disable-custom-all-reduce": "pdserve runs no all-reduce",

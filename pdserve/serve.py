@@ -157,6 +157,15 @@ class ServeConfig(EngineConfig):
     shutdown_timeout: float = option(30.0, help="On SIGTERM, seconds to drain in-flight "
                                      "streams before closing them.")
     api_server_count: int = option(1, help="Proxy processes sharing the port.")
+    stats_interval: float = option(
+        10.0, help="Seconds between the stats lines the proxy (and each local worker) logs "
+        "while requests run, in vLLM's words ('Avg prompt throughput: ..., Avg generation "
+        "throughput: ..., Running: ..., Waiting: ...'); 0: none.")
+    access_log: bool = option(True, help="One log line per request when it ends: client, "
+                              "method, path, status, duration, and for generations the "
+                              "request id, prompt and completion tokens and time to first "
+                              "token (logger pdserve.access); --no-access-log: none (vLLM's "
+                              "--disable-uvicorn-access-log does the same).")
     uvloop: bool = option(True, help="Run the proxy's event loop on uvloop (--no-uvloop: "
                           "asyncio's); asyncio's, with a warning, if uvloop is not installed.")
     httptools: bool = option(True, help="Parse HTTP with httptools (--no-httptools: h11); h11, "
@@ -181,6 +190,8 @@ def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None) -> l
             cmd.append(flag if value else "--no-" + flag[2:])
         else:
             cmd += [flag, str(value)]
+    if cfg.stats_interval != 10.0:  # the workers' own default
+        cmd += ["--stats-interval", str(cfg.stats_interval)]
     if device is not None:
         cmd += ["--device", device]
     return cmd
@@ -351,6 +362,7 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from pdserve.common.compat import model_identity
+    from pdserve.common.stats_line import StatsLine
     from pdserve.engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
     from pdserve.engine.model_config import ModelConfig
     from pdserve.engine.tokenizer import load_tokenizer
@@ -383,7 +395,7 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                              max_queue_delay=cfg.max_queue_delay,
                              local_workers=supervisor.snapshot if supervisor else None)
     app = create_app(backend, api_keys=cfg.api_key, served_model_name=names,
-                     max_body_bytes=cfg.max_body_bytes)
+                     max_body_bytes=cfg.max_body_bytes, access_log=cfg.access_log)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
                        allow_methods=json.loads(cfg.allowed_methods),
                        allow_headers=json.loads(cfg.allowed_headers),
@@ -420,13 +432,24 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
             await backend.admission.changed(60.0)  # woken by every admission and report
         logger.info("serving the OpenAI API at %s: %s", where, registry.serves())
 
+    async def stats_lines() -> None:
+        line = StatsLine(lambda text: logger.info("proxy: %s", text), cfg.stats_interval,
+                         backend.totals)
+        while True:
+            line.tick()
+            await asyncio.sleep(cfg.stats_interval / 2)
+
     @asynccontextmanager
     async def lifespan(a):
         await backend.start()
-        announcing = asyncio.get_running_loop().create_task(announce())
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(announce())]
+        if cfg.stats_interval > 0:
+            tasks.append(loop.create_task(stats_lines()))
         async with inner(a):
             yield
-        announcing.cancel()
+        for t in tasks:
+            t.cancel()
         await backend.close()
 
     app.router.lifespan_context = lifespan

@@ -5,6 +5,8 @@
 - vLLM options pdserve has no equivalent for are dropped with one warning naming each and
   why (pdserve/sagemaker.py's tables, shared with the SageMaker form); the parallel sizes
   are accepted at 1 and refused otherwise with the reason; `--quantization` only as none.
+- `--disable-uvicorn-access-log` is `--no-access-log`, `--disable-log-stats` is
+  `--stats-interval 0`.
 - Every `pdserve serve` option keeps its meaning: a name serve knows is never dropped.
 """
 
@@ -22,6 +24,9 @@ BARE = frozenset({
     "disable-fastapi-docs", "disable-frontend-multiprocessing", "disable-custom-all-reduce",
     "enable-server-load-tracking"})
 _BOOL_WORDS = frozenset({"true", "false"})
+# vLLM switches serve has under its own name
+RENAMED = {"disable-uvicorn-access-log": "--no-access-log",
+           "disable-log-stats": "--stats-interval=0"}
 
 
 def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -40,6 +45,10 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
         name, eq, inline = word[2:].partition("=") if word.startswith("--") else ("", "", "")
         if not name or name in known or (name.startswith("no-") and name[3:] in known):
             out.append(word)
+            i += 1
+            continue
+        if name in RENAMED and not eq:
+            out.append(RENAMED[name])
             i += 1
             continue
         value: str | None = inline if eq else None

@@ -40,6 +40,7 @@ from starlette.types import Receive
 
 from pdserve.common import __version__
 from pdserve.common.logs import Throttled
+from pdserve.proxy.access_log import AccessLogMiddleware
 from pdserve.proxy.auth import APIKeyMiddleware, APIKeys, resolve_api_keys
 from pdserve.proxy.backend import Backend, GenerationRequest
 from pdserve.proxy.errors import OpenAIError, install_error_handlers, model_not_found
@@ -95,6 +96,8 @@ async def read_json(request: Request) -> Any:
 
 class CompactJSONResponse(JSONResponse):
     """JSONResponse rendered by msgspec: the same compact UTF-8 JSON, several times faster."""
+
+    generation: Generation | None = None  # the request's, for the access log
 
     def render(self, content: Any) -> bytes:
         return _encode_json(content)
@@ -194,6 +197,7 @@ class OpenAIServer:
                 await watch.run(gen.start())
                 response = SSEResponse(sse_stream(gen, fmt, echo), on_close=gen.aclose,
                                        watch=watch)
+                response.generation = gen  # for the access log
                 watch = None  # the response closes it
                 return response
 
@@ -202,7 +206,9 @@ class OpenAIServer:
                 choices = await collect(gen)
                 return fmt.response(choices, gen.num_completion_tokens, echo)
 
-            return CompactJSONResponse(await watch.run(whole()))
+            body = CompactJSONResponse(await watch.run(whole()))
+            body.generation = gen  # for the access log
+            return body
         except ClientDisconnected:
             logger.info("request %s: client disconnected before the response", rid)
             return Response(status_code=499)
@@ -266,12 +272,13 @@ class OpenAIServer:
 
 def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
                served_model_name: str | Sequence[str] | None = None,
-               max_body_bytes: int = 4 << 20, fast_path: bool = True) -> FastAPI:
+               max_body_bytes: int = 4 << 20, fast_path: bool = True,
+               access_log: bool = False) -> FastAPI:
     """The app over `backend` (owned by the caller, who closes it). `api_keys` empty: the
     PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth.
     `fast_path`: the generation routes answered in front of the framework
     (`fast_path.FastPath`, which behaves as the FastAPI app for everything else); False:
-    the plain FastAPI app."""
+    the plain FastAPI app. `access_log`: a line per request (`access_log.py`)."""
     server = OpenAIServer(backend, served_model_name)
     keys = resolve_api_keys(api_keys)
     app = FastAPI(title="pdserve", version=__version__)
@@ -281,6 +288,8 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     app.add_middleware(APIKeyMiddleware, api_keys=keys)
     app.add_middleware(RequestIdMiddleware)
+    if access_log:
+        app.add_middleware(AccessLogMiddleware)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -329,4 +338,4 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
     from pdserve.proxy.fast_path import FastPath
 
     return FastPath(app, server, api_keys=APIKeys(keys),  # type: ignore[return-value]
-                    max_body_bytes=max_body_bytes)
+                    max_body_bytes=max_body_bytes, access_log=access_log)

@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from pdserve.common.prefix import prefix_block_hashes
+from pdserve.common.stats_line import Totals
 from pdserve.common.wire import RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proxy import metrics
@@ -73,6 +74,17 @@ class ClusterBackend:
         self.admission = Admission(max_queued_requests, max_queue_delay)
         registry.on_transfer, registry.on_report = self._on_transfer, self.admission.wake
         self._attempt = itertools.count(1)
+        # totals for the proxy's stats line (`totals`)
+        self.prompt_tokens = self.generation_tokens = self.running = 0
+
+    def totals(self) -> Totals:
+        """Prompt tokens routed and tokens streamed since start, requests generating and
+        waiting for room, and the workers routable now (the proxy's stats line)."""
+        roles = ", ".join(f"{len(self.registry.usable(r))} {name}" for r, name in (
+            ("prefill", "P"), ("decode", "D"), ("both", "both-role")) if
+            any(w.role == r for w in self.registry.workers))
+        return Totals(self.prompt_tokens, self.generation_tokens, self.running,
+                      self.admission.waiting, f", usable workers: {roles or 'none'}")
 
     async def start(self) -> None:
         """Begin health checks; workers are admitted as they answer (see Registry)."""
@@ -237,45 +249,55 @@ class ClusterBackend:
         bs = self.registry.reference.get("block_size", 16) if self.registry.reference else 16
         hashes = prefix_block_hashes(req.prompt_token_ids, bs, cache_salt=req.cache_salt)
         deadline = start + self.admission.max_delay  # of waiting for room, 429 after it
-        while True:
-            route, a, b = await self._admit(rec, exclude, hashes, deadline)
-            d_worker, rid = b if route == "pd" else a, rec.request_id
-            try:
-                async for rows in self._stream(route, a, b, rec):
-                    yield self._deliver(rows, outputs, finished, stamps, start)
-                break
-            except WorkerError as e:
-                if not e.retryable:  # the worker refused the request itself: the client's fault
-                    raise ValueError(str(e)) from e
-                if e.code == "busy":  # full since its last report (its link knows): wait here
-                    rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
-                    continue
-                engine_failures += e.code == "engine"
-                if engine_failures >= 2:  # it fails engines: a third would fail too
-                    raise RequestFailedError(f"the request failed on two workers: {e}") from e
-                if outputs:  # tokens already streamed: continue each choice elsewhere
-                    exclude.add(d_worker.url)
-                    async for deltas in self._failover(req, outputs, finished, exclude, stamps,
-                                                       start):
-                        yield deltas
+        self.running += 1
+        try:
+            while True:
+                route, a, b = await self._admit(rec, exclude, hashes, deadline)
+                if attempt == 0 and rec is req:
+                    self.prompt_tokens += len(req.prompt_token_ids)
+                d_worker, rid = b if route == "pd" else a, rec.request_id
+                try:
+                    async for rows in self._stream(route, a, b, rec):
+                        yield self._deliver(rows, outputs, finished, stamps, start)
                     break
-                attempt += 1
-                if attempt > self.max_retries:
-                    raise BackendError(f"no worker could serve the request: {e}") from e
-                metrics.RETRIES.inc()
-                # only the worker that failed: its partner of the pair may serve the retry
-                failed = [w for w in (a, b) if w is not None and w.link is e.link]
-                exclude.update(w.url for w in failed or (a, b) if w is not None)
-                rec = replace(req, request_id=f"{req.request_id}#{next(self._attempt)}")
-                logger.warning("retrying %s elsewhere: %s", req.request_id, e)
-            finally:
-                self._release((route, a, b), rid)
-                self._pairs.pop(rid, None)
-                self.admission.wake()  # a request ended or moved: room, maybe
+                except WorkerError as e:
+                    if not e.retryable:  # the worker refused the request: the client's fault
+                        raise ValueError(str(e)) from e
+                    if e.code == "busy":  # full since its last report (the link knows): wait
+                        rec = replace(req,
+                                      request_id=f"{req.request_id}#{next(self._attempt)}")
+                        continue
+                    engine_failures += e.code == "engine"
+                    if engine_failures >= 2:  # it fails engines: a third would fail too
+                        raise RequestFailedError(
+                            f"the request failed on two workers: {e}") from e
+                    if outputs:  # tokens already streamed: continue each choice elsewhere
+                        exclude.add(d_worker.url)
+                        async for deltas in self._failover(req, outputs, finished, exclude,
+                                                           stamps, start):
+                            yield deltas
+                        break
+                    attempt += 1
+                    if attempt > self.max_retries:
+                        raise BackendError(f"no worker could serve the request: {e}") from e
+                    metrics.RETRIES.inc()
+                    # only the worker that failed: its partner of the pair may serve the retry
+                    failed = [w for w in (a, b) if w is not None and w.link is e.link]
+                    exclude.update(w.url for w in failed or (a, b) if w is not None)
+                    rec = replace(req,
+                                  request_id=f"{req.request_id}#{next(self._attempt)}")
+                    logger.warning("retrying %s elsewhere: %s", req.request_id, e)
+                finally:
+                    self._release((route, a, b), rid)
+                    self._pairs.pop(rid, None)
+                    self.admission.wake()  # a request ended or moved: room, maybe
+        finally:
+            self.running -= 1
 
     def _deliver(self, rows: list[TokenRow], outputs: dict[int, list[int]], finished: set[int],
                  stamps: dict[int, float], start: float) -> list[ChoiceDelta]:
         now = time.monotonic()
+        self.generation_tokens += len(rows)
         for r in rows:
             toks = outputs.setdefault(r.choice_index, [])
             toks.append(r.token_id)

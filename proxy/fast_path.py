@@ -13,7 +13,8 @@ the FastAPI app unchanged:
   with `Connection: close`, or while reading), the content type, JSON and UTF-8 checks
   (`app.decode_json`), then `OpenAIServer` as the framework's routes call it;
 - an `OpenAIError` becomes its JSON body and headers, anything else a logged 500;
-- the response goes straight to the server's `send`.
+- the response goes straight to the server's `send`; then the access-log line
+  (`access_log.py`), when on.
 Requests it does not take: another method or path, a `root_path`, or an `Origin` header (the
 framework's CORS layer answers those). `create_app(..., fast_path=False)` serves everything
 through the framework (the tests compare the two).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +37,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from pdserve.proxy import metrics
+from pdserve.proxy.access_log import log_request
 from pdserve.proxy.app import OpenAIServer, decode_json
 from pdserve.proxy.auth import UNAUTHORIZED_BODY, UNAUTHORIZED_HEADERS, APIKeys
 from pdserve.proxy.errors import OpenAIError, error_response
@@ -53,8 +56,9 @@ class FastPath:
     """ASGI app: the generation routes (`ROUTES`) answered here, the rest by `app`."""
 
     def __init__(self, app: FastAPI, server: OpenAIServer, *, api_keys: APIKeys,
-                 max_body_bytes: int):
+                 max_body_bytes: int, access_log: bool = False):
         self.app = app
+        self.access_log = access_log
         self.server = server
         self.keys = api_keys
         self.max_body_bytes = max_body_bytes
@@ -83,12 +87,18 @@ class FastPath:
 
     async def _serve(self, handler: Handler, scope: Scope, receive: Receive, send: Send,
                      headers: dict[bytes, bytes]) -> None:
+        started = time.monotonic()
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if SANE_ID.fullmatch(incoming) else os.urandom(16).hex()
         response = await self._respond(handler, scope["path"], receive, headers, rid)
         response.raw_headers.append((b"x-request-id", rid.encode("latin-1")))
         self._count(scope["path"], response.status_code)
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            if self.access_log:
+                log_request(scope, response.status_code, started,
+                            getattr(response, "generation", None))
 
     def _count(self, path: str, status: int) -> None:
         counter = self._counts.get((path, status))

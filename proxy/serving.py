@@ -118,6 +118,7 @@ class Generation:
         self._agen: AsyncGenerator[list[ChoiceDelta], None] | None = None
         self._first: list[ChoiceDelta] | None = None
         self._started: float | None = None  # None again once observed
+        self.first_at: float | None = None  # time.monotonic() of the first batch
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -134,6 +135,7 @@ class Generation:
         self._agen = self.backend.generate(self.request)
         try:
             self._first = await self._agen.__anext__()
+            self.first_at = time.monotonic()
         except StopAsyncIteration:
             self._first = []
         except ValueError as e:

@@ -89,6 +89,7 @@ class DisconnectWatch:
 
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
+    generation: Generation | None = None  # the request's, for the access log
 
     def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None,
                  on_close: Callable[[], Awaitable[None]] | None = None,

@@ -64,6 +64,9 @@ class WorkerConfig(EngineConfig):
         help="D sharing a GPU with P: a Unix socket to bind; while a P there says it has "
         "prefill work, D starts no decode step (for at most --gpu-turns-max-hold-ms at a "
         "time), so prompts run at full speed, as in a both-role worker.")
+    stats_interval: float = option(
+        10.0, help="Seconds between the stats lines this worker logs while it works "
+        "(vLLM's 'Avg prompt throughput: ..., Running: ..., KV cache usage: ...'); 0: none.")
     gpu_turns_max_hold_ms: float = option(
         250.0, check=lambda v: None if v > 0 else "must be > 0",
         help="D: the longest it holds its decode steps for a busy P before it takes one "

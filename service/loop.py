@@ -31,6 +31,7 @@ import zmq
 from pdserve.common.compat import CompatRecord
 from pdserve.common.logs import Throttled
 from pdserve.common.params import SamplingParams
+from pdserve.common.stats_line import StatsLine, Totals
 from pdserve.common.wakeup import Waker
 from pdserve.common.wire import (
     DATA_PATH,
@@ -55,6 +56,11 @@ from pdserve.service.gpu_turns import TurnAnnouncer, TurnListener
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)  # what a peer can repeat at will is logged at most every 10 s
+
+
+def _counted(counter: Any) -> float:
+    """The sum of a labelled Prometheus counter's totals (every label set)."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
 
 
 def compat_record(parts: EngineParts) -> CompatRecord:
@@ -146,6 +152,8 @@ class WorkerLoop:
             if cfg.gpu_turns_notify and self.role is Role.PREFILL else None
         self.turns_in = TurnListener(cfg.gpu_turns_socket, cfg.gpu_turns_max_hold_ms / 1000) \
             if cfg.gpu_turns_socket and self.role is Role.DECODE else None
+        self.stats = StatsLine(lambda line: logger.info("%s", line), cfg.stats_interval,
+                               self._totals)
 
     # ---- to implement --------------------------------------------------------------------
 
@@ -435,10 +443,19 @@ class WorkerLoop:
                 if self.turns_out is not None:
                     self.turns_out.set(self.has_work())
                 self.publish()
+                self.stats.tick()
         finally:
             if previous_fd is not None:
                 signal.set_wakeup_fd(previous_fd)
             self.shutdown()
+
+    def _totals(self) -> Totals:
+        """This worker's token totals and queues, for its stats line."""
+        load = self.load()
+        return Totals(_counted(metrics.PROMPT_TOKENS), _counted(metrics.GENERATION_TOKENS),
+                      int(load.get("num_requests_running", 0)),
+                      int(load.get("num_requests_waiting", 0)),
+                      f", KV cache usage: {100 * float(load.get('kv_cache_usage_perc', 0)):.1f}%")
 
     def _holding(self) -> bool:
         """D on a shared GPU while a P there prefills (gpu_turns): skip this step."""

@@ -5,6 +5,7 @@ client's disconnect aborting its request on the worker, and the request metrics.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
@@ -178,7 +179,7 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     procs.start("proxy", "-m", "pdserve", "serve", str(model), "--tensor-parallel-size", "1",
                 "--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture",
                 "8192", "--port", str(port), "--worker-base-port", str(free_port_block(6)),
-                "--min-pd-prompt-tokens", "0")
+                "--min-pd-prompt-tokens", "0", "--stats-interval", "1")
     url = f"http://127.0.0.1:{port}"
     wait_healthy(procs, url, "proxy", serves="prefill/decode")
     with openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
@@ -206,6 +207,20 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     assert log.index("listening at") < log.index(
         f"serving the OpenAI API at http://127.0.0.1:{port}/v1 (pid ")
     assert "prefill/decode: 1 P + 1 D" in log[log.index("serving the OpenAI API"):]
+    # an access line per request; stats lines (every second here) from the proxy and each
+    # worker while the requests ran, then one saying they went idle
+    assert re.search(r'127\.0\.0\.1:\d+ "POST /v1/completions" 200 \d+\.\d+s id=cmpl-\S+ '
+                     r'prompt=\d+ completion=4 ttft=', log), log[-3000:]
+    deadline = time.monotonic() + 10
+    want = ("proxy: Avg prompt throughput", "Running: 0 reqs, Waiting: 0 reqs, usable workers: "
+            "1 P, 1 D")
+    while not all(w in log for w in want) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = (procs.tmp / "proxy.log").read_text()
+    assert all(w in log for w in want), log[-3000:]
+    for role in ("prefill", "decode"):
+        assert any(ln.startswith(f"{role}-") and "Avg prompt throughput" in ln
+                   and "KV cache usage" in ln for ln in log.splitlines()), log[-3000:]
 
 
 def test_a_local_cluster_never_serves_another_clusters_workers(procs: Procs, tmp_path) -> None:

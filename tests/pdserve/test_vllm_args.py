@@ -24,6 +24,11 @@ def test_positional_model_and_dropped_vllm_options() -> None:
         "--disable-log-requests")]
 
 
+def test_vllm_switches_serve_has_under_its_own_name() -> None:
+    assert translate(["m", "--disable-uvicorn-access-log", "--port", "1"]) == (
+        ["--model", "m", "--no-access-log", "--port", "1"], [])
+
+
 def test_serve_options_and_unknown_ones_pass_through() -> None:
     # unknown to both: left for serve's parser, which names it (and suggests a close one)
     assert translate(["--max-model-lenn", "5", "--model", "m"]) == (
