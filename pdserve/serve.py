@@ -3,7 +3,7 @@
 With `--prefill URL... --decode URL...` (or `--worker URL...` for both-role workers) it
 routes to running workers. With none it starts a local cluster first (`--num-prefill` P and
 `--num-decode` D processes of `pdserve worker` on the engine options given here, on loopback
-ports from `--worker-base-port`), stops them on exit, and serves at http://HOST:PORT.
+ports: the first free block from 8100 up, or from `--worker-base-port`), stops them on exit, and serves at http://HOST:PORT.
 Workers given by URL need their internal token (`--internal-token`), or `--insecure-no-token`
 when they run without one: otherwise the proxy refuses to start (common/internal_token.py);
 a local cluster draws a random token for its workers.
@@ -102,8 +102,10 @@ class ServeConfig(EngineConfig):
                                     "goes to this console, each line prefixed with its role "
                                     "and port (as docker compose does); "
                                     "--no-echo-worker-logs: to its log file only.")
-    worker_base_port: int = option(8100, help="Local cluster: first worker port (each "
-                                   "worker takes 3).")
+    worker_base_port: int | None = option(
+        None, help="Local cluster: first worker port (each worker takes 3: HTTP, data "
+        "path, KV). Default: the first block of free ports from 8100 up (printed at "
+        "start).")
     local_devices: list[str] = option(default_factory=list, help="Local cluster: devices for "
                                       "the workers in order P..., D... (cycled).")
     mps: str = option("auto", choices=("auto", "on", "off"),
@@ -252,6 +254,30 @@ def start_mps(cfg: ServeConfig, log_dir: Path) -> tuple[mps.Daemon | None, bool]
     return daemon, True
 
 
+DEFAULT_WORKER_PORT = 8100
+
+
+def free_port_block(start: int, n: int, host: str = "127.0.0.1") -> int:
+    """The first base port p >= `start` with p .. p+n-1 all free on `host` now (each tried
+    by binding it); a UserError if none is below 65536."""
+    base = start
+    while base + n <= 65536:
+        held = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            base = p + 1  # the block cannot contain the port that is taken
+        finally:
+            for s in held:
+                s.close()
+    raise UserError(f"no {n} free consecutive ports from {start} up: choose them with "
+                    "--worker-base-port")
+
+
 def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str] | None = None,
                         ) -> tuple[ServeConfig, list[Managed]]:
     """Start P and D workers; returns the config pointing at them and the started workers
@@ -266,8 +292,14 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
         env.update(mps_env)
     local = _local_roles(cfg)
     turns = _gpu_turns(cfg, local, log_dir) if cfg.prefill_first else {}
+    base = cfg.worker_base_port
+    if base is None:
+        base = free_port_block(DEFAULT_WORKER_PORT, 3 * len(local))
+        logger.info("local workers on ports %d-%d (the first free block from %d; "
+                    "--worker-base-port chooses)", base, base + 3 * len(local) - 1,
+                    DEFAULT_WORKER_PORT)
     for i, (role, device) in enumerate(local):
-        port = cfg.worker_base_port + 3 * i
+        port = base + 3 * i
         wenv = env
         if mps_env is not None and role == "decode" and cfg.mps_decode_percent < 100:
             wenv = {**env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(cfg.mps_decode_percent)}

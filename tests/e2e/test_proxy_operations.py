@@ -322,3 +322,32 @@ def test_a_proxy_whose_decode_worker_never_answers_says_503_at_once(procs: Procs
         r.json()["error"]["message"]
     assert took < 3, took
     assert "503: no worker can serve yet" in procs.log("proxy")
+
+
+def test_default_worker_ports_skip_ports_another_process_holds(procs: Procs) -> None:
+    """With no --worker-base-port the local cluster takes the first block of free ports from
+    8100 up (printed), so ports someone else holds there are skipped, not fought over."""
+    held = []
+    for p in (8100, 8101, 8102):  # held here, or already by someone else: skipped either way
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            s.listen()
+            held.append(s)
+        except OSError:
+            s.close()
+    try:
+        port = free_port_block(1)
+        procs.start("proxy", "-m", "pdserve", "serve", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(procs, url, "proxy", serves="prefill/decode")
+        assert completion(url)["usage"]["completion_tokens"] == 4
+    finally:
+        for s in held:
+            s.close()
+    log = (procs.tmp / "proxy.log").read_text()
+    m = re.search(r"local workers on ports (\d+)-(\d+)", log)
+    assert m, log[-2000:]
+    first, last = int(m.group(1)), int(m.group(2))
+    assert first >= 8103 and last - first == 5
+    assert f"started local prefill worker on port {first} " in log
