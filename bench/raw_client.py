@@ -2,7 +2,8 @@
 is what gets measured (httpx costs ~100 µs of client CPU per streamed token; this ~10).
 
 - `RawProbe` (`raw_probe`: n at once): sequential streamed requests over one keep-alive
-  socket (TCP_NODELAY), TTFT and e2e per request, no HTTP library.
+  socket (TCP_NODELAY), TTFT and e2e per request, no HTTP library; token-id completions, or
+  a short chat turn (text the proxy templates and tokenizes).
 - `stream_many` (also `python bench/raw_client.py stream ...`, one process per call): many
   concurrent keep-alive connections on asyncio streams, each sending requests one after
   another; counts output tokens from each response's usage chunk, and the gaps between
@@ -29,9 +30,20 @@ _EMPTY = b'"text":""'  # the proxy's compact JSON (spaces are taken out before m
 _TEXT = b'"text":"'
 
 
-def _request(host: str, body: bytes) -> bytes:
-    return (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+_CONTENT = b'"content":"'
+_EMPTY_CONTENT = b'"content":""'
+# a short chat turn (the proxy templates and tokenizes it: the path text clients take)
+CHAT_TEXT = "Write a haiku about the sea at night, please."
+
+
+def _request(host: str, body: bytes, path: str = "/v1/completions") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
             f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _chat_body(model: str, output_len: int) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": CHAT_TEXT}],
+                       "max_tokens": output_len, "stream": True, "ignore_eos": True}).encode()
 
 
 def _body(rng: np.random.Generator, input_len: int, output_len: int, usage: bool) -> bytes:
@@ -43,14 +55,18 @@ def _body(rng: np.random.Generator, input_len: int, output_len: int, usage: bool
 
 
 def _has_output(data: bytes) -> bool:
-    data = data.replace(b'"text": "', _TEXT)
-    return _TEXT in data.replace(_EMPTY, b"")
+    data = data.replace(b'"text": "', _TEXT).replace(b'"content": "', _CONTENT)
+    return _TEXT in data.replace(_EMPTY, b"") or _CONTENT in data.replace(_EMPTY_CONTENT, b"")
 
 
 class RawProbe:
     """Sequential streamed requests over one keep-alive socket (TCP_NODELAY)."""
 
-    def __init__(self, url: str, input_len: int, output_len: int, seed: int = 1):
+    def __init__(self, url: str, input_len: int, output_len: int, seed: int = 1,
+                 chat_model: str | None = None):
+        """`chat_model`: send the short chat turn CHAT_TEXT to /v1/chat/completions with
+        this model name instead of `input_len` random token ids to /v1/completions."""
+        self.chat_model = chat_model
         self.host, port = url.removeprefix("http://").split(":")
         self.sock = socket.create_connection((self.host, int(port)))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -60,7 +76,10 @@ class RawProbe:
     def one(self) -> tuple[float, float]:
         """(ttft, e2e) in seconds of one request."""
         sock = self.sock
-        req = _request(self.host, _body(self.rng, self.input_len, self.output_len, usage=False))
+        req = _request(self.host, _body(self.rng, self.input_len, self.output_len, usage=False)) \
+            if self.chat_model is None else \
+            _request(self.host, _chat_body(self.chat_model, self.output_len),
+                     "/v1/chat/completions")
         t0 = time.perf_counter()
         sock.sendall(req)
         buf, ttft = b"", None

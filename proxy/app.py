@@ -30,8 +30,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -60,6 +60,7 @@ from pdserve.proxy.validation import check_strings, validate
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
+T = TypeVar("T")
 
 _seed_source = random.SystemRandom()
 _encode_json = msgspec.json.Encoder().encode
@@ -92,6 +93,20 @@ def decode_json(content_type: str, raw: bytes) -> Any:
 async def read_json(request: Request) -> Any:
     """The decoded JSON body of a framework request (`decode_json`)."""
     return decode_json(request.headers.get("content-type", ""), await request.body())
+
+
+# Prompts up to this many characters are templated and tokenized on the event loop: a worker
+# thread's round trip costs more than the work (~250 µs against ~80 µs for 256 characters
+# on the development VM); longer ones go to a thread, where the Rust tokenizer releases the
+# GIL and the streams on the loop keep flowing.
+INLINE_TEXT_CHARS = 512
+
+
+async def _off_loop(num_chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` here for a short text, else in a worker thread."""
+    if num_chars <= INLINE_TEXT_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 class CompactJSONResponse(JSONResponse):
@@ -136,9 +151,11 @@ class OpenAIServer:
         self.check_model(req.model)
         tok = self.need_tokenizer("chat completions need a chat template", "messages")
         req.sampling_params(req.requested_max_tokens(), req.seed)  # params first, then work
+        messages = req.template_messages()
         try:
-            prompt_ids = await asyncio.to_thread(
-                tok.apply_chat_template, req.template_messages(),
+            prompt_ids = await _off_loop(
+                sum(len(str(m.get("content") or "")) for m in messages),
+                tok.apply_chat_template, messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs)
@@ -155,7 +172,8 @@ class OpenAIServer:
         req.sampling_params(None, req.seed)
         if isinstance(prompt, str):
             tok = self.need_tokenizer("a text prompt needs one", "prompt")
-            prompt_ids = await asyncio.to_thread(tok.encode, prompt, req.add_special_tokens)
+            prompt_ids = await _off_loop(len(prompt), tok.encode, prompt,
+                                         req.add_special_tokens)
             echo = prompt if req.echo else ""
         else:
             prompt_ids = list(prompt)
