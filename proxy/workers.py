@@ -3,9 +3,10 @@
 `WorkerLink` owns one socket and a reader task that routes each reply to the queue of its
 request id (a Step frame's rows fan out to many requests) and keeps the worker's latest load
 report. `run_pd` drives one request through a decode-first reservation:
-Reserve on D and, at once, Prefill on P (with D's KV address as D reported it; without one
-P waits for D's Reserved, which names it) -> Reserved -> First (yielded at once) -> Join on
-D with the still-running choices -> Step rows until every choice finished.
+Prefill on P (with D's KV address as D reported it; without one P waits for D's Reserved,
+which names it) and at once Reserve on D -> Reserved -> First (yielded at once) -> Join on
+D with the still-running choices (sent when the request's task next yields the loop: after
+the first token went to the client) -> Step rows until every choice finished.
 `run_both` sends Generate to a both-role worker. Leaving either generator early (client
 gone, error) sends Abort to every worker involved. Messages are `common/wire.py`'s.
 """
@@ -327,11 +328,18 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink, timeout: floa
     timer = _arm(timeout, qd, qp)
     running = set(rec.choice_indices())
     touched_p = joined = False
+    join: asyncio.Handle | None = None
+
+    def send_join(first: list[TokenRow]) -> None:
+        nonlocal joined
+        d.send(wire.Join(rid=rid, first=first))
+        joined = True
+
     try:
-        d.send(wire.Reserve(rec=rec))
-        if d_kv is not None:
+        if d_kv is not None:  # P first: the prompt is what the first token waits for
             p.send(wire.Prefill(rec=rec, kv=d_kv))
             touched_p = True
+        d.send(wire.Reserve(rec=rec))
         msg = await _expect(d, qd, wire.Reserved, wire.Rejected)
         if isinstance(msg, wire.Rejected):  # P (if started) is aborted below
             raise WorkerError(f"D rejected the reservation: {msg.reason}", retryable=True, link=d)
@@ -343,17 +351,21 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink, timeout: floa
                               retryable=True, link=d)
         rows = (await _expect(p, qp, wire.First)).out
         running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
-        # D hears before the client does: the Join must not wait for the first token's
-        # trip to the client (this generator resumes only when the caller asks for more)
         if not running:
             d.send(wire.Abort(rid=rid))  # every choice ended on P: D never decodes it
         else:
-            d.send(wire.Join(rid=rid, first=[r for r in rows if r.finish_reason is None]))
-            joined = True
+            # the Join goes out as soon as this task yields the loop: after the first token
+            # is written to the client (TTFT does not wait for it) and before the caller
+            # asks for more (this generator resumes only then); D waits for the KV, which
+            # takes longer, before it decodes token 2 anyway
+            join = asyncio.get_running_loop().call_soon(
+                send_join, [r for r in rows if r.finish_reason is None])
         yield rows
         while running:
             yield await _step_rows(d, qd, running)
     finally:
+        if join is not None and not joined:  # left before the Join went: it never will
+            join.cancel()
         if running:  # left early: free everything the request holds
             d.send(wire.Abort(rid=rid))
             if touched_p and not joined:
