@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 from pdserve.proxy.fast_histogram import FastHistogram
 
@@ -10,23 +10,24 @@ _LAT = (.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 1
 
 HTTP_REQUESTS = Counter("pdserve_proxy_http_requests", "HTTP requests by endpoint and status",
                         ["endpoint", "status"])
-# observed per streamed token, from the event loop: lock-free (proxy/fast_histogram.py)
+# observed per streamed token or per request, from the event loop: lock-free
+# (proxy/fast_histogram.py)
 TTFT = FastHistogram("pdserve_proxy_time_to_first_token_seconds", "Request start to first "
                      "token", _LAT)
 TOKEN2 = FastHistogram("pdserve_proxy_token2_latency_seconds",
                        "First to second token of a choice (the P -> D handoff)", _LAT)
 ITL = FastHistogram("pdserve_proxy_inter_token_latency_seconds", "Between a choice's tokens",
                     (.001, .005, .01, .025, .05, .075, .1, .15, .2, .3, .5, 1, 2.5, 5))
-E2E = Histogram("pdserve_proxy_e2e_request_latency_seconds", "Request start to last token",
-                buckets=(.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
+E2E = FastHistogram("pdserve_proxy_e2e_request_latency_seconds", "Request start to last token",
+                    (.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
 ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, both)",
                  ["route"])
 REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
                    ["reason"])
 QUEUED = Gauge("pdserve_proxy_queued_requests", "Requests waiting for a worker with room")
-QUEUE_TIME = Histogram("pdserve_proxy_queue_time_seconds",
-                       "Arrival to a route with room (admitted requests; vLLM's queue time)",
-                       buckets=_LAT)
+QUEUE_TIME = FastHistogram("pdserve_proxy_queue_time_seconds",
+                           "Arrival to a route with room (admitted requests; vLLM's queue "
+                           "time)", _LAT)
 RETRIES = Counter("pdserve_proxy_retries", "Requests retried before their first token")
 FAILOVERS = Counter("pdserve_proxy_failovers", "Choices re-submitted after a D died mid-stream")
 TRANSFER_FAILURES = Counter("pdserve_proxy_transfer_failures",
