@@ -16,7 +16,9 @@ import logging
 import time
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from pdserve.proxy.middleware import HTTPMiddleware
 
 logger = logging.getLogger("pdserve.access")
 
@@ -42,16 +44,10 @@ def log_request(scope: Scope, status: int, started: float, gen: Any = None) -> N
                 "-" if ttft is None else f"{ttft:.3f}s")
 
 
-class AccessLogMiddleware:
+class AccessLogMiddleware(HTTPMiddleware):
     """Pure ASGI: the access line of every HTTP request the wrapped app answers."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         status = 500  # unless a response starts
 

@@ -34,7 +34,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class RequestIdMiddleware:
+class HTTPMiddleware:
+    """Pure ASGI middleware base: other scopes (lifespan) go straight to the app; `handle`
+    gets the HTTP ones."""
+
     def __init__(self, app: ASGIApp):
         self.app = app
 
@@ -42,6 +45,14 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestIdMiddleware(HTTPMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = _header(scope, b"x-request-id")
         rid = incoming if incoming is not None and SANE_ID.fullmatch(incoming) \
             else os.urandom(16).hex()
@@ -107,17 +118,11 @@ def route_template(scope: Scope) -> str:
     return path if isinstance(path, str) and path else "other"
 
 
-class RequestCountMiddleware:
+class RequestCountMiddleware(HTTPMiddleware):
     """Outermost, so every answer counts (401, 413 and CORS preflights included); counted
     when the response starts (a stream at its first byte), as 500 if the app raises first."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         counted = False
 
         def count(status: int) -> None:
