@@ -77,9 +77,12 @@ def expected(llm, recs):
             for r, o in zip(recs, outs) for c in o.outputs}
 
 
-async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False, early=False):
+async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False, early=False,
+                  abort_after=2):
     """Every request's tokens. `early`: P starts with D's reported KV address, before D's
-    Reserved (as the proxy does), so offers may overtake their reservations."""
+    Reserved (as the proxy does), so offers may overtake their reservations. `abort_some`:
+    every third request is closed after its `abort_after`-th batch (1: right after P's first
+    token, before the Join to D has gone out)."""
     links = {}
     d_kv = d.get("/info").json()["kv_address"] if early else None
 
@@ -99,7 +102,7 @@ async def collect(recs, p, d, token=TOKEN, both=False, abort_some=False, early=F
                 toks.append(r.token_id)
                 got[(rec.request_id, r.choice_index)] = (toks, r.finish_reason)
             n += 1
-            if abort_some and i % 3 == 0 and n == 2:
+            if abort_some and i % 3 == 0 and n == abort_after:
                 await gen.aclose()
                 return
 
@@ -148,10 +151,10 @@ def test_burst_with_random_aborts_leaves_pools_free(cluster):
     from tests.kv_transfer.harness import wait_for
 
     recs = workload(48, seed=77)
-    for d_name in ("D", "Dtcp"):
+    for d_name, after in (("D", 2), ("Dtcp", 2), ("D", 1)):
         asyncio.run(collect(recs, cluster["P"], cluster[d_name], abort_some=True,
-                            early=d_name == "D"))
-        recs = workload(48, seed=78)
+                            early=d_name == "D", abort_after=after))
+        recs = workload(48, seed=78 + after)
     # P's prefix cache keeps freed blocks evictable: they count as free
     wait_for(lambda: pools_idle(cluster), timeout=30, interval=0.3)
 
