@@ -76,7 +76,6 @@ class ClusterBackend:
         self._attempt = itertools.count(1)
         # totals for the proxy's stats line (`totals`)
         self.prompt_tokens = self.generation_tokens = self.running = 0
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # `_counter`
 
     def totals(self) -> Totals:
         """Prompt tokens routed and tokens streamed since start, requests generating and
@@ -226,20 +225,12 @@ class ClusterBackend:
 
     # ---- serving -------------------------------------------------------------------------
 
-    def _counter(self, family: Any, *labels: str) -> Any:
-        """`family.labels(*labels)`, looked up once (labels() locks and hashes each call)."""
-        key = (family, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*labels)
-        return child
-
     def _stream(self, route: str, a: Worker, b: Worker | None,
                 rec: RequestRecord) -> AsyncIterator[list[TokenRow]]:
-        self._counter(metrics.ROUTES, route).inc()
+        metrics.child(metrics.ROUTES, route).inc()
         for w in (a, b):
             if w is not None:
-                self._counter(metrics.WORKER_REQUESTS, w.url, w.role).inc()
+                metrics.child(metrics.WORKER_REQUESTS, w.url, w.role).inc()
         if route == "pd":
             self._pairs[rec.request_id] = (a.url, b.url)
             kv = b.info.get("kv_address")

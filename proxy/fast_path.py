@@ -26,22 +26,20 @@ app's, so code that assembles the app (`pdserve serve`) treats it as the FastAPI
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import Counter
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from pdserve.proxy import metrics
 from pdserve.proxy.access_log import log_request
 from pdserve.proxy.app import OpenAIServer, decode_json
-from pdserve.proxy.auth import UNAUTHORIZED_BODY, UNAUTHORIZED_HEADERS, APIKeys
+from pdserve.proxy.auth import UNAUTHORIZED_BODY, APIKeys
 from pdserve.proxy.errors import OpenAIError, error_response
-from pdserve.proxy.middleware import SANE_ID
+from pdserve.proxy.middleware import body_too_large, request_id
 from pdserve.proxy.streaming import ClientDisconnected
 
 logger = logging.getLogger(__name__)
@@ -64,7 +62,6 @@ class FastPath:
         self.max_body_bytes = max_body_bytes
         self._handlers: dict[str, Handler] = {path: getattr(server, name)
                                               for path, name in ROUTES.items()}
-        self._counts: dict[tuple[str, int], Counter] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "app":  # not set yet (e.g. during unpickling): no recursion
@@ -88,11 +85,11 @@ class FastPath:
     async def _serve(self, handler: Handler, scope: Scope, receive: Receive, send: Send,
                      headers: dict[bytes, bytes]) -> None:
         started = time.monotonic()
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if SANE_ID.fullmatch(incoming) else os.urandom(16).hex()
+        incoming = headers.get(b"x-request-id")
+        rid = request_id(None if incoming is None else incoming.decode("latin-1"))
         response = await self._respond(handler, scope["path"], receive, headers, rid)
         response.raw_headers.append((b"x-request-id", rid.encode("latin-1")))
-        self._count(scope["path"], response.status_code)
+        metrics.child(metrics.HTTP_REQUESTS, scope["path"], str(response.status_code)).inc()
         try:
             await response(scope, receive, send)
         finally:
@@ -100,24 +97,16 @@ class FastPath:
                 log_request(scope, response.status_code, started,
                             getattr(response, "generation", None))
 
-    def _count(self, path: str, status: int) -> None:
-        counter = self._counts.get((path, status))
-        if counter is None:
-            counter = self._counts[(path, status)] = metrics.HTTP_REQUESTS.labels(path,
-                                                                                  str(status))
-        counter.inc()
-
     async def _respond(self, handler: Handler, path: str, receive: Receive,
                        headers: dict[bytes, bytes], rid: str) -> Response:
         if self.keys and not self.keys.verify(headers.get(b"authorization", b"")
                                               .decode("latin-1")):
-            return Response(UNAUTHORIZED_BODY, status_code=401,
-                            headers={k.decode(): v.decode() for k, v in UNAUTHORIZED_HEADERS
-                                     if k != b"content-length"})
+            return Response(UNAUTHORIZED_BODY, status_code=401, media_type="application/json",
+                            headers={"www-authenticate": "Bearer"})
         try:
             length = headers.get(b"content-length", b"")
             if length.isdigit() and int(length) > self.max_body_bytes:
-                response = error_response(self._too_large())
+                response = error_response(body_too_large(self.max_body_bytes))
                 response.raw_headers.append((b"connection", b"close"))
                 return response
             body = await self._read_body(receive)
@@ -131,10 +120,6 @@ class FastPath:
             logger.exception("unhandled error on POST %s", path)
             return error_response(OpenAIError("internal server error", status_code=500))
 
-    def _too_large(self) -> OpenAIError:
-        return OpenAIError(f"the request body exceeds {self.max_body_bytes} bytes",
-                           status_code=413, code="request_too_large")
-
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
@@ -146,7 +131,7 @@ class FastPath:
             if chunk:
                 size += len(chunk)
                 if size > self.max_body_bytes:
-                    raise self._too_large()
+                    raise body_too_large(self.max_body_bytes)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

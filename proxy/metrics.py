@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge
 
 from pdserve.proxy.fast_histogram import FastHistogram
+
+_children: dict[tuple[object, tuple[str, ...]], object] = {}
+
+
+def child(family: Any, *labels: str) -> Any:
+    """`family.labels(*labels)`, looked up once per process (labels() locks and hashes on
+    every call; the request path counts with these)."""
+    key = (family, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = family.labels(*labels)
+    return found
 
 _LAT = (.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 

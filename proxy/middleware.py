@@ -27,6 +27,17 @@ from pdserve.proxy.errors import OpenAIError, error_body
 SANE_ID = re.compile(r"[!-~]{1,128}")
 
 
+def request_id(incoming: str | None) -> str:
+    """The client's X-Request-Id when it is sane, else a new random id."""
+    return incoming if incoming is not None and SANE_ID.fullmatch(incoming) \
+        else os.urandom(16).hex()
+
+
+def body_too_large(max_body_bytes: int) -> OpenAIError:
+    return OpenAIError(f"the request body exceeds {max_body_bytes} bytes", status_code=413,
+                       code="request_too_large")
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k == name:
@@ -54,8 +65,7 @@ class HTTPMiddleware:
 class RequestIdMiddleware(HTTPMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = _header(scope, b"x-request-id")
-        rid = incoming if incoming is not None and SANE_ID.fullmatch(incoming) \
-            else os.urandom(16).hex()
+        rid = request_id(incoming)
         scope.setdefault("state", {})["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
@@ -75,8 +85,7 @@ class BodyLimitMiddleware:
         self.max_body_bytes = max_body_bytes
 
     def _too_large(self) -> OpenAIError:
-        return OpenAIError(f"the request body exceeds {self.max_body_bytes} bytes",
-                           status_code=413, code="request_too_large")
+        return body_too_large(self.max_body_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
