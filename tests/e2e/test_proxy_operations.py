@@ -214,13 +214,19 @@ def test_a_vllm_command_line_serves(procs: Procs) -> None:
     deadline = time.monotonic() + 10
     want = ("proxy: Avg prompt throughput", "Running: 0 reqs, Waiting: 0 reqs, usable workers: "
             "1 P, 1 D")
-    while not all(w in log for w in want) and time.monotonic() < deadline:
+
+    def worker_line(role: str) -> bool:
+        return any(ln.startswith(f"{role}-") and "Avg prompt throughput" in ln
+                   and "KV cache usage" in ln for ln in log.splitlines())
+
+    # the workers' lines reach this log through the proxy's echo, possibly after its own
+    while not (all(w in log for w in want) and worker_line("prefill")
+               and worker_line("decode")) and time.monotonic() < deadline:
         time.sleep(0.5)
         log = (procs.tmp / "proxy.log").read_text()
     assert all(w in log for w in want), log[-3000:]
     for role in ("prefill", "decode"):
-        assert any(ln.startswith(f"{role}-") and "Avg prompt throughput" in ln
-                   and "KV cache usage" in ln for ln in log.splitlines()), log[-3000:]
+        assert worker_line(role), log[-3000:]
 
 
 def test_a_local_cluster_never_serves_another_clusters_workers(procs: Procs, tmp_path) -> None:
