@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
-from pdserve.kernels.triton_utils import check_device
+from pdserve.kernels.triton_utils import check_device, tl, triton
 
 
 def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

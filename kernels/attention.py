@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from pdserve.kernels.attention_triton import (
     _decode_attention_kernel,
@@ -31,6 +30,7 @@ from pdserve.kernels.triton_utils import (
     check_index,
     check_power_of_two,
     interpreting,
+    triton,
 )
 
 LOG2E = math.log2(math.e)

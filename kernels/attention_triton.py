@@ -27,8 +27,7 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
 
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+from pdserve.kernels.triton_utils import tl, triton
 
 
 @triton.jit

@@ -15,10 +15,8 @@ per step as 16-byte vector loads and stores over a contiguous range of one block
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pdserve.kernels.triton_utils import check_device, check_index, interpreting
+from pdserve.kernels.triton_utils import check_device, check_index, interpreting, tl, triton
 
 
 def gather_blocks_ref(

@@ -12,10 +12,8 @@ Token t of a batch goes to slot `slot_mapping[t]` = block_id * block_size + offs
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pdserve.kernels.triton_utils import check_device, check_index, check_power_of_two
+from pdserve.kernels.triton_utils import check_device, check_index, check_power_of_two, tl, triton
 
 
 def write_kv_ref(

@@ -12,10 +12,8 @@ the weight multiplies.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pdserve.kernels.triton_utils import check_device
+from pdserve.kernels.triton_utils import check_device, tl, triton
 
 
 def rms_norm_ref(

@@ -2,8 +2,9 @@
 
 `get_ops("torch")` gives the references (the CPU path); `get_ops("triton")` the Triton
 kernels (on CUDA; on the CPU only under the Triton interpreter, TRITON_INTERPRET=1, which
-the tests use); `get_ops("auto")` Triton on CUDA, torch on the CPU. An unknown backend, or
-Triton on the CPU without the interpreter, is a clear error, never a silent fallback.
+the tests use); `get_ops("auto")` Triton on CUDA, torch on the CPU. An unknown backend,
+Triton on the CPU without the interpreter, or Triton asked for where it is not installed (a
+CPU install without the gpu extra) is a clear error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pdserve.kernels.attention import (
 from pdserve.kernels.kv_cache import write_kv, write_kv_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rotary import rotary, rotary_ref
-from pdserve.kernels.triton_utils import interpreting
+from pdserve.kernels.triton_utils import HAVE_TRITON, TRITON_MISSING, interpreting
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,12 @@ def get_ops(backend: str, device_type: str) -> KernelOps:
     """Ops for `backend` on `device_type` ("cuda" or "cpu"); "auto" picks Triton on CUDA and
     the torch references elsewhere."""
     if backend == "auto":
-        return TRITON_OPS if device_type == "cuda" else TORCH_OPS
+        backend = "triton" if device_type == "cuda" else "torch"
     if backend == "torch":
         return TORCH_OPS
     if backend == "triton":
+        if not HAVE_TRITON:
+            raise ValueError(TRITON_MISSING)
         if device_type != "cuda" and not interpreting():
             raise ValueError(f"kernel backend 'triton' on {device_type} needs the Triton "
                              "interpreter (TRITON_INTERPRET=1 set before start); use 'torch'")

@@ -12,10 +12,8 @@ for fp32 the two agree to rounding).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from pdserve.kernels.triton_utils import check_device, check_index, check_power_of_two
+from pdserve.kernels.triton_utils import check_device, check_index, check_power_of_two, tl, triton
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

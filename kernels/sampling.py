@@ -24,9 +24,9 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
+
+from pdserve.kernels.triton_utils import tl, triton
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key bumps

@@ -3,13 +3,67 @@ bad input with a clear message instead of a fault inside a kernel.
 
 Triton runs on CUDA tensors; on the CPU only under its interpreter (`TRITON_INTERPRET=1`,
 set before triton is imported), which the CPU test suite uses.
+
+Triton is an install-time choice: CUDA builds of torch bring it, `pip install 'pdserve[gpu]'`
+(and the `test` extra) name it, and a plain CPU install goes without (~1 GB less). The kernel
+modules take `triton` and `tl` from here: without triton they are stand-ins that let the
+modules import (`@triton.jit`, `tl.constexpr`), so the torch references run, while anything
+that would launch a kernel raises `TritonMissingError` with what to install.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
+
+TRITON_MISSING = ("Triton is not installed: the GPU kernels need it (CUDA builds of torch "
+                  "bring it; or pip install 'pdserve[gpu]'); the CPU path (kernel backend "
+                  "'torch') runs without it")
+
+
+class TritonMissingError(ModuleNotFoundError):
+    def __init__(self) -> None:
+        super().__init__(TRITON_MISSING, name="triton")
+
+
+class _NoKernel:
+    """What `@triton.jit` gives without triton: importable, never launchable."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "kernel")
+
+    def __getitem__(self, grid: Any) -> Any:
+        raise TritonMissingError()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TritonMissingError()
+
+
+class _NoTriton:
+    """Stands in for `triton` and `triton.language` when triton is not installed."""
+
+    @staticmethod
+    def constexpr(value: Any = None) -> Any:
+        return value
+
+    def jit(self, fn: Any = None, **_: Any) -> Any:
+        return self.jit if fn is None else _NoKernel(fn)
+
+    def __getattr__(self, name: str) -> Any:
+        raise TritonMissingError()
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # a CPU install without the gpu extra
+    triton = tl = _NoTriton()  # type: ignore[assignment]
+    HAVE_TRITON = False
 
 
 def interpreting() -> bool:
@@ -18,7 +72,9 @@ def interpreting() -> bool:
 
 
 def check_device(*tensors: torch.Tensor) -> None:
-    """All tensors on one device, and that device one Triton can launch on."""
+    """Triton installed, all tensors on one device, and that device one Triton can launch on."""
+    if not HAVE_TRITON:
+        raise TritonMissingError()
     device = tensors[0].device
     for t in tensors[1:]:
         if t.device != device:
