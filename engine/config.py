@@ -59,8 +59,11 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = option(
         None, check=_positive, help="Bytes for the KV pool. Default: 1 GiB on CPU; on GPU "
         "what --gpu-memory-utilization leaves after weights and activations.")
-    gpu_memory_utilization: float = option(0.9, check=_fraction,
-                                           help="Fraction of GPU memory this engine may use.")
+    gpu_memory_utilization: float = option(
+        0.9, check=_fraction, help="Fraction of the GPU's memory this worker may use for its "
+        "weights, activations and KV pool: its own share, as in vLLM (other processes' memory "
+        "does not count against it, but must leave it free). A local cluster splits the "
+        "default between workers that share a GPU.")
     num_gpu_blocks_override: int | None = option(None, check=_positive,
                                                  help="Exact number of KV blocks (tests).")
     max_num_seqs: int = option(256, check=_positive, help="Most sequences in one step.")

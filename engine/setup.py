@@ -116,15 +116,38 @@ def plan_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, device: torch.d
         budget = cfg.kv_cache_memory_bytes
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        used_by_us = torch.cuda.memory_allocated(device)
-        budget = int(total * cfg.gpu_memory_utilization) - used_by_us - (total - free - used_by_us)
-        budget -= _activation_reserve(cfg, model_config, dtype)
+        budget = gpu_kv_budget(cfg.gpu_memory_utilization, free, total,
+                               torch.cuda.memory_allocated(device),
+                               _activation_reserve(cfg, model_config, dtype), device)
     else:
         budget = CPU_KV_BUDGET_BYTES
         # on CPU never allocate more than the batch could ever use
         need = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
         budget = min(budget, need * per_block)
     return max(budget // per_block, 0)
+
+
+def gpu_kv_budget(utilization: float, free: int, total: int, weights: int, activations: int,
+                  device: torch.device | str = "cuda") -> int:
+    """Bytes for the KV pool on a GPU. `utilization` is this engine's own share of the GPU
+    (vLLM's meaning): its weights (`weights`, what torch holds now), its activations and its
+    pool fit in utilization x total, whatever other processes hold; a share that is not
+    free is a ValueError that says what to lower."""
+    gib = 1 << 30
+    budget = int(total * utilization) - weights - activations
+    if budget <= 0:
+        raise ValueError(
+            f"--gpu-memory-utilization {utilization} gives this worker {total * utilization / gib:.1f} "
+            f"GiB of {device}'s {total / gib:.1f} GiB, which the weights ({weights / gib:.1f} GiB) "
+            f"and activations ({activations / gib:.1f} GiB) leave no KV pool in: raise it")
+    if budget + activations > free:
+        raise ValueError(
+            f"--gpu-memory-utilization {utilization} asks for {budget / gib:.1f} GiB of KV pool "
+            f"(+{activations / gib:.1f} GiB of activations) on {device}, but only "
+            f"{free / gib:.1f} GiB of its {total / gib:.1f} GiB is free (other processes hold "
+            f"{(total - free - weights) / gib:.1f} GiB): lower --gpu-memory-utilization (local "
+            f"workers on one GPU split it by default) or set --kv-cache-memory-bytes")
+    return budget
 
 
 def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) -> int:

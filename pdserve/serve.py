@@ -179,12 +179,16 @@ class ServeConfig(EngineConfig):
 _WORKER_FIELDS = [f for f in EngineConfig.__dataclass_fields__ if f not in ("device",)]
 
 
-def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None) -> list[str]:
+def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None,
+                memory_share: float | None = None) -> list[str]:
+    """`memory_share`: this worker's --gpu-memory-utilization where workers split a GPU."""
     # the internal token travels in the environment, not argv (visible to every user in ps)
     cmd = [sys.executable, "-m", "pdserve", "worker", "--role", role, "--port", str(port)]
     defaults = EngineConfig.__dataclass_fields__
     for name in _WORKER_FIELDS:
         value = getattr(cfg, name)
+        if name == "gpu_memory_utilization" and memory_share is not None:
+            value = memory_share
         if value == defaults[name].default or value is None:
             continue
         flag = "--" + name.replace("_", "-")
@@ -204,6 +208,37 @@ def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
     roles = ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
     return [(role, cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None)
             for i, role in enumerate(roles)]
+
+
+def gpu_memory_shares(cfg: ServeConfig, local: list[tuple[str, str | None]],
+                      has_gpu: bool) -> dict[int, float]:
+    """--gpu-memory-utilization is per worker (its weights, activations and KV pool, as in
+    vLLM). Local workers that share a GPU split the default (0.9) between them: the
+    --gpu-memory-utilization of each such worker, by start index. A value the user set is
+    each worker's own; several of them that ask for more than the whole GPU are a
+    ConfigError. Nothing to split with --kv-cache-memory-bytes (an explicit pool size)."""
+    by_gpu: dict[int, list[int]] = {}
+    for i, (_, d) in enumerate(local):
+        g = mps.gpu_index(d or cfg.device, has_gpu)
+        if g is not None:
+            by_gpu.setdefault(g, []).append(i)
+    default = EngineConfig.__dataclass_fields__["gpu_memory_utilization"].default
+    shares: dict[int, float] = {}
+    for g, idx in by_gpu.items():
+        if len(idx) < 2 or cfg.kv_cache_memory_bytes is not None:
+            continue
+        if cfg.gpu_memory_utilization != default:
+            if cfg.gpu_memory_utilization * len(idx) > 1:
+                raise ConfigError(
+                    f"--gpu-memory-utilization {cfg.gpu_memory_utilization} is each worker's "
+                    f"share; {len(idx)} local workers on GPU {g} would ask for "
+                    f"{cfg.gpu_memory_utilization * len(idx):.2f} of it: give at most "
+                    f"{1 / len(idx):.2f} (or leave it out: they split {default})",
+                    "gpu_memory_utilization")
+            continue
+        for i in idx:
+            shares[i] = round(default / len(idx), 4)
+    return shares
 
 
 def _gpu_turns(cfg: ServeConfig, local: list[tuple[str, str | None]], log_dir: Path
@@ -292,6 +327,12 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
         env.update(mps_env)
     local = _local_roles(cfg)
     turns = _gpu_turns(cfg, local, log_dir) if cfg.prefill_first else {}
+    shares = gpu_memory_shares(cfg, local, mps.gpu_present())
+    for share in sorted(set(shares.values())):
+        n = sum(1 for v in shares.values() if v == share)
+        logger.info("%d local workers on shared GPUs: --gpu-memory-utilization %.4g each (of "
+                    "the default %.2g; a value given is each worker's own)", n, share,
+                    EngineConfig.__dataclass_fields__["gpu_memory_utilization"].default)
     base = cfg.worker_base_port
     if base is None:
         base = free_port_block(DEFAULT_WORKER_PORT, 3 * len(local))
@@ -303,7 +344,8 @@ def start_local_cluster(cfg: ServeConfig, log_dir: Path, mps_env: dict[str, str]
         wenv = env
         if mps_env is not None and role == "decode" and cfg.mps_decode_percent < 100:
             wenv = {**env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(cfg.mps_decode_percent)}
-        w = Managed(role, port, _worker_cmd(cfg, role, port, device) + turns.get(i, []), wenv,
+        w = Managed(role, port, _worker_cmd(cfg, role, port, device, shares.get(i))
+                    + turns.get(i, []), wenv,
                     log_dir / f"{role}-{port}.log",
                     echo=sys.stderr if cfg.echo_worker_logs else None)
         w.log_path.write_text("")
@@ -589,6 +631,8 @@ def run_serve(cfg: ServeConfig) -> int:
                        INSECURE_FLAG)
     if cfg.chat_template is not None:
         read_chat_template(cfg.chat_template)  # a bad value is refused before anything starts
+    if not external:
+        gpu_memory_shares(cfg, _local_roles(cfg), mps.gpu_present())  # likewise
     port = reserve_port(cfg)  # before anything starts
     workers: list[Managed] = []
     supervisor = None
