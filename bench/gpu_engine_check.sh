@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# One device run for the engine on GPU: wheels, install, gpu-marked engine/sampling/kernel
-# tests, then bench/serving_gpu.py (Llama-3-8B shapes). Logs and JSON under $OUT.
+# One device run for the engine on GPU: wheels, install, gpu-marked tests (TESTS, default the
+# engine, sampling and kernel folders), then bench/serving_gpu.py (Llama-3-8B shapes). With
+# BEFORE=<dir> (a checkout of an earlier commit inside the tree, e.g. `git archive <commit> |
+# tar -x -C before_tree`), serving_gpu.py runs from it first (PYTHONPATH=<dir>), then from
+# this tree: a before/after pair on the same machine. Logs and JSON under $OUT.
+# Usage (repo root, on the lent machine; carry [".whl"] after `bash scripts/gpu_wheels.sh fetch`):
+#   bash bench/gpu_engine_check.sh
+#   TESTS="tests/engine/test_bf16_numerics.py" BEFORE=before_tree bash bench/gpu_engine_check.sh
 set -eo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,7 +15,14 @@ eval "$(bash scripts/gpu_wheels.sh install)"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 python3 -c "import pdserve.engine, pdserve.kernels.sampling; print('pdserve imports ok')"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  python3 -m pytest -p no:cacheprovider -q -m gpu tests/engine tests/kernels_sampling \
-      2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
+  # shellcheck disable=SC2086  # TESTS: paths, word-split
+  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -p no:cacheprovider --import-mode=append \
+      -q -s -rfE -m gpu --timeout 300 ${TESTS:-tests/engine tests/kernels_sampling} \
+      2>&1 | tee "$OUT/gpu_tests.log" | grep -E "bf16 relative|passed|failed|FAILED|Error" || true
 fi
-python3 bench/serving_gpu.py --out "$OUT" 2>&1 | tee "$OUT/serving_gpu.log" | tail -20
+if [ -n "${BEFORE:-}" ]; then
+  mkdir -p "$OUT/before"
+  PYTHONPATH="$PWD/$BEFORE" python3 bench/serving_gpu.py --out "$OUT/before" 2>&1 \
+    | tee "$OUT/serving_gpu_before.log" | tail -9
+fi
+python3 bench/serving_gpu.py --out "$OUT" 2>&1 | tee "$OUT/serving_gpu.log" | tail -9

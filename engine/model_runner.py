@@ -6,12 +6,22 @@ A step whose chunks are all single tokens takes the decode path (paged decode at
 anything else takes the prefill path (variable-length chunks over prior context), which also
 accepts single-token chunks, so mixed batches are fine.
 
+Decode steps keep their block tables on the device (`DecodeTables`): one persistent row per
+running sequence, written when the sequence first decodes and then only where its table grew
+(a new block every block_size tokens), so a step sends the device one small tensor (token,
+position, row per sequence, plus the few new table entries) instead of rebuilding every
+table. Slot mapping, sequence lengths and the step's table rows are derived on the device
+from (position, row). A sequence is known by its block-table list object: the block manager
+only ever grows a table in place or gives the sequence a new list (allocation after
+preemption, a fork), so a new list is a new row and stale rows are reused.
+
 On CUDA (unless `enforce_eager`), decode forwards replay CUDA graphs captured at start for
 batch-size buckets (1, 2, 4, 8, then multiples of 8 up to max_num_seqs, at most 512): a
 decode step of a small model is hundreds of kernel launches, which a graph replays as one.
-A batch is padded up to its bucket with slots that write nowhere (slot -1) and attend to one
-token of block 0; their rows are dropped. The graphs read static input buffers and the
-attention kernels are sized for max_model_len, so a replay never depends on the batch.
+The graph holds the derivation above too. A batch is padded up to its bucket with rows that
+write nowhere (slot -1) and attend to one token of block 0; their outputs are dropped. The
+graphs read static input buffers and the attention kernels are sized for max_model_len, so
+a replay never depends on the batch.
 """
 
 from __future__ import annotations
@@ -46,7 +56,10 @@ class SeqChunk:
 class ModelRunner:
     """Runs forwards of one model over one KV pool. Not thread-safe; one step at a time."""
 
-    def __init__(self, model: CausalLM, pool: KVPool, ops: KernelOps):
+    def __init__(self, model: CausalLM, pool: KVPool, ops: KernelOps, *,
+                 max_num_seqs: int | None = None, max_model_len: int | None = None):
+        """`max_num_seqs` and `max_model_len` size the persistent decode tables; without them
+        (or for a larger step) decode steps build their tables per step, as prefills do."""
         self.model = model
         self.pool = pool
         self.ops = ops
@@ -54,6 +67,9 @@ class ModelRunner:
         self.block_size = pool.spec.block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.graph_max_seq_len = 0
+        self.tables = (DecodeTables(max_num_seqs, -(-max_model_len // self.block_size),
+                                    self.device)
+                       if max_num_seqs and max_model_len else None)
 
     @staticmethod
     def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -66,58 +82,69 @@ class ModelRunner:
         """Capture one decode graph per bucket (CUDA only). Called once at engine start."""
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
-        max_blocks = -(-max_model_len // self.block_size)
+        if self.tables is None or self.tables.capacity < min(max_num_seqs, 512):
+            self.tables = DecodeTables(max_num_seqs, -(-max_model_len // self.block_size),
+                                       self.device)
         self.graph_max_seq_len = max_model_len
         pool = torch.cuda.graph_pool_handle()
         for bs in sorted(self.graph_buckets(max_num_seqs), reverse=True):  # big first: reuse
-            buf = {
+            buf = {  # every row padding at capture: position -1 writes nowhere
                 "input_ids": torch.zeros(bs, dtype=torch.int64, device=self.device),
-                "positions": torch.zeros(bs, dtype=torch.int64, device=self.device),
-                "slot_mapping": torch.full((bs,), -1, dtype=torch.int64, device=self.device),
-                "block_tables": torch.zeros(bs, max_blocks, dtype=torch.int64, device=self.device),
-                "seq_lens": torch.ones(bs, dtype=torch.int64, device=self.device),
+                "positions": torch.full((bs,), -1, dtype=torch.int64, device=self.device),
+                "rows": torch.full((bs,), self.tables.pad_row, dtype=torch.int64,
+                                   device=self.device),
             }
-            meta = AttentionMetadata(True, buf["slot_mapping"], buf["block_tables"],
-                                     buf["seq_lens"], None, 1, max_model_len)
             for _ in range(2):  # warm up: compile kernels, settle the allocator
-                self.model(buf["input_ids"], buf["positions"], meta, self.pool.tensor, self.ops)
+                self._decode_forward(buf["input_ids"], buf["positions"], buf["rows"],
+                                     max_model_len, None)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                buf["hidden"] = self.model(buf["input_ids"], buf["positions"], meta,
-                                           self.pool.tensor, self.ops)
+                buf["hidden"] = self._decode_forward(buf["input_ids"], buf["positions"],
+                                                     buf["rows"], max_model_len, None)
             self.graphs[bs] = (graph, buf)
         torch.cuda.synchronize(self.device)
 
-    def _replay(self, chunks: Sequence[SeqChunk]) -> torch.Tensor | None:
-        """Run a decode step through a captured graph; None if no graph fits."""
-        B = len(chunks)
-        fits = [b for b in self.graphs if b >= B]
-        if not fits:
-            return None
-        graph, buf = self.graphs[min(fits)]
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                        rows: torch.Tensor, max_seq_len: int, num_table_cols: int | None
+                        ) -> torch.Tensor:
+        """A decode forward from (token, position, table row) per sequence, everything else
+        derived on the device; a row with position -1 is padding (writes no KV). Eager steps
+        pass `num_table_cols` (the batch's widest table) to read no more than they need."""
         bs = self.block_size
-        width = buf["block_tables"].shape[1]
-        pos = [c.start_pos for c in chunks]
-        if max(pos) + 1 > self.graph_max_seq_len:
+        tables = self.tables.rows(rows, num_table_cols)
+        valid = positions >= 0
+        pos = positions.clamp(min=0)
+        block = tables.gather(1, (pos // bs).unsqueeze(1)).squeeze(1)
+        slots = torch.where(valid, block * bs + pos % bs, -1)
+        meta = AttentionMetadata(True, slots, tables, pos + 1, None, 1, max_seq_len)
+        return self.model(input_ids, pos, meta, self.pool.tensor, self.ops)
+
+    def _decode(self, chunks: Sequence[SeqChunk]) -> torch.Tensor | None:
+        """A decode step over the persistent tables (a graph replay where one fits); None
+        when the step has more sequences than the tables hold."""
+        tables = self.tables
+        if tables is None or len(chunks) > tables.capacity:
             return None
-        n = buf["input_ids"].shape[0]
+        B = len(chunks)
+        pos = [c.start_pos for c in chunks]
+        top = max(pos) + 1
+        fits = [b for b in self.graphs if b >= B] if top <= self.graph_max_seq_len else []
+        n = min(fits) if fits else B
         pad = n - B
-        host = torch.tensor(
-            [[c.token_ids[0] for c in chunks] + [0] * pad,
-             pos + [0] * pad,
-             [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)] + [-1] * pad,
-             [p + 1 for p in pos] + [1] * pad], dtype=torch.int64)
-        tables = torch.zeros(n, width, dtype=torch.int64)
-        for i, c in enumerate(chunks):
-            need = -(-(pos[i] + 1) // bs)
-            tables[i, :need] = torch.as_tensor(list(c.block_table[:need]), dtype=torch.int64)
-        host = host.pin_memory() if torch.cuda.is_available() else host
+        rows = tables.assign(chunks)
+        host = torch.tensor([[c.token_ids[0] for c in chunks] + [0] * pad, pos + [-1] * pad,
+                             rows + [tables.pad_row] * pad], dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        tables.flush()
+        if not fits:
+            dev = host.to(self.device, non_blocking=True)
+            return self._decode_forward(dev[0], dev[1], dev[2], top, -(-top // self.block_size))
+        graph, buf = self.graphs[n]
         buf["input_ids"].copy_(host[0], non_blocking=True)
         buf["positions"].copy_(host[1], non_blocking=True)
-        buf["slot_mapping"].copy_(host[2], non_blocking=True)
-        buf["seq_lens"].copy_(host[3], non_blocking=True)
-        buf["block_tables"].copy_(tables, non_blocking=False)
+        buf["rows"].copy_(host[2], non_blocking=True)
         graph.replay()
         return buf["hidden"][:B]
 
@@ -170,10 +197,69 @@ class ModelRunner:
         if not chunks:
             raise ValueError("execute needs at least one chunk")
         is_decode = all(len(c.token_ids) == 1 for c in chunks)
-        if is_decode and self.graphs and all(c.num_logits == 1 for c in chunks):
-            hidden = self._replay(chunks)
+        if is_decode and all(c.num_logits == 1 for c in chunks):
+            hidden = self._decode(chunks)
             if hidden is not None:
                 return self.model.compute_logits(hidden)
         input_ids, positions, meta, logit_rows = self._metadata(chunks, is_decode)
         hidden = self.model(input_ids, positions, meta, self.pool.tensor, self.ops)
         return self.model.compute_logits(hidden[logit_rows])
+
+
+class DecodeTables:
+    """Block tables of decoding sequences, kept on the device across steps.
+
+    `capacity` rows plus one all-zero padding row (`pad_row`). `assign` gives each chunk of
+    a step its row and queues the entries its table gained since it was last written;
+    `flush` writes the queued entries with one indexed store. A row belongs to one table
+    list object (held here, so its id is not reused); a row whose table did not run in the
+    current step may be given to another."""
+
+    def __init__(self, capacity: int, width: int, device: torch.device):
+        self.capacity = capacity
+        self.pad_row = capacity
+        self.table = torch.zeros(capacity + 1, width, dtype=torch.int64, device=device)
+        self.device = device
+        self._rows: dict[int, list] = {}  # id(table list) -> [row, list, entries written, step]
+        self._free = list(range(capacity - 1, -1, -1))
+        self._step = 0
+        self._updates: list[int] = []  # row, col, value triples
+
+    def assign(self, chunks: Sequence[SeqChunk]) -> list[int]:
+        self._step += 1
+        step, rows_of, updates, out = self._step, self._rows, self._updates, []
+        for c in chunks:
+            t = c.block_table
+            e = rows_of.get(id(t))
+            if e is None or e[1] is not t:
+                e = rows_of[id(t)] = [self._take(), t, 0, step]
+            need = len(t)
+            if need > e[2]:
+                row = e[0]
+                for col in range(e[2], need):
+                    updates += (row, col, t[col])
+                e[2] = need
+            e[3] = step
+            out.append(e[0])
+        return out
+
+    def _take(self) -> int:
+        if not self._free:  # reuse the rows of tables that did not run in this step
+            stale = [k for k, e in self._rows.items() if e[3] < self._step]
+            for k in stale:
+                self._free.append(self._rows.pop(k)[0])
+        return self._free.pop()
+
+    def flush(self) -> None:
+        if not self._updates:
+            return
+        u = torch.tensor(self._updates, dtype=torch.int64).view(-1, 3).t()
+        if self.device.type == "cuda":
+            u = u.pin_memory()
+        u = u.to(self.device, non_blocking=True)
+        self.table.index_put_((u[0], u[1]), u[2])
+        self._updates = []
+
+    def rows(self, rows: torch.Tensor, num_cols: int | None) -> torch.Tensor:
+        t = self.table if num_cols is None else self.table[:, :num_cols]
+        return t.index_select(0, rows)

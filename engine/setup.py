@@ -196,7 +196,8 @@ def build_engine(cfg: EngineConfig, progress: bool = True,
                       model_config.num_key_value_heads, model_config.head_dim, dtype)
     pool = KVPool(spec, device, shm_epoch=pool_shm_epoch if device.type == "cpu" else None)
     ops = get_ops(cfg.kernel_backend, device.type)
-    runner = ModelRunner(model, pool, ops)
+    runner = ModelRunner(model, pool, ops, max_num_seqs=min(cfg.max_num_seqs, 512),
+                         max_model_len=max_model_len)
     if device.type == "cuda" and not cfg.enforce_eager:
         t0 = time.monotonic()
         runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len)
