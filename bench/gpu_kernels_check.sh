@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the gpu-marked kernel tests (compiled Triton vs the torch references), then
-# bench/kernels.py. Logs and results go under $OUT as they are made; a short table prints last.
+# bench/kernel_speed.py. Logs and results go under $OUT as they are made; a short table prints last.
 # Usage (repo root, on a CUDA machine): [SKIP_TESTS=1] bash bench/gpu_kernels_check.sh [bench args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,6 @@ grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
 fi
 
-python3 bench/kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
+python3 bench/kernel_speed.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^|"
 echo
 grep "^|" "$OUT/bench.log"

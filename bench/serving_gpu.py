@@ -1,11 +1,20 @@
-"""Engine-level GPU figures for issue 9 (part 1), Llama-3-8B shapes with dummy weights, bf16:
+"""The engine on one GPU as it serves, Llama-3-8B shapes with dummy bf16 weights (issue 16):
 
-- decode step time at batch 1, 32, 256 with 1k-token contexts (CUDA graphs), against the
-  HBM roofline: (weight bytes + KV bytes read) / the same-run device-copy rate;
-- prefill tokens/s for 8 x 1k and 1 x 8k prompts, against the matmul roofline:
-  2 * params * tokens / the same-run bf16 matmul rate (attention flops added).
+- decode: B requests with 1k-token prompts (B = 1, 32, 256), then `--steps` (100)
+  `engine.step()` calls after 5 warm-up steps: scheduler, runner (CUDA graphs) and sampler,
+  contexts growing from 1k; the median step time of `--runs` (3) runs. Roofline per step =
+  the GEMM phase at max(weight bytes / copy rate, GEMM FLOPs / matmul rate) plus the KV bytes
+  read / copy rate; weight bytes count the batch's embedding rows only, not the table; the
+  rates are measured in the same run (copy: read + write bytes/s, at which streaming reads go);
+- a per-kernel profile of one decode step per batch (torch.profiler, CUDA time by kernel);
+- prefill tokens/s for 8 x 1k and 1 x 8k prompts (runner level) against the matmul roofline:
+  2 * params * tokens + causal attention FLOPs over the same-run matmul rate;
+- transformers' `generate` on the same shapes and dummy weights, batch 1 and 32 (sdpa; per
+  step = (time for 1 + N new tokens - time for 1) / N), in the same run.
 
-Writes JSON to --out after every point; prints a table last. Never asserts.
+Writes JSON (`serving_gpu.json` under --out) after every point; prints a table last. Never
+asserts. `--tiny` runs the tiny test model on whatever device is given (a smoke test: CPU in
+CI), with fewer steps.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,133 +37,270 @@ LLAMA3_8B = {
     "torch_dtype": "bfloat16", "hidden_act": "silu", "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
+TINY = {**LLAMA3_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "bos_token_id": 0, "eos_token_id": 1}
 
 
-def copy_rate() -> float:
-    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_rate(device: torch.device, numel: int) -> float:
+    x = torch.randn(numel, device=device, dtype=torch.bfloat16)
     y = torch.empty_like(x)
     for _ in range(3):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(20):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync(device)
     return 2 * x.numel() * 2 * 20 / (time.perf_counter() - t0)  # read + write bytes/s
 
 
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def matmul_rate(device: torch.device, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(10):
         a @ b
-    torch.cuda.synchronize()
-    return 2 * 8192**3 * 10 / (time.perf_counter() - t0)
+    sync(device)
+    return 2 * n**3 * 10 / (time.perf_counter() - t0)
+
+
+def shapes(cfg: dict) -> dict[str, int]:
+    """Byte and FLOP counts of one decode token: GEMM weights (no embedding), per-token KV."""
+    h, inter, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    kvh = cfg["num_key_value_heads"]
+    per_layer = h * (h + 2 * kvh * hd) + h * h + 2 * h * inter + inter * h
+    gemm_params = L * per_layer + cfg["vocab_size"] * h  # layers + LM head
+    return {"gemm_params": gemm_params, "hidden": h, "layers": L,
+            "kv_bytes_per_token": L * 2 * kvh * hd * 2, "norm_params": (2 * L + 1) * h}
+
+
+def decode_roofline(sh: dict, batch: int, mean_ctx: float, copy_bps: float,
+                    matmul_fps: float) -> dict[str, float]:
+    weight_bytes = 2 * (sh["gemm_params"] + sh["norm_params"] + batch * sh["hidden"])
+    gemm_s = max(weight_bytes / copy_bps, 2 * batch * sh["gemm_params"] / matmul_fps)
+    kv_s = batch * mean_ctx * sh["kv_bytes_per_token"] / copy_bps
+    return {"gemm_ms": gemm_s * 1e3, "kv_ms": kv_s * 1e3, "roofline_ms": (gemm_s + kv_s) * 1e3}
+
+
+def decode_run(engine, batch: int, ctx: int, steps: int, seed: int, vocab: int) -> list[float]:
+    """One run: `batch` requests, prefilled, 5 warm-up steps, then `steps` timed steps."""
+    from pdserve import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    sp = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    reqs = [engine.add_request(torch.randint(5, vocab - 1, (ctx,), generator=gen).tolist(), sp)
+            for _ in range(batch)]
+    while any(not r.seqs or not r.seqs[0].output_token_ids for r in reqs):
+        engine.step()  # the prefills (chunked), and the first tokens
+    for _ in range(5):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()  # returns after the sampled tokens reached the host: synchronous
+        times.append(time.perf_counter() - t0)
+    for r in reqs:
+        engine.abort(r)
+    while engine.has_unfinished():
+        engine.step()
+    return times
+
+
+def profile_step(engine, batch: int, ctx: int, vocab: int, device: torch.device) -> list[dict]:
+    """CUDA time by kernel over 5 decode steps at `batch`, per step, top 12."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdserve import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reqs = [engine.add_request(list(range(5, 5 + ctx)), sp) for _ in range(batch)]
+    while any(not r.seqs or not r.seqs[0].output_token_ids for r in reqs):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+        sync(device)
+    for r in reqs:
+        engine.abort(r)
+    while engine.has_unfinished():
+        engine.step()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"kernel": e.key[:90], "us_per_step": t / 5, "calls_per_step": e.count / 5})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:12]
+
+
+def transformers_decode(cfg_dir: Path, batch: int, ctx: int, steps: int,
+                        device: torch.device) -> float:
+    """transformers' generate, per decode step (ms), same shapes, dummy weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg_dir)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    ids = torch.randint(5, config.vocab_size - 1, (batch, ctx), device=device)
+
+    def gen(n: int) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0
+
+    gen(2)  # warm up
+    one = statistics.median(gen(1) for _ in range(3))
+    full = statistics.median(gen(1 + steps) for _ in range(2))
+    return (full - one) / steps * 1e3
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test shapes (a smoke test)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batches", default="1,32,256")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     out = Path(args.out) / "serving_gpu.json"
-    results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    model_cfg = TINY if args.tiny else LLAMA3_8B
+    batches = [int(b) for b in args.batches.split(",")]
+    results: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                     "torch": torch.__version__, "steps": args.steps, "runs": args.runs,
+                     "ctx": args.ctx, "shapes": "tiny" if args.tiny else "llama3-8b"}
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
 
-    results["copy_TBps"] = copy_rate() / 1e12
-    results["matmul_TFLOPs"] = matmul_rate() / 1e12
+    results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
+    results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()
     from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.model_runner import SeqChunk
     from pdserve.engine.setup import build_engine
 
     cfg_dir = Path(tempfile.mkdtemp())
-    (cfg_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    (cfg_dir / "config.json").write_text(json.dumps(model_cfg))
     t0 = time.perf_counter()
+    extra = {"gpu_memory_utilization": 0.9} if cuda else {"kv_cache_memory_bytes": 256 << 20}
     parts = build_engine(EngineConfig(model=str(cfg_dir), load_format="dummy", dtype="bfloat16",
-                                      skip_tokenizer_init=True, max_model_len=8192,
-                                      max_num_seqs=256, gpu_memory_utilization=0.9,
-                                      max_num_batched_tokens=8192), progress=False)
+                                      skip_tokenizer_init=True, device=args.device,
+                                      max_model_len=min(8192, model_cfg["max_position_embeddings"]),
+                                      max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                      enable_prefix_caching=False, **extra), progress=False)
     results["build_s"] = time.perf_counter() - t0
     nparams = sum(p.numel() for p in parts.model.parameters())
-    weight_bytes = nparams * 2
     results["params"] = nparams
     results["num_blocks"] = parts.block_manager.num_blocks
     save()
     runner, bm = parts.runner, parts.block_manager
+    vocab = model_cfg["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
-    def rand_ids(n: int) -> list[int]:
-        return torch.randint(5, 128000, (n,), generator=gen).tolist()
-
-    # ---- prefill -------------------------------------------------------------------------
+    # ---- prefill (runner level) ------------------------------------------------------------
     for name, batch, length in (("8x1k", 8, 1024), ("1x8k", 1, 8192)):
-        prompts = [rand_ids(length) for _ in range(batch)]
+        length = min(length, parts.max_model_len - 1)
+        prompts = [torch.randint(5, vocab - 1, (length,), generator=gen).tolist()
+                   for _ in range(batch)]
         tables = [bm.allocate(p, block_hashes=[]).block_table for p in prompts]
         chunks = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables)]
         runner.execute(chunks)  # warm up
-        torch.cuda.synchronize()
+        sync(device)
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
             runner.execute(chunks)
-            torch.cuda.synchronize()
+            sync(device)
             times.append(time.perf_counter() - t0)
         for t in tables:
             bm.free(t)
-        dt = sorted(times)[1]
+        dt = statistics.median(times)
         tokens = batch * length
-        attn_flops = 32 * 4 * 32 * 128 * batch * length * length / 2  # causal QK^T + PV
+        c = model_cfg
+        attn_flops = (c["num_hidden_layers"] * 4 * c["hidden_size"] * batch * length * length / 2)
         floor = (2 * nparams * tokens + attn_flops) / (results["matmul_TFLOPs"] * 1e12)
         results[f"prefill_{name}"] = {"seconds": dt, "tokens_per_s": tokens / dt,
                                       "roofline_s": floor, "pct_of_roofline": floor / dt}
         save()
-    # ---- decode ---------------------------------------------------------------------------
-    ctx = 1024
-    per_token_kv = 32 * 2 * 8 * 128 * 2
-    for batch in (1, 32, 256):
-        prompts = [rand_ids(ctx) for _ in range(batch)]
-        tables = [bm.allocate(p, num_slots=ctx + 64, block_hashes=[]).block_table
-                  for p in prompts]
-        for i in range(0, batch, 8):  # fill the KV in prefill chunks of 8 sequences
-            runner.execute([SeqChunk(p, 0, t, num_logits=0)
-                            for p, t in zip(prompts[i:i + 8], tables[i:i + 8])])
-        chunks = [SeqChunk([5], ctx, t) for t in tables]
-        for _ in range(3):
-            runner.execute(chunks)
-        torch.cuda.synchronize()
-        n = 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            runner.execute(chunks)
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / n
-        bytes_moved = weight_bytes + batch * ctx * per_token_kv
-        # the copy rate counts bytes read + written: streaming reads alone go at that rate
-        floor = bytes_moved / (results["copy_TBps"] * 1e12)
-        results[f"decode_b{batch}"] = {"step_ms": dt * 1e3, "roofline_ms": floor * 1e3,
-                                       "pct_of_roofline": floor / dt,
-                                       "graphs": bool(runner.graphs)}
-        for t in tables:
-            bm.free(t)
+
+    # ---- decode (engine.step) --------------------------------------------------------------
+    engine = LLMEngine(parts)
+    sh = shapes(model_cfg)
+    for batch in batches:
+        runs = [decode_run(engine, batch, args.ctx, args.steps, seed=run, vocab=vocab)
+                for run in range(args.runs)]
+        step_ms = statistics.median(statistics.median(r) for r in runs) * 1e3
+        mean_ctx = args.ctx + 1 + 5 + (args.steps - 1) / 2  # KV read by the timed steps
+        roof = decode_roofline(sh, batch, mean_ctx, results["copy_TBps"] * 1e12,
+                               results["matmul_TFLOPs"] * 1e12)
+        results[f"decode_b{batch}"] = {
+            "step_ms": step_ms, "run_medians_ms": [statistics.median(r) * 1e3 for r in runs],
+            **roof, "pct_of_roofline": roof["roofline_ms"] / step_ms,
+            "graphs": bool(runner.graphs)}
         save()
-    print("\n| measure | value | roofline | % |")
-    print("|---|---|---|---|")
+        if cuda and not args.no_profile:
+            results[f"decode_b{batch}"]["profile"] = profile_step(engine, batch, args.ctx,
+                                                                  vocab, device)
+            save()
+    del engine, parts, runner, bm
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # ---- transformers, same shapes ---------------------------------------------------------
+    if not args.no_transformers:
+        for batch in [b for b in batches if b <= 32]:
+            try:
+                results[f"transformers_b{batch}_step_ms"] = transformers_decode(
+                    cfg_dir, batch, args.ctx, min(args.steps, 50), device)
+            except Exception as e:  # noqa: BLE001 - the table says what failed
+                results[f"transformers_b{batch}_step_ms"] = f"failed: {type(e).__name__}: {e}"
+            save()
+
+    print(f"\n{results['device']}, torch {results['torch']}: copy {results['copy_TBps']:.2f} "
+          f"TB/s (r+w), matmul {results['matmul_TFLOPs']:.0f} TFLOP/s; JSON {out}")
+    for b in batches:
+        r = results[f"decode_b{b}"]
+        for k in r.get("profile", [])[:6]:
+            print(f"   b={b}: {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.0f} calls "
+                  f" {k['kernel']}")
+    print("\n| measure | pdserve | roofline | % | transformers |")
+    print("|---|---|---|---|---|")
     for k in ("prefill_8x1k", "prefill_1x8k"):
         r = results[k]
         print(f"| {k} | {r['tokens_per_s']:.0f} tok/s | {r['roofline_s'] * 1e3:.1f} ms floor "
-              f"vs {r['seconds'] * 1e3:.1f} ms | {100 * r['pct_of_roofline']:.0f}% |")
-    for b in (1, 32, 256):
+              f"vs {r['seconds'] * 1e3:.1f} ms | {100 * r['pct_of_roofline']:.0f}% | |")
+    for b in batches:
         r = results[f"decode_b{b}"]
-        print(f"| decode b={b} ctx 1k | {r['step_ms']:.2f} ms/step | {r['roofline_ms']:.2f} ms "
-              f"| {100 * r['pct_of_roofline']:.0f}% |")
-    print(f"copy {results['copy_TBps']:.2f} TB/s (r+w), matmul {results['matmul_TFLOPs']:.0f} "
-          f"TFLOP/s, {results['gpu']}")
+        hf = results.get(f"transformers_b{b}_step_ms")
+        hf = f"{hf:.2f} ms" if isinstance(hf, float) else (hf or "")
+        print(f"| decode b={b}, ctx {args.ctx}+ (engine.step) | {r['step_ms']:.2f} ms/step | "
+              f"{r['roofline_ms']:.2f} ms (GEMM {r['gemm_ms']:.2f} + KV {r['kv_ms']:.2f}) | "
+              f"{100 * r['pct_of_roofline']:.0f}% | {hf} |")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _prefill_config(head_dim: int, dtype: torch.dtype,
                     max_seq_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), fixed by shape (no autotuning; measured on
-    an H200 with bench/kernels.py --tune, BENCHMARKS.md)."""
+    an H200 with bench/kernel_speed.py --tune, BENCHMARKS.md)."""
     if interpreting():
         return 32, 32, 4, 1  # fewer, larger tiles: the interpreter pays per op, not per flop
     if dtype == torch.float32:  # ieee fp32 dots run on CUDA cores: registers bound the tile

@@ -11,7 +11,7 @@
   another pool, against a contiguous copy of the same bytes and 256 per-block copies;
 - the elementwise kernels (rms_norm, rotary, silu_and_mul, write_kv) at 4096 tokens.
 
-Usage: python bench/kernels.py [--out DIR] [--quick] [--tune] [--sections prefill,decode,...]
+Usage: python bench/kernel_speed.py [--out DIR] [--quick] [--tune] [--sections prefill,decode,...]
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def main() -> None:
                     help="comma-separated sections to run")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU")
+        print("bench/kernel_speed.py needs a CUDA GPU")
         sys.exit(0)
     warnings.filterwarnings("ignore", category=UserWarning)  # SDPA's "kernel not used" notes
     torch.manual_seed(0)
