@@ -67,13 +67,14 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
                     request_id: str | None = None, choice_index: int = 0,
-                    cache_salt: str | None = None) -> Request:
+                    cache_salt: str | None = None, token_mask=None) -> Request:
         """Queue one request (after `check_prompt`); its choices appear in `request.seqs`.
 
         `choice_index` > 0 runs that one choice of a request alone (params.n must be 1): the
         record a retry or failover re-submits draws exactly what that choice drew.
         `cache_salt` keeps its prefix-cache blocks apart from those of any other salt (or of
-        none); it changes what is cached, never what is drawn."""
+        none); it changes what is cached, never what is drawn. `token_mask` (see
+        `Request.token_mask`) restricts each draw of each choice to the tokens it allows."""
         ids = [int(t) for t in prompt_token_ids]
         self.check_prompt(ids, params)
         check_cache_salt(cache_salt)
@@ -81,7 +82,7 @@ class LLMEngine:
             raise ValueError("choice_index > 0 needs SamplingParams.n == 1")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(request_id if request_id is not None else str(next(self._ids)), ids,
-                      params, seed, cache_salt=cache_salt)
+                      params, seed, cache_salt=cache_salt, token_mask=token_mask)
         self.scheduler.add(req, choice_index)
         return req
 
@@ -160,4 +161,6 @@ class LLMEngine:
     def _sample_row(self, seq: Sequence, choice: int) -> SampleRow:
         req = seq.request
         return SampleRow(req.params, req.seed, choice, seq.token_ids, seq.num_prompt_tokens,
-                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids))
+                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids),
+                         None if req.token_mask is None
+                         else req.token_mask(seq.token_ids[seq.num_prompt_tokens:]))

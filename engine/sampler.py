@@ -9,6 +9,11 @@ by (seed, choice_index) with counter (output position, token id), so a seeded re
 the same tokens alone, in any batch, after a retry, and on CPU or GPU (bit-equal uniforms).
 Nothing here holds per-request generator state.
 
+A row may bring a token mask (`SampleRow.allowed`, a bool [vocab] tensor: structured
+outputs): tokens outside it are set to -inf after penalties and min_tokens, before the
+greedy argmax or the filters, so a masked row only ever draws an allowed token and its
+logprobs are those of the masked distribution. Rows without one are untouched.
+
 Logprobs are those of the distribution the token was drawn from: after penalties and
 masks, and after temperature for random rows (greedy rows: temperature 1).
 """
@@ -37,6 +42,7 @@ class SampleRow:
     token_ids: Sequence[int]  # the sequence's prompt + output so far
     num_prompt_tokens: int
     min_tokens_blocked: Sequence[int] = ()  # EOS and stop ids masked until min_tokens
+    allowed: torch.Tensor | None = None  # bool [vocab]: the tokens this draw may take
 
     @property
     def num_output_tokens(self) -> int:  # the draw is for this output position
@@ -86,6 +92,25 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     for i, r in enumerate(rows):
         if r.num_output_tokens < r.params.min_tokens and r.min_tokens_blocked:
             logits[i, list(r.min_tokens_blocked)] = float("-inf")
+
+
+def apply_token_masks(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """In place: -inf outside each masked row's allowed tokens (one store for all of them)."""
+    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not idx:
+        return
+    device, V = logits.device, logits.shape[1]
+    masks = []
+    for i in idx:
+        m = rows[i].allowed
+        if m.dtype != torch.bool or m.shape != (V,):
+            raise ValueError(f"a token mask must be a bool tensor of shape ({V},), got "
+                             f"{m.dtype} {tuple(m.shape)}")
+        if not bool(m.any()):
+            raise ValueError("a token mask allows no token")
+        masks.append(m.to(device, non_blocking=True))
+    sel = _rows(idx, device)
+    logits[sel] = logits[sel].masked_fill(~torch.stack(masks), float("-inf"))
 
 
 def apply_filters(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -138,6 +163,7 @@ class Sampler:
         device = logits.device
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows)
+        apply_token_masks(logits, rows)
         tokens = logits.argmax(dim=-1)
         dist_logits = logits  # the distribution each row draws from (greedy: as is)
         rand = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -7,7 +7,9 @@ scheduler and the runner slice it by position, nothing rebuilds it per step.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.wire import Logprob
@@ -31,6 +33,9 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     expected: int | None = None  # D: choices P left running (default: params.n)
     cache_salt: str | None = None  # salts its prefix-block names (common/prefix.py)
+    # token_mask(output token ids so far) -> bool tensor [vocab] of the tokens the next draw
+    # may take (True: allowed), or None: unrestricted. Structured outputs fill it.
+    token_mask: Callable[[list[int]], Any] | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,8 +1,8 @@
 """Decode steps over the persistent device block tables (engine/model_runner.py
 `DecodeTables`) draw exactly the tokens of per-step tables: requests joining a running batch
 at different steps, preemption and recompute (new table lists), n > 1 forks, aborts mid-batch,
-a D's joins of transferred prefills, and more sequences over time than the tables have rows
-(rows reused)."""
+a row under a token mask, a D's joins of transferred prefills, and more sequences over time
+than the tables have rows (rows reused)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ PARAMS = [
 ]
 
 
+EVEN = torch.arange(512) % 2 == 0
+
+
+def even_only(output_so_far: list[int]) -> torch.Tensor:
+    return EVEN
+
+
 def run(path, persistent: bool) -> tuple[dict, int, DecodeTables | None]:
     """Requests join over the first steps; one is aborted mid-batch; a small pool forces
     preemption. Returns the tokens of every choice, the preemption count, the tables."""
@@ -36,7 +43,9 @@ def run(path, persistent: bool) -> tuple[dict, int, DecodeTables | None]:
     while len(reqs) < len(prompts) or eng.has_unfinished():
         if len(reqs) < len(prompts) and step % 3 == 0:  # a new request every third step
             i = len(reqs)
-            reqs.append(eng.add_request(prompts[i], PARAMS[i % len(PARAMS)], request_id=f"r{i}"))
+            # r6 may draw only even token ids (a structured-output mask)
+            reqs.append(eng.add_request(prompts[i], PARAMS[i % len(PARAMS)], request_id=f"r{i}",
+                                        token_mask=even_only if i == 6 else None))
         if step == 14:
             eng.abort(reqs[1])  # mid-batch, with its forks running
         eng.step()
@@ -56,6 +65,8 @@ def test_same_tokens_as_per_step_tables(tiny_checkpoint):
     # more table lists over the run (requests, forks, recomputes) than rows: rows were reused
     assert tables._step > 0 and len(tables._rows) <= tables.capacity == 6
     assert ("r1", 2) in got and len(got[("r1", 0)]) < 25  # the aborted request's forks ran
+    assert got[("r6", 1)] and all(t % 2 == 0 for t in got[("r6", 1)])  # the masked request
+    assert any(t % 2 for t in got[("r1", 0)] + got[("r3", 0)])  # unmasked ones are not
 
 
 def test_d_joins_decode_on_the_persistent_tables(tiny_checkpoint):

@@ -222,3 +222,46 @@ def test_min_tokens_blocks_stop_tokens(llm):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, min_tokens=4,
                                               stop_token_ids=[stop]), use_tqdm=False)[0].outputs[0]
     assert stop not in out.token_ids[:4] and len(out.token_ids) >= 4
+
+
+def test_token_mask_restricts_the_draw_to_its_tokens():
+    """A masked row draws from the masked distribution (renormalised over the allowed
+    tokens), greedy or random; logprobs are those of that distribution."""
+    allowed = torch.zeros(len(LOGITS), dtype=torch.bool)
+    allowed[[1, 3, 4, 8]] = True
+    sampler = Sampler(exponential_race_ref)
+    params = SamplingParams(temperature=1.0, seed=0)
+    rows = [SampleRow(params, 99 * NUM_DRAWS + i, 0, [0], 1, allowed=allowed)
+            for i in range(NUM_DRAWS)]
+    counts = torch.bincount(torch.tensor([r.token for r in sampler(
+        LOGITS.repeat(NUM_DRAWS, 1), rows)]), minlength=len(LOGITS)).double()
+    want = torch.where(allowed, LOGITS, float("-inf")).softmax(-1).double()
+    assert chi_square_p(counts, want) > 1e-3
+    greedy = sampler(LOGITS.repeat(1, 1), [SampleRow(SamplingParams(temperature=0, logprobs=1),
+                                                     1, 0, [0], 1, allowed=allowed)])[0]
+    assert greedy.token == 1  # the best allowed token, not the overall best (0)
+    assert greedy.logprobs[1].logprob == pytest.approx(float(want[1].log()), abs=1e-5)
+
+
+def test_a_masked_row_leaves_the_others_alone():
+    allowed = torch.zeros(len(LOGITS), dtype=torch.bool)
+    allowed[5] = True
+    sampler = Sampler(exponential_race_ref)
+    params = SamplingParams(temperature=0.8, seed=0)
+    plain = [SampleRow(params, s, 0, [0], 1) for s in range(64)]
+    alone = [r.token for r in sampler(LOGITS.repeat(64, 1), plain)]
+    mixed = sampler(LOGITS.repeat(65, 1), plain[:32] + [SampleRow(params, 7, 0, [0], 1,
+                                                                  allowed=allowed)] + plain[32:])
+    assert [r.token for r in mixed[:32] + mixed[33:]] == alone
+    assert mixed[32].token == 5
+
+
+@pytest.mark.parametrize("mask, why", [
+    (torch.zeros(10, dtype=torch.bool), "allows no token"),
+    (torch.ones(9, dtype=torch.bool), "shape"),
+    (torch.ones(10, dtype=torch.int32), "bool"),
+])
+def test_a_bad_token_mask_is_a_clear_error(mask, why):
+    with pytest.raises(ValueError, match=why):
+        Sampler(exponential_race_ref)(LOGITS.repeat(1, 1), [
+            SampleRow(SamplingParams(temperature=0), 1, 0, [0], 1, allowed=mask)])
