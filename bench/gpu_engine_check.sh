@@ -6,7 +6,9 @@
 # this tree: a before/after pair on the same machine. Logs and JSON under $OUT.
 # Usage (repo root, on the lent machine; carry [".whl"] after `bash scripts/gpu_wheels.sh fetch`):
 #   bash bench/gpu_engine_check.sh
-#   TESTS="tests/engine/test_bf16_numerics.py" BEFORE=before_tree bash bench/gpu_engine_check.sh
+#   TESTS="tests/engine/test_bf16_numerics.py" BEFORE=before_tree \
+#     BEFORE_ARGS="--runs 2 --no-transformers --no-profile" SERVING_ARGS="--runs 2" \
+#     bash bench/gpu_engine_check.sh
 set -eo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,9 +22,11 @@ if [ -z "${SKIP_TESTS:-}" ]; then
       -q -s -rfE -m gpu --timeout 300 ${TESTS:-tests/engine tests/kernels_sampling} \
       2>&1 | tee "$OUT/gpu_tests.log" | grep -E "bf16 relative|passed|failed|FAILED|Error" || true
 fi
+# shellcheck disable=SC2086  # SERVING_ARGS, BEFORE_ARGS: serving_gpu.py arguments, word-split
 if [ -n "${BEFORE:-}" ]; then
   mkdir -p "$OUT/before"
-  PYTHONPATH="$PWD/$BEFORE" python3 bench/serving_gpu.py --out "$OUT/before" 2>&1 \
-    | tee "$OUT/serving_gpu_before.log" | tail -9
+  PYTHONPATH="$PWD/$BEFORE" python3 bench/serving_gpu.py --out "$OUT/before" ${BEFORE_ARGS:-} \
+    2>&1 | tee "$OUT/serving_gpu_before.log" | tail -6
 fi
-python3 bench/serving_gpu.py --out "$OUT" 2>&1 | tee "$OUT/serving_gpu.log" | tail -9
+# shellcheck disable=SC2086
+python3 bench/serving_gpu.py --out "$OUT" ${SERVING_ARGS:-} 2>&1 | tee "$OUT/serving_gpu.log" | tail -16
