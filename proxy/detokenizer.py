@@ -4,9 +4,9 @@
 window `ids[prefix_offset:]` and compared with the window's old text `ids[prefix_offset:
 read_offset]`; the difference is new text. A delta ending in U+FFFD is held back (the last
 token may be the first bytes of a multi-byte character). Cost per token: two decodes of a
-window of a few tokens, so O(1) in the output length. `finish()` decodes all ids once and
-emits whatever the windows have not, so the contract holds for any tokenizer whose decode is
-prefix-stable:
+window of a few tokens, so O(1) in the output length. `finish()` emits whatever the windows
+have not (after a failed Rust step, by decoding all ids once), so the contract holds for any
+tokenizer whose decode is prefix-stable:
 
     "".join(every delta) + finish() == tokenizer.decode(all ids, skip_special_tokens)
 
@@ -85,15 +85,22 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """The remaining text after the last id: held-back bytes (decoded with U+FFFD if they
-        never completed) and any correction, so the whole equals one decode of all ids."""
-        full = self._decode(self.ids)
-        done = "".join(self.emitted)
-        if full.startswith(done):
-            rest = full[len(done):]
-        else:  # a tokenizer whose decode is not prefix-stable: emit the windowed remainder
-            logger.warning("streamed text diverged from the full decode; tail may differ")
-            prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            rest = self._decode(self.ids[self.prefix_offset:])[len(prefix_text):]
+        never completed) and any correction, so the whole equals one decode of all ids.
+        While the Rust DecodeStream made every delta (no step failed), what it emitted is
+        the full decode's prefix by construction: only the window's held-back tail is left,
+        decoded here without decoding the whole output again."""
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset:])
+        if self._stream is not None and window.startswith(prefix_text):
+            rest = window[len(prefix_text):]
+        else:
+            full = self._decode(self.ids)
+            done = "".join(self.emitted)
+            if full.startswith(done):
+                rest = full[len(done):]
+            else:  # a tokenizer whose decode is not prefix-stable: the windowed remainder
+                logger.warning("streamed text diverged from the full decode; tail may differ")
+                rest = window[len(prefix_text):]
         self.prefix_offset = self.read_offset = len(self.ids)
         self.emitted.append(rest)
         return rest
