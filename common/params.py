@@ -22,6 +22,37 @@ def _is_num(v: object) -> bool:
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output text (vLLM's `structured_outputs`): exactly one of a JSON
+    schema (as JSON text; '{"type": "object"}' for any object), a regular expression, a
+    list of choices, or a grammar (Lark, as llguidance reads it, or GBNF)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("StructuredOutputs needs exactly one of json, regex, choice, "
+                             f"grammar, got {given or 'none'}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("StructuredOutputs.choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for k in ("json", "regex", "grammar"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"StructuredOutputs.{k} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar")
+                    if getattr(self, k) is not None)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
 
@@ -32,6 +63,8 @@ class SamplingParams:
     presence and frequency penalties to output tokens only. min_tokens keeps EOS and
     stop_token_ids from being drawn until that many tokens exist. logprobs = N returns the
     sampled token's logprob and the N most likely, from the distribution it was drawn from.
+    structured: the output must follow this grammar (each draw masked to the tokens it
+    allows; engine/structured.py).
     """
 
     n: int = 1
@@ -48,6 +81,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -85,6 +119,8 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise bad("structured", "must be a StructuredOutputs or None")
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
         if 0 < self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "temperature", MIN_TEMPERATURE)

@@ -23,6 +23,7 @@ from pdserve.engine.sampler import SampleResult, SampleRow
 from pdserve.engine.scheduler import PromptTooLongError, Role, Scheduler  # noqa: F401 - re-exported
 from pdserve.engine.sequence import Request, Sequence
 from pdserve.engine.setup import EngineParts
+from pdserve.engine.structured import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,14 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_rng = random.Random(cfg.seed)  # seeds for requests that bring none
         self.failed: list[tuple[str, str]] = []  # (request id, why): the caller drains it
+        self._grammars: Grammars | None = None  # structured outputs, made on first use
         self._failed_steps = 0  # steps in a row whose every request failed alone
 
     def check_prompt(self, ids: Seq[int], params: SamplingParams | None = None) -> None:
         """Raise ValueError for an empty prompt or token ids (of the prompt, or `params`'
-        stop_token_ids) outside the vocabulary, and PromptTooLongError when the prompt leaves
-        no room for one output token. What the proxy validated is checked again here."""
+        stop_token_ids) outside the vocabulary or a structured-output grammar that does not
+        compile, and PromptTooLongError when the prompt leaves no room for one output token.
+        What the proxy validated is checked again here."""
         vocab = self.parts.model_config.vocab_size
         if not ids:
             raise ValueError("the prompt is empty")
@@ -64,6 +67,8 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"{what} id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         self.scheduler.check_length(len(ids))
+        if params is not None and params.structured is not None:
+            self.grammars().compiled(params.structured)  # ValueError if it does not compile
 
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
                     request_id: str | None = None, choice_index: int = 0,
@@ -158,9 +163,20 @@ class LLMEngine:
             self.parts.pool.copy_blocks(self.scheduler.copies)
             self.scheduler.copies = []
 
+    def grammars(self) -> Grammars:
+        """The structured-output grammars of this engine (made on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.parts.tokenizer, self.parts.model_config.vocab_size,
+                                      self.eos_token_ids)
+        return self._grammars
+
     def _sample_row(self, seq: Sequence, choice: int) -> SampleRow:
         req = seq.request
+        allowed = None
+        if req.params.structured is not None:
+            allowed = self.grammars().mask(req, req.params.structured, choice,
+                                           seq.token_ids[seq.num_prompt_tokens:])
+        elif req.token_mask is not None:
+            allowed = req.token_mask(seq.token_ids[seq.num_prompt_tokens:])
         return SampleRow(req.params, req.seed, choice, seq.token_ids, seq.num_prompt_tokens,
-                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids),
-                         None if req.token_mask is None
-                         else req.token_mask(seq.token_ids[seq.num_prompt_tokens:]))
+                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids), allowed)

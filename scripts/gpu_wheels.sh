@@ -50,10 +50,11 @@ PINS=(
   click==8.5.1
   h11==0.16.0
   httptools==0.9.0           # the proxy's HTTP parser (pdserve serve; uvloop: the image's)
+  llguidance==1.6.1          # structured outputs; the newest with a manylinux_2_28 wheel
 )
 
 # Modules the GPU runs import (checked by `install`); the last ones come with the image.
-IMPORTS=(zmq msgspec fastapi starlette uvicorn pydantic pydantic_core anyio click h11
+IMPORTS=(zmq msgspec fastapi starlette uvicorn pydantic pydantic_core anyio click h11 llguidance
          httptools httpx prometheus_client torch triton transformers)
 
 MAX_BYTES=$((30 * 1024 * 1024))

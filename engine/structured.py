@@ -1,0 +1,121 @@
+"""Structured outputs: a grammar (JSON schema, regex, choice, Lark/GBNF grammar) turned into
+the sampler's per-row token mask, with llguidance (Rust, no dependencies).
+
+`Grammars` belongs to one engine: it builds llguidance's view of the engine's tokenizer once,
+compiles each distinct `StructuredOutputs` spec once (cached), and keeps one matcher per
+choice of each running request. A matcher is fed the choice's output ids as they grow; where
+the output is not a continuation of what it has consumed (the request arrived on D after P
+drew the first token, a failover resubmitted it with its output so far, a preemption
+recomputed it), it is reset and replays the whole output, so the grammar state follows the
+request wherever it runs. JSON is compiled without flexible whitespace: random weights would
+otherwise wander in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from pdserve.common.grammar import grammar_text
+from pdserve.common.params import StructuredOutputs
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_GRAMMARS = 256
+
+
+class _RequestGrammar:
+    """The matchers of one request's choices."""
+
+    def __init__(self, owner: Grammars, spec: StructuredOutputs):
+        self.owner, self.spec = owner, spec
+        self.matchers: dict[int, tuple[Any, list[int]]] = {}  # choice -> (matcher, consumed)
+
+    def mask(self, choice: int, output: list[int]) -> torch.Tensor:
+        entry = self.matchers.get(choice)
+        if entry is None:
+            entry = self.matchers[choice] = (self.owner.matcher(self.spec), [])
+        m, consumed = entry
+        n = len(consumed)
+        if len(output) < n or output[:n] != consumed:  # not a continuation: replay it all
+            m.reset()
+            consumed.clear()
+            n = 0
+        new = output[n:]
+        if new and not m.consume_tokens(new):
+            raise ValueError(f"the output left the grammar: {m.get_error()}")
+        consumed.extend(new)
+        return self.owner.to_mask(m.compute_logit_bias())
+
+
+class Grammars:
+    """Grammar masks for one engine (see the module's docstring). Not thread-safe beyond
+    the cache: the engine's step thread calls `mask`."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        """`tokenizer`: the engine's `Tokenizer` (its Rust `tokenizers` backend is what
+        llguidance reads); `vocab_size`: the model's (logits' width)."""
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos = list(eos_token_ids)
+        self._lltok: Any = None
+        self._compiled: OrderedDict[StructuredOutputs, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._requests: weakref.WeakKeyDictionary[Any, _RequestGrammar] = \
+            weakref.WeakKeyDictionary()
+
+    def _tok(self) -> Any:
+        if self._lltok is None:
+            from llguidance import LLTokenizer
+
+            backend = getattr(self._tokenizer, "backend", None)
+            if backend is None:
+                raise ValueError("structured outputs need the model's tokenizer (a Rust "
+                                 "`tokenizers` one); this engine has none")
+            try:  # recent llguidance takes every EOS id; 1.6 takes one
+                self._lltok = LLTokenizer(backend.to_str(), n_vocab=self.vocab_size,
+                                          eos_token=self.eos or None)
+            except TypeError:
+                self._lltok = LLTokenizer(backend.to_str(), n_vocab=self.vocab_size,
+                                          eos_token=self.eos[0] if self.eos else None)
+        return self._lltok
+
+    def compiled(self, spec: StructuredOutputs) -> str:
+        with self._lock:
+            g = self._compiled.get(spec)
+            if g is not None:
+                self._compiled.move_to_end(spec)
+                return g
+        g = grammar_text(spec)
+        with self._lock:
+            self._compiled[spec] = g
+            while len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return g
+
+    def matcher(self, spec: StructuredOutputs) -> Any:
+        from llguidance import LLMatcher
+
+        m = LLMatcher(self._tok(), self.compiled(spec), log_level=0)
+        if m.is_error():
+            raise ValueError(f"{spec.kind}: {m.get_error()}")
+        return m
+
+    def to_mask(self, bias: bytes) -> torch.Tensor:
+        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
+        words = torch.frombuffer(bytearray(bias), dtype=torch.uint8)[:self.vocab_size] != 0
+        allowed[:len(words)] = words
+        return allowed
+
+    def mask(self, request: Any, spec: StructuredOutputs, choice: int,
+             output: list[int]) -> torch.Tensor:
+        """The allowed next tokens of `request`'s choice `choice`, given its output so far."""
+        state = self._requests.get(request)
+        if state is None or state.spec != spec:
+            state = self._requests[request] = _RequestGrammar(self, spec)
+        return state.mask(choice, output)

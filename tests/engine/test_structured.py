@@ -1,0 +1,127 @@
+"""Structured outputs in the engine (engine/structured.py, llguidance): on random weights only
+the grammar can make the text valid, so valid text is the grammar's doing. JSON schemas with
+nested objects, enums, bounded arrays and strings; regex; choice; n > 1; seeded draws
+reproducible; a grammar that does not compile refused at admission; the grammar state rebuilt
+from the output so far (as on D after P's first token, or after a failover)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from pdserve import LLM, SamplingParams
+from pdserve.common.params import StructuredOutputs
+from pdserve.engine.llm_engine import LLMEngine
+from tests.engine.test_roles import run_disaggregated
+from tests.factories import make_engine_parts, random_prompts
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "kind": {"enum": ["cat", "dog", "fox"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "owner": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                   "verified": {"type": "boolean"}},
+                  "required": ["city", "verified"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
+    },
+    "required": ["name", "kind", "age", "owner", "tags"],
+    "additionalProperties": False,
+}
+JSON = StructuredOutputs(json=json.dumps(SCHEMA))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint("llama")), use_tqdm_on_load=False, num_gpu_blocks_override=256)
+
+
+def texts(llm, params, prompts=("a", "b c", "d e f")):
+    outs = llm.generate(list(prompts), params, use_tqdm=False)
+    return [(c.text, c.finish_reason) for o in outs for c in o.outputs]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_is_valid(llm, temperature):
+    got = texts(llm, SamplingParams(temperature=temperature, seed=7, n=2, max_tokens=200,
+                                    structured=JSON))
+    for text, reason in got:
+        assert reason == "stop", text  # the grammar ended it (EOS allowed only at the end)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert "  " not in text and "\n" not in text  # whitespace bounded
+    assert len({t for t, _ in got}) > 1  # not one canned answer
+
+
+def test_regex_and_choice(llm):
+    for text, _ in texts(llm, SamplingParams(temperature=1.0, seed=3, max_tokens=30,
+                                             structured=StructuredOutputs(
+                                                 regex=r"[0-9]{3}-[a-z]{2,4}"))):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", text), text
+    choices = ("yes", "no", "maybe later")
+    got = texts(llm, SamplingParams(temperature=1.0, seed=4, n=4, max_tokens=10,
+                                    structured=StructuredOutputs(choice=choices)))
+    assert all(t in choices for t, _ in got), got
+
+
+def test_seeded_draws_are_reproducible_under_a_grammar(llm):
+    sp = SamplingParams(temperature=0.9, seed=11, max_tokens=120, structured=JSON)
+    assert texts(llm, sp) == texts(llm, sp)
+
+
+def test_a_grammar_that_does_not_compile_is_refused_at_admission(tiny_checkpoint):
+    eng = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
+    for bad in (StructuredOutputs(regex="[a-"), StructuredOutputs(json='{"type": "nope"}'),
+                StructuredOutputs(grammar="start: undefined_rule")):
+        with pytest.raises(ValueError, match=bad.kind):
+            eng.add_request([5, 6, 7], SamplingParams(structured=bad))
+    assert not eng.has_unfinished()
+
+
+def test_spec_needs_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputs(json="{}", regex="a")
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputs()
+    with pytest.raises(ValueError, match="non-empty list"):
+        StructuredOutputs(choice=[])
+
+
+def test_the_grammar_state_is_rebuilt_from_the_output_so_far(tiny_checkpoint):
+    """The mask after an output that a fresh matcher replays equals the mask of a matcher
+    that consumed it token by token."""
+    eng = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
+    g = eng.grammars()
+    text = '{"name": "ab", "kind": "fox", "age": 3'
+    ids = eng.parts.tokenizer.encode(text, add_special_tokens=False)
+    class Key:  # stands for a request (weakly referenced, as requests are)
+        pass
+
+    incremental, fresh = Key(), Key()
+    for k in range(len(ids) + 1):
+        step = g.mask(incremental, JSON, 0, ids[:k])
+    replayed = g.mask(fresh, JSON, 0, ids)
+    assert step.equal(replayed) and 0 < int(replayed.sum()) < replayed.numel()
+    # a shorter output than consumed (a recompute elsewhere): reset and replay, same mask
+    assert g.mask(incremental, JSON, 0, ids[:2]).equal(g.mask(Key(), JSON, 0, ids[:2]))
+
+
+def test_disaggregated_equals_one_engine_under_a_grammar(tiny_checkpoint):
+    """P draws the first token under the grammar; D rebuilds the state from it and goes on:
+    the same tokens as one engine, and valid JSON."""
+    path = tiny_checkpoint("llama")
+    prompts = random_prompts([12, 30], 512, seed=5)
+    params = [SamplingParams(temperature=0.8, seed=21, max_tokens=150, n=2, structured=JSON),
+              SamplingParams(temperature=0, max_tokens=150, structured=JSON)]
+    got, _ = run_disaggregated(path, prompts, params)
+    llm = LLM(str(path), use_tqdm_on_load=False, num_gpu_blocks_override=256)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tok = llm.tokenizer
+    for i, out in enumerate(outs):
+        for c in out.outputs:
+            assert got[(f"r{i}", c.index)] == c.token_ids, (i, c.index)
+            jsonschema.validate(json.loads(tok.decode(c.token_ids, skip_special_tokens=True)),
+                                SCHEMA)
