@@ -4,8 +4,14 @@ and their mapping onto `SamplingParams`.
 Parsing is pydantic (types only); ranges are checked once, by `SamplingParams`, whose
 ValueError names the field, mapped back here to the request's parameter name. Unknown fields
 are ignored, as OpenAI and vLLM do, and logged. Features this server does not implement
-(tool calls, structured output, beam search, prompt logprobs, logit_bias, suffix, best_of > n)
-are refused with a 400 naming the parameter rather than silently ignored.
+(tool calls, beam search, prompt logprobs, logit_bias, suffix, best_of > n) are refused with a
+400 naming the parameter rather than silently ignored.
+
+Structured outputs: OpenAI's `response_format` (json_object, json_schema) and vLLM's
+`structured_outputs` ({json | regex | choice | grammar | json_object}) and older
+`guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` become one
+`StructuredOutputs` constraint; two at once, or a grammar that does not compile (checked
+here with llguidance, cached), is a 400 naming the parameter.
 
 Defaults (vLLM 0.12): temperature/top_p/top_k/min_p/repetition_penalty null -> 1/1/0/0/1;
 max_tokens 16 for completions, the rest of max_model_len for chat.
@@ -13,13 +19,16 @@ max_tokens 16 for completions, the rest of max_model_len for chat.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pdserve.common.params import SamplingParams
+from pdserve.common.grammar import grammar_text
+from pdserve.common.params import SamplingParams, StructuredOutputs
 from pdserve.proxy.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,12 @@ class SamplingRequest(BaseModel):
     prompt_logprobs: int | None = None
     priority: int = 0  # vLLM's: lower is served first when the proxy's queue holds requests
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared within one salt only
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's
+    guided_json: str | dict[str, Any] | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -83,6 +98,57 @@ class SamplingRequest(BaseModel):
             raise OpenAIError("beam search is not supported", param="use_beam_search")
         if self.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs is not supported", param="prompt_logprobs")
+
+    def structured(self) -> StructuredOutputs | None:
+        """The one output constraint the request asks for (None: free text); OpenAIError
+        (400) for two, a malformed one, or a grammar that does not compile."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                found.append(("response_format", {"json": '{"type": "object"}'}))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema") if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise OpenAIError("response_format json_schema needs json_schema.schema "
+                                      "(a JSON schema object)", param="response_format")
+                found.append(("response_format", {"json": json.dumps(schema)}))
+            elif kind != "text":
+                raise OpenAIError(f"response_format type {kind!r} is not one of text, "
+                                  "json_object, json_schema", param="response_format")
+        so = self.structured_outputs
+        if so is not None:
+            so = {k: v for k, v in so.items() if v not in (None, False)}
+            if so.pop("json_object", None):
+                so["json"] = '{"type": "object"}'
+            keys = sorted(set(so) & {"json", "regex", "choice", "grammar"})
+            if len(keys) != 1 or set(so) - set(keys) - {"disable_any_whitespace",
+                                                        "disable_additional_properties",
+                                                        "whitespace_pattern"}:
+                raise OpenAIError("structured_outputs takes one of json, regex, choice, "
+                                  "grammar, json_object", param="structured_outputs")
+            found.append(("structured_outputs", {keys[0]: so[keys[0]]}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                found.append((name, {key: value}))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise OpenAIError(f"{found[0][0]} and {found[1][0]} both constrain the output: "
+                              "send one", param=found[1][0])
+        param, spec = found[0]
+        if isinstance(spec.get("json"), dict):
+            spec["json"] = json.dumps(spec["json"])
+        try:
+            out = StructuredOutputs(**spec)
+            _compiles(out)
+        except (ValueError, TypeError) as e:
+            raise OpenAIError(f"{param}: {e}", param=param) from e
+        return out
 
     def extra_fields(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -121,6 +187,7 @@ class SamplingRequest(BaseModel):
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
                 logprobs=self._num_logprobs(),
+                structured=self.structured(),
             )
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e), re.S)
@@ -166,7 +233,6 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -174,9 +240,6 @@ class ChatCompletionRequest(SamplingRequest):
         self.check_common()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise OpenAIError("structured output (response_format) is not supported",
-                              param="response_format")
         if self.tools and self.tool_choice != "none":
             raise OpenAIError("tool calling is not supported; send tool_choice \"none\" or no "
                               "tools", param="tools")
@@ -241,6 +304,11 @@ class CompletionRequest(SamplingRequest):
 
     def _num_logprobs(self) -> int | None:
         return self.logprobs
+
+
+@functools.lru_cache(maxsize=256)
+def _compiles(spec: StructuredOutputs) -> str:
+    return grammar_text(spec)
 
 
 def parse_request(model: type[BaseModel], data: Any) -> Any:

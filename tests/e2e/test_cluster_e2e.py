@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -284,3 +285,103 @@ def test_the_proxys_view_of_p_is_fresh_after_the_transfer(cluster, client):
         assert time.monotonic() < end, loads
         time.sleep(0.1)
     assert any("blocks_awaiting_transfer" in ld for ld in loads)  # P reported, not empty
+
+
+# ---- structured outputs, through P then D (the built-in model's random weights: only the
+# grammar makes the text valid) -----------------------------------------------------------
+
+PET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "dog", "fox"]},
+        "owner": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                   "age": {"type": "integer", "minimum": 0,
+                                                           "maximum": 99}},
+                  "required": ["city", "age"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+    },
+    "required": ["name", "kind", "owner", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_sdk_parse_returns_a_parsed_object(client):
+    """The openai SDK's chat.completions.parse with a pydantic model (response_format
+    json_schema, strict): the proxy constrains P's first token and D's rest."""
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Owner(BaseModel):
+        city: str = Field(max_length=10)
+        verified: bool
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=12)
+        kind: Literal["cat", "dog", "fox"]
+        owner: Owner
+        tags: list[Annotated[str, Field(max_length=6)]] = Field(max_length=3)
+
+    # random weights: every string is bounded, or one could run to max_tokens
+    r = client.chat.completions.parse(
+        model=model_name(client), messages=[{"role": "user", "content": "Describe a pet."}],
+        response_format=Pet, max_tokens=400, temperature=0.9, seed=5, n=2)
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.finish_reason == "stop", c.message.content
+        assert isinstance(c.message.parsed, Pet), c.message.content
+
+
+def test_json_schema_streamed_and_not(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET_SCHEMA,
+                                                  "strict": True}}
+    msgs = [{"role": "user", "content": "A pet, as JSON."}]
+    r = client.chat.completions.create(model=model_name(client), messages=msgs, max_tokens=250,
+                                       response_format=fmt, temperature=1.0, seed=9)
+    validate("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+    jsonschema.validate(json.loads(r.choices[0].message.content), PET_SCHEMA)
+    stream = client.chat.completions.create(model=model_name(client), messages=msgs,
+                                            max_tokens=250, response_format=fmt,
+                                            temperature=1.0, seed=9, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == r.choices[0].message.content  # seeded: the same draws, streamed
+
+
+def test_vllm_constraint_fields(client):
+    model = model_name(client)
+    got = client.completions.create(model=model, prompt="Answer:", max_tokens=10, n=3,
+                                    temperature=1.0, seed=2,
+                                    extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert all(c.text in ("yes", "no", "maybe") for c in got.choices)
+    got = client.completions.create(model=model, prompt="Code:", max_tokens=12, temperature=1.0,
+                                    seed=2, extra_body={"structured_outputs":
+                                                        {"regex": "[0-9]{3}-[a-z]{2}"}})
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", got.choices[0].text), got.choices[0].text
+    # any JSON object: its keys and strings are unbounded, so random weights mostly run to
+    # max_tokens inside one; each choice opens an object, and those that end are objects
+    r = client.chat.completions.create(model=model, max_tokens=300, temperature=0.5, seed=1,
+                                       n=4, messages=[{"role": "user", "content": "JSON."}],
+                                       response_format={"type": "json_object"})
+    assert len(r.choices) == 4
+    for c in r.choices:
+        assert c.message.content.startswith('{"'), c.message.content[:80]
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.message.content), dict)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                 "schema": {"type": "nope"}}}},
+     "response_format"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+])
+def test_a_bad_constraint_is_a_400_naming_it(client, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_name(client), max_tokens=5,
+                                       messages=[{"role": "user", "content": "x"}],
+                                       extra_body=extra)
+    assert e.value.body["param"] == param
