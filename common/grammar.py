@@ -26,9 +26,12 @@ def grammar_text(spec: StructuredOutputs) -> str:
             grammar = grammar_from("choice", json.dumps(list(spec.choice)))
         else:
             grammar = grammar_from("grammar", spec.grammar or "")
-    except Exception as e:  # noqa: BLE001 - llguidance raises ValueError or RuntimeError
+        problem = LLMatcher.validate_grammar(grammar)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - ValueError, RuntimeError, or a Rust panic
+        # (pyo3's PanicException is a BaseException): all mean this spec does not compile
         raise ValueError(f"{spec.kind}: {e}") from e
-    problem = LLMatcher.validate_grammar(grammar)
     if problem and not problem.startswith("WARNING"):
         raise ValueError(f"{spec.kind}: {problem}")
     return grammar

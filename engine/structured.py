@@ -115,7 +115,15 @@ class Grammars:
     def mask(self, request: Any, spec: StructuredOutputs, choice: int,
              output: list[int]) -> torch.Tensor:
         """The allowed next tokens of `request`'s choice `choice`, given its output so far."""
-        state = self._requests.get(request)
-        if state is None or state.spec != spec:
-            state = self._requests[request] = _RequestGrammar(self, spec)
-        return state.mask(choice, output)
+        try:
+            state = self._requests.get(request)
+            if state is None or state.spec != spec:
+                state = self._requests[request] = _RequestGrammar(self, spec)
+            return state.mask(choice, output)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a Rust panic is a BaseException: make
+            # it this request's ValueError, which the engine contains (aborts the request)
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"structured output failed: {type(e).__name__}: {e}") from e

@@ -76,6 +76,13 @@ class ServeConfig(EngineConfig):
         None, metavar="FILE|TEMPLATE",
         help="The chat template for /v1/chat/completions: a Jinja file, or the template "
         "itself (as vLLM's --chat-template); default: the tokenizer's own.")
+    enable_auto_tool_choice: bool = option(
+        False, help='Take tool_choice "auto" (the default when a request has tools): the '
+        "output is parsed for tool calls with --tool-call-parser (as vLLM's flag).")
+    tool_call_parser: str | None = option(
+        None, choices=("hermes", "llama3_json"),
+        help="How \"auto\" tool choice finds calls in the output: hermes (<tool_call>{...}"
+        "</tool_call>) or llama3_json ({\"name\": ..., \"parameters\": {...}}).")
     served_model_name: list[str] = option(
         default_factory=list, metavar="NAME",
         help="Model name(s) clients use; the first one names responses to requests that give "
@@ -469,7 +476,9 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                              max_queue_delay=cfg.max_queue_delay,
                              local_workers=supervisor.snapshot if supervisor else None)
     app = create_app(backend, api_keys=cfg.api_key, served_model_name=names,
-                     max_body_bytes=cfg.max_body_bytes, access_log=cfg.access_log)
+                     max_body_bytes=cfg.max_body_bytes, access_log=cfg.access_log,
+                     tool_call_parser=cfg.tool_call_parser if cfg.enable_auto_tool_choice
+                     else None)
     app.add_middleware(CORSMiddleware, allow_origins=json.loads(cfg.allowed_origins),
                        allow_methods=json.loads(cfg.allowed_methods),
                        allow_headers=json.loads(cfg.allowed_headers),
@@ -631,6 +640,9 @@ def run_serve(cfg: ServeConfig) -> int:
                        INSECURE_FLAG)
     if cfg.chat_template is not None:
         read_chat_template(cfg.chat_template)  # a bad value is refused before anything starts
+    if cfg.enable_auto_tool_choice and cfg.tool_call_parser is None:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or "
+                          "llama3_json)", "tool_call_parser")
     if not external:
         gpu_memory_shares(cfg, _local_roles(cfg), mps.gpu_present())  # likewise
     port = reserve_port(cfg)  # before anything starts

@@ -56,6 +56,7 @@ from pdserve.proxy.protocol import (
 from pdserve.proxy.serving import Generation, collect
 from pdserve.proxy.streaming import ClientDisconnected, DisconnectWatch, SSEResponse, sse_stream
 from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
+from pdserve.proxy.tools import ToolPlan, ToolStream, plan_tools
 from pdserve.proxy.validation import check_strings, validate
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,12 @@ class CompactJSONResponse(JSONResponse):
 class OpenAIServer:
     """Request handling shared by the routes; one per app."""
 
-    def __init__(self, backend: Backend, served_model_name: str | Sequence[str] | None):
+    def __init__(self, backend: Backend, served_model_name: str | Sequence[str] | None,
+                 tool_call_parser: str | None = None):
+        """`tool_call_parser`: the parser of "auto" tool choice (proxy/tools.py), None: the
+        server takes no "auto" tool choice."""
         self.backend = backend
+        self.tool_call_parser = tool_call_parser
         names = [served_model_name] if isinstance(served_model_name, str) else \
             list(served_model_name or ())
         # every name a client may ask for (vLLM's --served-model-name takes several); the
@@ -150,6 +155,8 @@ class OpenAIServer:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, data)
         self.check_model(req.model)
         tok = self.need_tokenizer("chat completions need a chat template", "messages")
+        plan = plan_tools(req.tools, req.tool_choice, auto_parser=self.tool_call_parser)
+        req._tool_plan = plan
         req.sampling_params(req.requested_max_tokens(), req.seed)  # params first, then work
         messages = req.template_messages()
         try:
@@ -158,10 +165,11 @@ class OpenAIServer:
                 tok.apply_chat_template, messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
-                chat_template_kwargs=req.chat_template_kwargs)
+                chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
         except ChatTemplateError as e:
             raise OpenAIError(str(e), param="messages") from e
-        return await self._run(rid, receive, req, "chatcmpl", prompt_ids, "messages", "")
+        return await self._run(rid, receive, req, "chatcmpl", prompt_ids, "messages", "",
+                               tools=plan)
 
     async def completion(self, rid: str, receive: Receive, data: Any) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, data)
@@ -185,7 +193,8 @@ class OpenAIServer:
 
     async def _run(self, rid: str, receive: Receive,
                    req: ChatCompletionRequest | CompletionRequest, prefix: str,
-                   prompt_ids: list[int], prompt_param: str, echo: str) -> Response:
+                   prompt_ids: list[int], prompt_param: str, echo: str,
+                   tools: ToolPlan | None = None) -> Response:
         # a proxy just started serves before its workers' first health checks: wait a little
         if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
             why = (await self.health_report()).get("serves") or "no worker is admitted"
@@ -207,7 +216,8 @@ class OpenAIServer:
             model=req.model if req.model in self.model_names else self.model_name,
             tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
             return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
-            prompt_token_ids=prompt_ids, include_usage=req.include_usage)
+            prompt_token_ids=prompt_ids, include_usage=req.include_usage,
+            tools=None if tools is None else ToolStream(tools))
         # one task watches for the client's disconnect, from here to the stream's end
         watch: DisconnectWatch | None = DisconnectWatch(receive)
         try:
@@ -291,13 +301,14 @@ class OpenAIServer:
 def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
                served_model_name: str | Sequence[str] | None = None,
                max_body_bytes: int = 4 << 20, fast_path: bool = True,
-               access_log: bool = False) -> FastAPI:
+               access_log: bool = False, tool_call_parser: str | None = None) -> FastAPI:
     """The app over `backend` (owned by the caller, who closes it). `api_keys` empty: the
     PDSERVE_API_KEY environment variable, if set, is the one key; none: no auth.
     `fast_path`: the generation routes answered in front of the framework
     (`fast_path.FastPath`, which behaves as the FastAPI app for everything else); False:
-    the plain FastAPI app. `access_log`: a line per request (`access_log.py`)."""
-    server = OpenAIServer(backend, served_model_name)
+    the plain FastAPI app. `access_log`: a line per request (`access_log.py`).
+    `tool_call_parser`: the parser of "auto" tool choice (proxy/tools.py)."""
+    server = OpenAIServer(backend, served_model_name, tool_call_parser)
     keys = resolve_api_keys(api_keys)
     app = FastAPI(title="pdserve", version=__version__)
     app.state.server = server

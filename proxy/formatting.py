@@ -19,6 +19,7 @@ import msgspec
 from pdserve.common.wire import Logprob
 from pdserve.proxy.serving import ChoiceResult, ChoiceUpdate
 from pdserve.proxy.tokenization import ProxyTokenizer
+from pdserve.proxy.tools import ToolStream
 
 VERY_UNLIKELY = -9999.0
 DONE = b"data: [DONE]\n\n"
@@ -101,7 +102,8 @@ class ResponseFormatter:
     def __init__(self, *, kind: str, response_id: str, model: str,
                  tokenizer: ProxyTokenizer | None, num_top_logprobs: int | None,
                  return_token_ids: bool, prompt_token_ids: list[int],
-                 include_usage: bool = False):
+                 include_usage: bool = False, tools: ToolStream | None = None):
+        """`tools`: the request's tool plan (chat), whose calls replace the text."""
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be chat or completion, got {kind!r}")
         self.kind = kind
@@ -113,6 +115,7 @@ class ResponseFormatter:
         self.return_token_ids = return_token_ids
         self.prompt_token_ids = prompt_token_ids
         self.include_usage = include_usage
+        self.tools = tools
         self._completion_lps: dict[int, CompletionLogprobs] = {}
         # every chunk of a stream starts the same: `data: {"id":...,"choices":[` encoded once
         head = _json.encode(self._chunk_head())
@@ -148,10 +151,17 @@ class ResponseFormatter:
                 lps = None
                 if self.logprobs is not None and c.logprobs is not None:
                     lps = {"content": self.logprobs.chat(c.token_ids, c.logprobs), "refusal": None}
-                choice: dict[str, Any] = {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": lps, "finish_reason": c.finish_reason}
+                message: dict[str, Any] = {"role": "assistant", "content": c.text,
+                                           "refusal": None}
+                finish = c.finish_reason
+                if self.tools is not None:
+                    content, calls = self.tools.plan.calls(c.text)
+                    if calls:
+                        message["content"], message["tool_calls"] = content, calls
+                        if self.tools.plan.mode != "named":
+                            finish = "tool_calls"
+                choice: dict[str, Any] = {"index": c.index, "message": message,
+                                          "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": c.index, "text": prefix_text + c.text,
                           "logprobs": self._completion_logprobs(c.index, c.token_ids, c.logprobs),
@@ -197,9 +207,15 @@ class ResponseFormatter:
             lps = None
             if has_lps and self.logprobs is not None and upd.logprobs is not None:
                 lps = {"content": self.logprobs.chat(upd.token_ids, upd.logprobs), "refusal": None}
-            choice: dict[str, Any] = {"index": upd.index, "delta": {"content": upd.text}
-                                      if upd.text else {}, "logprobs": lps,
-                                      "finish_reason": upd.finish_reason}
+            if self.tools is not None:
+                delta, finish = self.tools.delta(upd.index, upd.text, upd.finish_reason)
+                if not delta and finish is None and not lps and not self.return_token_ids:
+                    return None
+            else:
+                delta = {"content": upd.text} if upd.text else {}
+                finish = upd.finish_reason
+            choice: dict[str, Any] = {"index": upd.index, "delta": delta, "logprobs": lps,
+                                      "finish_reason": finish}
         else:
             choice = {"index": upd.index, "text": upd.text,
                       "logprobs": self._completion_logprobs(upd.index, upd.token_ids, upd.logprobs)

@@ -4,8 +4,8 @@ and their mapping onto `SamplingParams`.
 Parsing is pydantic (types only); ranges are checked once, by `SamplingParams`, whose
 ValueError names the field, mapped back here to the request's parameter name. Unknown fields
 are ignored, as OpenAI and vLLM do, and logged. Features this server does not implement
-(tool calls, beam search, prompt logprobs, logit_bias, suffix, best_of > n) are refused with a
-400 naming the parameter rather than silently ignored.
+(beam search, prompt logprobs, logit_bias, suffix, best_of > n) are refused with a 400 naming
+the parameter rather than silently ignored. Tool calling: proxy/tools.py.
 
 Structured outputs: OpenAI's `response_format` (json_object, json_schema) and vLLM's
 `structured_outputs` ({json | regex | choice | grammar | json_object}) and older
@@ -25,7 +25,7 @@ import logging
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from pdserve.common.grammar import grammar_text
 from pdserve.common.params import SamplingParams, StructuredOutputs
@@ -197,6 +197,17 @@ class SamplingRequest(BaseModel):
             raise OpenAIError(f"{param} {m.group(2)}", param=param) from e
 
 
+def _template_call(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            return call
+        return {**call, "function": {**fn, "arguments": args}}
+    return call
+
+
 class ChatMessage(BaseModel):
     """One message; extra keys (name, tool_call_id, ...) pass through to the template."""
 
@@ -221,6 +232,11 @@ class ChatMessage(BaseModel):
             content = "\n".join(texts)
         out = {k: v for k, v in self.model_dump().items() if v is not None}
         out["content"] = content if content is not None else ""
+        # templates (Llama 3.1's, Hermes') read a call's arguments as a mapping, while
+        # OpenAI's messages carry them as JSON text: decode them, as vLLM does
+        calls = out.get("tool_calls")
+        if isinstance(calls, list):
+            out["tool_calls"] = [_template_call(c) for c in calls]
         return out
 
 
@@ -235,14 +251,31 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # accepted; "required" may return several
+    # the server's reading of tools + tool_choice (proxy/tools.py), set before the params
+    _tool_plan: Any = PrivateAttr(default=None)
+
+    def structured(self) -> StructuredOutputs | None:
+        """The output constraint: response_format and friends, or the tool plan's schema
+        (a named function's parameters, or the "required" array); both at once is a 400."""
+        base = super().structured()
+        schema = self._tool_plan.schema() if self._tool_plan is not None else None
+        if schema is None:
+            return base
+        if base is not None:
+            raise OpenAIError("tool_choice and a response format both constrain the output: "
+                              "send one", param="tool_choice")
+        try:
+            spec = StructuredOutputs(json=json.dumps(schema))
+            _compiles(spec)
+        except ValueError as e:
+            raise OpenAIError(f"tools: {e}", param="tools") from e
+        return spec
 
     def check(self) -> None:
         self.check_common()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
-        if self.tools and self.tool_choice != "none":
-            raise OpenAIError("tool calling is not supported; send tool_choice \"none\" or no "
-                              "tools", param="tools")
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
                               "true", param="continue_final_message")

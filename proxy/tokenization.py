@@ -69,15 +69,18 @@ class ProxyTokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False,
-                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
+                    chat_template_kwargs: dict[str, Any] | None = None,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """The chat template applied to `messages` (text, not ids)."""
         if not getattr(self._hf, "chat_template", None):
             raise ChatTemplateError("this model's tokenizer has no chat template: use "
                                     "/v1/completions with a prompt instead")
         kwargs = dict(chat_template_kwargs or {})
         for reserved in ("tokenize", "add_generation_prompt", "continue_final_message",
-                         "conversation", "messages"):
+                         "conversation", "messages", "tools"):
             kwargs.pop(reserved, None)
+        if tools:
+            kwargs["tools"] = tools
         try:
             text = self._hf.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt,

@@ -385,3 +385,72 @@ def test_a_bad_constraint_is_a_400_naming_it(client, extra, param):
                                        messages=[{"role": "user", "content": "x"}],
                                        extra_body=extra)
     assert e.value.body["param"] == param
+
+
+# ---- tool calling, through P then D ------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+def _sdk_calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_named_and_required_tool_calls_through_the_sdk(client, stream):
+    msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
+    model = model_name(client)
+    for choice, finish in (({"type": "function", "function": {"name": "get_weather"}}, "stop"),
+                           ("required", "tool_calls")):
+        kw = dict(model=model, messages=msgs, tools=[WEATHER_TOOL, TIME_TOOL],
+                  tool_choice=choice, max_tokens=300, temperature=0.8, seed=4)
+        if stream:
+            # the SDK's stream helper assembles tool_calls deltas into the final message
+            with client.chat.completions.stream(**kw) as s:
+                for event in s:
+                    if event.type == "chunk":
+                        validate("CreateChatCompletionStreamResponse",
+                                 event.chunk.model_dump(exclude_unset=True))
+                r = s.get_final_completion()
+        else:
+            r = client.chat.completions.create(**kw)
+            validate("CreateChatCompletionResponse", r.model_dump(exclude_unset=True))
+        c = r.choices[0]
+        assert c.finish_reason == finish, c.message
+        calls = _sdk_calls(c.message)
+        assert calls and c.message.content in (None, "")
+        for name, args in calls:
+            assert name in ("get_weather", "get_time")
+            if name == "get_weather":
+                assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit")
+            else:
+                assert args["zone"] in ("UTC", "CET")
+        if isinstance(choice, dict):
+            assert [n for n, _ in calls] == ["get_weather"]
+
+
+def test_a_tool_result_conversation_renders(client):
+    """The assistant's call and the tool's result (tool_call_id) go back through the chat
+    template; auto tool choice on a server without a parser is a 400 naming it."""
+    model = model_name(client)
+    msgs = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}]
+    r = client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER_TOOL],
+                                       tool_choice="none", max_tokens=5)
+    assert r.choices[0].message.tool_calls is None and r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER_TOOL],
+                                       max_tokens=5)
+    assert e.value.body["param"] == "tool_choice"
+    assert "--enable-auto-tool-choice" in e.value.body["message"]

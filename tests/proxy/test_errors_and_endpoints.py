@@ -48,8 +48,10 @@ def error_of(r: httpx.Response, status: int, param: str | None = None) -> dict[s
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages.0.role"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}},
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}},
      "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "guided_regex": "[a-"}, "guided_regex"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "messages.0.content.0"),
 ])
