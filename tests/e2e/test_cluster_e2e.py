@@ -454,3 +454,29 @@ def test_a_tool_result_conversation_renders(client):
                                        max_tokens=5)
     assert e.value.body["param"] == "tool_choice"
     assert "--enable-auto-tool-choice" in e.value.body["message"]
+
+
+def test_json_schema_through_a_both_role_worker(cluster):
+    """The same constraint served by one both-role worker (no P/D split): valid JSON, and
+    the seeded text equals the P/D cluster's."""
+    import jsonschema
+
+    tmp = cluster["tmp"]
+    w = start_worker("both", tmp, env={"PDSERVE_CACHE_DIR": str(tmp / "cache")})
+    proc = None
+    try:
+        wait_healthy([w])
+        proc, url, _ = start_proxy(tmp, [], [], "--worker", w.http)
+        fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET_SCHEMA}}
+        kw = dict(messages=[{"role": "user", "content": "A pet, as JSON."}], max_tokens=250,
+                  response_format=fmt, temperature=1.0, seed=9)
+        texts = []
+        for base in (url, cluster["url"]):
+            with openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0,
+                               timeout=120) as c:
+                texts.append(c.chat.completions.create(model=model_name(c), **kw)
+                             .choices[0].message.content)
+        jsonschema.validate(json.loads(texts[0]), PET_SCHEMA)
+        assert texts[0] == texts[1]
+    finally:
+        stop_all(proc, [w])

@@ -293,3 +293,57 @@ def kv_done(worker_url: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("kv_transfer_transfers_total{")
                and 'role="decode"' in line and 'outcome="done"' in line)
+
+
+PET = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8}, "kind": {"enum": ["cat", "dog", "fox"]},
+    "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+    "tags": {"type": "array", "items": {"enum": ["old", "new", "big"]}, "maxItems": 3}},
+    "required": ["name", "kind", "legs", "tags"], "additionalProperties": False}
+
+
+def test_structured_streams_survive_killing_a_d(served, reference):
+    """JSON-schema streams (vLLM's structured_outputs) when a D dies mid-stream: failover
+    resubmits each with its output so far, the new D rebuilds the grammar state from it, and
+    every stream ends with the offline engine's text, valid against the schema."""
+    import json
+
+    import jsonschema
+
+    from pdserve.common.params import StructuredOutputs
+
+    url, tok = served["url"], reference.tokenizer
+    spec = StructuredOutputs(json=json.dumps(PET))
+    jobs = [(prompt_ids(9000 + i, 40), 0.0 if i % 4 == 0 else 0.9, 800 + i) for i in range(16)]
+    want = reference.generate([{"prompt_token_ids": p} for p, _, _ in jobs],
+                              [SamplingParams(temperature=t, seed=s, max_tokens=120,
+                                              structured=spec) for _, t, s in jobs],
+                              use_tqdm=False)
+    streaming = threading.Semaphore(0)
+
+    def one(job):
+        p, t, s = job
+        with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=180) as c:
+            stream = c.completions.create(
+                model="pdserve-builtin-tiny", prompt=p, max_tokens=120, temperature=t, seed=s,
+                stream=True, extra_body={"structured_outputs": {"json": PET}})
+            text, told = "", False
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].text
+                    if not told and text:
+                        streaming.release()
+                        told = True
+            return text
+
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(one, j) for j in jobs]
+        for _ in range(len(jobs) // 2):
+            assert streaming.acquire(timeout=120)
+        kill(served, ("decode", 0))
+        texts = [f.result(timeout=300) for f in futures]
+    for text, out in zip(texts, want):
+        assert text == tok.decode(out.outputs[0].token_ids)
+        if out.outputs[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(text), PET)
+    assert sum(o.outputs[0].finish_reason == "stop" for o in want) >= len(jobs) // 2
