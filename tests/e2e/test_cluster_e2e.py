@@ -480,3 +480,38 @@ def test_json_schema_through_a_both_role_worker(cluster):
         assert texts[0] == texts[1]
     finally:
         stop_all(proc, [w])
+
+
+def test_langchain_structured_output_and_tools(cluster):
+    """LangChain's ChatOpenAI against the cluster: with_structured_output (a pydantic model,
+    response_format json_schema) and bind_tools with a named tool choice."""
+    from typing import Annotated, Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=10)
+        kind: Literal["cat", "dog", "fox"]
+        legs: int = Field(ge=0, le=8)
+        tags: list[Annotated[str, Field(max_length=5)]] = Field(max_length=2)
+
+    with openai.OpenAI(base_url=cluster["url"] + "/v1", api_key=KEY) as c:
+        model = model_name(c)
+    llm = ChatOpenAI(base_url=cluster["url"] + "/v1", api_key=KEY, model=model,
+                     temperature=0.9, max_tokens=300, seed=3, max_retries=0, timeout=120)
+    pet = llm.with_structured_output(Pet, method="json_schema").invoke("Describe a pet.")
+    assert isinstance(pet, Pet)
+
+    class GetWeather(BaseModel):
+        """The weather in a city."""
+
+        city: str = Field(max_length=10)
+        unit: Literal["celsius", "fahrenheit"]
+
+    # strict: no properties beyond the model's (random weights would otherwise add keys
+    # until max_tokens, as the schema allows)
+    msg = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True).invoke(
+        "Weather in Oslo?")
+    assert [tc["name"] for tc in msg.tool_calls] == ["GetWeather"], (msg, msg.invalid_tool_calls)
+    assert set(msg.tool_calls[0]["args"]) == {"city", "unit"}
