@@ -196,7 +196,7 @@ class OpenAIServer:
                    prompt_ids: list[int], prompt_param: str, echo: str,
                    tools: ToolPlan | None = None) -> Response:
         # a proxy just started serves before its workers' first health checks: wait a little
-        if not self.backend.max_model_len and not await self.backend.wait_ready(READY_WAIT_S):
+        if not await self.backend.wait_ready(READY_WAIT_S):
             why = (await self.health_report()).get("serves") or "no worker is admitted"
             flood.warning("not ready", "503: no worker can serve yet (%s); see /health", why)
             raise OpenAIError(f"no worker can serve yet ({why}): see /health",

@@ -84,8 +84,9 @@ class Backend(Protocol):
     tokenizer: Tokenizer | None  # None: token-ids-only mode (text prompts are refused)
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for an engine (max_model_len known); True once
-        there is one. The front calls it when a request finds max_model_len 0."""
+        """Wait up to `timeout` seconds for an engine that can serve (max_model_len known);
+        True once there is one. The front calls it for every request: it must return at once
+        when there is one."""
         ...
 
     def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:

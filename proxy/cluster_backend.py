@@ -91,9 +91,11 @@ class ClusterBackend:
         self.registry.start()
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Whether a worker is admitted, waiting (at most `timeout`) only for the first round
-        of health checks: a request that comes while no worker can serve gets its 503 at
-        once, with the reason, instead of hanging (issue 18)."""
+        """Whether a worker was admitted (accepted, healthy, linked: not merely its /info
+        read), waiting (at most `timeout`) only for the first round of health checks: a
+        request that comes while no worker can serve gets its 503 at once, with the reason,
+        instead of hanging (issue 18); one that comes between a worker's /info and its first
+        /health answer waits for that answer (a just-started proxy process)."""
         reg = self.registry
         if not reg.checked.is_set() and not reg.admitted.is_set():
             waits = [asyncio.ensure_future(e.wait()) for e in (reg.checked, reg.admitted)]

@@ -130,7 +130,7 @@ class Registry:
         self.reference: dict[str, Any] | None = None
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
-        self.admitted = asyncio.Event()  # set once a worker's /info was accepted
+        self.admitted = asyncio.Event()  # set once a worker was first usable (accepted, healthy)
         self.checked = asyncio.Event()  # set once the first round of health checks ended
         self.served_once = False  # whether `ready()` was ever true (restarts are waited for)
         self.on_transfer = self.on_report = None
@@ -209,6 +209,7 @@ class Registry:
             came = not w.healthy and w.refused is None
             w.healthy, w.failures = True, 0
             if came:
+                self.admitted.set()  # usable now: /info accepted, /health answered, linked
                 logger.info("worker %s (%s) admitted", w.name or w.url, w.role)
                 self._introduce(w)
                 if self.on_report is not None:
@@ -232,7 +233,6 @@ class Registry:
             return
         if self.reference is None:
             self.reference = compat
-        self.admitted.set()
 
     def _connect(self, w: Worker) -> None:
         """Open the data-path link of a worker whose /health said ok (not while it warms

@@ -135,11 +135,15 @@ def test_a_warming_worker_gets_no_link_and_no_traffic_until_its_health_says_ok()
                 await reg.check_all()
             assert d.status == "warming" and d.reason == "warming up: compiling kernels"
             assert d.link is None and worker.pings == 0 and not reg.ready()
+            # its /info is known, but it is not admitted: a request now waits for the first
+            # round's end (or gets the 503 with the reason) rather than finding no route
+            assert d.info and not reg.admitted.is_set()
             assert reg.usable("decode") == [] and "warming up: d0" in reg.serves()
             assert d.snapshot()["status"] == "warming"
             state["warming"] = False
             await reg.check_all()
             assert d.status == "ok" and d.link is not None and reg.usable("decode") == [d]
+            assert reg.admitted.is_set()
             await until(lambda: worker.pings >= 1, 2.0)
             assert "warming" not in reg.serves()
         finally:
