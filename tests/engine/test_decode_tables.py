@@ -1,8 +1,9 @@
 """Decode steps over the persistent device block tables (engine/model_runner.py
 `DecodeTables`) draw exactly the tokens of per-step tables: requests joining a running batch
 at different steps, preemption and recompute (new table lists), n > 1 forks, aborts mid-batch,
-a row under a token mask, a D's joins of transferred prefills, and more sequences over time
-than the tables have rows (rows reused)."""
+a row under a token mask, and more sequences over time than the tables have rows (rows
+reused). A D's joins of transferred prefills decode on them too: tests/engine/test_roles.py
+(run_disaggregated, with preemption) compares them with one engine."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from pdserve import SamplingParams
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.model_runner import DecodeTables, SeqChunk
-from tests.engine.test_roles import run_disaggregated
 from tests.factories import make_engine_parts, random_prompts
 
 PARAMS = [
@@ -67,16 +67,6 @@ def test_same_tokens_as_per_step_tables(tiny_checkpoint):
     assert ("r1", 2) in got and len(got[("r1", 0)]) < 25  # the aborted request's forks ran
     assert got[("r6", 1)] and all(t % 2 == 0 for t in got[("r6", 1)])  # the masked request
     assert any(t % 2 for t in got[("r1", 0)] + got[("r3", 0)])  # unmasked ones are not
-
-
-def test_d_joins_decode_on_the_persistent_tables(tiny_checkpoint):
-    """D (transferred KV, then join) through the persistent tables, with preemption."""
-    path = tiny_checkpoint("llama")
-    prompts = random_prompts([30, 30], 512, seed=31)
-    params = [SamplingParams(temperature=0.8, seed=9, max_tokens=40, ignore_eos=True, n=2)] * 2
-    small, preempted = run_disaggregated(path, prompts, params, d_blocks=12)
-    big, _ = run_disaggregated(path, prompts, params, d_blocks=256)
-    assert preempted > 0 and small == big
 
 
 def test_a_table_is_written_once_then_only_where_it_grew():
