@@ -353,7 +353,10 @@ def create_app(backend: Backend, *, api_keys: Sequence[str] = (),
     async def version() -> dict[str, str]:
         return {"version": __version__}
 
-    @app.api_route("/ping", methods=["GET", "POST"])
+    # SageMaker probes /ping with GET (and some clients with POST): one handler, one schema
+    # operation per method (the same operation id twice is a broken /openapi.json)
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")
     async def ping() -> Response:
         return Response(status_code=200 if await server.healthy() else 503)
 

@@ -172,6 +172,19 @@ def test_health_ping_version(http: httpx.Client) -> None:
     assert http.get("/version").json() == {"version": "0.1.0"}
 
 
+def test_openapi_json_and_docs(http: httpx.Client) -> None:
+    """The app's own schema and its docs page answer; every operation id is unique (client
+    generators break on duplicates; /ping's GET and POST once shared one)."""
+    r = http.get("/openapi.json")
+    assert r.status_code == 200, r.text[:500]
+    spec = r.json()
+    assert spec["openapi"].startswith("3.") and "/v1/chat/completions" in spec["paths"]
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
 def test_invocations(http: httpx.Client) -> None:
     chat = http.post("/invocations", json={"messages": CHAT, "max_tokens": 3})
     assert chat.status_code == 200
