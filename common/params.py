@@ -64,7 +64,7 @@ class SamplingParams:
     stop_token_ids from being drawn until that many tokens exist. logprobs = N returns the
     sampled token's logprob and the N most likely, from the distribution it was drawn from.
     structured: the output must follow this grammar (each draw masked to the tokens it
-    allows; engine/structured.py).
+    allows; engine/structured.py). allowed_token_ids: every draw is one of these (vLLM's).
     """
 
     n: int = 1
@@ -82,6 +82,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     structured: StructuredOutputs | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -119,6 +120,12 @@ class SamplingParams:
             not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids or not all(
+                    _is_int(t) and 0 <= t < 2**31 for t in self.allowed_token_ids):
+                raise bad("allowed_token_ids", "must be a non-empty list of integers in "
+                          "[0, 2^31) or None")
+            object.__setattr__(self, "allowed_token_ids", list(self.allowed_token_ids))
         if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
             raise bad("structured", "must be a StructuredOutputs or None")
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))

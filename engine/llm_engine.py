@@ -13,7 +13,10 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import weakref
 from collections.abc import Sequence as Seq
+
+import torch
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.prefix import check_cache_salt
@@ -51,6 +54,8 @@ class LLMEngine:
         self._seed_rng = random.Random(cfg.seed)  # seeds for requests that bring none
         self.failed: list[tuple[str, str]] = []  # (request id, why): the caller drains it
         self._grammars: Grammars | None = None  # structured outputs, made on first use
+        self._allowed: weakref.WeakKeyDictionary[Request, torch.Tensor] = \
+            weakref.WeakKeyDictionary()
         self._failed_steps = 0  # steps in a row whose every request failed alone
 
     def check_prompt(self, ids: Seq[int], params: SamplingParams | None = None) -> None:
@@ -63,7 +68,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         for what, bad in (("prompt token", [t for t in ids if not 0 <= t < vocab]),
                           ("stop_token_ids", [t for t in (params.stop_token_ids if params
-                                                          else ()) if t >= vocab])):
+                                                          else ()) if t >= vocab]),
+                          ("allowed_token_ids", [t for t in (params.allowed_token_ids or ()
+                                                             if params else ()) if t >= vocab])):
             if bad:
                 raise ValueError(f"{what} id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         self.scheduler.check_length(len(ids))
@@ -163,6 +170,15 @@ class LLMEngine:
             self.parts.pool.copy_blocks(self.scheduler.copies)
             self.scheduler.copies = []
 
+    def _allowed_mask(self, req: Request) -> torch.Tensor:
+        """The bool [vocab] mask of `req`'s allowed_token_ids (made once per request)."""
+        mask = self._allowed.get(req)
+        if mask is None:
+            mask = torch.zeros(self.parts.model_config.vocab_size, dtype=torch.bool)
+            mask[req.params.allowed_token_ids] = True
+            self._allowed[req] = mask
+        return mask
+
     def grammars(self) -> Grammars:
         """The structured-output grammars of this engine (made on first use)."""
         if self._grammars is None:
@@ -178,5 +194,8 @@ class LLMEngine:
                                            seq.token_ids[seq.num_prompt_tokens:])
         elif req.token_mask is not None:
             allowed = req.token_mask(seq.token_ids[seq.num_prompt_tokens:])
+        if req.params.allowed_token_ids is not None:
+            only = self._allowed_mask(req)
+            allowed = only if allowed is None else allowed & only
         return SampleRow(req.params, req.seed, choice, seq.token_ids, seq.num_prompt_tokens,
                          tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids), allowed)

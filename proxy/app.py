@@ -201,6 +201,7 @@ class OpenAIServer:
             flood.warning("not ready", "503: no worker can serve yet (%s); see /health", why)
             raise OpenAIError(f"no worker can serve yet ({why}): see /health",
                               status_code=503)
+        prompt_ids = req.truncate(prompt_ids, self.backend.max_model_len)
         seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
         params = validate(req, prompt_ids, prompt_param, max_model_len=self.backend.max_model_len,
                           vocab_size=self.backend.vocab_size, seed=seed)

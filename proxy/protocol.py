@@ -78,6 +78,18 @@ class SamplingRequest(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: every draw is one of these
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+    bad_words: list[str] | None = None  # vLLM's: refused (not implemented), not ignored
+
+    def truncate(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt after `truncate_prompt_tokens` (vLLM's: its last k tokens; -1: the
+        model's length)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return prompt_ids
+        k = max_model_len if k == -1 else k
+        return prompt_ids[-k:] if k and len(prompt_ids) > k else prompt_ids
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -98,6 +110,15 @@ class SamplingRequest(BaseModel):
             raise OpenAIError("beam search is not supported", param="use_beam_search")
         if self.prompt_logprobs is not None:
             raise OpenAIError("prompt_logprobs is not supported", param="prompt_logprobs")
+        if self.bad_words:
+            raise OpenAIError("bad_words is not supported", param="bad_words")
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            raise OpenAIError("stream_options.continuous_usage_stats is not supported",
+                              param="stream_options")
+        k = self.truncate_prompt_tokens
+        if k is not None and (k < -1 or k == 0):
+            raise OpenAIError("truncate_prompt_tokens must be -1 (the model's length) or >= 1",
+                              param="truncate_prompt_tokens")
 
     def structured(self) -> StructuredOutputs | None:
         """The one output constraint the request asks for (None: free text); OpenAIError
@@ -188,6 +209,7 @@ class SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 logprobs=self._num_logprobs(),
                 structured=self.structured(),
+                allowed_token_ids=self.allowed_token_ids,
             )
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e), re.S)
@@ -252,6 +274,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # accepted; "required" may return several
+    echo: bool = False  # vLLM's (the last message's text first): refused when true
     # the server's reading of tools + tool_choice (proxy/tools.py), set before the params
     _tool_plan: Any = PrivateAttr(default=None)
 
@@ -276,6 +299,8 @@ class ChatCompletionRequest(SamplingRequest):
         self.check_common()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if self.echo:
+            raise OpenAIError("echo is not supported on chat completions", param="echo")
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
                               "true", param="continue_final_message")

@@ -76,6 +76,10 @@ def validate(req: SamplingRequest, prompt_ids: list[int], prompt_param: str, *,
         raise OpenAIError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids",
                           param="stop_token_ids")
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
+    if req.allowed_token_ids is not None:
+        if not req.allowed_token_ids:
+            raise OpenAIError("allowed_token_ids must not be empty", param="allowed_token_ids")
+        check_token_ids(req.allowed_token_ids, vocab_size, "allowed_token_ids")
     if not -2**31 <= req.priority < 2**31:
         raise OpenAIError("priority must be an integer in [-2^31, 2^31)", param="priority")
     try:

@@ -360,6 +360,12 @@ def test_vllm_constraint_fields(client):
                                     seed=2, extra_body={"structured_outputs":
                                                         {"regex": "[0-9]{3}-[a-z]{2}"}})
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", got.choices[0].text), got.choices[0].text
+    # vLLM's allowed_token_ids, on P's first token and D's rest
+    got = client.completions.create(model=model, prompt=prompt_ids(5), max_tokens=10,
+                                    temperature=1.0, seed=3, extra_body={
+                                        "allowed_token_ids": [7, 8, 9], "ignore_eos": True,
+                                        "return_token_ids": True})
+    assert set(got.choices[0].model_extra["token_ids"]) <= {7, 8, 9}
     # any JSON object: its keys and strings are unbounded, so random weights mostly run to
     # max_tokens inside one; each choice opens an object, and those that end are objects
     r = client.chat.completions.create(model=model, max_tokens=300, temperature=0.5, seed=1,

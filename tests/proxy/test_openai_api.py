@@ -252,3 +252,43 @@ def test_completion_prompt_forms(http: httpx.Client) -> None:
         == d["choices"][0]["text"]
     e = completion_json(http, prompt="Hello there", max_tokens=4, temperature=0, echo=True)
     assert e["choices"][0]["text"] == "Hello there" + a["choices"][0]["text"]
+
+
+def test_allowed_token_ids_restrict_every_draw(http: httpx.Client) -> None:
+    allowed = list(range(300, 340))
+    for temperature in (0.0, 1.0):
+        r = completion_json(http, prompt="Hello there", max_tokens=12, temperature=temperature,
+                            seed=5, allowed_token_ids=allowed, ignore_eos=True,
+                            return_token_ids=True)
+        ids = r["choices"][0]["token_ids"]
+        assert len(ids) == 12 and set(ids) <= set(allowed), ids
+    bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                             "allowed_token_ids": [1, 10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "allowed_token_ids"
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(http: httpx.Client) -> None:
+    ids = list(range(100, 140))
+    cut = completion_json(http, prompt=ids, max_tokens=6, temperature=0,
+                          truncate_prompt_tokens=8, return_token_ids=True)
+    last = completion_json(http, prompt=ids[-8:], max_tokens=6, temperature=0,
+                           return_token_ids=True)
+    assert cut["usage"]["prompt_tokens"] == 8
+    assert cut["choices"][0]["token_ids"] == last["choices"][0]["token_ids"]
+    whole = completion_json(http, prompt=ids, max_tokens=2, truncate_prompt_tokens=-1)
+    assert whole["usage"]["prompt_tokens"] == 40  # -1: the model's length, which it fits
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"bad_words": ["foo"]}, "bad_words"),
+    ("/v1/completions", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+])
+def test_vllm_fields_not_implemented_are_refused_by_name(http: httpx.Client, path: str,
+                                                         extra: dict, param: str) -> None:
+    body = {"model": MODEL, "max_tokens": 2, **extra,
+            **({"messages": CHAT} if "chat" in path else {"prompt": "hi"})}
+    r = http.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
