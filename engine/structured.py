@@ -34,22 +34,23 @@ class _RequestGrammar:
 
     def __init__(self, owner: Grammars, spec: StructuredOutputs):
         self.owner, self.spec = owner, spec
-        self.matchers: dict[int, tuple[Any, list[int]]] = {}  # choice -> (matcher, consumed)
+        # choice -> [matcher, tokens consumed, the last of them]
+        self.matchers: dict[int, list[Any]] = {}
 
     def mask(self, choice: int, output: list[int]) -> torch.Tensor:
         entry = self.matchers.get(choice)
         if entry is None:
-            entry = self.matchers[choice] = (self.owner.matcher(self.spec), [])
-        m, consumed = entry
-        n = len(consumed)
-        if len(output) < n or output[:n] != consumed:  # not a continuation: replay it all
+            entry = self.matchers[choice] = [self.owner.matcher(self.spec), 0, None]
+        m, n, last = entry
+        # a request's output only grows (a failover or a handoff makes a new request, with
+        # fresh matchers): length and last token tell a continuation without rescanning it
+        if len(output) < n or (n and output[n - 1] != last):
             m.reset()
-            consumed.clear()
             n = 0
         new = output[n:]
         if new and not m.consume_tokens(new):
             raise ValueError(f"the output left the grammar: {m.get_error()}")
-        consumed.extend(new)
+        entry[1], entry[2] = len(output), (output[-1] if output else None)
         return self.owner.to_mask(m.compute_logit_bias())
 
 

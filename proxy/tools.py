@@ -193,7 +193,6 @@ class ToolStream:
 
     plan: ToolPlan
     _choices: dict[int, _ChoiceState] = field(default_factory=dict)
-    _ids: dict[int, str] = field(default_factory=dict)
 
     def delta(self, index: int, text: str, finish: str | None
               ) -> tuple[dict[str, Any], str | None]:

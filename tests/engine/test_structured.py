@@ -125,3 +125,22 @@ def test_disaggregated_equals_one_engine_under_a_grammar(tiny_checkpoint):
             assert got[(f"r{i}", c.index)] == c.token_ids, (i, c.index)
             jsonschema.validate(json.loads(tok.decode(c.token_ids, skip_special_tokens=True)),
                                 SCHEMA)
+
+
+def test_a_request_whose_masks_leave_no_token_fails_alone(tiny_checkpoint):
+    """A grammar and allowed_token_ids that exclude each other (only EOS allowed where the
+    grammar needs "yes"): that request is aborted and reported, its blocks freed; the one
+    beside it finishes."""
+    eng = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
+    eos = eng.eos_token_ids[0]
+    bad = eng.add_request([5, 6, 7, 8], SamplingParams(
+        max_tokens=5, structured=StructuredOutputs(choice=("yes",)), allowed_token_ids=[eos]),
+        request_id="bad")
+    good = eng.add_request([9, 10, 11], SamplingParams(temperature=0, max_tokens=5,
+                                                       ignore_eos=True), request_id="good")
+    while eng.has_unfinished():
+        eng.step()
+    assert [rid for rid, _ in eng.failed] == ["bad"] and "allows no token" in eng.failed[0][1]
+    assert len(good.seqs[0].output_token_ids) == 5 and not bad.seqs[0].output_token_ids
+    bm = eng.parts.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
