@@ -65,6 +65,10 @@ class SamplingParams:
     sampled token's logprob and the N most likely, from the distribution it was drawn from.
     structured: the output must follow this grammar (each draw masked to the tokens it
     allows; engine/structured.py). allowed_token_ids: every draw is one of these (vLLM's).
+    prompt_logprobs = N returns, for each prompt token after the first, its logprob and the N
+    most likely tokens at that position (the model's raw distribution); such a prompt is
+    computed in full (no prefix-cache hit). logit_bias: added to those tokens' logits before
+    penalties (OpenAI's; each value in [-100, 100]).
     """
 
     n: int = 1
@@ -83,6 +87,8 @@ class SamplingParams:
     logprobs: int | None = None
     structured: StructuredOutputs | None = None
     allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -126,6 +132,18 @@ class SamplingParams:
                 raise bad("allowed_token_ids", "must be a non-empty list of integers in "
                           "[0, 2^31) or None")
             object.__setattr__(self, "allowed_token_ids", list(self.allowed_token_ids))
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(t) and 0 <= t < 2**31 and _is_num(v) and -100 <= v <= 100
+                    for t, v in self.logit_bias.items()):
+                raise bad("logit_bias", "must map token ids in [0, 2^31) to numbers in "
+                          "[-100, 100]")
+            object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in
+                                                    self.logit_bias.items()} or None)
         if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
             raise bad("structured", "must be a StructuredOutputs or None")
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))

@@ -51,14 +51,17 @@ class Logprob(msgspec.Struct, array_like=True, frozen=True):
     decoded_token: str | None = None
 
 
-class TokenRow(msgspec.Struct, array_like=True, frozen=True):
-    """One token drawn for one choice in one step (P's first tokens too)."""
+class TokenRow(msgspec.Struct, array_like=True, frozen=True, omit_defaults=True):
+    """One token drawn for one choice in one step (P's first tokens too). The first row of a
+    request that asked for prompt logprobs carries them: one entry per prompt token (None
+    for the first, which nothing predicts; else the token's own first, then the top-N)."""
 
     request_id: str
     choice_index: int
     token_id: int
     logprobs: dict[int, Logprob] | None  # sampled token first, then the top-N
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

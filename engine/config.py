@@ -79,4 +79,10 @@ class EngineConfig:
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
                                        "process may use).")
+    logprobs_mode: Literal["raw_logprobs", "raw_logits", "processed_logprobs",
+                           "processed_logits"] = option(
+        "raw_logprobs", help="What `logprobs` report (vLLM's names): raw_* the model's own "
+        "distribution, before penalties, biases, masks, temperature and top-k/top-p; "
+        "processed_* the one each token was drawn from; *_logits the values before "
+        "log-softmax. Prompt logprobs are always raw_logprobs.")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", help="Log level.")

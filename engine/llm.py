@@ -47,6 +47,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    # params.prompt_logprobs: per prompt token (None for the first), its own entry first
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class LLM:
@@ -113,8 +115,11 @@ class LLM:
         bar = tqdm(total=len(reqs), desc="Generating", disable=not use_tqdm, leave=False)
         try:
             done = 0
+            prompt_logprobs: dict[str, list] = {}
             while self.engine.has_unfinished():
-                self.engine.step()
+                for row in self.engine.step():
+                    if row.prompt_logprobs is not None:
+                        prompt_logprobs[row.request_id] = row.prompt_logprobs
                 now = sum(r.finished for r in reqs)
                 bar.update(now - done)
                 done = now
@@ -125,15 +130,22 @@ class LLM:
         finally:
             bar.close()
         return [RequestOutput(r.request_id, text, r.prompt_token_ids,
-                              [self._completion(s) for s in sorted(r.seqs, key=lambda s: s.choice_index)])
+                              [self._completion(s) for s in sorted(r.seqs, key=lambda s: s.choice_index)],
+                              prompt_logprobs=self._decoded(prompt_logprobs.get(r.request_id)))
                 for (text, _), r in zip(encoded, reqs, strict=True)]
+
+    def _decoded(self, positions: list | None) -> list | None:
+        """Logprob entries with their token's text (vLLM's decoded_token)."""
+        tok = self.parts.tokenizer
+        if positions is None or tok is None:
+            return positions
+        return [None if pos is None else
+                {t: Logprob(lp.logprob, lp.rank, tok.decode([t], skip_special_tokens=False))
+                 for t, lp in pos.items()} for pos in positions]
 
     def _completion(self, seq) -> CompletionOutput:
         tok = self.parts.tokenizer
-        logprobs = seq.logprobs
-        if logprobs is not None and tok is not None:
-            logprobs = [{t: Logprob(lp.logprob, lp.rank, tok.decode([t], skip_special_tokens=False))
-                         for t, lp in pos.items()} for pos in logprobs]
+        logprobs = self._decoded(seq.logprobs)
         return CompletionOutput(
             index=seq.choice_index,
             text=tok.decode(seq.output_token_ids) if tok is not None else "",

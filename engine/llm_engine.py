@@ -20,7 +20,7 @@ import torch
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.prefix import check_cache_salt
-from pdserve.common.wire import TokenRow
+from pdserve.common.wire import Logprob, TokenRow
 from pdserve.engine.model_runner import SeqChunk
 from pdserve.engine.sampler import SampleResult, SampleRow
 from pdserve.engine.scheduler import PromptTooLongError, Role, Scheduler  # noqa: F401 - re-exported
@@ -70,7 +70,9 @@ class LLMEngine:
                           ("stop_token_ids", [t for t in (params.stop_token_ids if params
                                                           else ()) if t >= vocab]),
                           ("allowed_token_ids", [t for t in (params.allowed_token_ids or ()
-                                                             if params else ()) if t >= vocab])):
+                                                             if params else ()) if t >= vocab]),
+                          ("logit_bias", [t for t in ((params.logit_bias or {}) if params
+                                                      else ()) if t >= vocab])):
             if bad:
                 raise ValueError(f"{what} id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         self.scheduler.check_length(len(ids))
@@ -128,18 +130,82 @@ class LLMEngine:
             draws, results = self._forward(batch) if batch else ([], [])
         out = self.scheduler.postprocess(batch, draws, results)
         self._copy_forks()
+        if any(seq.request.wants_prompt_logprobs for seq, _ in batch):
+            out = self._attach_prompt_logprobs(batch, out)
+        return out
+
+    @staticmethod
+    def _attach_prompt_logprobs(batch: list[tuple[Sequence, int]], out: list[TokenRow]
+                                ) -> list[TokenRow]:
+        """The first row of each request whose prompt is computed carries its prompt
+        logprobs (once)."""
+        ready = {seq.request.request_id: seq.request for seq, _ in batch
+                 if seq.request.wants_prompt_logprobs}
+        for i, row in enumerate(out):
+            req = ready.pop(row.request_id, None)
+            if req is None:
+                continue
+            n = len(req.prompt_token_ids)
+            plp = [None] + [req.prompt_logprobs.get(p) for p in range(1, n)]
+            out[i] = TokenRow(row.request_id, row.choice_index, row.token_id, row.logprobs,
+                              row.finish_reason, plp)
+            req.prompt_logprobs_done = True
+            req.prompt_logprobs = {}
         return out
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> tuple[list, list[SampleResult]]:
-        """The model over `batch`'s chunks and the draws; changes no scheduler state."""
+        """The model over `batch`'s chunks and the draws; changes no scheduler state (prompt
+        logprobs are recorded by position on their request: a rerun writes the same)."""
         draws = self.scheduler.draws(batch)
-        logits = self.parts.runner.execute([
-            SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
-                     seq.num_computed_tokens, seq.block_table,
-                     num_logits=int(seq.num_computed_tokens + n == seq.num_tokens))
-            for seq, n in batch])
+        chunks, last_rows, full = [], [], []  # full: (sequence, first logits row, chunk)
+        offset = 0
+        for seq, n in batch:
+            start = seq.num_computed_tokens
+            ends = start + n == seq.num_tokens
+            if seq.request.wants_prompt_logprobs and start < seq.num_prompt_tokens - 1:
+                num_logits = n  # every position: its logits give the next token's logprob
+                full.append((seq, offset, start, n))
+            else:
+                num_logits = int(ends)
+            chunks.append(SeqChunk(seq.token_ids[start:start + n], start, seq.block_table,
+                                   num_logits=num_logits))
+            offset += num_logits
+            if ends:
+                last_rows.append(offset - 1)
+        logits = self.parts.runner.execute(chunks)
+        for seq, first_row, start, n in full:
+            self._prompt_logprobs(seq, logits, first_row, start, n)
         rows = [self._sample_row(seq, choice) for _, seq, choice in draws]
-        return draws, self.parts.sampler(logits[[r for r, _, _ in draws]], rows) if rows else []
+        return draws, self.parts.sampler(
+            logits[[last_rows[r] for r, _, _ in draws]], rows) if rows else []
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, logits: torch.Tensor, first_row: int, start: int,
+                         n: int) -> None:
+        """Record the logprobs of the prompt tokens that positions [start, start + n) of
+        `seq` predict (raw: log_softmax of the model's logits), on its request."""
+        req = seq.request
+        m = min(n, seq.num_prompt_tokens - 1 - start)  # positions whose next token is prompt
+        if m <= 0:
+            return
+        lp = torch.log_softmax(logits[first_row:first_row + m].float(), dim=-1)
+        targets = torch.tensor(seq.token_ids[start + 1:start + 1 + m], device=lp.device)
+        own = lp.gather(1, targets[:, None])
+        ranks = ((lp > own).sum(dim=1) + 1).tolist()
+        own_list = own[:, 0].tolist()
+        k = req.params.prompt_logprobs or 0
+        top_v: list = []
+        top_i: list = []
+        if k:
+            vals, ids = lp.topk(k, dim=-1)
+            top_v, top_i = vals.tolist(), ids.tolist()
+        for j in range(m):
+            tok = seq.token_ids[start + 1 + j]
+            entry = {tok: Logprob(own_list[j], ranks[j])}
+            if k:
+                for rank, (v, t) in enumerate(zip(top_v[j], top_i[j], strict=True), start=1):
+                    entry.setdefault(t, Logprob(v, rank))
+            req.prompt_logprobs[start + 1 + j] = entry
 
     def _isolate(self, batch: list[tuple[Sequence, int]], error: Exception
                  ) -> list[tuple[Sequence, int]]:

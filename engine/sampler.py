@@ -14,8 +14,14 @@ outputs): tokens outside it are set to -inf after penalties and min_tokens, befo
 greedy argmax or the filters, so a masked row only ever draws an allowed token and its
 logprobs are those of the masked distribution. Rows without one are untouched.
 
-Logprobs are those of the distribution the token was drawn from: after penalties and
-masks, and after temperature for random rows (greedy rows: temperature 1).
+A row's `logit_bias` (OpenAI's) is added to its logits first, before penalties (vLLM's
+order).
+
+Logprobs follow `logprobs_mode` (vLLM V1's names): raw_logprobs (the default) are the
+model's own log-softmax, before biases, penalties, masks, temperature and filters;
+processed_logprobs those of the distribution the token was drawn from (after all of them;
+greedy rows: temperature 1); raw_logits / processed_logits the same values before the
+log-softmax. Ranks are within the reported values.
 """
 
 from __future__ import annotations
@@ -56,6 +62,18 @@ class SampleResult(NamedTuple):
 
 def _rows(idx: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+    """In place: each row's logit_bias added to its tokens (ids outside the vocabulary are
+    ignored here; the proxy and the engine refuse them before)."""
+    V = logits.shape[1]
+    for i, r in enumerate(rows):
+        bias = r.params.logit_bias
+        if bias:
+            ids = [t for t in bias if t < V]
+            logits[i, ids] += torch.tensor([bias[t] for t in ids], dtype=logits.dtype,
+                                           device=logits.device)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -153,14 +171,25 @@ def _logprobs(logp: torch.Tensor, tokens: torch.Tensor, num: int) -> dict[int, L
 class Sampler:
     """Draws one token per row. `race` is the exponential-race kernel for the device."""
 
-    def __init__(self, race: RaceFn):
+    MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+    def __init__(self, race: RaceFn, logprobs_mode: str = "raw_logprobs"):
+        if logprobs_mode not in self.MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(self.MODES)}, got "
+                             f"{logprobs_mode!r}")
         self.race = race
+        self.logprobs_mode = logprobs_mode
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
         """logits [N, V] fp32 (modified in place) -> one result per row, in order."""
         if not rows:
             return []
         device = logits.device
+        want = [r.params.logprobs for r in rows]
+        any_logprobs = any(w is not None for w in want)
+        raw = self.logprobs_mode.startswith("raw")
+        raw_logits = logits.clone() if raw and any_logprobs else None
+        apply_logit_bias(logits, rows)
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows)
         apply_token_masks(logits, rows)
@@ -183,11 +212,14 @@ class Sampler:
                 probs, t([rows[i].seed for i in rand]), t([rows[i].choice_index for i in rand]),
                 t([rows[i].num_output_tokens for i in rand]),
             )
-            if any(q.logprobs is not None for q in p):
+            if not raw and any(q.logprobs is not None for q in p):
                 dist_logits = logits.clone()
                 dist_logits[sel] = x
-        want = [r.params.logprobs for r in rows]
-        logp = torch.log_softmax(dist_logits, dim=-1) if any(w is not None for w in want) else None
+        logp = None
+        if any_logprobs:
+            values = raw_logits if raw_logits is not None else dist_logits
+            logp = values if self.logprobs_mode.endswith("logits") \
+                else torch.log_softmax(values, dim=-1)
         tokens_list = tokens.tolist()
         return [
             SampleResult(tok, None if n is None else _logprobs(logp[i], tokens[i], n))

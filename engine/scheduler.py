@@ -122,6 +122,7 @@ class Scheduler:
         if `can_reserve` is False. The request runs once `join`ed."""
         self.check_length(len(req.prompt_token_ids) + len(output_token_ids))
         seq = self._new_sequence(req, choice_index, [*req.prompt_token_ids, *output_token_ids])
+        req.prompt_logprobs_done = True  # P computes and delivers them
         # no prefix lookup (block_hashes=[]): P fills every block
         seq.block_table = self.bm.allocate(seq.token_ids, block_hashes=[]).block_table
         self.reserved[req.request_id] = req
@@ -173,10 +174,12 @@ class Scheduler:
             seq = self.waiting[0]
             seq.block_hashes = prefix_block_hashes(seq.token_ids, self.block_size,
                                                    seq.block_hashes, seq.request.cache_salt)
-            if not self.bm.can_allocate(seq.token_ids, block_hashes=seq.block_hashes):
+            # a prompt whose logprobs are asked for is computed in full: no cached blocks
+            lookup = [] if seq.request.wants_prompt_logprobs else seq.block_hashes
+            if not self.bm.can_allocate(seq.token_ids, block_hashes=lookup):
                 break
             self.waiting.popleft()
-            alloc = self.bm.allocate(seq.token_ids, block_hashes=seq.block_hashes)
+            alloc = self.bm.allocate(seq.token_ids, block_hashes=lookup)
             seq.block_table, seq.num_computed_tokens = alloc.block_table, alloc.num_cached_tokens
             seq.status = RUNNING
             self.running.append(seq)

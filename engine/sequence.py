@@ -36,6 +36,14 @@ class Request:
     # token_mask(output token ids so far) -> bool tensor [vocab] of the tokens the next draw
     # may take (True: allowed), or None: unrestricted. Structured outputs fill it.
     token_mask: Callable[[list[int]], Any] | None = None
+    # prompt logprobs (params.prompt_logprobs): position -> entry, filled by the prefill's
+    # steps; `prompt_logprobs_done` once delivered (or never to compute: D of a P/D pair)
+    prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
+    prompt_logprobs_done: bool = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_done
 
     @property
     def finished(self) -> bool:

@@ -209,7 +209,7 @@ def build_engine(cfg: EngineConfig, progress: bool = True,
         config=cfg, model_path=model_path, model_config=model_config, device=device, dtype=dtype,
         max_model_len=max_model_len, model=model, pool=pool,
         block_manager=BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-        runner=runner, sampler=Sampler(_race_for(device)),
+        runner=runner, sampler=Sampler(_race_for(device), logprobs_mode=cfg.logprobs_mode),
         tokenizer=tokenizer,
     )
 

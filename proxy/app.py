@@ -53,7 +53,7 @@ from pdserve.proxy.protocol import (
     TokenizeRequest,
     parse_request,
 )
-from pdserve.proxy.serving import Generation, collect
+from pdserve.proxy.serving import Generation, GenerationGroup, collect
 from pdserve.proxy.streaming import ClientDisconnected, DisconnectWatch, SSEResponse, sse_stream
 from pdserve.proxy.tokenization import ChatTemplateError, ProxyTokenizer
 from pdserve.proxy.tools import ToolPlan, ToolStream, plan_tools
@@ -168,72 +168,98 @@ class OpenAIServer:
                 chat_template_kwargs=req.chat_template_kwargs, tools=req.tools)
         except ChatTemplateError as e:
             raise OpenAIError(str(e), param="messages") from e
-        return await self._run(rid, receive, req, "chatcmpl", prompt_ids, "messages", "",
-                               tools=plan)
+        echo = req.echo_text(messages)
+        return await self._run(rid, receive, req, "chatcmpl", [prompt_ids], "messages",
+                               [echo] if echo else [], tools=plan)
 
     async def completion(self, rid: str, receive: Receive, data: Any) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, data)
         self.check_model(req.model)
-        prompt = req.single_prompt()
+        prompts = req.prompts()
         if req.stop_list():
             self.need_tokenizer("stop strings need one (stop_token_ids do not)", "stop")
         req.sampling_params(None, req.seed)
-        if isinstance(prompt, str):
-            tok = self.need_tokenizer("a text prompt needs one", "prompt")
-            prompt_ids = await _off_loop(len(prompt), tok.encode, prompt,
-                                         req.add_special_tokens)
-            echo = prompt if req.echo else ""
-        else:
-            prompt_ids = list(prompt)
-            echo = ""
-            if req.echo and self.tokenizer is not None:
-                echo = await asyncio.to_thread(self.tokenizer.decode, prompt_ids,
-                                               req.skip_special_tokens)
-        return await self._run(rid, receive, req, "cmpl", prompt_ids, "prompt", echo)
+        all_ids: list[list[int]] = []
+        echoes: list[str] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                tok = self.need_tokenizer("a text prompt needs one", "prompt")
+                all_ids.append(await _off_loop(len(prompt), tok.encode, prompt,
+                                               req.add_special_tokens))
+                echoes.append(prompt)
+            else:
+                all_ids.append(list(prompt))
+                text = ""
+                if req.echo and self.tokenizer is not None:
+                    text = await asyncio.to_thread(self.tokenizer.decode, all_ids[-1],
+                                                   req.skip_special_tokens)
+                echoes.append(text)
+        return await self._run(rid, receive, req, "cmpl", all_ids, "prompt",
+                               echoes if req.echo else [])
 
     async def _run(self, rid: str, receive: Receive,
                    req: ChatCompletionRequest | CompletionRequest, prefix: str,
-                   prompt_ids: list[int], prompt_param: str, echo: str,
+                   prompts: list[list[int]], prompt_param: str, echo: list[str],
                    tools: ToolPlan | None = None) -> Response:
+        """`prompts`: one, or a completion's batch (choice j of prompt i: index i * n + j);
+        `echo`: per prompt, the text its choices start with (or none)."""
         # a proxy just started serves before its workers' first health checks: wait a little
         if not await self.backend.wait_ready(READY_WAIT_S):
             why = (await self.health_report()).get("serves") or "no worker is admitted"
             flood.warning("not ready", "503: no worker can serve yet (%s); see /health", why)
             raise OpenAIError(f"no worker can serve yet ({why}): see /health",
                               status_code=503)
-        prompt_ids = req.truncate(prompt_ids, self.backend.max_model_len)
-        seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
-        params = validate(req, prompt_ids, prompt_param, max_model_len=self.backend.max_model_len,
-                          vocab_size=self.backend.vocab_size, seed=seed)
         response_id = f"{prefix}-{rid}"
-        # unique inside the backend even when a client reuses its X-Request-Id
-        gen_req = GenerationRequest(f"{response_id}-{os.urandom(4).hex()}", prompt_ids, params,
-                                    priority=req.priority, cache_salt=req.cache_salt)
-        gen = Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
-                         include_stop_str_in_output=req.include_stop_str_in_output,
-                         skip_special_tokens=req.skip_special_tokens)
+        batched = len(prompts) > 1
+        drop_output = isinstance(req, CompletionRequest) and req.echo_only
+        gens = []
+        for i, ids in enumerate(prompts):
+            ids = req.truncate(ids, self.backend.max_model_len)
+            prompts[i] = ids
+            seed = req.seed if req.seed is not None else _seed_source.getrandbits(63)
+            params = validate(req, ids, f"{prompt_param}.{i}" if batched else prompt_param,
+                              max_model_len=self.backend.max_model_len,
+                              vocab_size=self.backend.vocab_size, seed=seed)
+            # unique inside the backend even when a client reuses its X-Request-Id
+            gen_req = GenerationRequest(f"{response_id}-{i}-{os.urandom(4).hex()}" if batched
+                                        else f"{response_id}-{os.urandom(4).hex()}", ids, params,
+                                        priority=req.priority, cache_salt=req.cache_salt)
+            gens.append(Generation(self.backend, gen_req, self.tokenizer, stop=req.stop_list(),
+                                   include_stop_str_in_output=req.include_stop_str_in_output,
+                                   skip_special_tokens=req.skip_special_tokens,
+                                   index_offset=i * req.n, drop_output=drop_output))
+        gen: Generation | GenerationGroup = gens[0] if not batched else GenerationGroup(gens)
         fmt = ResponseFormatter(
             kind="chat" if prefix == "chatcmpl" else "completion", response_id=response_id,
             model=req.model if req.model in self.model_names else self.model_name,
             tokenizer=self.tokenizer, num_top_logprobs=params.logprobs,
             return_token_ids=bool(req.return_token_ids) or self.tokenizer is None,
-            prompt_token_ids=prompt_ids, include_usage=req.include_usage,
-            tools=None if tools is None else ToolStream(tools))
+            prompts=prompts, n=req.n, include_usage=req.include_usage,
+            continuous_usage=req.continuous_usage,
+            tools=None if tools is None else ToolStream(tools), echo=echo,
+            echo_logprobs=bool(req.echo) and isinstance(req, CompletionRequest)
+            and req.logprobs is not None,
+            prompt_logprobs=req.prompt_logprobs is not None)
+
+        async def start() -> None:
+            await gen.start()
+            fmt.set_prompt_logprobs([g.prompt_logprobs for g in gens])
+
         # one task watches for the client's disconnect, from here to the stream's end
         watch: DisconnectWatch | None = DisconnectWatch(receive)
         try:
             if req.stream:
-                await watch.run(gen.start())
-                response = SSEResponse(sse_stream(gen, fmt, echo), on_close=gen.aclose,
+                await watch.run(start())
+                response = SSEResponse(sse_stream(gen, fmt), on_close=gen.aclose,
                                        watch=watch)
                 response.generation = gen  # for the access log
                 watch = None  # the response closes it
                 return response
 
             async def whole() -> dict[str, Any]:
-                await gen.start()
+                await start()
                 choices = await collect(gen)
-                return fmt.response(choices, gen.num_completion_tokens, echo)
+                return fmt.response(choices, gen.num_completion_tokens)
 
             body = CompactJSONResponse(await watch.run(whole()))
             body.generation = gen  # for the access log

@@ -54,6 +54,8 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
+    # the request's prompt logprobs (params.prompt_logprobs), on one delta of the first batch
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 def to_deltas(rows: Sequence[TokenRow]) -> list[ChoiceDelta]:
@@ -61,7 +63,8 @@ def to_deltas(rows: Sequence[TokenRow]) -> list[ChoiceDelta]:
     if len(rows) == 1:  # the common case: one choice, one token this step
         r = rows[0]
         return [ChoiceDelta(r.choice_index, [r.token_id],
-                            None if r.logprobs is None else [r.logprobs], r.finish_reason)]
+                            None if r.logprobs is None else [r.logprobs], r.finish_reason,
+                            r.prompt_logprobs)]
     out: dict[int, ChoiceDelta] = {}
     for r in rows:
         d = out.setdefault(r.choice_index, ChoiceDelta(r.choice_index, []))
@@ -69,6 +72,8 @@ def to_deltas(rows: Sequence[TokenRow]) -> list[ChoiceDelta]:
         if r.logprobs is not None:
             d.logprobs = (d.logprobs or []) + [r.logprobs]
         d.finish_reason = r.finish_reason or d.finish_reason
+        if r.prompt_logprobs is not None:
+            d.prompt_logprobs = r.prompt_logprobs
     return list(out.values())
 
 

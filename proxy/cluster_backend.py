@@ -6,7 +6,8 @@ workers' prefix caches) -> route: with P and D available, pick D first (room, qu
 power of two choices), then P (longest cached prefix if not overloaded, else power of two
 choices, avoiding P->D links whose circuit breaker is open); a prompt shorter than
 `min_pd_prompt_tokens`, or mostly cached on the chosen D, skips P and D prefills it itself;
-without P/D pairs, a both-role worker serves it -> stream the rows as `ChoiceDelta`s.
+without P/D pairs, a both-role worker serves it; a request that ends at its first token
+(max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
 dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
 D, which continues the same draws; a failed KV transfer is recomputed by D (counted) and
@@ -38,7 +39,7 @@ from pdserve.proxy.backend import (
     to_deltas,
 )
 from pdserve.proxy.registry import Registry, Worker
-from pdserve.proxy.workers import WorkerError, run_both, run_pd, run_resume
+from pdserve.proxy.workers import WorkerError, run_both, run_pd, run_prefill_only, run_resume
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,13 @@ class ClusterBackend:
         ps, ds, boths = ([w for w in usable[r] if w.has_room()]
                          for r in ("prefill", "decode", "both"))
         ids = req.prompt_token_ids
+        if req.params.max_tokens == 1 and usable["prefill"]:
+            # it ends at its first token: P alone, no reservation on D, no transfer
+            if not ps:
+                return None
+            p = self._pick(ps, hashes)
+            p.assign(req.request_id, hashes, len(ids))
+            return "p_only", p, None
         if usable["decode"]:
             if not ds:
                 return None
@@ -238,6 +246,8 @@ class ClusterBackend:
             kv = b.info.get("kv_address")
             return run_pd(rec, a.link, b.link, self.request_timeout,
                           kv if isinstance(kv, str) else None)
+        if route == "p_only":
+            return run_prefill_only(rec, a.link, self.request_timeout)
         return run_both(rec, a.link, self.request_timeout)
 
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:

@@ -4,7 +4,13 @@
 
 vLLM's extras ride along where its clients expect them: `stop_reason` in every finished
 choice; `token_ids` (and `prompt_token_ids`) in choices when the request set
-`return_token_ids` or the server has no tokenizer (token-ids-only mode, where `text` is "").
+`return_token_ids` or the server has no tokenizer (token-ids-only mode, where `text` is "");
+`prompt_logprobs` (completions: in each choice; chat: in the body) when asked for; usage in
+every chunk with `continuous_usage_stats`. A completion of a batch of prompts answers
+choice j of prompt i at index i * n + j, usage summed over the prompts. Completions with
+echo start each choice with its prompt's text (and, with logprobs, the prompt's logprobs:
+the first token's is null, nothing predicts it); chat with echo starts with the last
+message's text when that is the assistant's.
 Logprob values of -inf (masked tokens) become -9999.0, OpenAI's "very unlikely".
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -95,31 +102,85 @@ class CompletionLogprobs:
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
+    def build_prompt(self, token_ids: list[int],
+                     entries: Sequence[dict[int, Logprob] | None] | None) -> dict[str, Any]:
+        """The prompt's part (echo with logprobs): null for a position without an entry
+        (the first token, which nothing predicts)."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for i, tid in enumerate(token_ids):
+            s = self.fmt.text(tid)
+            e = entries[i] if entries is not None and i < len(entries) else None
+            tokens.append(s)
+            token_lps.append(None if e is None or tid not in e else _lp(e[tid].logprob))
+            tops.append(None if e is None else
+                        {self.fmt.text(t): _lp(lp.logprob) for t, lp in e.items()})
+            offsets.append(self.offset)
+            self.offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+                "text_offset": offsets}
+
+
+def _joined(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: a[k] + b[k] for k in a}
+
+
+def vllm_prompt_logprobs(entries: Sequence[dict[int, Logprob] | None],
+                         tok: ProxyTokenizer | None) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, null or {token id: {logprob, rank,
+    decoded_token}}."""
+    def one(t: int, lp: Logprob) -> dict[str, Any]:
+        return {"logprob": _lp(lp.logprob), "rank": lp.rank,
+                "decoded_token": tok.token_text(t) if tok is not None else None}
+    return [None if e is None else {str(t): one(t, lp) for t, lp in e.items()} for e in entries]
+
 
 class ResponseFormatter:
     """Bodies of one request: its id, creation time, model name and options."""
 
     def __init__(self, *, kind: str, response_id: str, model: str,
                  tokenizer: ProxyTokenizer | None, num_top_logprobs: int | None,
-                 return_token_ids: bool, prompt_token_ids: list[int],
-                 include_usage: bool = False, tools: ToolStream | None = None):
-        """`tools`: the request's tool plan (chat), whose calls replace the text."""
+                 return_token_ids: bool, prompts: list[list[int]], n: int = 1,
+                 include_usage: bool = False, continuous_usage: bool = False,
+                 tools: ToolStream | None = None, echo: Sequence[str] = (),
+                 echo_logprobs: bool = False, prompt_logprobs: bool = False):
+        """`prompts`: the request's prompts (several: a batched completion, whose choice
+        index i * n + j is prompt i's choice j). `tools`: the request's tool plan (chat),
+        whose calls replace the text. `echo`: per prompt, the text each choice starts with;
+        `echo_logprobs`: a completion's logprobs start with the prompt's;
+        `prompt_logprobs`: vLLM's field in the answer. Prompt logprobs come from
+        `set_prompt_logprobs` once the generation started."""
         if kind not in ("chat", "completion"):
             raise ValueError(f"kind must be chat or completion, got {kind!r}")
         self.kind = kind
         self.id = response_id
         self.model = model
         self.created = int(time.time())
+        self.tok = tokenizer
         self.logprobs = None if num_top_logprobs is None else LogprobFormatter(tokenizer,
                                                                                num_top_logprobs)
         self.return_token_ids = return_token_ids
-        self.prompt_token_ids = prompt_token_ids
+        self.prompts = prompts
+        self.prompt_token_ids = prompts[0]
+        self.num_prompt_tokens = sum(len(p) for p in prompts)
+        self.n = n
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage
         self.tools = tools
+        self.echo = list(echo)
+        self.echo_logprobs = echo_logprobs
+        self.want_prompt_logprobs = prompt_logprobs
+        self.prompt_logprobs: list[list[dict[int, Logprob] | None] | None] = [None] * len(prompts)
         self._completion_lps: dict[int, CompletionLogprobs] = {}
         # every chunk of a stream starts the same: `data: {"id":...,"choices":[` encoded once
         head = _json.encode(self._chunk_head())
         self._chunk_start = b"data: " + head[:-1] + b',"choices":['
+
+    def set_prompt_logprobs(self, per_prompt: Sequence[list[dict[int, Logprob] | None] | None]
+                            ) -> None:
+        self.prompt_logprobs = list(per_prompt)
+
+    def _echo(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo else ""
 
     def _head(self, object_name: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
@@ -133,17 +194,35 @@ class ResponseFormatter:
         return choice
 
     def _completion_logprobs(self, index: int, token_ids: list[int],
-                             logprobs: list[dict[int, Logprob]] | None) -> dict[str, Any] | None:
+                             logprobs: list[dict[int, Logprob]] | None,
+                             with_prompt: bool = False) -> dict[str, Any] | None:
+        """The choice's logprobs object for these tokens; `with_prompt`: the prompt's part
+        first (echo with logprobs, in the first piece of a choice)."""
         if self.logprobs is None or logprobs is None:
             return None
         acc = self._completion_lps.setdefault(index, CompletionLogprobs(self.logprobs))
+        if with_prompt and self.echo_logprobs:
+            p = index // self.n
+            head = acc.build_prompt(self.prompts[p], self.prompt_logprobs[p])
+            return _joined(head, acc.build(token_ids, logprobs))
         return acc.build(token_ids, logprobs)
+
+    def _completion_extras(self, choice: dict[str, Any], index: int) -> dict[str, Any]:
+        """vLLM's per-choice prompt fields of a completion."""
+        p = index // self.n
+        if self.want_prompt_logprobs:
+            plp = self.prompt_logprobs[p]
+            choice["prompt_logprobs"] = None if plp is None else vllm_prompt_logprobs(plp,
+                                                                                       self.tok)
+        if self.return_token_ids:
+            choice["prompt_token_ids"] = self.prompts[p]
+        return choice
 
     # ---- non-streaming -------------------------------------------------------------------
 
-    def response(self, choices: list[ChoiceResult], num_completion_tokens: int,
-                 prefix_text: str = "") -> dict[str, Any]:
-        """The whole body; `prefix_text` is the echoed prompt (completions with echo)."""
+    def response(self, choices: list[ChoiceResult], num_completion_tokens: int
+                 ) -> dict[str, Any]:
+        """The whole body."""
         body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
         out = []
         for c in choices:
@@ -151,7 +230,8 @@ class ResponseFormatter:
                 lps = None
                 if self.logprobs is not None and c.logprobs is not None:
                     lps = {"content": self.logprobs.chat(c.token_ids, c.logprobs), "refusal": None}
-                message: dict[str, Any] = {"role": "assistant", "content": c.text,
+                message: dict[str, Any] = {"role": "assistant",
+                                           "content": self._echo(c.index) + c.text,
                                            "refusal": None}
                 finish = c.finish_reason
                 if self.tools is not None:
@@ -163,14 +243,19 @@ class ResponseFormatter:
                 choice: dict[str, Any] = {"index": c.index, "message": message,
                                           "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {"index": c.index, "text": prefix_text + c.text,
-                          "logprobs": self._completion_logprobs(c.index, c.token_ids, c.logprobs),
+                choice = {"index": c.index, "text": self._echo(c.index) + c.text,
+                          "logprobs": self._completion_logprobs(c.index, c.token_ids, c.logprobs,
+                                                                with_prompt=True),
                           "finish_reason": c.finish_reason}
+                choice = self._completion_extras(choice, c.index)
             out.append(self._extras(choice, c.token_ids, c.finish_reason, c.stop_reason))
         body["choices"] = out
-        body["usage"] = usage(len(self.prompt_token_ids), num_completion_tokens)
-        if self.return_token_ids:
+        body["usage"] = usage(self.num_prompt_tokens, num_completion_tokens)
+        if self.return_token_ids and len(self.prompts) == 1:
             body["prompt_token_ids"] = self.prompt_token_ids
+        if self.kind == "chat" and self.want_prompt_logprobs:
+            plp = self.prompt_logprobs[0]
+            body["prompt_logprobs"] = None if plp is None else vllm_prompt_logprobs(plp, self.tok)
         return body
 
     # ---- streaming -----------------------------------------------------------------------
@@ -183,22 +268,34 @@ class ResponseFormatter:
             head["usage"] = None
         return head
 
-    def first_chunks(self, indices: list[int], prefix_text: str = "") -> list[bytes]:
-        """Chat: the role announcement of every choice. Completions with echo: the prompt."""
+    def first_chunks(self, indices: list[int]) -> list[bytes]:
+        """Chat: the role announcement of every choice (and, with echo, the echoed text).
+        Completions with echo: the prompt (with logprobs: the prompt's)."""
         chunks = []
         for i in indices:
+            echo = self._echo(i)
             if self.kind == "chat":
                 choice: dict[str, Any] = {"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}
-            elif prefix_text:
-                choice = {"index": i, "text": prefix_text, "logprobs": None, "finish_reason": None}
+                if echo:
+                    chunks.append(self._chunk_start + _json.encode(choice) + b"]}\n\n")
+                    choice = {"index": i, "delta": {"content": echo}, "logprobs": None,
+                              "finish_reason": None}
+            elif echo or self.echo_logprobs:
+                lps = None
+                if self.echo_logprobs and self.logprobs is not None:
+                    p = i // self.n
+                    acc = self._completion_lps.setdefault(i, CompletionLogprobs(self.logprobs))
+                    lps = acc.build_prompt(self.prompts[p], self.prompt_logprobs[p])
+                choice = {"index": i, "text": echo, "logprobs": lps, "finish_reason": None}
             else:
                 continue
             chunks.append(self._chunk_start + _json.encode(choice) + b"]}\n\n")
         return chunks
 
-    def chunk(self, upd: ChoiceUpdate) -> bytes | None:
-        """One choice's update as an SSE event, or None when it carries nothing to show."""
+    def chunk(self, upd: ChoiceUpdate, num_completion_tokens: int = 0) -> bytes | None:
+        """One choice's update as an SSE event, or None when it carries nothing to show.
+        `num_completion_tokens`: the count so far (continuous usage)."""
         has_lps = self.logprobs is not None and bool(upd.logprobs)
         if not (upd.text or has_lps or upd.finish_reason is not None
                 or (self.return_token_ids and upd.token_ids)):
@@ -222,11 +319,15 @@ class ResponseFormatter:
                       if has_lps else None,
                       "finish_reason": upd.finish_reason}
         choice = self._extras(choice, upd.token_ids, upd.finish_reason, upd.stop_reason)
+        if self.continuous_usage:
+            head = self._chunk_head()
+            head["usage"] = usage(self.num_prompt_tokens, num_completion_tokens)
+            return sse({**head, "choices": [choice]})
         return self._chunk_start + _json.encode(choice) + b"]}\n\n"
 
     def usage_chunk(self, num_completion_tokens: int) -> bytes:
         head = self._chunk_head()
-        head["usage"] = usage(len(self.prompt_token_ids), num_completion_tokens)
+        head["usage"] = usage(self.num_prompt_tokens, num_completion_tokens)
         return sse({**head, "choices": []})
 
 

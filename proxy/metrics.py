@@ -34,7 +34,7 @@ ITL = FastHistogram("pdserve_proxy_inter_token_latency_seconds", "Between a choi
                     (.001, .005, .01, .025, .05, .075, .1, .15, .2, .3, .5, 1, 2.5, 5))
 E2E = FastHistogram("pdserve_proxy_e2e_request_latency_seconds", "Request start to last token",
                     (.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
-ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, both)",
+ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, p_only, both)",
                  ["route"])
 REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
                    ["reason"])

@@ -4,8 +4,16 @@ and their mapping onto `SamplingParams`.
 Parsing is pydantic (types only); ranges are checked once, by `SamplingParams`, whose
 ValueError names the field, mapped back here to the request's parameter name. Unknown fields
 are ignored, as OpenAI and vLLM do, and logged. Features this server does not implement
-(beam search, prompt logprobs, logit_bias, suffix, best_of > n) are refused with a 400 naming
-the parameter rather than silently ignored. Tool calling: proxy/tools.py.
+(beam search, bad_words, suffix, best_of > n) are refused with a 400 naming the parameter
+rather than silently ignored; docs/api-fields.md lists every field and what it does here
+(tests/proxy/test_api_fields.py walks that table). Tool calling: proxy/tools.py.
+
+Prompt logprobs: vLLM's `prompt_logprobs`, and completions `echo` with `logprobs` (whose
+logprobs then start with the prompt's, as the legacy API and lm-eval expect); completions
+`max_tokens: 0` with `echo` returns the prompt alone (the engine draws one token, which the
+client does not get). Streams refuse `prompt_logprobs` (vLLM's rule) but take echo +
+logprobs. A completion's `prompt` may be a batch (strings or token-id lists): choice j of
+prompt i has index i * n + j.
 
 Structured outputs: OpenAI's `response_format` (json_object, json_schema) and vLLM's
 `structured_outputs` ({json | regex | choice | grammar | json_object}) and older
@@ -34,6 +42,7 @@ from pdserve.proxy.errors import OpenAIError
 logger = logging.getLogger(__name__)
 
 MAX_N = 128  # choices per request; beyond this a client is better served by separate requests
+MAX_PROMPTS = 256  # prompts in one completion request (LangChain sends 20 at a time)
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
@@ -82,6 +91,21 @@ class SamplingRequest(BaseModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
     bad_words: list[str] | None = None  # vLLM's: refused (not implemented), not ignored
 
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """logit_bias with its keys as token ids; 400 for a key that is not one."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, value in self.logit_bias.items():
+            try:
+                tid = int(key)
+            except ValueError:
+                tid = -1
+            if tid < 0:
+                raise OpenAIError(f"logit_bias: {key!r} is not a token id", param="logit_bias")
+            out[tid] = value
+        return out
+
     def truncate(self, prompt_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt after `truncate_prompt_tokens` (vLLM's: its last k tokens; -1: the
         model's length)."""
@@ -104,17 +128,13 @@ class SamplingRequest(BaseModel):
                               param="stream_options")
         if not 1 <= self.n <= MAX_N:
             raise OpenAIError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
-        if self.logit_bias:
-            raise OpenAIError("logit_bias is not supported", param="logit_bias")
         if self.use_beam_search:
             raise OpenAIError("beam search is not supported", param="use_beam_search")
-        if self.prompt_logprobs is not None:
-            raise OpenAIError("prompt_logprobs is not supported", param="prompt_logprobs")
+        if self.prompt_logprobs is not None and self.stream:
+            raise OpenAIError("prompt_logprobs are not available when stream is true",
+                              param="prompt_logprobs")
         if self.bad_words:
             raise OpenAIError("bad_words is not supported", param="bad_words")
-        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
-            raise OpenAIError("stream_options.continuous_usage_stats is not supported",
-                              param="stream_options")
         k = self.truncate_prompt_tokens
         if k is not None and (k < -1 or k == 0):
             raise OpenAIError("truncate_prompt_tokens must be -1 (the model's length) or >= 1",
@@ -178,6 +198,12 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage in every chunk (vLLM's continuous_usage_stats, with include_usage)."""
+        return self.include_usage and bool(self.stream_options
+                                           and self.stream_options.continuous_usage_stats)
+
     # ---- SamplingParams ------------------------------------------------------------------
 
     def _param_name(self, field: str) -> str:
@@ -185,6 +211,9 @@ class SamplingRequest(BaseModel):
 
     def _num_logprobs(self) -> int | None:
         raise NotImplementedError
+
+    def _prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
 
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
@@ -210,6 +239,8 @@ class SamplingRequest(BaseModel):
                 logprobs=self._num_logprobs(),
                 structured=self.structured(),
                 allowed_token_ids=self.allowed_token_ids,
+                prompt_logprobs=self._prompt_logprobs(),
+                logit_bias=self.logit_bias_ids(),
             )
         except ValueError as e:
             m = re.match(r"SamplingParams\.(\w+) (.*)", str(e), re.S)
@@ -274,7 +305,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # accepted; "required" may return several
-    echo: bool = False  # vLLM's (the last message's text first): refused when true
+    echo: bool = False  # vLLM's: an assistant last message's text starts the reply
     # the server's reading of tools + tool_choice (proxy/tools.py), set before the params
     _tool_plan: Any = PrivateAttr(default=None)
 
@@ -299,8 +330,6 @@ class ChatCompletionRequest(SamplingRequest):
         self.check_common()
         if self.top_logprobs and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
-        if self.echo:
-            raise OpenAIError("echo is not supported on chat completions", param="echo")
         if self.add_generation_prompt and self.continue_final_message:
             raise OpenAIError("add_generation_prompt and continue_final_message cannot both be "
                               "true", param="continue_final_message")
@@ -322,6 +351,13 @@ class ChatCompletionRequest(SamplingRequest):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template(i) for i, m in enumerate(self.messages)]
 
+    def echo_text(self, messages: list[dict[str, Any]]) -> str:
+        """With `echo`, the text the reply starts with: the last message's, when it is the
+        assistant's (the role of the reply), as vLLM does; else nothing."""
+        if not self.echo or messages[-1].get("role") != "assistant":
+            return ""
+        return str(messages[-1].get("content") or "")
+
 
 PromptInput = str | list[int] | list[str] | list[list[int]]
 
@@ -341,27 +377,43 @@ class CompletionRequest(SamplingRequest):
             raise OpenAIError("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError("best_of other than n is not supported", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise OpenAIError("echo with logprobs needs prompt logprobs, which are not "
-                              "supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError("max_tokens 0 needs echo (the prompt and its logprobs alone); "
+                              "otherwise it must be >= 1", param="max_tokens")
+        if self.max_tokens == 0 and self.min_tokens:
+            raise OpenAIError("min_tokens must be 0 when max_tokens is 0", param="min_tokens")
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt: a string or token ids; a batch of several is refused."""
+    @property
+    def echo_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) is the whole answer."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one string or token-id list, or a batch of either (MAX_PROMPTS at
+        most); 400 for an empty one, naming its place."""
         p = self.prompt
-        if isinstance(p, list) and p and not isinstance(p[0], int):
-            if len(p) != 1:
-                raise OpenAIError("batched prompts are not supported: send one prompt per "
-                                  "request", param="prompt")
-            p = p[0]
-        if (isinstance(p, list) and not p) or p == "":
-            raise OpenAIError("the prompt is empty", param="prompt")
-        return p  # type: ignore[return-value]
+        batch = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+        if len(batch) > MAX_PROMPTS:
+            raise OpenAIError(f"prompt: at most {MAX_PROMPTS} prompts in one request",
+                              param="prompt")
+        for i, one in enumerate(batch):
+            if (isinstance(one, list) and not one) or one == "":
+                where = "prompt" if len(batch) == 1 else f"prompt.{i}"
+                raise OpenAIError(f"{where}: the prompt is empty", param=where)
+        return batch  # type: ignore[return-value]
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return 1 if self.echo_only else self.max_tokens
 
     def _num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def _prompt_logprobs(self) -> int | None:
+        """vLLM's prompt_logprobs; echo with logprobs asks for them too (at least as many
+        top entries as logprobs)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
 
 @functools.lru_cache(maxsize=256)

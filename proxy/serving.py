@@ -9,15 +9,17 @@ closed, which aborts whatever the engine still runs (e.g. a choice ended by a st
 A generation whose every choice finished is observed once in the e2e latency histogram
 (`start()` to the batch that finished the last choice, stop strings included); one that
 fails or is abandoned is not. `collect()` runs a generation to the end for a non-streaming
-response.
+response. `GenerationGroup` runs several as one (a completion's batch of prompts).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -63,9 +65,15 @@ class _Choice:
         self.num_tokens = 0
         self.done = False
 
-    def apply(self, delta: ChoiceDelta, want_logprobs: bool) -> ChoiceUpdate | None:
+    def apply(self, delta: ChoiceDelta, want_logprobs: bool,
+              drop_output: bool = False) -> ChoiceUpdate | None:
         if self.done:
             return None  # ended by a stop string; the engine may still be running it
+        if drop_output:  # max_tokens 0: the token drawn is not the client's
+            if delta.finish_reason is None:
+                return None
+            self.done = True
+            return ChoiceUpdate(self.index, "", [], [] if want_logprobs else None, "length")
         text: list[str] = []
         counted = 0
         upd = ChoiceUpdate(self.index, "", [], [] if want_logprobs else None)
@@ -104,16 +112,24 @@ class Generation:
 
     def __init__(self, backend: Backend, request: GenerationRequest,
                  tokenizer: ProxyTokenizer | None, *, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True):
+                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
+                 index_offset: int = 0, drop_output: bool = False):
+        """`index_offset`: added to each choice's index in updates (prompt i of a batch of
+        prompts with n choices each: i * n). `drop_output`: the request runs one token that
+        the client does not get (max_tokens 0: the prompt's logprobs alone)."""
         self.backend = backend
         self.request = request
         self.want_logprobs = request.params.logprobs is not None
+        self.drop_output = drop_output
         self.choices = {
-            i: _Choice(i, None if tokenizer is None else TextStream(
+            index_offset + i: _Choice(index_offset + i, None if tokenizer is None else TextStream(
                 tokenizer, stop, include_stop_str_in_output=include_stop_str_in_output,
                 skip_special_tokens=skip_special_tokens), request.params.stop_token_ids)
             for i in request.choice_indices()
         }
+        self.index_offset = index_offset
+        # params.prompt_logprobs: one entry per prompt token, known once start() returned
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
         self._num_done = 0  # choices finished (`_apply`)
         self._agen: AsyncGenerator[list[ChoiceDelta], None] | None = None
         self._first: list[ChoiceDelta] | None = None
@@ -136,6 +152,9 @@ class Generation:
         try:
             self._first = await self._agen.__anext__()
             self.first_at = time.monotonic()
+            for delta in self._first:
+                if delta.prompt_logprobs is not None:
+                    self.prompt_logprobs = delta.prompt_logprobs
         except StopAsyncIteration:
             self._first = []
         except ValueError as e:
@@ -186,12 +205,12 @@ class Generation:
     def _apply(self, batch: list[ChoiceDelta]) -> list[ChoiceUpdate]:
         out = []
         for delta in batch:
-            choice = self.choices.get(delta.choice_index)
+            choice = self.choices.get(delta.choice_index + self.index_offset)
             if choice is None:
                 logger.warning("request %s: delta for unknown choice %d", self.request.request_id,
                                delta.choice_index)
                 continue
-            upd = choice.apply(delta, self.want_logprobs)
+            upd = choice.apply(delta, self.want_logprobs, self.drop_output)
             if upd is not None:
                 out.append(upd)
                 if upd.finish_reason is not None:
@@ -207,7 +226,79 @@ class Generation:
                 await agen.aclose()
 
 
-async def collect(gen: Generation) -> list[ChoiceResult]:
+class GenerationGroup:
+    """Several generations answered as one (a completion with a batch of prompts): their
+    choices together (each generation's indices already offset), started together (one
+    refused: all closed, its error raised), their updates merged as they come. The same
+    surface as `Generation` for the front, the stream and the access log."""
+
+    def __init__(self, gens: Sequence[Generation]):
+        self.gens = list(gens)
+        self.request = self.gens[0].request  # for logs: the first prompt's
+        self.want_logprobs = self.gens[0].want_logprobs
+        self.choices = {i: c for g in self.gens for i, c in g.choices.items()}
+        self.first_at: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(g.num_prompt_tokens for g in self.gens)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(g.num_completion_tokens for g in self.gens)
+
+    async def start(self) -> None:
+        tasks = [asyncio.ensure_future(g.start()) for g in self.gens]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in tasks:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.aclose()
+            raise
+        self.first_at = min(g.first_at for g in self.gens if g.first_at is not None)
+
+    async def updates(self) -> AsyncGenerator[list[ChoiceUpdate], None]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump(g: Generation) -> None:
+            try:
+                async for batch in g.updates():
+                    queue.put_nowait(batch)
+            except Exception as e:  # noqa: BLE001 - re-raised by the consumer below
+                queue.put_nowait(e)
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.ensure_future(pump(g)) for g in self.gens]
+        live = len(tasks)
+        try:
+            while live:
+                item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for g in self.gens:
+                await g.aclose()
+
+
+async def collect(gen: Generation | GenerationGroup) -> list[ChoiceResult]:
     """Run a started generation to the end; the choices in index order."""
     results = {i: ChoiceResult(i, logprobs=[] if gen.want_logprobs else None)
                for i in gen.choices}

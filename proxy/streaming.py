@@ -29,7 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from pdserve.proxy.errors import OpenAIError, sse_error
 from pdserve.proxy.formatting import DONE, ResponseFormatter
-from pdserve.proxy.serving import Generation
+from pdserve.proxy.serving import Generation, GenerationGroup
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,16 +123,16 @@ class SSEResponse(StreamingResponse):
             await self.background()
 
 
-async def sse_stream(gen: Generation, fmt: ResponseFormatter, prefix_text: str = "") \
-        -> AsyncIterator[bytes]:
+async def sse_stream(gen: Generation | GenerationGroup, fmt: ResponseFormatter
+                     ) -> AsyncIterator[bytes]:
     """The SSE events of a started generation; closes it however the stream ends."""
     updates = gen.updates()
     try:
-        for chunk in fmt.first_chunks(sorted(gen.choices), prefix_text):
+        for chunk in fmt.first_chunks(sorted(gen.choices)):
             yield chunk
         async for batch in updates:
             for upd in batch:
-                chunk = fmt.chunk(upd)
+                chunk = fmt.chunk(upd, gen.num_completion_tokens)
                 if chunk is not None:
                     yield chunk
         if fmt.include_usage:

@@ -4,7 +4,8 @@ parameter. Workers check again what reaches them (the engine's `check_request`).
 
 - any string in the body must be encodable as UTF-8 (`check_strings`: a lone surrogate such as
   "\ud800" is refused, naming where it is); a body too deeply nested to parse is refused;
-- prompt token ids and `stop_token_ids` must be < the model's vocabulary size;
+- prompt token ids, `stop_token_ids`, `allowed_token_ids` and `logit_bias` keys must be < the
+  model's vocabulary size;
 - `stop`: at most MAX_STOPS strings of at most MAX_STOP_CHARS characters; `stop_token_ids`:
   at most MAX_STOP_TOKEN_IDS ids;
 - max_tokens against max_model_len (vLLM's messages, `resolve_max_tokens`);
@@ -80,6 +81,9 @@ def validate(req: SamplingRequest, prompt_ids: list[int], prompt_param: str, *,
         if not req.allowed_token_ids:
             raise OpenAIError("allowed_token_ids must not be empty", param="allowed_token_ids")
         check_token_ids(req.allowed_token_ids, vocab_size, "allowed_token_ids")
+    bias = req.logit_bias_ids()
+    if bias is not None:
+        check_token_ids(list(bias), vocab_size, "logit_bias")
     if not -2**31 <= req.priority < 2**31:
         raise OpenAIError("priority must be an integer in [-2^31, 2^31)", param="priority")
     try:

@@ -7,7 +7,8 @@ Prefill on P (with D's KV address as D reported it; without one P waits for D's 
 which names it) and at once Reserve on D -> Reserved -> First (yielded at once) -> Join on
 D with the still-running choices (sent when the request's task next yields the loop: after
 the first token went to the client) -> Step rows until every choice finished.
-`run_both` sends Generate to a both-role worker. Leaving either generator early (client
+`run_both` sends Generate to a both-role worker; `run_prefill_only` sends a request that ends
+at its first token to P alone. Leaving either generator early (client
 gone, error) sends Abort to every worker involved. Messages are `common/wire.py`'s.
 """
 
@@ -359,7 +360,7 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink, timeout: floa
             # asks for more (this generator resumes only then); D waits for the KV, which
             # takes longer, before it decodes token 2 anyway
             join = asyncio.get_running_loop().call_soon(
-                send_join, [r for r in rows if r.finish_reason is None])
+                send_join, [_bare(r) for r in rows if r.finish_reason is None])
         yield rows
         while running:
             yield await _step_rows(d, qd, running)
@@ -372,6 +373,37 @@ async def run_pd(rec: RequestRecord, p: WorkerLink, d: WorkerLink, timeout: floa
                 p.send(wire.Abort(rid=rid))
         timer.cancel()
         d.unsubscribe(rid)
+        p.unsubscribe(rid)
+
+
+def _bare(row: TokenRow) -> TokenRow:
+    """The row as D needs it (the prompt's logprobs are the client's, not D's)."""
+    if row.prompt_logprobs is None:
+        return row
+    return TokenRow(row.request_id, row.choice_index, row.token_id, row.logprobs,
+                    row.finish_reason)
+
+
+async def run_prefill_only(rec: RequestRecord, p: WorkerLink,
+                           timeout: float = 600.0) -> AsyncIterator[list[TokenRow]]:
+    """Yield the first (and last) rows of a request that ends at its first token (max_tokens
+    1: evaluation's prompt logprobs, a classification): P alone, no reservation, no KV
+    transfer."""
+    rid = rec.request_id
+    q = p.subscribe(rid)
+    timer = _arm(timeout, q)
+    running = set(rec.choice_indices())
+    try:
+        p.send(wire.Prefill(rec=rec, kv=None))
+        rows = (await _expect(p, q, wire.First)).out
+        running.difference_update(r.choice_index for r in rows if r.finish_reason is not None)
+        if running:  # cannot happen with max_tokens 1: P has no D to hand the rest to
+            raise WorkerError("P left a choice running with no decode worker", link=p)
+        yield rows
+    finally:
+        if running:
+            p.send(wire.Abort(rid=rid))
+        timer.cancel()
         p.unsubscribe(rid)
 
 

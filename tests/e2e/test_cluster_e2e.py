@@ -521,3 +521,99 @@ def test_langchain_structured_output_and_tools(cluster):
         "Weather in Oslo?")
     assert [tc["name"] for tc in msg.tool_calls] == ["GetWeather"], (msg, msg.invalid_tool_calls)
     assert set(msg.tool_calls[0]["args"]) == {"city", "unit"}
+
+
+def proxy_counter(cluster, name, **labels):
+    """A counter of the proxy's /metrics (0 when the series does not exist yet)."""
+    text = httpx.get(cluster["url"] + "/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}}") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def hf_reference(cluster):
+    """transformers' model of the served checkpoint (the built-in one), fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pdserve.engine.builtin_model import builtin_model_path
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(
+        builtin_model_path(), dtype=torch.float32, local_files_only=True).eval()
+
+
+def hf_logprobs(model, ids):
+    """transformers' log-softmax of each prompt token given the ones before ([len - 1])."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+def test_loglikelihoods_as_lm_eval_asks_equal_transformers(cluster, client, hf_reference):
+    """lm-eval's local-completions request (token-id prompts in a batch, echo, logprobs 1,
+    max_tokens 1, temperature 0), and max_tokens 0: every prompt token's logprob equals
+    transformers' within 1e-4; such requests are served by P alone (route p_only)."""
+    model = model_name(client)
+    prompts = [prompt_ids(100 + i, 60) for i in range(3)]
+    before = proxy_counter(cluster, "pdserve_proxy_routing_decisions_total", route="p_only")
+    one = client.completions.create(model=model, prompt=prompts, max_tokens=1, logprobs=1,
+                                    echo=True, temperature=0, seed=1234)
+    zero = client.completions.create(model=model, prompt=prompts, max_tokens=0, logprobs=1,
+                                     echo=True)
+    assert proxy_counter(cluster, "pdserve_proxy_routing_decisions_total",
+                         route="p_only") - before == 6
+    worst = 0.0
+    for i, ids in enumerate(prompts):
+        want = hf_logprobs(hf_reference, ids)
+        for out, extra in ((one, 1), (zero, 0)):
+            lps = out.choices[i].logprobs
+            assert out.choices[i].index == i
+            assert len(lps.token_logprobs) == len(ids) + extra
+            assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+            worst = max(worst, max(abs(a - b) for a, b in
+                                   zip(lps.token_logprobs[1:len(ids)], want, strict=True)))
+    assert worst <= 1e-4, f"max |logprob - transformers'| = {worst:.2e}"
+    assert zero.usage.completion_tokens == 0 and one.usage.completion_tokens == 3
+    assert zero.usage.prompt_tokens == sum(len(p) for p in prompts)
+
+
+def test_prompt_logprobs_of_a_request_that_p_hands_to_d(cluster, client, hf_reference,
+                                                        reference):
+    """vLLM's prompt_logprobs on a P/D request: P computes them (transformers' values), D
+    continues the output exactly as the offline engine does."""
+    ids = prompt_ids(200, 80)
+    r = httpx.post(cluster["url"] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": model_name(client), "prompt": ids, "max_tokens": 6,
+                         "temperature": 0, "prompt_logprobs": 2, "return_token_ids": True},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    plp = choice["prompt_logprobs"]
+    want = hf_logprobs(hf_reference, ids)
+    assert plp[0] is None and len(plp) == len(ids)
+    assert max(abs(plp[k + 1][str(ids[k + 1])]["logprob"] - want[k])
+               for k in range(len(ids) - 1)) <= 1e-4
+    offline = reference.generate({"prompt_token_ids": ids},
+                                 SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0]
+    assert choice["token_ids"] == offline.outputs[0].token_ids
+
+
+def test_langchain_batch_of_five_prompts(cluster):
+    """LangChain's OpenAI (completions) LLM packs a batch into one request's prompt list."""
+    from langchain_openai import OpenAI
+
+    with openai.OpenAI(base_url=cluster["url"] + "/v1", api_key=KEY) as c:
+        model = model_name(c)
+    llm = OpenAI(base_url=cluster["url"] + "/v1", api_key=KEY, model=model, temperature=0,
+                 max_tokens=8, max_retries=0, timeout=120)
+    prompts = ["The sky is", "Once upon a", "In the beginning", "Hello, my name", "2 + 2 ="]
+    batch = llm.batch(prompts)
+    assert len(batch) == 5 and all(isinstance(t, str) and t for t in batch)
+    assert batch == [llm.invoke(p) for p in prompts]

@@ -97,6 +97,12 @@ def llm(tiny_checkpoint):
     return LLM(str(tiny_checkpoint("llama")), use_tqdm_on_load=False, num_gpu_blocks_override=512)
 
 
+@pytest.fixture(scope="module")
+def llm_processed(tiny_checkpoint):
+    return LLM(str(tiny_checkpoint("llama")), use_tqdm_on_load=False, num_gpu_blocks_override=64,
+               logprobs_mode="processed_logprobs")
+
+
 def tokens(outs):
     return [[c.token_ids for c in o.outputs] for o in outs]
 
@@ -164,14 +170,18 @@ def test_n_without_room_to_fork_recomputes_and_finishes(tiny_checkpoint):
     assert llm.parts.block_manager.num_free_blocks == 3
 
 
-def reference_steps(model, prompt, output, params, num_steps):
+def reference_steps(model, prompt, output, params, num_steps, raw=False):
     """Straightforward reference: per step, transformers' logits for the sequence so far,
-    penalties applied token by token, log-softmax (after temperature for random rows)."""
+    penalties applied token by token, log-softmax (after temperature for random rows);
+    `raw`: the log-softmax of the logits as they are."""
     steps = []
     for k in range(num_steps):
         ids = prompt + output[:k]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, -1].double().clone()
+        if raw:
+            steps.append(torch.log_softmax(logits, dim=0))
+            continue
         seen_out = output[:k]
         for t in set(prompt) | set(seen_out):
             if logits[t] > 0:
@@ -186,20 +196,26 @@ def reference_steps(model, prompt, output, params, num_steps):
     return steps
 
 
+@pytest.mark.parametrize("mode", ["processed_logprobs", "raw_logprobs"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_penalties_and_logprobs_equal_a_reference_on_transformers_logits(
-        llm, tiny_checkpoint, temperature):
+        llm, llm_processed, tiny_checkpoint, temperature, mode):
+    """processed: the logprobs of the distribution drawn from (penalties, temperature);
+    raw (the default, vLLM V1's): the model's own, whatever the sampling."""
     prompt = random_prompts([30], 512, seed=24)[0]
     prompt = prompt[:10] * 3  # repeated tokens: the repetition penalty matters
     params = SamplingParams(temperature=temperature, repetition_penalty=1.3,
                             presence_penalty=0.5, frequency_penalty=0.4, logprobs=5,
                             max_tokens=20, ignore_eos=True, seed=3)
-    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
-    ref = reference_steps(hf_model(tiny_checkpoint("llama")), prompt, out.token_ids, params, 20)
+    engine = llm if mode == "raw_logprobs" else llm_processed
+    out = engine.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    model = hf_model(tiny_checkpoint("llama"))
+    ref = reference_steps(model, prompt, out.token_ids, params, 20, raw=mode == "raw_logprobs")
+    drawn = reference_steps(model, prompt, out.token_ids, params, 20)
     total = 0.0
     for k, (tok, lp, want) in enumerate(zip(out.token_ids, out.logprobs, ref)):
         if temperature == 0.0:
-            assert tok == int(want.argmax()), f"step {k}: greedy token differs"
+            assert tok == int(drawn[k].argmax()), f"step {k}: greedy token differs"
         assert math.isclose(lp[tok].logprob, float(want[tok]), abs_tol=1e-4), k
         assert lp[tok].rank == int((want > want[tok]).sum()) + 1
         top = want.topk(5)
@@ -229,7 +245,7 @@ def test_token_mask_restricts_the_draw_to_its_tokens():
     tokens), greedy or random; logprobs are those of that distribution."""
     allowed = torch.zeros(len(LOGITS), dtype=torch.bool)
     allowed[[1, 3, 4, 8]] = True
-    sampler = Sampler(exponential_race_ref)
+    sampler = Sampler(exponential_race_ref, logprobs_mode="processed_logprobs")
     params = SamplingParams(temperature=1.0, seed=0)
     rows = [SampleRow(params, 99 * NUM_DRAWS + i, 0, [0], 1, allowed=allowed)
             for i in range(NUM_DRAWS)]
@@ -265,3 +281,35 @@ def test_a_bad_token_mask_is_a_clear_error(mask, why):
     with pytest.raises(ValueError, match=why):
         Sampler(exponential_race_ref)(LOGITS.repeat(1, 1), [
             SampleRow(SamplingParams(temperature=0), 1, 0, [0], 1, allowed=mask)])
+
+
+def test_logit_bias_moves_the_draw_and_raw_logprobs_ignore_it():
+    """OpenAI's logit_bias: +100 makes a token certain, -100 rules one out (greedy and
+    random); raw logprobs are the model's, processed ones include the bias."""
+    raw_lp = torch.log_softmax(LOGITS, dim=0)
+    for mode in ("raw_logprobs", "processed_logprobs"):
+        sampler = Sampler(exponential_race_ref, logprobs_mode=mode)
+        params = SamplingParams(temperature=0, logit_bias={7: 100.0}, logprobs=0)
+        (res,) = sampler(LOGITS.repeat(1, 1), [SampleRow(params, 1, 0, [0], 1)])
+        assert res.token == 7
+        biased = LOGITS.clone()
+        biased[7] += 100
+        want = raw_lp[7] if mode == "raw_logprobs" else torch.log_softmax(biased, dim=0)[7]
+        assert res.logprobs[7].logprob == pytest.approx(float(want), abs=1e-5)
+    counts = draw(SamplingParams(temperature=1.0, seed=0, logit_bias={0: -100.0, 1: 3.0}))
+    biased = LOGITS.clone()
+    biased[0] -= 100
+    biased[1] += 3
+    assert chi_square_p(counts, torch.softmax(biased.double(), 0)) > 1e-3
+
+
+def test_logit_modes_report_logits():
+    for mode, want in (("raw_logits", LOGITS), ("processed_logits", LOGITS / 0.5)):
+        sampler = Sampler(exponential_race_ref, logprobs_mode=mode)
+        (res,) = sampler(LOGITS.repeat(1, 1), [SampleRow(
+            SamplingParams(temperature=0.5, seed=3, logprobs=2), 1, 0, [0], 1)])
+        tok = res.token
+        assert res.logprobs[tok].logprob == pytest.approx(float(want[tok]), abs=1e-5)
+        assert res.logprobs[0].logprob == pytest.approx(float(want[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="logprobs_mode must be one of"):
+        Sampler(exponential_race_ref, logprobs_mode="raw")

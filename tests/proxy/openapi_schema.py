@@ -4,6 +4,11 @@ checkout as ../shared/data), after rewriting OpenAPI 3.0's `nullable: true` into
 One deliberate relaxation: `CreateCompletionResponse` says it is also the shape of streamed
 chunks, but marks `finish_reason` non-null, while the real API (and vLLM) stream null until the
 last chunk; streamed completion chunks are checked against a copy that admits null there.
+
+A second: completions with `echo` and `logprobs` report the prompt's logprobs first, and the
+first prompt token has none (nothing predicts it): `token_logprobs[0]` and `top_logprobs[0]`
+are null, as OpenAI's own legacy API and vLLM answer (and lm-eval reads), while the schema's
+arrays hold numbers and objects only; both completion shapes admit null items there.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ def _validators() -> Any:
     fr["type"] = [fr["type"], "null"]
     fr["enum"] = fr["enum"] + [None]
     schemas[COMPLETION_CHUNK] = chunk
+    for shape in (schemas["CreateCompletionResponse"], chunk):
+        lps = shape["properties"]["choices"]["items"]["properties"]["logprobs"]["anyOf"][0][
+            "properties"]
+        for key in ("token_logprobs", "top_logprobs"):
+            lps[key]["items"] = {"anyOf": [lps[key]["items"], {"type": "null"}]}
     doc = {"components": _rewrite_nullable(doc["components"])}
     resource = referencing.Resource.from_contents(
         doc, default_specification=referencing.jsonschema.DRAFT202012)

@@ -282,9 +282,7 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(http: httpx.Client) -> Non
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/completions", {"bad_words": ["foo"]}, "bad_words"),
     ("/v1/completions", {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-    ("/v1/completions", {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "stream_options"),
-    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"use_beam_search": True}, "use_beam_search"),
 ])
 def test_vllm_fields_not_implemented_are_refused_by_name(http: httpx.Client, path: str,
                                                          extra: dict, param: str) -> None:
