@@ -175,7 +175,16 @@ class LLMEngine:
         logits = self.parts.runner.execute(chunks)
         for seq, first_row, start, n in full:
             self._prompt_logprobs(seq, logits, first_row, start, n)
-        rows = [self._sample_row(seq, choice) for _, seq, choice in draws]
+        grammar = [k for k, (_, seq, _) in enumerate(draws)
+                   if seq.request.params.structured is not None]
+        bitmasks: dict[int, torch.Tensor] = {}
+        if grammar:  # every grammar row's mask at once (llguidance's threads)
+            words = self.grammars().bitmasks([
+                (draws[k][1].request, draws[k][1].request.params.structured, draws[k][2],
+                 draws[k][1].token_ids[draws[k][1].num_prompt_tokens:]) for k in grammar])
+            bitmasks = {k: words[j] for j, k in enumerate(grammar)}
+        rows = [self._sample_row(seq, choice, bitmasks.get(k))
+                for k, (_, seq, choice) in enumerate(draws)]
         return draws, self.parts.sampler(
             logits[[last_rows[r] for r, _, _ in draws]], rows) if rows else []
 
@@ -252,16 +261,16 @@ class LLMEngine:
                                       self.eos_token_ids)
         return self._grammars
 
-    def _sample_row(self, seq: Sequence, choice: int) -> SampleRow:
+    def _sample_row(self, seq: Sequence, choice: int,
+                    bitmask: torch.Tensor | None = None) -> SampleRow:
+        """`bitmask`: the row's grammar mask (structured outputs, `Grammars.bitmasks`)."""
         req = seq.request
         allowed = None
-        if req.params.structured is not None:
-            allowed = self.grammars().mask(req, req.params.structured, choice,
-                                           seq.token_ids[seq.num_prompt_tokens:])
-        elif req.token_mask is not None:
+        if req.params.structured is None and req.token_mask is not None:
             allowed = req.token_mask(seq.token_ids[seq.num_prompt_tokens:])
         if req.params.allowed_token_ids is not None:
             only = self._allowed_mask(req)
             allowed = only if allowed is None else allowed & only
         return SampleRow(req.params, req.seed, choice, seq.token_ids, seq.num_prompt_tokens,
-                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids), allowed)
+                         tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids), allowed,
+                         bitmask)

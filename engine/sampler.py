@@ -9,10 +9,11 @@ by (seed, choice_index) with counter (output position, token id), so a seeded re
 the same tokens alone, in any batch, after a retry, and on CPU or GPU (bit-equal uniforms).
 Nothing here holds per-request generator state.
 
-A row may bring a token mask (`SampleRow.allowed`, a bool [vocab] tensor: structured
-outputs): tokens outside it are set to -inf after penalties and min_tokens, before the
-greedy argmax or the filters, so a masked row only ever draws an allowed token and its
-logprobs are those of the masked distribution. Rows without one are untouched.
+A row may bring a token mask (`SampleRow.allowed`, a bool [vocab] tensor, or
+`SampleRow.bitmask`, int32 words with a bit per token: structured outputs): tokens outside
+it are set to -inf after penalties and min_tokens, before the greedy argmax or the
+filters, so a masked row only ever draws an allowed token (its processed logprobs are those
+of the masked distribution). Rows without one are untouched.
 
 A row's `logit_bias` (OpenAI's) is added to its logits first, before penalties (vLLM's
 order).
@@ -49,6 +50,7 @@ class SampleRow:
     num_prompt_tokens: int
     min_tokens_blocked: Sequence[int] = ()  # EOS and stop ids masked until min_tokens
     allowed: torch.Tensor | None = None  # bool [vocab]: the tokens this draw may take
+    bitmask: torch.Tensor | None = None  # int32 [ceil(vocab / 32)]: bit t set: t allowed
 
     @property
     def num_output_tokens(self) -> int:  # the draw is for this output position
@@ -112,23 +114,48 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
             logits[i, list(r.min_tokens_blocked)] = float("-inf")
 
 
+def unpack_bitmask(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 [N, W] bitmasks (bit t of a row: token t) -> bool [N, vocab], where they are."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].bool()
+
+
 def apply_token_masks(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
-    """In place: -inf outside each masked row's allowed tokens (one store for all of them)."""
-    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
+    """In place: -inf outside each masked row's allowed tokens. Bool masks and bitmasks
+    each travel to the device as one stacked tensor; one check (one sync) for rows that allow
+    no token."""
+    idx = [i for i, r in enumerate(rows) if r.allowed is not None or r.bitmask is not None]
     if not idx:
         return
     device, V = logits.device, logits.shape[1]
-    masks = []
-    for i in idx:
-        m = rows[i].allowed
-        if m.dtype != torch.bool or m.shape != (V,):
-            raise ValueError(f"a token mask must be a bool tensor of shape ({V},), got "
-                             f"{m.dtype} {tuple(m.shape)}")
-        if not bool(m.any()):
-            raise ValueError("a token mask allows no token")
-        masks.append(m.to(device, non_blocking=True))
+    W = (V + 31) // 32
+    allowed = torch.ones(len(idx), V, dtype=torch.bool, device=device)
+    bool_rows = [k for k, i in enumerate(idx) if rows[i].allowed is not None]
+    bit_rows = [k for k, i in enumerate(idx) if rows[i].bitmask is not None]
+    if bool_rows:
+        masks = []
+        for k in bool_rows:
+            m = rows[idx[k]].allowed
+            if m.dtype != torch.bool or m.shape != (V,):
+                raise ValueError(f"a token mask must be a bool tensor of shape ({V},), got "
+                                 f"{m.dtype} {tuple(m.shape)}")
+            masks.append(m)
+        allowed[bool_rows] = torch.stack(masks).to(device, non_blocking=True)
+    if bit_rows:
+        words = []
+        for k in bit_rows:
+            b = rows[idx[k]].bitmask
+            if b.dtype != torch.int32 or b.shape != (W,):
+                raise ValueError(f"a token bitmask must be an int32 tensor of shape ({W},), "
+                                 f"got {b.dtype} {tuple(b.shape)}")
+            words.append(b)
+        unpacked = unpack_bitmask(torch.stack(words).to(device, non_blocking=True), V)
+        allowed[bit_rows] &= unpacked
+    if not bool(allowed.any(dim=1).all()):
+        raise ValueError("a token mask allows no token")
     sel = _rows(idx, device)
-    logits[sel] = logits[sel].masked_fill(~torch.stack(masks), float("-inf"))
+    logits[sel] = logits[sel].masked_fill(~allowed, float("-inf"))
 
 
 def apply_filters(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,

@@ -9,6 +9,10 @@ drew the first token, a failover resubmitted it with its output so far, a preemp
 recomputed it), it is reset and replays the whole output, so the grammar state follows the
 request wherever it runs. JSON is compiled without flexible whitespace: random weights would
 otherwise wander in it.
+
+A step's grammar rows get their masks together (`bitmasks`): llguidance fills one int32
+bitmask (a bit per token) for all of them on its own threads, and the sampler unpacks it on
+the device, so a step moves 1/8 of a bool mask's bytes and computes the rows in parallel.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ class _RequestGrammar:
         self.matchers: dict[int, list[Any]] = {}
 
     def mask(self, choice: int, output: list[int]) -> torch.Tensor:
+        return self.owner.to_mask(self.advance(choice, output).compute_logit_bias())
+
+    def advance(self, choice: int, output: list[int]) -> Any:
+        """The choice's matcher, having consumed `output` (the choice's output so far)."""
         entry = self.matchers.get(choice)
         if entry is None:
             entry = self.matchers[choice] = [self.owner.matcher(self.spec), 0, None]
@@ -51,7 +59,7 @@ class _RequestGrammar:
         if new and not m.consume_tokens(new):
             raise ValueError(f"the output left the grammar: {m.get_error()}")
         entry[1], entry[2] = len(output), (output[-1] if output else None)
-        return self.owner.to_mask(m.compute_logit_bias())
+        return m
 
 
 class Grammars:
@@ -69,6 +77,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._requests: weakref.WeakKeyDictionary[Any, _RequestGrammar] = \
             weakref.WeakKeyDictionary()
+        self._executor: Any = None  # llguidance's thread pool for batched masks
 
     def _tok(self) -> Any:
         if self._lltok is None:
@@ -113,18 +122,55 @@ class Grammars:
         allowed[:len(words)] = words
         return allowed
 
+    def _state(self, request: Any, spec: StructuredOutputs) -> _RequestGrammar:
+        state = self._requests.get(request)
+        if state is None or state.spec != spec:
+            state = self._requests[request] = _RequestGrammar(self, spec)
+        return state
+
     def mask(self, request: Any, spec: StructuredOutputs, choice: int,
              output: list[int]) -> torch.Tensor:
-        """The allowed next tokens of `request`'s choice `choice`, given its output so far."""
-        try:
-            state = self._requests.get(request)
-            if state is None or state.spec != spec:
-                state = self._requests[request] = _RequestGrammar(self, spec)
-            return state.mask(choice, output)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - a Rust panic is a BaseException: make
-            # it this request's ValueError, which the engine contains (aborts the request)
-            if isinstance(e, ValueError):
-                raise
-            raise ValueError(f"structured output failed: {type(e).__name__}: {e}") from e
+        """The allowed next tokens of `request`'s choice `choice`, given its output so far
+        (a bool [vocab] tensor)."""
+        with _as_value_error():
+            return self._state(request, spec).mask(choice, output)
+
+    @property
+    def num_words(self) -> int:
+        """int32 words of one bitmask row."""
+        return (self.vocab_size + 31) // 32
+
+    def bitmasks(self, items: list[tuple[Any, StructuredOutputs, int, list[int]]]
+                 ) -> torch.Tensor:
+        """The allowed next tokens of several choices at once, each item (request, spec,
+        choice, output so far): an int32 [len(items), num_words] CPU tensor whose bit t of
+        row i is set when token t is allowed. Matchers advance one by one (cheap); the masks
+        are computed in parallel by llguidance's executor threads. ValueError if an output
+        left its grammar (the engine then finds which request by running each alone)."""
+        with _as_value_error():
+            matchers = [(self._state(req, spec).advance(choice, output), i)
+                        for i, (req, spec, choice, output) in enumerate(items)]
+            bitmask = torch.zeros(len(items), self.num_words, dtype=torch.int32)
+            if self._executor is None:
+                from llguidance import LLExecutor
+
+                self._executor = LLExecutor()
+            # what llguidance.torch.fill_next_token_bitmask_par does, without importing that
+            # module (it compiles TorchScript at import): rows of num_words * 4 bytes
+            self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(),
+                                                   self.num_words * 4, len(items))
+            return bitmask
+
+
+class _as_value_error:
+    """A grammar failure as the request's ValueError, which the engine contains (aborts
+    that request): llguidance raises ValueError or RuntimeError, and a Rust panic is a
+    BaseException."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: Any, tb: Any) -> bool:
+        if e is None or isinstance(e, ValueError | KeyboardInterrupt | SystemExit):
+            return False
+        raise ValueError(f"structured output failed: {type(e).__name__}: {e}") from e

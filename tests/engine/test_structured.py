@@ -11,6 +11,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from pdserve import LLM, SamplingParams
 from pdserve.common.params import StructuredOutputs
@@ -107,6 +108,38 @@ def test_the_grammar_state_is_rebuilt_from_the_output_so_far(tiny_checkpoint):
     assert step.equal(replayed) and 0 < int(replayed.sum()) < replayed.numel()
     # a shorter output than consumed (a recompute elsewhere): reset and replay, same mask
     assert g.mask(incremental, JSON, 0, ids[:2]).equal(g.mask(Key(), JSON, 0, ids[:2]))
+
+
+def test_batched_bitmasks_equal_the_masks_one_by_one(tiny_checkpoint):
+    """Grammars.bitmasks (llguidance's parallel fill, a bit per token) unpacks to the same
+    masks as computing each row alone, for rows at different points of their grammars; the
+    sampler's bitmask path and bool-mask path mask the same logits."""
+    from pdserve.engine.sampler import SampleRow, apply_token_masks, unpack_bitmask
+
+    eng = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
+    g = eng.grammars()
+    ids = eng.parts.tokenizer.encode('{"name": "ab", "kind": "fox", "age": 3',
+                                     add_special_tokens=False)
+
+    class Key:
+        pass
+
+    keys = [Key() for _ in range(4)]
+    outputs = [ids[:k] for k in (0, 2, 5, len(ids))]
+    words = g.bitmasks([(key, JSON, 0, out) for key, out in zip(keys, outputs, strict=True)])
+    V = g.vocab_size
+    assert words.shape == (4, (V + 31) // 32) and words.dtype == torch.int32
+    unpacked = unpack_bitmask(words, V)
+    for j, out in enumerate(outputs):
+        assert unpacked[j].equal(g.mask(Key(), JSON, 0, out)), j
+    logits = torch.randn(4, V)
+    by_bits, by_bool = logits.clone(), logits.clone()
+    params = SamplingParams()
+    apply_token_masks(by_bits, [SampleRow(params, 0, 0, [1], 1, bitmask=words[j])
+                                for j in range(4)])
+    apply_token_masks(by_bool, [SampleRow(params, 0, 0, [1], 1, allowed=unpacked[j])
+                                for j in range(4)])
+    assert by_bits.equal(by_bool)
 
 
 def test_disaggregated_equals_one_engine_under_a_grammar(tiny_checkpoint):
