@@ -239,7 +239,8 @@ class OpenAIServer:
             tools=None if tools is None else ToolStream(tools), echo=echo,
             echo_logprobs=bool(req.echo) and isinstance(req, CompletionRequest)
             and req.logprobs is not None,
-            prompt_logprobs=req.prompt_logprobs is not None)
+            prompt_logprobs=req.prompt_logprobs is not None,
+            tokens_as_ids=bool(req.return_tokens_as_token_ids))
 
         async def start() -> None:
             await gen.start()

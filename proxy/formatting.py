@@ -5,7 +5,8 @@
 vLLM's extras ride along where its clients expect them: `stop_reason` in every finished
 choice; `token_ids` (and `prompt_token_ids`) in choices when the request set
 `return_token_ids` or the server has no tokenizer (token-ids-only mode, where `text` is "");
-`prompt_logprobs` (completions: in each choice; chat: in the body) when asked for; usage in
+`prompt_logprobs` (completions: in each choice; chat: in the body) when asked for; logprob
+tokens as "token_id:N" with `return_tokens_as_token_ids`; usage in
 every chunk with `continuous_usage_stats`. A completion of a batch of prompts answers
 choice j of prompt i at index i * n + j, usage summed over the prompts. Completions with
 echo start each choice with its prompt's text (and, with logprobs, the prompt's logprobs:
@@ -52,16 +53,18 @@ def _lp(value: float) -> float:
 class LogprobFormatter:
     """Token strings, bytes and top-N lists of logprob entries, for both endpoints."""
 
-    def __init__(self, tokenizer: ProxyTokenizer | None, num_top: int):
-        self.tok = tokenizer
+    def __init__(self, tokenizer: ProxyTokenizer | None, num_top: int, as_ids: bool = False):
+        """`as_ids`: tokens named "token_id:N" (vLLM's return_tokens_as_token_ids; always so
+        in token-ids-only mode)."""
+        self.tok = None if as_ids else tokenizer
+        self.bytes_tok = tokenizer
         self.num_top = num_top
 
     def text(self, token_id: int) -> str:
-        # token-ids-only mode names tokens as vLLM's --return-tokens-as-token-ids does
         return self.tok.token_text(token_id) if self.tok is not None else f"token_id:{token_id}"
 
     def bytes(self, token_id: int) -> list[int] | None:
-        return self.tok.token_bytes(token_id) if self.tok is not None else None
+        return self.bytes_tok.token_bytes(token_id) if self.bytes_tok is not None else None
 
     def top(self, entries: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
         """The `num_top` most likely tokens of a position, most likely first."""
@@ -142,7 +145,8 @@ class ResponseFormatter:
                  return_token_ids: bool, prompts: list[list[int]], n: int = 1,
                  include_usage: bool = False, continuous_usage: bool = False,
                  tools: ToolStream | None = None, echo: Sequence[str] = (),
-                 echo_logprobs: bool = False, prompt_logprobs: bool = False):
+                 echo_logprobs: bool = False, prompt_logprobs: bool = False,
+                 tokens_as_ids: bool = False):
         """`prompts`: the request's prompts (several: a batched completion, whose choice
         index i * n + j is prompt i's choice j). `tools`: the request's tool plan (chat),
         whose calls replace the text. `echo`: per prompt, the text each choice starts with;
@@ -156,8 +160,8 @@ class ResponseFormatter:
         self.model = model
         self.created = int(time.time())
         self.tok = tokenizer
-        self.logprobs = None if num_top_logprobs is None else LogprobFormatter(tokenizer,
-                                                                               num_top_logprobs)
+        self.logprobs = None if num_top_logprobs is None else LogprobFormatter(
+            tokenizer, num_top_logprobs, as_ids=tokens_as_ids)
         self.return_token_ids = return_token_ids
         self.prompts = prompts
         self.prompt_token_ids = prompts[0]

@@ -46,6 +46,35 @@ MAX_PROMPTS = 256  # prompts in one completion request (LangChain sends 20 at a 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
+# Fields of vLLM's or OpenAI's requests that this server does not implement and that would
+# change the answer: refused by name (400) when set to anything but null, false, empty or
+# the inert value below, rather than ignored. docs/api-fields.md lists every field.
+NOT_IMPLEMENTED = {
+    "length_penalty": "it applies to beam search, which is not supported",
+    "logits_processors": "custom logits processors are not supported",
+    "chat_template": "the server's chat template is used (start it with --chat-template)",
+    "documents": "the chat template gets no documents",
+    "mm_processor_kwargs": "the served models take text only",
+    "multi_modal_data": "the served models take text only",
+    "prompt_embeds": "prompts are text or token ids",
+    "kv_transfer_params": "the server moves KV itself (prefill/decode disaggregation)",
+    "guided_whitespace_pattern": "JSON constraints use fixed separators",
+    "functions": "use tools",
+    "function_call": "use tool_choice",
+    "prediction": "predicted outputs are not supported",
+    "audio": "the served models produce text only",
+    "modalities": "the served models produce text only",
+    "vllm_xargs": "no extension takes extra arguments",
+}
+INERT_VALUES: dict[str, Any] = {"length_penalty": 1.0, "modalities": ["text"]}
+# Accepted and without effect here, by design (docs/api-fields.md says why); not logged.
+IGNORED = frozenset({
+    "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key",
+    "reasoning_effort", "verbosity", "request_id", "spaces_between_special_tokens",
+    "guided_decoding_backend", "web_search_options",
+})
+
+
 class StreamOptions(BaseModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False
@@ -75,6 +104,7 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     return_token_ids: bool | None = None  # vLLM extra: token ids in every choice
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:N"
     user: str | None = None  # accepted, unused
     logit_bias: dict[str, float] | None = None
     use_beam_search: bool = False
@@ -121,8 +151,15 @@ class SamplingRequest(BaseModel):
 
     def check_common(self) -> None:
         """Request-level rules that SamplingParams cannot see."""
-        if self.extra_fields():
-            logger.info("ignored unknown request fields: %s", sorted(self.extra_fields()))
+        extra = self.extra_fields()
+        if extra:
+            for name, why in NOT_IMPLEMENTED.items():
+                if name in extra and extra[name] not in (None, False, [], {}, "") \
+                        and extra[name] != INERT_VALUES.get(name):
+                    raise OpenAIError(f"{name} is not supported: {why}", param=name)
+            unknown = sorted(set(extra) - IGNORED)
+            if unknown:
+                logger.info("ignored unknown request fields: %s", unknown)
         if self.stream_options is not None and not self.stream:
             raise OpenAIError("stream_options can only be set when stream is true",
                               param="stream_options")

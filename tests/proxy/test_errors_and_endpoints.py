@@ -189,6 +189,9 @@ def test_openapi_json_and_docs(http: httpx.Client) -> None:
     assert r.status_code == 200, r.text[:500]
     spec = r.json()
     assert spec["openapi"].startswith("3.") and "/v1/chat/completions" in spec["paths"]
+    from openapi_spec_validator import validate as validate_spec
+
+    validate_spec(spec)  # an OpenAPI 3 document (its version's schema and rules), or raises
     ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
     docs = http.get("/docs")
