@@ -25,7 +25,7 @@ fi
 # shellcheck disable=SC2086  # SERVING_ARGS, BEFORE_ARGS: serving_gpu.py arguments, word-split
 if [ -n "${BEFORE:-}" ]; then
   mkdir -p "$OUT/before"
-  PYTHONPATH="$PWD/$BEFORE" python3 bench/serving_gpu.py --out "$OUT/before" ${BEFORE_ARGS:-} \
+  PYTHONPATH="$PWD/$BEFORE${PYTHONPATH:+:$PYTHONPATH}" python3 bench/serving_gpu.py --out "$OUT/before" ${BEFORE_ARGS:-} \
     2>&1 | tee "$OUT/serving_gpu_before.log" | tail -6
 fi
 # shellcheck disable=SC2086
