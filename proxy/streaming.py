@@ -130,9 +130,10 @@ async def sse_stream(gen: Generation | GenerationGroup, fmt: ResponseFormatter
     try:
         for chunk in fmt.first_chunks(sorted(gen.choices)):
             yield chunk
+        continuous = fmt.continuous_usage
         async for batch in updates:
             for upd in batch:
-                chunk = fmt.chunk(upd, gen.num_completion_tokens)
+                chunk = fmt.chunk(upd, gen.num_completion_tokens if continuous else 0)
                 if chunk is not None:
                     yield chunk
         if fmt.include_usage:
