@@ -133,10 +133,18 @@ class StreamingLoop(WorkerLoop):
 
     def load(self) -> dict[str, Any]:
         s, bm = self.engine.scheduler, self.engine.bm
+        # prompt tokens still to compute here (skipped-P prompts, recomputes), beyond the one
+        # token a decoding sequence runs per step
+        pending = 0
+        for q in (*s.waiting, *s.running):
+            left = q.num_tokens - q.num_computed_tokens
+            if left > 1:
+                pending += left
         return {"role": self.role.value, "kv_cache_usage_perc": bm.usage,
                 "num_free_blocks": bm.num_free_blocks,
                 "num_requests_running": len(s.running),
-                "num_requests_waiting": len(s.waiting), "num_preemptions": s.num_preemptions}
+                "num_requests_waiting": len(s.waiting), "num_preemptions": s.num_preemptions,
+                "pending_prefill_tokens": pending, **self.engine.rates.as_load()}
 
 
 class BothLoop(StreamingLoop):

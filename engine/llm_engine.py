@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 import weakref
 from collections.abc import Sequence as Seq
 
@@ -31,6 +32,48 @@ from pdserve.engine.structured import Grammars
 logger = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS = 3
+
+
+class StepRates:
+    """What this engine's steps cost, measured (exponentially weighted, `ALPHA` per step):
+    prompt tokens per second over steps that prefilled (mixed steps included: what a prompt
+    here would see) and the duration of steps without prompt tokens (decode steps) with
+    their batch size. The proxy's placement estimates TTFT and ITL from them (its load
+    reports carry `as_load()`); None until measured. On GPU a step ends with its tokens
+    copied to the host, so its wall time is its device time."""
+
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.prefill_tokens_per_s: float | None = None
+        self.decode_step_s: float | None = None
+        self.decode_batch: float | None = None
+
+    @classmethod
+    def _mix(cls, old: float | None, new: float) -> float:
+        return new if old is None else old + cls.ALPHA * (new - old)
+
+    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if prefill_tokens:
+            self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
+                                                  prefill_tokens / seconds)
+        else:
+            self.decode_step_s = self._mix(self.decode_step_s, seconds)
+            self.decode_batch = self._mix(self.decode_batch, float(num_seqs))
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def as_load(self) -> dict[str, float]:
+        out = {}
+        if self.prefill_tokens_per_s is not None:
+            out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 1)
+        if self.decode_step_s is not None:
+            out["decode_step_ms"] = round(self.decode_step_s * 1e3, 3)
+            out["decode_batch"] = round(self.decode_batch or 0.0, 2)
+        return out
 
 
 class LLMEngine:
@@ -57,6 +100,7 @@ class LLMEngine:
         self._allowed: weakref.WeakKeyDictionary[Request, torch.Tensor] = \
             weakref.WeakKeyDictionary()
         self._failed_steps = 0  # steps in a row whose every request failed alone
+        self.rates = StepRates()  # measured prefill rate and decode step time (load reports)
 
     def check_prompt(self, ids: Seq[int], params: SamplingParams | None = None) -> None:
         """Raise ValueError for an empty prompt or token ids (of the prompt, or `params`'
@@ -122,6 +166,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        started = time.perf_counter()
+        prefill_tokens = sum(n for seq, n in batch
+                             if seq.num_computed_tokens < seq.num_prompt_tokens)
         try:
             draws, results = self._forward(batch)
             self._failed_steps = 0
@@ -132,6 +179,7 @@ class LLMEngine:
         self._copy_forks()
         if any(seq.request.wants_prompt_logprobs for seq, _ in batch):
             out = self._attach_prompt_logprobs(batch, out)
+        self.rates.observe(prefill_tokens, len(batch), time.perf_counter() - started)
         return out
 
     @staticmethod

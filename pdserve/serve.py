@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import httpx
 
@@ -134,7 +135,19 @@ class ServeConfig(EngineConfig):
         "--help`, --gpu-turns-*): prompts then run at full speed, so TTFT matches a "
         "both-role worker's, and running streams stall meanwhile, as they do there.")
     min_pd_prompt_tokens: int = option(16, help="Prompts shorter than this skip P (D "
-                                       "prefills them itself).")
+                                       "prefills them itself) under --placement threshold.")
+    placement: Literal["threshold", "slo"] = option(
+        "threshold", help="Who prefills a prompt when there are P and D workers. threshold: "
+        "P, unless the prompt is shorter than --min-pd-prompt-tokens or mostly cached on the "
+        "chosen D. slo: per request, the placement whose estimated TTFT (and, for D, the gap "
+        "its running decodes see) meets --slo-ttft-ms / --slo-itl-ms with the most headroom, "
+        "from the workers' measured prefill rates and step times (proxy/placement.py); the "
+        "threshold rule until both have measured.")
+    slo_ttft_ms: float = option(1000.0, check=lambda v: None if v > 0 else "must be > 0",
+                                help="--placement slo: the time to first token to meet.")
+    slo_itl_ms: float = option(25.0, check=lambda v: None if v > 0 else "must be > 0",
+                               help="--placement slo: the inter-token gap running streams "
+                               "must keep while a D prefills a prompt.")
     max_retries: int = option(2, help="Retries on other workers before a request's first "
                               "token.")
     request_timeout: float = option(600.0, help="Seconds a request may take in all.")
@@ -451,6 +464,7 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     from pdserve.proxy.app import create_app
     from pdserve.proxy.cluster_backend import ClusterBackend
     from pdserve.proxy.middleware import RequestCountMiddleware
+    from pdserve.proxy.placement import SLO
     from pdserve.proxy.registry import Registry
 
     model_path = cfg.model or str(builtin_model_path())
@@ -471,6 +485,8 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
                                       list(dict.fromkeys([cfg.model, Path(model_path).name])))
     backend = ClusterBackend(registry, tokenizer, names[0],
                              model_path=model_path, min_pd_prompt_tokens=cfg.min_pd_prompt_tokens,
+                             placement=cfg.placement,
+                             slo=SLO(cfg.slo_ttft_ms / 1e3, cfg.slo_itl_ms / 1e3),
                              max_retries=cfg.max_retries, request_timeout=cfg.request_timeout,
                              max_queued_requests=cfg.max_queued_requests,
                              max_queue_delay=cfg.max_queue_delay,

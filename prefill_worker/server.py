@@ -222,7 +222,8 @@ class PrefillLoop(WorkerLoop):
         return {"role": "prefill", "pending_prefill_tokens": pending,
                 "num_requests_waiting": len(s.waiting), "num_requests_running": len(s.running),
                 "blocks_awaiting_transfer": sum(len(q.block_table) for q in s.held.values()),
-                "kv_cache_usage_perc": bm.usage, "num_free_blocks": bm.num_free_blocks}
+                "kv_cache_usage_perc": bm.usage, "num_free_blocks": bm.num_free_blocks,
+                **self.engine.rates.as_load()}
 
     def info(self) -> dict[str, Any]:
         return {"kv_peers": self.sender.stats()}

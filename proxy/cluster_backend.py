@@ -5,7 +5,9 @@ Per request: compute the prompt's block hashes (the same function and block size
 workers' prefix caches) -> route: with P and D available, pick D first (room, queue, then
 power of two choices), then P (longest cached prefix if not overloaded, else power of two
 choices, avoiding P->D links whose circuit breaker is open); a prompt shorter than
-`min_pd_prompt_tokens`, or mostly cached on the chosen D, skips P and D prefills it itself;
+`min_pd_prompt_tokens`, or mostly cached on the chosen D, skips P and D prefills it itself
+(with `placement="slo"`, proxy/placement.py's estimates choose between P and D instead, per
+request, once both sides have measured their steps);
 without P/D pairs, a both-role worker serves it; a request that ends at its first token
 (max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
@@ -29,7 +31,7 @@ from pdserve.common.prefix import prefix_block_hashes
 from pdserve.common.stats_line import Totals
 from pdserve.common.wire import RequestRecord, TokenRow
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.proxy import metrics
+from pdserve.proxy import metrics, placement
 from pdserve.proxy.admission import Admission, OverloadedError
 from pdserve.proxy.backend import (
     BackendError,
@@ -38,6 +40,7 @@ from pdserve.proxy.backend import (
     RequestFailedError,
     to_deltas,
 )
+from pdserve.proxy.placement import SLO
 from pdserve.proxy.registry import Registry, Worker
 from pdserve.proxy.workers import WorkerError, run_both, run_pd, run_prefill_only, run_resume
 
@@ -57,13 +60,17 @@ class ClusterBackend:
                  skip_p_cached_fraction: float = 0.8, max_retries: int = 2,
                  request_timeout: float = 600.0, max_queued_requests: int = 1024,
                  max_queue_delay: float = 20.0,
-                 local_workers: Callable[[], list[dict[str, Any]]] | None = None):
+                 local_workers: Callable[[], list[dict[str, Any]]] | None = None,
+                 placement: str = "threshold", slo: SLO = SLO(1.0, 0.025)):
         self.registry = registry
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_path = model_path
         self.min_pd_prompt_tokens = min_pd_prompt_tokens
         self.skip_p_cached_fraction = skip_p_cached_fraction
+        if placement not in ("threshold", "slo"):
+            raise ValueError(f"placement must be threshold or slo, got {placement!r}")
+        self.placement, self.slo = placement, slo
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.local_workers = local_workers  # a local cluster's supervisor record, for /health
@@ -190,21 +197,66 @@ class ClusterBackend:
             short = len(ids) < self.min_pd_prompt_tokens
             bs = reg.reference.get("block_size", 16)
             mostly_cached = d.cached_blocks(hashes) * bs >= self.skip_p_cached_fraction * len(ids)
-            if usable["prefill"] and not short and not mostly_cached:
-                ps_ok = [p for p in ps if self._link_open(p, d)] or ps
-                if not ps_ok:
-                    return None
-                p = self._pick(ps_ok, hashes)
+            use_p = bool(usable["prefill"]) and not short and not mostly_cached
+            p_best: Worker | None = None
+            chosen: placement.Estimate | None = None
+            if self.placement == "slo" and usable["prefill"]:
+                chosen, p_best = self._place(usable["prefill"], d, len(ids), hashes, bs)
+                if chosen is not None:
+                    use_p = chosen.route == "pd"
+            if use_p:
+                if p_best is not None:  # the estimates chose this P: wait for its room
+                    if not p_best.has_room():
+                        return None
+                    p = p_best
+                else:
+                    ps_ok = [p for p in ps if self._link_open(p, d)] or ps
+                    if not ps_ok:
+                        return None
+                    p = self._pick(ps_ok, hashes)
                 p.assign(req.request_id, hashes, len(ids))
                 d.assign(req.request_id, [], len(ids))
+                self._count_placement(chosen, "pd")
                 return "pd", p, d
             d.assign(req.request_id, hashes, len(ids))
+            self._count_placement(chosen, "skip_p")
             return "skip_p", d, None
         if not boths:
             return None
         w = self._pick(boths, hashes)
         w.assign(req.request_id, hashes, len(ids))
         return "both", w, None
+
+    def _count_placement(self, chosen: placement.Estimate | None, route: str) -> None:
+        if self.placement != "slo":
+            return
+        if chosen is None:
+            metrics.child(metrics.PLACEMENTS, route, "no_estimate").inc()
+            return
+        metrics.child(metrics.PLACEMENTS, route, "slo").inc()
+        metrics.PLACEMENT_TTFT.observe(chosen.ttft_s)
+
+    def _place(self, prefills: list[Worker], d: Worker, num_tokens: int, hashes: list[int],
+               block_size: int) -> tuple[placement.Estimate | None, Worker | None]:
+        """--placement slo: the chosen estimate ("pd" or "skip_p") from proxy/placement.py
+        over the usable P's (links not broken) and the chosen D, with the P it names (None
+        for skip_p); (None, None) when a side has not measured its steps (the
+        prompt-length rule decides)."""
+        def todo(w: Worker) -> int:  # tokens to compute: the cached prefix is not
+            return max(1, num_tokens - w.cached_blocks(hashes) * block_size)
+
+        ests = [(e, p) for p in prefills if self._link_open(p, d)
+                for e in [placement.on_p(p.load, p.link.in_flight()[1], todo(p))]
+                if e is not None]
+        p_est, p_best = min(ests, key=lambda x: x[0].ttft_s) if ests else (None, None)
+        budget = int(d.info.get("limits", {}).get("max_num_batched_tokens", 2048))
+        d_est = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget,
+                               fallback_rate=p_best.load.get("prefill_tokens_per_s")
+                               if p_best is not None else None)
+        chosen = placement.decide(p_est, d_est, self.slo)
+        if chosen is None:
+            return None, None
+        return chosen, (p_best if chosen.route == "pd" else None)
 
     @staticmethod
     def _release(route: tuple[str, Worker, Worker | None], rid: str) -> None:

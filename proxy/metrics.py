@@ -36,6 +36,13 @@ E2E = FastHistogram("pdserve_proxy_e2e_request_latency_seconds", "Request start 
                     (.1, .3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 60, 120, 240))
 ROUTES = Counter("pdserve_proxy_routing_decisions", "Requests by route (pd, skip_p, p_only, both)",
                  ["route"])
+PLACEMENTS = Counter("pdserve_proxy_placement_decisions",
+                     "P/D-or-D placements under --placement slo, by route and why (slo: the "
+                     "estimates decided; no_estimate: a worker had not measured its steps yet, "
+                     "the prompt-length rule decided)", ["route", "reason"])
+PLACEMENT_TTFT = FastHistogram("pdserve_proxy_placement_ttft_estimate_seconds",
+                               "The estimated TTFT of each placement chosen by the estimates",
+                               _LAT)
 REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
                    ["reason"])
 QUEUED = Gauge("pdserve_proxy_queued_requests", "Requests waiting for a worker with room")

@@ -375,6 +375,7 @@ class WorkerLoop:
         if self.parts.runner.ops.name != "torch":
             self.warm_sampler()
         bm = self.engine.bm  # its prefix lookups are not traffic
+        self.engine.rates.reset()  # nor its step times (compiles among them)
         self._counted = (self.engine.scheduler.num_preemptions, bm.num_prefix_queries,
                          bm.num_prefix_hits)
         self.warmup_s = time.monotonic() - t0

@@ -617,3 +617,32 @@ def test_langchain_batch_of_five_prompts(cluster):
     batch = llm.batch(prompts)
     assert len(batch) == 5 and all(isinstance(t, str) and t for t in batch)
     assert batch == [llm.invoke(p) for p in prompts]
+
+
+def test_slo_placement_routes_by_measured_costs_and_outputs_match(cluster, reference):
+    """A second proxy over the same workers with --placement slo: once the workers have
+    measured their steps, each request's placement comes from the estimates (counted by
+    route and reason), and outputs equal the offline engine wherever they ran."""
+    proc, url, _ = start_proxy(cluster["tmp"], [w.http for w in cluster["P"]],
+                               [w.http for w in cluster["D"]], "--placement", "slo")
+    try:
+        with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
+                           timeout=120) as c:
+            model = model_name(c)
+            for i in range(6):
+                ids = prompt_ids(300 + i, 120)
+                out = c.completions.create(model=model, prompt=ids, max_tokens=4,
+                                           temperature=0, extra_body={"return_token_ids": True})
+                want = reference.generate({"prompt_token_ids": ids},
+                                          SamplingParams(max_tokens=4, temperature=0),
+                                          use_tqdm=False)[0].outputs[0].token_ids
+                assert out.choices[0].model_extra["token_ids"] == want
+        text = httpx.get(url + "/metrics", timeout=10).text
+        decided = [line for line in text.splitlines()
+                   if line.startswith("pdserve_proxy_placement_decisions_total{")]
+        assert decided and sum(float(x.rsplit(" ", 1)[1]) for x in decided) == 6, decided
+        # the workers served traffic before (this module's tests): their steps are measured
+        assert any('reason="slo"' in x for x in decided), decided
+    finally:
+        proc.terminate()
+        proc.wait(20)

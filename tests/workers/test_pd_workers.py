@@ -127,6 +127,13 @@ def test_64_concurrent_requests_equal_offline(cluster, reference, d_name, early)
     assert got == want
     d = cluster[d_name]
     load = d.load()
+    # measured step costs for the proxy's placement: D decoded (a both-role worker also
+    # prefilled), P prefilled
+    assert load["decode_step_ms"] > 0 and load["decode_batch"] >= 1
+    if d_name == "both":
+        assert load["prefill_tokens_per_s"] > 0
+    assert cluster["P"].load()["prefill_tokens_per_s"] > 0
+    assert load["pending_prefill_tokens"] == 0  # nothing left to compute
     if d_name == "Dsmall":
         assert load["num_preemptions"] > 0
     if d_name == "Dsmall" and early:  # offers came while D had no room to reserve yet

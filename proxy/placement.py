@@ -1,0 +1,94 @@
+"""Per-request placement (issue 21): prefill a prompt on a P and hand its KV to D, or let the
+chosen D prefill it itself, whichever meets the SLOs with the most headroom.
+
+The estimates come from the workers' load reports: each engine measures its prompt tokens per
+second (over steps that prefilled, mixed steps included) and its decode step time
+(`engine/llm_engine.py` `StepRates`), and reports its queued prompt tokens
+(`pending_prefill_tokens`). For a prompt of N tokens still to compute (its cached prefix
+subtracted):
+
+- on P: TTFT ≈ (P's queued tokens + tokens routed there and not yet reported + N) ÷ P's
+  prefill rate + the KV transfer (`transfer_s`, a constant here);
+- on D itself: D runs the prompt in chunks of its step budget B beside its running decodes,
+  so each such step takes about decode_step + chunk ÷ rate; TTFT ≈ ceil((queued + N) ÷ B)
+  steps of that, and every decode running on D sees that step time as its inter-token gap
+  while the prompt runs.
+
+A placement meets the SLO when its TTFT estimate is within `slo.ttft_s` and, for D itself,
+the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among those that
+meet it the one with the larger relative headroom wins (P/D on a tie: it leaves D's decodes
+alone); when neither meets it, the smaller TTFT. Without measurements on both sides (a
+worker that has not run a step since it started; a D that never prefilled borrows a P's
+rate), `decide` returns None and the caller
+keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
+over a `Worker`'s load and info.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+TRANSFER_S = 0.005  # the P->D KV handoff's typical cost on one host (BENCHMARKS.md, issue 15)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float
+    itl_s: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    route: str  # "pd" (prefill on P) or "skip_p" (D prefills itself)
+    ttft_s: float
+    itl_s: float | None  # the gap D's running decodes see meanwhile (skip_p), else None
+
+    def meets(self, slo: SLO) -> bool:
+        return self.ttft_s <= slo.ttft_s and (self.itl_s is None or self.itl_s <= slo.itl_s)
+
+    def headroom(self, slo: SLO) -> float:
+        """The smaller relative margin left under the SLO's bounds (negative: over)."""
+        room = 1.0 - self.ttft_s / slo.ttft_s
+        if self.itl_s is not None:
+            room = min(room, 1.0 - self.itl_s / slo.itl_s)
+        return room
+
+
+def on_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
+         transfer_s: float = TRANSFER_S) -> Estimate | None:
+    """TTFT if P prefills: its queue, what is on its way there, then this prompt."""
+    rate = load.get("prefill_tokens_per_s")
+    if not rate:
+        return None
+    queued = load.get("pending_prefill_tokens", 0) + routed_tokens
+    return Estimate("pd", (queued + prompt_tokens) / rate + transfer_s, None)
+
+
+def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
+         step_budget: int, fallback_rate: float | None = None) -> Estimate | None:
+    """TTFT if D prefills the prompt itself, and the gap its running decodes see meanwhile.
+    `fallback_rate`: the prefill rate to assume while D has measured none (a D behind P's
+    only decodes; the caller passes a P's, the same model on like hardware)."""
+    rate = load.get("prefill_tokens_per_s") or fallback_rate
+    step_ms = load.get("decode_step_ms")
+    if not rate or step_ms is None:
+        return None
+    queued = load.get("pending_prefill_tokens", 0) + routed_tokens
+    work = queued + prompt_tokens
+    chunk = min(step_budget, work)
+    step_s = step_ms / 1e3 + chunk / rate
+    steps = max(1, math.ceil(work / step_budget))
+    running = load.get("num_requests_running", 0)
+    return Estimate("skip_p", steps * step_s, step_s if running else None)
+
+
+def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO) -> Estimate | None:
+    """The placement to use, or None when either side has no estimate yet."""
+    if p_est is None or d_est is None:
+        return None
+    meeting = [e for e in (p_est, d_est) if e.meets(slo)]
+    if meeting:
+        return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd"))
+    return min((p_est, d_est), key=lambda e: (e.ttft_s, e.route != "pd"))

@@ -1,0 +1,135 @@
+"""Per-request placement (`--placement slo`, proxy/placement.py) on synthetic load reports:
+the estimates, the decision, and the route `ClusterBackend` takes from them; without
+measurements the prompt-length rule still decides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import RequestRecord
+from pdserve.proxy import placement
+from pdserve.proxy.cluster_backend import ClusterBackend
+from pdserve.proxy.placement import SLO, Estimate
+from pdserve.proxy.registry import Worker
+
+STRICT = SLO(ttft_s=1.0, itl_s=0.025)
+RATE = 40_000.0  # prompt tokens/s, about an H200's on Llama-3-8B shapes (BENCHMARKS.md)
+
+
+def test_estimates_follow_the_queues_and_the_step_budget() -> None:
+    p = placement.on_p({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 8000}, 2000,
+                       4000)
+    assert p is not None and p.ttft_s == pytest.approx(14000 / RATE + placement.TRANSFER_S)
+    d = placement.on_d({"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,
+                        "num_requests_running": 10}, 0, 4000, step_budget=2048)
+    # two chunked steps of 6 ms + 2048 tokens' prefill; running decodes see that step's time
+    assert d is not None and d.itl_s == pytest.approx(0.006 + 2048 / RATE)
+    assert d.ttft_s == pytest.approx(2 * d.itl_s)
+    idle = placement.on_d({"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}, 0, 100, 2048)
+    assert idle is not None and idle.itl_s is None  # nothing running there: no gap to keep
+    assert placement.on_p({}, 0, 100) is None
+    assert placement.on_d({"prefill_tokens_per_s": RATE}, 0, 100, 2048) is None
+
+
+@pytest.mark.parametrize("p_load, d_load, tokens, want", [
+    # a long prompt on a D with running decodes would stretch their gaps past 25 ms: P
+    ({"prefill_tokens_per_s": RATE}, {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,
+                                      "num_requests_running": 32}, 4000, "pd"),
+    # P's queue holds 3 s of prompts; an idle D prefills it at once: D
+    ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 120_000},
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}, 4000, "skip_p"),
+    # a short prompt beside running decodes: one step of 6 ms + 0.8 ms, within the ITL SLO,
+    # and P is busy for 0.5 s: D has more headroom
+    ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 20_000},
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 8}, 32,
+     "skip_p"),
+    # neither meets the SLO (P 5 s behind, D's gap too long): the smaller TTFT, P's
+    ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 200_000},
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 8,
+      "pending_prefill_tokens": 400_000}, 4000, "pd"),
+])
+def test_the_decision_meets_the_slo_with_the_most_headroom(p_load: dict, d_load: dict,
+                                                            tokens: int, want: str) -> None:
+    chosen = placement.decide(placement.on_p(p_load, 0, tokens),
+                              placement.on_d(d_load, 0, tokens, 2048), STRICT)
+    assert chosen is not None and chosen.route == want, chosen
+
+
+def test_no_decision_without_both_estimates() -> None:
+    est = Estimate("pd", 0.1, None)
+    assert placement.decide(est, None, STRICT) is None
+    assert placement.decide(None, est, STRICT) is None
+
+
+# ---- the route ClusterBackend takes ---------------------------------------------------------
+
+
+@dataclass(eq=False)
+class StubLink:
+    """What routing reads of a WorkerLink: its load report and what is on its way."""
+
+    load: dict[str, Any]
+    busy: bool = False
+    unacked: int = 0
+    alive: bool = True
+    routed: dict[str, int] = field(default_factory=dict)
+
+    def in_flight(self) -> tuple[int, int]:
+        return len(self.routed), sum(self.routed.values())
+
+
+class StubRegistry:
+    def __init__(self, workers: list[Worker]):
+        self.workers = workers
+        self.reference = {"block_size": 16}
+        self.on_transfer = self.on_report = None
+
+    def usable(self, role: str) -> list[Worker]:
+        return [w for w in self.workers if w.role == role and w.usable]
+
+
+def worker(url: str, role: str, load: dict[str, Any]) -> Worker:
+    return Worker(url, role, info={"limits": {"max_num_seqs": 256,
+                                              "max_num_batched_tokens": 2048}},
+                  link=StubLink(load), healthy=True)  # type: ignore[arg-type]
+
+
+def route_of(backend: ClusterBackend, num_tokens: int) -> str:
+    rec = RequestRecord(f"r{num_tokens}", list(range(5, 5 + num_tokens)),
+                        SamplingParams(max_tokens=16, seed=1))
+    route = backend._route(rec, set(), [])
+    assert route is not None
+    backend._release(route, rec.request_id)
+    return route[0]
+
+
+def test_cluster_backend_routes_by_the_estimates_under_slo_placement() -> None:
+    busy_d = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 32}
+    p = worker("http://p", "prefill", {"prefill_tokens_per_s": RATE})
+    d = worker("http://d", "decode", busy_d)
+    slo = ClusterBackend(StubRegistry([p, d]), None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
+    threshold = ClusterBackend(StubRegistry([p, d]), None, "m")  # type: ignore[arg-type]
+    # a 4,000-token prompt: both rules send it to P (it would stall D's 32 streams)
+    assert route_of(slo, 4000) == route_of(threshold, 4000) == "pd"
+    # P is 3 s behind and D idle: the estimates keep the prompt off P; the length rule
+    # would queue it there
+    p.link.load = {"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 120_000}  # type: ignore[union-attr]
+    d.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}  # type: ignore[union-attr]
+    assert route_of(slo, 4000) == "skip_p"
+    # a P with a queue has no room: the length rule waits for it (None)
+    rec = RequestRecord("r", list(range(5, 4005)), SamplingParams(max_tokens=16, seed=1))
+    assert threshold._route(rec, set(), []) is None
+    # not measured yet: the prompt-length rule, under either setting
+    p.link.load, d.link.load = {}, {}  # type: ignore[union-attr]
+    assert route_of(slo, 4000) == "pd" and route_of(slo, 8) == "skip_p"
+
+
+def test_a_d_that_never_prefilled_borrows_the_p_rate() -> None:
+    load = {"decode_step_ms": 6.0, "num_requests_running": 4}
+    assert placement.on_d(load, 0, 100, 2048) is None
+    est = placement.on_d(load, 0, 100, 2048, fallback_rate=RATE)
+    assert est is not None and est.ttft_s == pytest.approx(0.006 + 100 / RATE)
