@@ -137,3 +137,32 @@ def test_stop_string_aborts_the_rest(backend: LocalBackend, http: httpx.Client) 
     assert r.json()["choices"][0]["finish_reason"] == "stop"
     wait_until_idle(backend, timeout=5)
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_batch_of_prompts_is_aborted_whole_when_the_client_leaves(
+        backend: LocalBackend, served: Served, stream: bool) -> None:
+    """A completion with a batch of prompts runs one engine request per prompt: a client
+    that leaves (mid-stream, or while waiting for the body) aborts every one of them, frees
+    their blocks and leaves no task behind."""
+    wait_until_idle(backend)
+    baseline = served.num_tasks()
+    body = {"model": MODEL, "prompt": ["Go on:", "Keep going:", "And more:"], **LONG}
+    with httpx.Client(base_url=served.url, timeout=httpx.Timeout(60, read=None if stream
+                                                                  else 0.5),
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        if stream:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 6:
+                        break
+                assert backend.stats()["num_active"] == 3
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/completions", json=body)
+    st = wait_until_idle(backend, timeout=5)  # 3 x 2000 tokens would take far longer
+    assert st["num_free_blocks"] == st["num_blocks"]
+    wait_for_tasks(served, baseline)
