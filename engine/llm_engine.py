@@ -125,14 +125,18 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
                     request_id: str | None = None, choice_index: int = 0,
-                    cache_salt: str | None = None, token_mask=None) -> Request:
+                    cache_salt: str | None = None, token_mask=None,
+                    prefill_only: bool = False) -> Request:
         """Queue one request (after `check_prompt`); its choices appear in `request.seqs`.
 
         `choice_index` > 0 runs that one choice of a request alone (params.n must be 1): the
         record a retry or failover re-submits draws exactly what that choice drew.
         `cache_salt` keeps its prefix-cache blocks apart from those of any other salt (or of
         none); it changes what is cached, never what is drawn. `token_mask` (see
-        `Request.token_mask`) restricts each draw of each choice to the tokens it allows."""
+        `Request.token_mask`) restricts each draw of each choice to the tokens it allows.
+        `prefill_only`: this engine prefills the request for another (its first tokens are
+        drawn here, then its blocks wait in `scheduler.held` for the KV transfer), whatever
+        the engine's role: a both-role engine acting as P for one request."""
         ids = [int(t) for t in prompt_token_ids]
         self.check_prompt(ids, params)
         check_cache_salt(cache_salt)
@@ -140,7 +144,8 @@ class LLMEngine:
             raise ValueError("choice_index > 0 needs SamplingParams.n == 1")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(request_id if request_id is not None else str(next(self._ids)), ids,
-                      params, seed, cache_salt=cache_salt, token_mask=token_mask)
+                      params, seed, cache_salt=cache_salt, token_mask=token_mask,
+                      prefill_only=prefill_only)
         self.scheduler.add(req, choice_index)
         return req
 

@@ -220,8 +220,15 @@ class Scheduler:
         if self.role is Role.PREFILL:
             self._prefilled(draws, results, out)
         else:
+            # a both-role engine acting as P for some requests (flexible roles): those hand
+            # their KV over after the first token, as on a prefill engine
+            handoff = [k for k, d in enumerate(draws) if d[1].request.prefill_only]
+            if handoff:
+                self._prefilled([draws[k] for k in handoff], [results[k] for k in handoff],
+                                out)
             # forks first: they share the parent's blocks before its first token can finish it
-            order = sorted(range(len(draws)), key=lambda k: draws[k][2] == draws[k][1].choice_index)
+            order = sorted((k for k in range(len(draws)) if not draws[k][1].request.prefill_only),
+                           key=lambda k: draws[k][2] == draws[k][1].choice_index)
             for k in order:
                 _, seq, choice = draws[k]
                 token, logprobs = results[k]

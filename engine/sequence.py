@@ -40,6 +40,9 @@ class Request:
     # steps; `prompt_logprobs_done` once delivered (or never to compute: D of a P/D pair)
     prompt_logprobs: dict[int, dict[int, Logprob]] = field(default_factory=dict)
     prompt_logprobs_done: bool = False
+    # a both-role engine prefills it for another worker (flexible roles): after the first
+    # token its blocks are held for the KV transfer, as a prefill engine's are
+    prefill_only: bool = False
 
     @property
     def wants_prompt_logprobs(self) -> bool:

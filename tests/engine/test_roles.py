@@ -12,9 +12,19 @@ from pdserve.engine.sequence import Request
 from tests.factories import make_engine_parts, random_prompts
 
 
-def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
-    p = LLMEngine(make_engine_parts(path), Role.PREFILL)
-    d = LLMEngine(make_engine_parts(path, num_gpu_blocks_override=d_blocks), Role.DECODE)
+def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256, flexible=False):
+    """P prefills, D decodes, the KV copied pool to pool. `flexible`: both engines are
+    both-role ones (P's requests added `prefill_only`), each also running a request of its
+    own to the end meanwhile (returned under ("own-p", 0) and ("own-d", 0))."""
+    if flexible:
+        p = LLMEngine(make_engine_parts(path), Role.BOTH)
+        d = LLMEngine(make_engine_parts(path, num_gpu_blocks_override=d_blocks), Role.BOTH)
+        own = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        p.add_request(prompts[0], own, "own-p")
+        d.add_request(prompts[-1], own, "own-d")
+    else:
+        p = LLMEngine(make_engine_parts(path), Role.PREFILL)
+        d = LLMEngine(make_engine_parts(path, num_gpu_blocks_override=d_blocks), Role.DECODE)
     tokens: dict[tuple[str, int], list[int]] = {}
     reqs = []
     for i, (ids, sp) in enumerate(zip(prompts, params)):
@@ -22,10 +32,14 @@ def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
         seed = sp.seed if sp.seed is not None else 1000 + i
         assert d.scheduler.can_reserve(len(ids))
         d.scheduler.reserve(Request(rid, list(ids), sp, seed))
-        reqs.append(p.add_request(ids, SamplingParams(**{**sp.__dict__, "seed": seed}), rid))
+        reqs.append(p.add_request(ids, SamplingParams(**{**sp.__dict__, "seed": seed}), rid,
+                                  prefill_only=flexible))
     while p.has_unfinished():
         firsts: dict[str, list] = {}
         for o in p.step():
+            if o.request_id == "own-p":
+                tokens.setdefault(("own-p", 0), []).append(o.token_id)
+                continue
             tokens[(o.request_id, o.choice_index)] = [o.token_id]
             if o.finish_reason is None:
                 firsts.setdefault(o.request_id, []).append(o)
@@ -46,14 +60,18 @@ def run_disaggregated(path, prompts, params, kv_ready=True, d_blocks=256):
     assert not p.scheduler.held and not d.scheduler.reserved
     while d.has_unfinished():
         for o in d.step():
-            tokens[(o.request_id, o.choice_index)].append(o.token_id)
+            tokens.setdefault((o.request_id, o.choice_index), []).append(o.token_id)
     for e in (p, d):
         assert e.bm.num_free_blocks == e.bm.num_blocks
     return tokens, d.scheduler.num_preemptions
 
 
-@pytest.mark.parametrize("kv_ready", [True, False], ids=["transferred", "recomputed"])
-def test_disaggregated_equals_single_engine(tiny_checkpoint, kv_ready):
+@pytest.mark.parametrize("kv_ready, flexible", [(True, False), (False, False), (True, True)],
+                         ids=["transferred", "recomputed", "both-role-engines"])
+def test_disaggregated_equals_single_engine(tiny_checkpoint, kv_ready, flexible):
+    """Also between two both-role engines (flexible roles, issue 21): one prefills requests
+    for the other while each runs a request of its own to the end; every token equals the
+    single engine's."""
     path = tiny_checkpoint("llama")
     prompts = random_prompts([5, 16, 17, 40, 70, 3], 512, seed=30)
     params = [
@@ -65,8 +83,14 @@ def test_disaggregated_equals_single_engine(tiny_checkpoint, kv_ready):
                        repetition_penalty=1.2),
         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2),
     ]
-    got, _ = run_disaggregated(path, prompts, params, kv_ready=kv_ready)
+    got, _ = run_disaggregated(path, prompts, params, kv_ready=kv_ready, flexible=flexible)
     llm = LLM(str(path), use_tqdm_on_load=False, num_gpu_blocks_override=256)
+    if flexible:
+        own = llm.generate([{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": prompts[-1]}],
+                           SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                           use_tqdm=False)
+        assert got[("own-p", 0)] == own[0].outputs[0].token_ids
+        assert got[("own-d", 0)] == own[1].outputs[0].token_ids
     want_params = [SamplingParams(**{**sp.__dict__, "seed": sp.seed if sp.seed is not None
                                      else 1000 + i}) for i, sp in enumerate(params)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], want_params, use_tqdm=False)
