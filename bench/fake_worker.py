@@ -21,6 +21,36 @@ together share one STEP frame per proxy. `--batch`: one global step clock of per
 `--itl-ms`, like a real D: every running request gets one token per step and each step is
 one STEP frame per proxy (a request joins the first step at least one period after its
 previous token). One process emits well over 10^5 tokens/s in `--batch` mode.
+
+`--step-model PATH` (a fitted model from bench/step_model.py, e.g.
+bench/data/h200_llama3_8b_model.json): the fixed delays give way to an engine's step loop
+whose steps take the time the model gives (wall clock, `--time-scale` times it), so a cluster
+of fakes on a CPU box runs with GPU-like costs. `--ttft-ms`, `--itl-ms` and `--batch` are
+ignored there. Each step: every decoding sequence gets one token (one Step frame per proxy
+per step), then prompt chunks fill the rest of `--max-num-batched-tokens` (requests running
+first, then new ones up to `--max-num-seqs`, in arrival order); a prompt whose last chunk
+ran gets its next token at the step's end.
+
+- both:    Generate -> chunked prefill mixed with the decodes -> one token per step.
+- prefill: prefill-only steps; First at the end of the step that ran a prompt's last chunk,
+           then Transfer ok after the modelled transfer (prompt tokens x KV bytes per token /
+           `--transfer-gbps`, GB/s); no Transfer when there is no D (kv None) or every
+           choice ended at its first token. P holds the prompt's KV until then.
+- decode:  Reserve -> Reserved at once; Join -> the request decodes from the first step
+           after its KV is in, taken as one modelled transfer after the Join (the Join trails
+           P's first token by the proxy's hop, which a fake cannot see); a Join of a record
+           with output so far (a re-submission) recomputes prompt + output in chunks first;
+           Generate (the proxy skipped P) as both.
+
+Between steps (and during one: the step is a sleep) the loop reads the data path, so Ping
+gets Pong at once; what arrives during a step joins the next one. Load reports carry the
+counts a real worker's do, KV usage against the model's pool (`--kv-capacity-tokens`), and
+the measured `prefill_tokens_per_s` (prompt tokens / step seconds over steps that prefilled)
+and `decode_step_ms` (steps without prompt tokens, with `decode_batch`), weighted and
+rounded as engine/llm_engine.py's StepRates (alpha 0.2; absent until measured). Like the
+fixed-delay modes, no report carries `acked`, so the proxy resets its unacknowledged counts
+on each report. No preemption: the KV pool is reported, not enforced.
+
 Emitted tokens cycle through ids of plain English words in the model's tokenizer, so the
 proxy's detokenizer releases text for every token, as with a real model's output.
 """
@@ -36,12 +66,16 @@ import os
 import signal
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import zmq
+from step_model import StepModel  # bench/ is this script's folder
+from step_model import load as load_step_model
 
 from pdserve.common.wire import (
     DATA_PATH,
@@ -145,6 +179,9 @@ class FakeWorker:
                 "kv_cache_usage_perc": 0.0, "num_free_blocks": 1 << 20,
                 "pending_prefill_tokens": 0, "fake_tokens_emitted": self.num_tokens}
 
+    def http_load(self) -> dict[str, Any]:
+        return self.load()
+
     def info(self) -> dict[str, Any]:
         return {"role": self.role, "name": self.name, "version": "fake", "compat": self.compat,
                 "model_path": self.args.model, "data_address": self.data_address,
@@ -159,7 +196,7 @@ class FakeWorker:
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
                 routes = {"/health": lambda: {"status": "ok", "role": worker.role,
                                               "name": worker.name},
-                          "/info": worker.info, "/load": worker.load}
+                          "/info": worker.info, "/load": worker.http_load}
                 make = routes.get(self.path.split("?")[0])
                 body = json.dumps(make() if make else {"error": "not found"}).encode()
                 self.send_response(200 if make else 404)
@@ -320,6 +357,374 @@ class FakeWorker:
         self.ctx.term()
 
 
+# ---- --step-model: an engine's step loop with modelled step times -----------------------
+
+KV_BLOCK = 16  # tokens per KV block, for the block counts in load reports
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request on a step-model worker."""
+
+    identity: bytes
+    rec: RequestRecord
+    left: dict[int, int]  # running choice -> tokens still to emit here
+    prefill: int  # tokens to compute here before its next token (0: its KV came from P)
+    tokens: Iterator[int] = field(repr=False)
+    kv_len: int = 0  # tokens in its KV cache
+    done: int = 0  # of `prefill`, computed
+    kv: str | None = None  # P: D's KV address (None: nothing to move)
+    ready: float = 0.0  # D: when its KV is in; P: when its transfer ends
+
+    @property
+    def rid(self) -> str:
+        return self.rec.request_id
+
+
+@dataclass
+class _Plan:
+    chunks: list[tuple[_Job, int, int]]  # (job, new tokens, tokens cached before them)
+    decodes: list[_Job]
+    seconds: float  # what the model says the step takes
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for _, n, _ in self.chunks)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.chunks) + sum(len(j.left) for j in self.decodes)
+
+
+class StepEngine:
+    """The scheduling and bookkeeping of a step-model worker, without sockets or clocks:
+    `schedule()` picks a step and its modelled time, `complete(plan, now)` applies it and
+    returns the rows it produced per job. See the module docstring for the policy."""
+
+    def __init__(self, model: StepModel, role: str, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 256, transfer_s_per_token: float = 0.0):
+        self.model, self.role = model, role
+        self.budget, self.max_seqs = max_num_batched_tokens, max_num_seqs
+        self.transfer_s_per_token = transfer_s_per_token
+        self.jobs: dict[str, _Job] = {}  # every job below, by request id
+        self.waiting: deque[_Job] = deque()  # not admitted yet
+        self.running: dict[str, _Job] = {}  # prefilling or decoding, in admission order
+        self.timed: dict[str, _Job] = {}  # D: awaiting its KV; P: its KV moving to D
+        self.reserved: dict[str, tuple[bytes, RequestRecord]] = {}  # D: Reserve, no Join yet
+
+    def add(self, job: _Job) -> None:
+        """A job that computes here (`job.prefill` tokens) before its next token."""
+        self.jobs[job.rid] = job
+        self.waiting.append(job)
+
+    def arrive(self, job: _Job, now: float) -> None:
+        """D: a joined job whose KV (`job.kv_len` tokens) comes from P."""
+        job.ready = now + job.kv_len * self.transfer_s_per_token
+        self.jobs[job.rid] = job
+        self.timed[job.rid] = job
+
+    def abort(self, rid: str) -> None:
+        self.reserved.pop(rid, None)
+        job = self.jobs.pop(rid, None)
+        if job is not None:
+            self.running.pop(rid, None)
+            self.timed.pop(rid, None)
+            if job in self.waiting:
+                self.waiting.remove(job)
+
+    def next_due(self) -> float | None:
+        return min((j.ready for j in self.timed.values()), default=None)
+
+    def due(self, now: float) -> list[_Job]:
+        """Timed jobs whose time came: D's join the queue (their KV is in); P's transfers
+        ended and are returned (to report)."""
+        ended = [j for j in self.timed.values() if j.ready <= now]
+        for j in ended:
+            del self.timed[j.rid]
+            if self.role == "prefill":
+                del self.jobs[j.rid]
+            else:
+                self.waiting.append(j)
+        return ended if self.role == "prefill" else []
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self) -> _Plan | None:
+        budget = self.budget
+        decodes: list[_Job] = []
+        chunks: list[tuple[_Job, int, int]] = []
+
+        def take(job: _Job) -> bool:
+            nonlocal budget
+            if job.done >= job.prefill:  # decoding: one token per running choice
+                if len(job.left) > budget:
+                    return False
+                decodes.append(job)
+                budget -= len(job.left)
+                return True
+            n = min(job.prefill - job.done, budget)
+            if n <= 0:
+                return False
+            chunks.append((job, n, job.kv_len))
+            budget -= n
+            return True
+
+        for job in sorted(self.running.values(), key=lambda j: j.done < j.prefill):
+            take(job)  # decodes first, then the prompts already started
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            job = self.waiting[0]
+            if not take(job):
+                break
+            self.waiting.popleft()
+            self.running[job.rid] = job
+        if not chunks and not decodes:
+            return None
+        contexts = [j.kv_len + 1 for j in decodes for _ in j.left]  # the new token's too
+        seconds = self.model.batch_s([(n, ctx) for _, n, ctx in chunks], contexts)
+        return _Plan(chunks, decodes, seconds)
+
+    def complete(self, plan: _Plan, now: float) -> list[tuple[_Job, list[TokenRow]]]:
+        """Apply a step: chunks computed, one token per decoding choice and per prompt
+        finished here. Jobs aborted meanwhile are skipped."""
+        out = []
+        for job, n, _ in plan.chunks:
+            if self.running.get(job.rid) is not job:
+                continue
+            job.done += n
+            job.kv_len += n
+            if job.done >= job.prefill:
+                out.append((job, self._first(job, now) if self.role == "prefill"
+                            else self._emit(job)))
+        for job in plan.decodes:
+            if self.running.get(job.rid) is job:
+                job.kv_len += 1
+                out.append((job, self._emit(job)))
+        return out
+
+    def _emit(self, job: _Job) -> list[TokenRow]:
+        tok = next(job.tokens)
+        rows = []
+        for c in list(job.left):
+            job.left[c] -= 1
+            rows.append(TokenRow(job.rid, c, tok, None, None if job.left[c] else "length"))
+            if not job.left[c]:
+                del job.left[c]
+        if not job.left:
+            del self.running[job.rid]
+            del self.jobs[job.rid]
+        return rows
+
+    def _first(self, job: _Job, now: float) -> list[TokenRow]:
+        """P: the first token of every choice; the KV then moves to D (or is freed)."""
+        last = (job.rec.params.max_tokens or 16) <= 1
+        tok = next(job.tokens)
+        rows = [TokenRow(job.rid, c, tok, None, "length" if last else None) for c in job.left]
+        del self.running[job.rid]
+        if job.kv is not None and not last:
+            self.arrive(job, now)  # held until its transfer ends
+        else:
+            del self.jobs[job.rid]
+        return rows
+
+    def pending_prefill_tokens(self) -> int:
+        return sum(j.prefill - j.done for j in (*self.waiting, *self.running.values()))
+
+    def held_tokens(self) -> int:
+        """KV tokens held: running and timed jobs, and D's reservations (the prompt's)."""
+        held = sum(j.kv_len for j in self.running.values())
+        held += sum(j.kv_len for j in self.timed.values())
+        return held + sum(len(rec.prompt_token_ids) for _, rec in self.reserved.values())
+
+
+class StepRates:
+    """Measured step costs for load reports, as engine/llm_engine.py's StepRates: an
+    exponentially weighted prompt-token rate over steps that prefilled and step time (with
+    its batch) over steps without prompt tokens; absent until measured."""
+
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self.prefill_tokens_per_s: float | None = None
+        self.decode_step_s: float | None = None
+        self.decode_batch: float | None = None
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.ALPHA * (new - old)
+
+    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if prefill_tokens:
+            self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
+                                                  prefill_tokens / seconds)
+        else:
+            self.decode_step_s = self._mix(self.decode_step_s, seconds)
+            self.decode_batch = self._mix(self.decode_batch, float(num_seqs))
+
+    def as_load(self) -> dict[str, float]:
+        out = {}
+        if self.prefill_tokens_per_s is not None:
+            out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 1)
+        if self.decode_step_s is not None:
+            out["decode_step_ms"] = round(self.decode_step_s * 1e3, 3)
+            out["decode_batch"] = round(self.decode_batch or 0.0, 2)
+        return out
+
+
+class StepModelWorker(FakeWorker):
+    """`--step-model`: the data path of FakeWorker over a StepEngine whose steps take the
+    modelled time (module docstring)."""
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.model = load_step_model(args.step_model).scaled(args.time_scale)
+        kv_bytes = args.kv_bytes_per_token or self.model.kv_bytes_per_token
+        per_token = kv_bytes / (args.transfer_gbps * 1e9) * args.time_scale \
+            if args.transfer_gbps > 0 else 0.0
+        self.capacity = args.kv_capacity_tokens or self.model.kv_capacity_tokens or 1 << 20
+        self.engine = StepEngine(self.model, self.role, args.max_num_batched_tokens,
+                                 args.max_num_seqs, per_token)
+        self.rates = StepRates()
+        self.snapshot = self.load()
+
+    def load(self) -> dict[str, Any]:
+        e = self.engine
+        self.seq += 1
+        held = e.held_tokens()
+        waiting = len(e.waiting) + len(e.reserved) + (len(e.timed) if self.role == "decode" else 0)
+        load = {"role": self.role, "seq": self.seq, "time": time.time(),
+                "num_requests_running": len(e.running), "num_requests_waiting": waiting,
+                "pending_prefill_tokens": e.pending_prefill_tokens(),
+                "kv_cache_usage_perc": min(1.0, held / self.capacity),
+                "num_free_blocks": max(0, self.capacity - held) // KV_BLOCK,
+                "fake_tokens_emitted": self.num_tokens, **self.rates.as_load()}
+        if self.role == "prefill":
+            load["blocks_awaiting_transfer"] = sum(-(-j.kv_len // KV_BLOCK)
+                                                   for j in e.timed.values())
+        self.snapshot = load
+        return load
+
+    def http_load(self) -> dict[str, Any]:
+        return self.snapshot  # the step loop's latest (its tables are not for other threads)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "num_kv_blocks": self.capacity // KV_BLOCK,
+                "limits": {"max_num_seqs": self.args.max_num_seqs,
+                           "max_num_batched_tokens": self.args.max_num_batched_tokens}}
+
+    def new_job(self, identity: bytes, rec: RequestRecord, left: int, prefill: int,
+                **kw: Any) -> _Job:
+        return _Job(identity, rec, dict.fromkeys(rec.choice_indices(), left), prefill,
+                    itertools.cycle(self.word_ids), **kw)
+
+    def on_message(self, identity: bytes, msg: DataMessage, now: float) -> None:
+        rid = getattr(msg, "rid", None)
+        if self.token and msg.t != self.token:
+            raise WireError("wrong internal token", rid)
+        e = self.engine
+        rec = getattr(msg, "rec", None)
+        if rec is not None and (rec.request_id in e.jobs or rec.request_id in e.reserved):
+            raise WireError(f"request id {rec.request_id} is already in flight", rec.request_id)
+        max_tokens = (rec.params.max_tokens or 16) if rec is not None else 0
+        if isinstance(msg, Ping):
+            self.send(identity, Pong(n=msg.n, load=self.load()))
+        elif isinstance(msg, Connect):
+            pass
+        elif isinstance(msg, Reserve) and self.role == "decode":
+            e.reserved[rec.request_id] = (identity, rec)
+            self.send(identity, Reserved(rid=rec.request_id, kv="tcp://127.0.0.1:0"))
+        elif isinstance(msg, Generate if self.role != "prefill" else Prefill):
+            if rec.output_token_ids:
+                raise WireError("a new request must have no output so far", rec.request_id)
+            kv = msg.kv if isinstance(msg, Prefill) else None
+            left = 1 if self.role == "prefill" else max(1, max_tokens)
+            e.add(self.new_job(identity, rec, left, len(rec.prompt_token_ids), kv=kv))
+        elif isinstance(msg, Join) and self.role == "decode":
+            identity, rec = e.reserved.pop(rid, (None, None))
+            if rec is None:
+                raise WireError(f"unknown request id {rid!r}", rid)
+            left = (rec.params.max_tokens or 16) - 1 - len(rec.output_token_ids)
+            choices = [r.choice_index for r in msg.first]
+            if left <= 0 or not choices:
+                return
+            ctx = len(rec.prompt_token_ids) + len(rec.output_token_ids)
+            job = _Job(identity, rec, dict.fromkeys(choices, left), 0,
+                       itertools.cycle(self.word_ids))
+            if rec.output_token_ids:  # a re-submission: recompute prompt + output + last
+                job.prefill = ctx + 1
+                e.add(job)
+            else:  # the prompt's KV comes from P
+                job.kv_len = ctx
+                e.arrive(job, now)
+        elif isinstance(msg, Abort):
+            e.abort(rid)
+        else:
+            raise WireError(f"a fake {self.role} worker does not take "
+                            f"{msg.__struct_config__.tag}", rid)
+
+    def finish(self, plan: _Plan, started: float) -> None:
+        now = time.monotonic()
+        out = self.engine.complete(plan, now)
+        self.rates.observe(plan.prefill_tokens, plan.num_seqs, now - started)
+        load = self.load()
+        frames: dict[bytes, list[TokenRow]] = {}
+        for job, rows in out:
+            self.num_tokens += len(rows)
+            if self.role == "prefill":
+                self.send(job.identity, First(rid=job.rid, out=rows, load=load))
+            else:
+                frames.setdefault(job.identity, []).extend(rows)
+        for identity, rows in frames.items():
+            self.send(identity, Step(seq=load["seq"], out=rows, load=load))
+
+    def receive(self, poller: zmq.Poller, until: float) -> None:
+        """Handle what arrives before `until` (returns after the first batch)."""
+        wait_ms = max(0.0, until - time.monotonic()) * 1e3
+        # zmq polls whole milliseconds and may wake late: poll until ~1 ms before, then sleep
+        if not poller.poll(max(0, int(wait_ms) - 1)):
+            time.sleep(max(0.0, until - time.monotonic()))
+            return
+        while True:
+            try:
+                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)[:2]
+            except zmq.Again:
+                return
+            try:
+                self.on_message(identity, DATA_PATH.decode(frame), time.monotonic())
+            except WireError as e:
+                self.send(identity, Error(rid=e.rid, reason=str(e)))
+
+    def run(self) -> None:
+        http = self.serve_http()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        m = self.model
+        logger.info("%s ready: http=http://%s:%d data=%s step model %s x%g: floor %.2f ms, "
+                    "%.1fk prompt tokens/s", self.name, self.args.host, self.args.port,
+                    self.data_address, self.args.step_model, self.args.time_scale,
+                    m.floor_s * 1e3, 1 / m.token_s / 1e3)
+        step: tuple[_Plan, float, float] | None = None  # (plan, started, ends)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            for job in self.engine.due(now):  # P: transfers ended
+                self.send(job.identity, Transfer(rid=job.rid, ok=True, transport="fake",
+                                                 load=self.load()))
+            if step is None and (plan := self.engine.schedule()) is not None:
+                step = (plan, now, now + plan.seconds)
+            until = now + 0.05 if step is None else step[2]
+            nxt = self.engine.next_due()
+            if nxt is not None:
+                until = min(until, nxt)
+            self.receive(poller, until)
+            if step is not None and time.monotonic() >= step[2]:
+                self.finish(step[0], step[1])
+                step = None
+        http.shutdown()
+        self.sock.close(0)
+        self.ctx.term()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--role", choices=("both", "prefill", "decode"), default="both")
@@ -334,12 +739,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checked on every data-path message, as a real worker does (default: "
                    "$PDSERVE_INTERNAL_TOKEN; none: no check)")
     p.add_argument("--name", default=None)
-    return p.parse_args(argv)
+    m = p.add_argument_group("--step-model mode (module docstring)")
+    m.add_argument("--step-model", default=None, metavar="PATH",
+                   help="a fitted step model (bench/step_model.py), or serving_gpu.py's JSON")
+    m.add_argument("--time-scale", type=float, default=1.0,
+                   help="every modelled time (steps, transfers) times this")
+    m.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    m.add_argument("--max-num-seqs", type=int, default=256)
+    m.add_argument("--transfer-gbps", type=float, default=20.0,
+                   help="P -> D KV transfer rate, GB/s (10^9 bytes); 0: instant")
+    m.add_argument("--kv-bytes-per-token", type=int, default=0,
+                   help="KV bytes per prompt token moved (default: the model's)")
+    m.add_argument("--kv-capacity-tokens", type=int, default=0,
+                   help="the KV pool load reports count against (default: the model's)")
+    args = p.parse_args(argv)
+    if args.time_scale <= 0 or args.max_num_batched_tokens <= 0 or args.max_num_seqs <= 0:
+        p.error("--time-scale, --max-num-batched-tokens and --max-num-seqs must be > 0")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    worker = FakeWorker(parse_args(argv))
+    args = parse_args(argv)
+    worker = (StepModelWorker if args.step_model else FakeWorker)(args)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop.set())
     worker.run()
