@@ -1,4 +1,4 @@
-"""D's step loop (and the `both` loop, which shares its streaming half).
+"""D's step loop (and the `both` loop: a D that also prefills what it is sent whole).
 
 Algorithm, per request on D (`DState`):
 1. Reserve {rec, timeout}: QUEUED until free blocks and max_num_seqs allow (else REJECTED at
@@ -147,21 +147,6 @@ class StreamingLoop(WorkerLoop):
                 "pending_prefill_tokens": pending, **self.engine.rates.as_load()}
 
 
-class BothLoop(StreamingLoop):
-    """Prefill and decode in one engine: Generate {rec} in, Step frames out."""
-
-    role = Role.BOTH
-
-    def on_message(self, identity: bytes, msg: wire.DataMessage) -> None:
-        if isinstance(msg, wire.Generate):
-            self._generate(identity, msg.rec)
-        elif isinstance(msg, wire.Abort):
-            self._abort_running(self._known(msg.rid))
-        else:
-            raise WireError(f"a both-role worker does not take {msg.__struct_config__.tag}",
-                            getattr(msg, "rid", None))
-
-
 class DecodeLoop(StreamingLoop):
     role = Role.DECODE
 
@@ -191,7 +176,7 @@ class DecodeLoop(StreamingLoop):
             r = _DReq(identity, rec, time.monotonic() + timeout)
             self.reqs[rec.request_id] = r
             self.queue.append(r)
-            metrics.PROMPT_TOKENS.labels("decode").inc(len(rec.prompt_token_ids))
+            metrics.PROMPT_TOKENS.labels(self.role.value).inc(len(rec.prompt_token_ids))
             self._admit()
         elif isinstance(msg, wire.Join):
             r = self._known(msg.rid)
@@ -213,8 +198,10 @@ class DecodeLoop(StreamingLoop):
             elif r.state is not DState.ABORTING:
                 self._abort_running(r)
         else:
-            raise WireError(f"a decode worker does not take {msg.__struct_config__.tag}",
-                            getattr(msg, "rid", None))
+            raise WireError(f"a {self.role_name} worker does not take "
+                            f"{msg.__struct_config__.tag}", getattr(msg, "rid", None))
+
+    role_name = "decode"
 
     def _admit(self) -> None:
         # preempted sequences waiting to recompute come first: new reservations must not take
@@ -310,3 +297,13 @@ class DecodeLoop(StreamingLoop):
     def close(self) -> None:
         self.receiver.close()
         super().close()
+
+
+class BothLoop(DecodeLoop):
+    """Prefill and decode in one engine: Generate {rec} in, Step frames out. It is a decode
+    worker too (flexible roles, issue 21): Reserve + Join with the KV from a P, as D's, so a
+    pool that mixes P and both-role workers runs P/D between them. (Acting as P for another
+    worker is not built yet.)"""
+
+    role = Role.BOTH
+    role_name = "both-role"

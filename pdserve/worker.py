@@ -38,7 +38,7 @@ def run_worker(cfg: WorkerConfig) -> int:
             except Exception:
                 loop.shutdown()
                 raise
-        extra = f" kv={loop.kv_address}" if cfg.role == "decode" else ""
+        extra = f" kv={loop.kv_address}" if cfg.role in ("decode", "both") else ""
         logger.info("%s worker %s ready: http=http://%s:%d data=%s%s", cfg.role,
                     cfg.worker_name, cfg.public_host, cfg.port, loop.data_address, extra)
         loop.run()

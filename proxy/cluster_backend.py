@@ -8,7 +8,8 @@ choices, avoiding P->D links whose circuit breaker is open); a prompt shorter th
 `min_pd_prompt_tokens`, or mostly cached on the chosen D, skips P and D prefills it itself
 (with `placement="slo"`, proxy/placement.py's estimates choose between P and D instead, per
 request, once both sides have measured their steps);
-without P/D pairs, a both-role worker serves it; a request that ends at its first token
+without P/D pairs, a both-role worker serves it (with P's, both-role workers are D's too:
+they take a P's KV as D's do); a request that ends at its first token
 (max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
 dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
@@ -180,8 +181,13 @@ class ClusterBackend:
         if not usable["decode"] and not usable["both"]:
             raise BackendError("no healthy worker can serve this request (need a prefill/decode "
                                "pair, a decode worker or a both-role worker)")
-        ps, ds, boths = ([w for w in usable[r] if w.has_room()]
-                         for r in ("prefill", "decode", "both"))
+        # the workers that can decode what a P prefilled: D's, and with P's usable the
+        # both-role workers too (they take Reserve + Join as D's do: a mixed pool)
+        d_capable = usable["decode"] + ([w for w in usable["both"]
+                                         if isinstance(w.info.get("kv_address"), str)]
+                                        if usable["prefill"] else [])
+        ps, ds, boths = ([w for w in cands if w.has_room()]
+                         for cands in (usable["prefill"], d_capable, usable["both"]))
         ids = req.prompt_token_ids
         if req.params.max_tokens == 1 and usable["prefill"]:
             # it ends at its first token: P alone, no reservation on D, no transfer
@@ -190,7 +196,7 @@ class ClusterBackend:
             p = self._pick(ps, hashes)
             p.assign(req.request_id, hashes, len(ids))
             return "p_only", p, None
-        if usable["decode"]:
+        if d_capable:
             if not ds:
                 return None
             d = self._pick(ds, hashes)

@@ -154,13 +154,15 @@ class Registry:
     def serves(self) -> str:
         """What the proxy can serve now, in words (its /health says it)."""
         n = {r: len(self.usable(r)) for r in ("prefill", "decode", "both")}
-        if n["decode"] and n["prefill"]:
-            how = f"prefill/decode: {n['prefill']} P + {n['decode']} D"
+        if n["prefill"] and (n["decode"] or n["both"]):
+            how = f"prefill/decode: {n['prefill']} P + " + " + ".join(
+                x for x in (f"{n['decode']} D" if n["decode"] else "",
+                            f"{n['both']} both-role as D" if n["both"] else "") if x)
         elif n["decode"]:
             how = f"decode workers only ({n['decode']} D, no P: D prefills every prompt)"
         else:
             how = ""
-        if n["both"]:
+        if n["both"] and not n["prefill"]:
             how = (how + "; " if how else "") + f"{n['both']} both-role worker(s)"
         warming = [w.name or w.url for w in self.workers if w.status == "warming"]
         if warming:
@@ -245,9 +247,10 @@ class Registry:
     def _introduce(self, w: Worker) -> None:
         """A P or D just became usable: have each P open its KV session to each D now, not
         at the first request (a cuda_ipc handshake maps P's pool into D)."""
-        ps = [w] if w.role == "prefill" else self.usable("prefill") if w.role == "decode" else []
-        kvs = [d.info["kv_address"] for d in ([w] if w.role == "decode" else
-                                              self.usable("decode"))
+        decodes = ("decode", "both")  # both-role workers take a P's KV too
+        ps = [w] if w.role == "prefill" else self.usable("prefill") if w.role in decodes else []
+        kvs = [d.info["kv_address"] for d in ([w] if w.role in decodes else
+                                              self.usable("decode") + self.usable("both"))
                if isinstance(d.info.get("kv_address"), str)]
         for p in ps:
             if p.usable and kvs:

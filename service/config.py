@@ -26,8 +26,8 @@ class WorkerConfig(EngineConfig):
     port: int = option(8100, check=_port, help="HTTP port for /health /load /info /metrics.")
     data_port: int | None = option(None, check=_port, help="ZMQ data-path port (default: "
                                    "port + 1).")
-    kv_port: int | None = option(None, check=_port, help="D's KV-transfer port (default: "
-                                 "port + 2).")
+    kv_port: int | None = option(None, check=_port, help="D's (and a both-role worker's) "
+                                 "KV-transfer port (default: port + 2).")
     advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
                                         "(default: --host).")
     internal_token: str | None = option(

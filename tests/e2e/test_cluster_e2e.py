@@ -646,3 +646,40 @@ def test_slo_placement_routes_by_measured_costs_and_outputs_match(cluster, refer
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_mixed_pool_runs_p_d_from_a_p_to_a_both_role_worker(cluster, reference):
+    """A P and a both-role worker (flexible roles, issue 21): the both-role worker takes the
+    P's KV as a D does for long prompts and prefills short ones itself; every output equals
+    the offline engine's."""
+    tmp = cluster["tmp"]
+    w = start_worker("both", tmp, "--transfer-timeout", "3",
+                     env={"PDSERVE_CACHE_DIR": str(tmp / "cache")})
+    proc = None
+    try:
+        wait_healthy([w])
+        assert "kv_address" in w.get("/info").json()
+        proc, url, _ = start_proxy(tmp, [cluster["P"][0].http], [], "--worker", w.http,
+                                   "--min-pd-prompt-tokens", "16")
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["serves"] == "prefill/decode: 1 P + 1 both-role as D", health
+        with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
+                           timeout=120) as c:
+            model = model_name(c)
+            # three prompts of 16+ tokens (P, then the both-role worker), one of 6 (itself)
+            prompts = [list(range(100, 180)), [7, 8, 9, 10, 11, 12], list(range(500, 620)),
+                       list(range(900, 940))]
+            for ids, temp, seed in zip(prompts, (0.0, 0.0, 0.9, 1.0), (None, None, 21, 22)):
+                out = c.completions.create(model=model, prompt=ids, max_tokens=6,
+                                           temperature=temp, seed=seed,
+                                           extra_body={"return_token_ids": True})
+                want = reference.generate({"prompt_token_ids": ids}, SamplingParams(
+                    max_tokens=6, temperature=temp, seed=seed), use_tqdm=False)[0]
+                assert out.choices[0].model_extra["token_ids"] == want.outputs[0].token_ids
+        text = httpx.get(url + "/metrics", timeout=10).text
+        routes = {line.split('route="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                  for line in text.splitlines()
+                  if line.startswith("pdserve_proxy_routing_decisions_total{")}
+        assert routes.get("pd") == 3 and routes.get("skip_p") == 1, routes
+    finally:
+        stop_all(proc, [w])
