@@ -47,7 +47,7 @@ gets Pong at once; what arrives during a step joins the next one. Load reports c
 counts a real worker's do, KV usage against the model's pool (`--kv-capacity-tokens`), and
 the measured `prefill_tokens_per_s` (prompt tokens / step seconds over steps that prefilled)
 and `decode_step_ms` (steps without prompt tokens, with `decode_batch`), weighted and
-rounded as engine/llm_engine.py's StepRates (alpha 0.2; absent until measured). Like the
+rounded as common/step_rates.py's StepRates (alpha 0.2; absent until measured). Like the
 fixed-delay modes, no report carries `acked`, so the proxy resets its unacknowledged counts
 on each report. No preemption: the KV pool is reported, not enforced.
 
@@ -77,6 +77,7 @@ import zmq
 from step_model import StepModel  # bench/ is this script's folder
 from step_model import load as load_step_model
 
+from pdserve.common.step_rates import StepRates
 from pdserve.common.wire import (
     DATA_PATH,
     Abort,
@@ -535,41 +536,6 @@ class StepEngine:
         held = sum(j.kv_len for j in self.running.values())
         held += sum(j.kv_len for j in self.timed.values())
         return held + sum(len(rec.prompt_token_ids) for _, rec in self.reserved.values())
-
-
-class StepRates:
-    """Measured step costs for load reports, as engine/llm_engine.py's StepRates: an
-    exponentially weighted prompt-token rate over steps that prefilled and step time (with
-    its batch) over steps without prompt tokens; absent until measured."""
-
-    ALPHA = 0.2
-
-    def __init__(self) -> None:
-        self.prefill_tokens_per_s: float | None = None
-        self.decode_step_s: float | None = None
-        self.decode_batch: float | None = None
-
-    def _mix(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.ALPHA * (new - old)
-
-    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        if prefill_tokens:
-            self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
-                                                  prefill_tokens / seconds)
-        else:
-            self.decode_step_s = self._mix(self.decode_step_s, seconds)
-            self.decode_batch = self._mix(self.decode_batch, float(num_seqs))
-
-    def as_load(self) -> dict[str, float]:
-        out = {}
-        if self.prefill_tokens_per_s is not None:
-            out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 1)
-        if self.decode_step_s is not None:
-            out["decode_step_ms"] = round(self.decode_step_s * 1e3, 3)
-            out["decode_batch"] = round(self.decode_batch or 0.0, 2)
-        return out
 
 
 class StepModelWorker(FakeWorker):

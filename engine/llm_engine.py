@@ -21,6 +21,7 @@ import torch
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.prefix import check_cache_salt
+from pdserve.common.step_rates import StepRates
 from pdserve.common.wire import Logprob, TokenRow
 from pdserve.engine.model_runner import SeqChunk
 from pdserve.engine.sampler import SampleResult, SampleRow
@@ -32,48 +33,6 @@ from pdserve.engine.structured import Grammars
 logger = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS = 3
-
-
-class StepRates:
-    """What this engine's steps cost, measured (exponentially weighted, `ALPHA` per step):
-    prompt tokens per second over steps that prefilled (mixed steps included: what a prompt
-    here would see) and the duration of steps without prompt tokens (decode steps) with
-    their batch size. The proxy's placement estimates TTFT and ITL from them (its load
-    reports carry `as_load()`); None until measured. On GPU a step ends with its tokens
-    copied to the host, so its wall time is its device time."""
-
-    ALPHA = 0.2
-
-    def __init__(self) -> None:
-        self.prefill_tokens_per_s: float | None = None
-        self.decode_step_s: float | None = None
-        self.decode_batch: float | None = None
-
-    @classmethod
-    def _mix(cls, old: float | None, new: float) -> float:
-        return new if old is None else old + cls.ALPHA * (new - old)
-
-    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        if prefill_tokens:
-            self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
-                                                  prefill_tokens / seconds)
-        else:
-            self.decode_step_s = self._mix(self.decode_step_s, seconds)
-            self.decode_batch = self._mix(self.decode_batch, float(num_seqs))
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
-
-    def as_load(self) -> dict[str, float]:
-        out = {}
-        if self.prefill_tokens_per_s is not None:
-            out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 1)
-        if self.decode_step_s is not None:
-            out["decode_step_ms"] = round(self.decode_step_s * 1e3, 3)
-            out["decode_batch"] = round(self.decode_batch or 0.0, 2)
-        return out
 
 
 class LLMEngine:
