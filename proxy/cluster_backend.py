@@ -72,6 +72,7 @@ class ClusterBackend:
         if placement not in ("threshold", "slo"):
             raise ValueError(f"placement must be threshold or slo, got {placement!r}")
         self.placement, self.slo = placement, slo
+        self._queued_tokens = 0  # prompt tokens of the requests waiting for a route here
         self.max_retries = max_retries
         self.request_timeout = request_timeout
         self.local_workers = local_workers  # a local cluster's supervisor record, for /health
@@ -251,8 +252,12 @@ class ClusterBackend:
         def todo(w: Worker) -> int:  # tokens to compute: the cached prefix is not
             return max(1, num_tokens - w.cached_blocks(hashes) * block_size)
 
+        # the prompts waiting here for a route count as P's queue: admission lets none
+        # overtake, so a P-bound backlog delays every request behind the first; charging
+        # it to P sends prompts to D while P cannot clear it within the SLO
+        backlog = max(0, self._queued_tokens - num_tokens)
         ests = [(e, p) for p in prefills if self._link_open(p, d)
-                for e in [placement.on_p(p.load, p.link.in_flight()[1], todo(p))]
+                for e in [placement.on_p(p.load, p.link.in_flight()[1] + backlog, todo(p))]
                 if e is not None]
         p_est, p_best = min(ests, key=lambda x: x[0].ttft_s) if ests else (None, None)
         budget = int(d.info.get("limits", {}).get("max_num_batched_tokens", 2048))
@@ -322,7 +327,11 @@ class ClusterBackend:
         self.running += 1
         try:
             while True:
-                route, a, b = await self._admit(rec, exclude, hashes, deadline)
+                self._queued_tokens += len(req.prompt_token_ids)
+                try:
+                    route, a, b = await self._admit(rec, exclude, hashes, deadline)
+                finally:
+                    self._queued_tokens -= len(req.prompt_token_ids)
                 if attempt == 0 and rec is req:
                     self.prompt_tokens += len(req.prompt_token_ids)
                 d_worker, rid = b if route == "pd" else a, rec.request_id

@@ -7,8 +7,9 @@ second (over steps that prefilled, mixed steps included) and its decode step tim
 (`pending_prefill_tokens`). For a prompt of N tokens still to compute (its cached prefix
 subtracted):
 
-- on P: TTFT ≈ (P's queued tokens + tokens routed there and not yet reported + N) ÷ P's
-  prefill rate + the KV transfer (`transfer_s`, a constant here);
+- on P: TTFT ≈ (P's queued tokens + tokens routed there and not yet reported + the
+  prompts waiting at the proxy for a route + N) ÷ P's prefill rate + the KV transfer
+  (`transfer_s`, a constant here);
 - on D itself: D runs the prompt in chunks of its step budget B beside its running decodes,
   so each such step takes about decode_step + chunk ÷ rate; TTFT ≈ ceil((queued + N) ÷ B)
   steps of that, and every decode running on D sees that step time as its inter-token gap
@@ -17,7 +18,8 @@ subtracted):
 A placement meets the SLO when its TTFT estimate is within `slo.ttft_s` and, for D itself,
 the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among those that
 meet it the one with the larger relative headroom wins (P/D on a tie: it leaves D's decodes
-alone); when neither meets it, the smaller TTFT. Without measurements on both sides (a
+alone); when neither meets it, P/D if D's step would break its streams' ITL bound (a late
+first token costs one request, a long step every stream on D), else the smaller TTFT. Without measurements on both sides (a
 worker that has not run a step since it started; a D that never prefilled borrows a P's
 rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -91,4 +93,6 @@ def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO) -> Estimate
     meeting = [e for e in (p_est, d_est) if e.meets(slo)]
     if meeting:
         return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd"))
+    if d_est.itl_s is not None and d_est.itl_s > slo.itl_s:
+        return p_est  # a late first token costs this request; a long step, every stream on D
     return min((p_est, d_est), key=lambda e: (e.ttft_s, e.route != "pd"))

@@ -47,10 +47,19 @@ def test_estimates_follow_the_queues_and_the_step_budget() -> None:
     ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 20_000},
      {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 8}, 32,
      "skip_p"),
-    # neither meets the SLO (P 5 s behind, D's gap too long): the smaller TTFT, P's
+    # neither meets the SLO (P 5 s behind, D 10 s): the smaller TTFT, P's
     ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 200_000},
-     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 8,
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,
       "pending_prefill_tokens": 400_000}, 4000, "pd"),
+    # neither meets it (P 5 s behind; D would be quicker but its steps would stretch its 8
+    # streams' gaps past 25 ms): P, whose lateness costs this request alone
+    ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 200_000},
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 8}, 4000,
+     "pd"),
+    # neither meets it, D has no streams to hurt: the smaller TTFT, D's
+    ({"prefill_tokens_per_s": RATE, "pending_prefill_tokens": 200_000},
+     {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "pending_prefill_tokens": 60_000},
+     4000, "skip_p"),
 ])
 def test_the_decision_meets_the_slo_with_the_most_headroom(p_load: dict, d_load: dict,
                                                             tokens: int, want: str) -> None:

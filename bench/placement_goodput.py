@@ -1,0 +1,199 @@
+"""Goodput of fixed layouts and of `--placement slo` on fake engines with GPU-like step times
+(issue 21), on this machine's CPU: two workers per layout, the real proxy, `pdserve bench`.
+
+    python bench/placement_goodput.py --rates 4 8 12 16 20 --num-prompts 80
+
+Layouts (each two fake engines of bench/fake_worker.py --step-model, the H200 Llama-3-8B
+fit in bench/data/, every time stretched by --time-scale so a 2-core machine keeps up):
+1p1d (the prompt-length rule), 1p1d-slo and 1p1d-slo-loose (`--placement slo` with the
+strict or the loose SLO's bounds), and two both-role workers at
+each --both-budgets chunk size (the tuned collocated baseline: the best of them). Workload:
+`pdserve bench --input-len-dist sharegpt` (lognormal prompts, median --input-len) and
+--output-len tokens, Poisson arrivals at each rate. SLOs, in unscaled milliseconds (scaled
+here): strict = TTFT ≤ 1 s and the request's own p99 inter-token gap ≤ 25 ms; loose = TTFT
+≤ 2 s and TPOT ≤ 50 ms (the issue's definitions). Goodput = requests meeting the SLO per
+second of the run. Writes JSON per layout under --out and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "bench" / "data" / "h200_llama3_8b_model.json"
+TOKEN = "placement-goodput-token"
+
+
+def free_port(n: int = 3) -> int:
+    """A base port p with p .. p+n-1 free a moment ago (a worker binds port + 1 and + 2)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65535:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+
+
+class Cluster:
+    def __init__(self, out: Path):
+        self.out, self.procs = out, []
+        self.env = {**os.environ, "PDSERVE_INTERNAL_TOKEN": TOKEN, "OMP_NUM_THREADS": "1",
+                    "TOKENIZERS_PARALLELISM": "false"}
+
+    def start(self, name: str, *cmd: str) -> None:
+        log = open(self.out / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen([sys.executable, *cmd], stdout=log,
+                                           stderr=subprocess.STDOUT, env=self.env, cwd=ROOT))
+
+    def fake(self, name: str, role: str, scale: float, budget: int) -> str:
+        port = free_port()
+        self.start(name, "bench/fake_worker.py", "--role", role, "--port", str(port),
+                   "--step-model", str(MODEL), "--time-scale", str(scale),
+                   "--max-num-batched-tokens", str(budget), "--name", name)
+        return f"http://127.0.0.1:{port}"
+
+    def proxy(self, ready: str, *args: str) -> str:
+        """Start the proxy; its URL once /health says it serves `ready`."""
+        port = free_port()
+        self.start("proxy", "-m", "pdserve", "serve", "--port", str(port), *args)
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            try:
+                r = httpx.get(url + "/health", timeout=2)
+                if r.status_code == 200 and ready in str(r.json().get("serves", "")):
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError((self.out / "proxy.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def goodput(requests: list[dict], duration: float, scale: float) -> dict[str, float]:
+    strict = loose = 0
+    for r in requests:
+        if not r["ok"] or r["ttft_s"] is None:
+            continue
+        itl = sorted(r["itl_s"])
+        p99 = itl[min(len(itl) - 1, int(0.99 * len(itl)))] if itl else 0.0
+        if r["ttft_s"] <= 1.0 * scale and p99 <= 0.025 * scale:
+            strict += 1
+        if r["ttft_s"] <= 2.0 * scale and (r["tpot_s"] or 0.0) <= 0.050 * scale:
+            loose += 1
+    return {"strict": strict / duration, "loose": loose / duration,
+            "strict_frac": strict / max(1, len(requests)),
+            "loose_frac": loose / max(1, len(requests))}
+
+
+def run_layout(name: str, args: argparse.Namespace) -> dict:
+    out = args.out / name
+    out.mkdir(parents=True, exist_ok=True)
+    c = Cluster(out)
+    scale = args.time_scale
+    try:
+        if name.startswith("1p1d"):
+            p = c.fake("P", "prefill", scale, 2048)
+            d = c.fake("D", "decode", scale, 2048)
+            slo = {"1p1d-slo": (1000, 25), "1p1d-slo-loose": (2000, 50)}.get(name)
+            extra = ["--placement", "slo", "--slo-ttft-ms", str(slo[0] * scale),
+                     "--slo-itl-ms", str(slo[1] * scale)] if slo else []
+            url = c.proxy("1 P + 1 D", "--prefill", p, "--decode", d, *extra)
+        else:
+            budget = int(name.rsplit("-", 1)[1])
+            a = c.fake("A", "both", scale, budget)
+            b = c.fake("B", "both", scale, budget)
+            url = c.proxy("2 both-role", "--worker", a, "--worker", b)
+        result = out / "bench.json"
+        cmd = [sys.executable, "-m", "pdserve", "bench", "--base-url", url, "--no-progress",
+               "--input-len-dist", "sharegpt", "--input-len", str(args.input_len),
+               "--output-len", str(args.output_len), "--num-prompts", str(args.num_prompts),
+               "--seed", "0", "--result-json", str(result), "--request-rate",
+               *map(str, args.rates)]
+        r = subprocess.run(cmd, env=c.env, capture_output=True, text=True, cwd=ROOT)
+        (out / "bench.log").write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise RuntimeError(f"{name}: pdserve bench failed:\n{(r.stdout + r.stderr)[-2000:]}")
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+    finally:
+        c.stop()
+    runs = json.loads(result.read_text())["runs"]
+    rows = []
+    for rate, run in zip(args.rates, runs, strict=True):
+        dur = run["summary"]["duration_s"]
+        g = goodput(run["requests"], dur, scale)
+        rows.append({"rate": rate, "goodput_strict": g["strict"], "goodput_loose": g["loose"],
+                     "strict_frac": g["strict_frac"], "loose_frac": g["loose_frac"]})
+    routes = [x for x in metrics.splitlines()
+              if x.startswith(("pdserve_proxy_routing_decisions_total{",
+                               "pdserve_proxy_placement_decisions_total{"))]
+    data = {"layout": name, "rows": rows, "routes": routes}
+    (out / "summary.json").write_text(json.dumps(data, indent=1))
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[4, 8, 12, 16, 20],
+                    help="request rates, req/s of scaled time (× --time-scale for the GPU's)")
+    ap.add_argument("--num-prompts", type=int, default=80)
+    ap.add_argument("--input-len", type=int, default=512, help="median prompt tokens")
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--time-scale", type=float, default=4.0)
+    ap.add_argument("--both-budgets", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--layouts", nargs="+", default=None)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/pdserve-placement-goodput"))
+    args = ap.parse_args(argv)
+    layouts = args.layouts or ["1p1d", "1p1d-slo", "1p1d-slo-loose",
+                               *(f"2both-{b}" for b in args.both_budgets)]
+    results = []
+    for name in layouts:
+        t0 = time.monotonic()
+        results.append(run_layout(name, args))
+        print(f"{name}: {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"\ngoodput (req/s of scaled time; × {args.time_scale:g} for the GPU's), "
+          "strict / loose:")
+    print("| layout | " + " | ".join(f"{r:g} req/s" for r in args.rates) + " |")
+    print("|---|" + "---|" * len(args.rates))
+    for res in results:
+        cells = [f"{x['goodput_strict']:.2f} / {x['goodput_loose']:.2f}" for x in res["rows"]]
+        print(f"| {res['layout']} | " + " | ".join(cells) + " |")
+    for res in results:
+        print(res["layout"], "; ".join(res["routes"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
