@@ -19,9 +19,9 @@ A placement meets the SLO when its TTFT estimate is within `slo.ttft_s` and, for
 the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among those that
 meet it the one with the larger relative headroom wins (P/D on a tie: it leaves D's decodes
 alone); when neither meets it, P/D if D's step would break its streams' ITL bound (a late
-first token costs one request, a long step every stream on D), else the smaller TTFT. Without measurements on both sides (a
-worker that has not run a step since it started; a D that never prefilled borrows a P's
-rate), `decide` returns None and the caller
+first token costs one request, a long step every stream on D), else the smaller TTFT.
+Without measurements on both sides (a worker that has not run a step since it started; a D
+that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
 over a `Worker`'s load and info.
 """
