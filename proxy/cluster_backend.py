@@ -102,10 +102,13 @@ class ClusterBackend:
 
     async def wait_ready(self, timeout: float) -> bool:
         """Whether a worker was admitted (accepted, healthy, linked: not merely its /info
-        read), waiting (at most `timeout`) only for the first round of health checks: a
-        request that comes while no worker can serve gets its 503 at once, with the reason,
-        instead of hanging (issue 18); one that comes between a worker's /info and its first
-        /health answer waits for that answer (a just-started proxy process)."""
+        read), waiting (at most `timeout`) only for the first two rounds of health checks
+        (one health interval apart): a request that comes while no worker can serve gets
+        its 503 within about a second, with the reason, instead of hanging (issue 18); one
+        that comes between a worker's /info and its /health answer waits for that answer (a
+        just-started proxy process), and a first check that failed on a loaded host gets a
+        second before anyone hears "nobody serves" (a second proxy process under
+        --api-server-count answered 503 so in CI)."""
         reg = self.registry
         if not reg.checked.is_set() and not reg.admitted.is_set():
             waits = [asyncio.ensure_future(e.wait()) for e in (reg.checked, reg.admitted)]

@@ -131,7 +131,9 @@ class Registry:
         self.http: httpx.AsyncClient | None = None
         self._task: asyncio.Task | None = None
         self.admitted = asyncio.Event()  # set once a worker was first usable (accepted, healthy)
-        self.checked = asyncio.Event()  # set once the first round of health checks ended
+        # set once two rounds of health checks ended: a worker whose first check failed
+        # (a loaded host answering late) gets a second before requests hear "nobody serves"
+        self.checked = asyncio.Event()
         self.served_once = False  # whether `ready()` was ever true (restarts are waited for)
         self.on_transfer = self.on_report = None
 
@@ -170,12 +172,15 @@ class Registry:
         return how or "nothing: no decode or both-role worker is usable"
 
     async def _loop(self) -> None:
+        rounds = 0
         while True:
             try:
                 await self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 logger.exception("health check round failed")
-            self.checked.set()
+            rounds += 1
+            if rounds >= 2:
+                self.checked.set()
             await asyncio.sleep(self.interval)
 
     async def check_all(self) -> None:
