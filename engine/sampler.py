@@ -121,6 +121,16 @@ def unpack_bitmask(words: torch.Tensor, vocab: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :vocab].bool()
 
 
+def _stacked(masks: list, dtype: torch.dtype, width: int, what: str,
+             device: torch.device) -> torch.Tensor:
+    """Per-row masks checked (dtype, shape) and stacked, then sent to `device` at once."""
+    for m in masks:
+        if m.dtype != dtype or m.shape != (width,):
+            raise ValueError(f"{what} must be a {dtype} tensor of shape ({width},), got "
+                             f"{m.dtype} {tuple(m.shape)}")
+    return torch.stack(masks).to(device, non_blocking=True)
+
+
 def apply_token_masks(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     """In place: -inf outside each masked row's allowed tokens. Bool masks and bitmasks
     each travel to the device as one stacked tensor; one check (one sync) for rows that allow
@@ -134,24 +144,12 @@ def apply_token_masks(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
     bool_rows = [k for k, i in enumerate(idx) if rows[i].allowed is not None]
     bit_rows = [k for k, i in enumerate(idx) if rows[i].bitmask is not None]
     if bool_rows:
-        masks = []
-        for k in bool_rows:
-            m = rows[idx[k]].allowed
-            if m.dtype != torch.bool or m.shape != (V,):
-                raise ValueError(f"a token mask must be a bool tensor of shape ({V},), got "
-                                 f"{m.dtype} {tuple(m.shape)}")
-            masks.append(m)
-        allowed[bool_rows] = torch.stack(masks).to(device, non_blocking=True)
+        allowed[bool_rows] = _stacked([rows[idx[k]].allowed for k in bool_rows], torch.bool,
+                                      V, "a token mask", device)
     if bit_rows:
-        words = []
-        for k in bit_rows:
-            b = rows[idx[k]].bitmask
-            if b.dtype != torch.int32 or b.shape != (W,):
-                raise ValueError(f"a token bitmask must be an int32 tensor of shape ({W},), "
-                                 f"got {b.dtype} {tuple(b.shape)}")
-            words.append(b)
-        unpacked = unpack_bitmask(torch.stack(words).to(device, non_blocking=True), V)
-        allowed[bit_rows] &= unpacked
+        words = _stacked([rows[idx[k]].bitmask for k in bit_rows], torch.int32, W,
+                         "a token bitmask", device)
+        allowed[bit_rows] &= unpack_bitmask(words, V)
     if not bool(allowed.any(dim=1).all()):
         raise ValueError("a token mask allows no token")
     sel = _rows(idx, device)

@@ -156,3 +156,68 @@ def test_several_served_model_names(backend: LocalBackend) -> None:
             assert r.json()["model"] == answered
         r = c.post("/v1/completions", json={**body, "model": "other"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+class RefusesOne:
+    """Streams one token per 20 ms for every prompt, but refuses a prompt holding token 13
+    before its first token, and fails a prompt holding token 14 after two; counts the
+    generators opened and closed."""
+
+    model_name = MODEL
+    model_path = None
+    max_model_len = 2048
+    vocab_size = 4096
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.opened = self.closed = 0
+
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[list[ChoiceDelta], None]:
+        import asyncio
+
+        self.opened += 1
+        try:
+            for k in range(50):
+                if 13 in req.prompt_token_ids:
+                    raise ValueError("prompt 13 refused by the worker")
+                if 14 in req.prompt_token_ids and k == 2:
+                    raise BackendError("its worker died")
+                await asyncio.sleep(0.02)
+                yield [ChoiceDelta(i, [300], finish_reason="length" if k == 49 else None)
+                       for i in req.choice_indices()]
+        finally:
+            self.closed += 1
+
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    async def health(self) -> dict[str, Any]:
+        return {"healthy": True}
+
+
+def test_a_batch_with_one_failing_prompt_closes_every_generation() -> None:
+    """A batch of prompts is one answer: a prompt refused at start makes the whole request a
+    400 (the others' generations closed, nothing left running); one failing mid-stream ends
+    the stream with an error event and closes the rest."""
+    b = RefusesOne()
+    with serve(create_app(b)) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        for stream in (False, True):
+            r = c.post("/v1/completions", json={"prompt": [[5, 6], [13, 7], [8, 9]],
+                                                "max_tokens": 50, "stream": stream})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"] == "prompt 13 refused by the worker"
+            assert b.opened == b.closed
+        with c.stream("POST", "/v1/completions", json={
+                "prompt": [[5, 6], [14, 7]], "max_tokens": 50, "stream": True}) as r:
+            assert r.status_code == 200
+            events = sse_events(r)
+        assert events[-1] == "[DONE]" and "its worker died" in events[-2]["error"]["message"]
+        assert b.opened == b.closed == 8
+        assert s.run_in_loop(_no_generation_tasks()) == 0
+
+
+async def _no_generation_tasks() -> int:
+    import asyncio
+
+    await asyncio.sleep(0.1)
+    return sum(1 for t in asyncio.all_tasks() if "pump" in repr(t.get_coro()))
