@@ -92,23 +92,11 @@ class CompletionLogprobs:
         self.fmt = fmt
         self.offset = start_offset
 
-    def build(self, token_ids: list[int], logprobs: list[dict[int, Logprob]]) -> dict[str, Any]:
-        tokens, token_lps, tops, offsets = [], [], [], []
-        for tid, entries in zip(token_ids, logprobs):
-            s = self.fmt.text(tid)
-            tokens.append(s)
-            token_lps.append(_lp(entries[tid].logprob))
-            # the sampled token and the top-N, as the legacy API reports them
-            tops.append({self.fmt.text(t): _lp(lp.logprob) for t, lp in entries.items()})
-            offsets.append(self.offset)
-            self.offset += len(s)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-                "text_offset": offsets}
-
-    def build_prompt(self, token_ids: list[int],
-                     entries: Sequence[dict[int, Logprob] | None] | None) -> dict[str, Any]:
-        """The prompt's part (echo with logprobs): null for a position without an entry
-        (the first token, which nothing predicts)."""
+    def build(self, token_ids: list[int],
+              entries: Sequence[dict[int, Logprob] | None] | None) -> dict[str, Any]:
+        """The object for these tokens (output, or the prompt's with echo): the token's own
+        logprob and, as the legacy API reports them, the top-N with it; null for a position
+        without an entry (a prompt's first token, which nothing predicts)."""
         tokens, token_lps, tops, offsets = [], [], [], []
         for i, tid in enumerate(token_ids):
             s = self.fmt.text(tid)
@@ -207,7 +195,7 @@ class ResponseFormatter:
         acc = self._completion_lps.setdefault(index, CompletionLogprobs(self.logprobs))
         if with_prompt and self.echo_logprobs:
             p = index // self.n
-            head = acc.build_prompt(self.prompts[p], self.prompt_logprobs[p])
+            head = acc.build(self.prompts[p], self.prompt_logprobs[p])
             return _joined(head, acc.build(token_ids, logprobs))
         return acc.build(token_ids, logprobs)
 
@@ -290,7 +278,7 @@ class ResponseFormatter:
                 if self.echo_logprobs and self.logprobs is not None:
                     p = i // self.n
                     acc = self._completion_lps.setdefault(i, CompletionLogprobs(self.logprobs))
-                    lps = acc.build_prompt(self.prompts[p], self.prompt_logprobs[p])
+                    lps = acc.build(self.prompts[p], self.prompt_logprobs[p])
                 choice = {"index": i, "text": echo, "logprobs": lps, "finish_reason": None}
             else:
                 continue
