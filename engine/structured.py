@@ -41,9 +41,6 @@ class _RequestGrammar:
         # choice -> [matcher, tokens consumed, the last of them]
         self.matchers: dict[int, list[Any]] = {}
 
-    def mask(self, choice: int, output: list[int]) -> torch.Tensor:
-        return self.owner.to_mask(self.advance(choice, output).compute_logit_bias())
-
     def advance(self, choice: int, output: list[int]) -> Any:
         """The choice's matcher, having consumed `output` (the choice's output so far)."""
         entry = self.matchers.get(choice)
@@ -116,24 +113,11 @@ class Grammars:
             raise ValueError(f"{spec.kind}: {m.get_error()}")
         return m
 
-    def to_mask(self, bias: bytes) -> torch.Tensor:
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        words = torch.frombuffer(bytearray(bias), dtype=torch.uint8)[:self.vocab_size] != 0
-        allowed[:len(words)] = words
-        return allowed
-
     def _state(self, request: Any, spec: StructuredOutputs) -> _RequestGrammar:
         state = self._requests.get(request)
         if state is None or state.spec != spec:
             state = self._requests[request] = _RequestGrammar(self, spec)
         return state
-
-    def mask(self, request: Any, spec: StructuredOutputs, choice: int,
-             output: list[int]) -> torch.Tensor:
-        """The allowed next tokens of `request`'s choice `choice`, given its output so far
-        (a bool [vocab] tensor)."""
-        with _as_value_error():
-            return self._state(request, spec).mask(choice, output)
 
     @property
     def num_words(self) -> int:

@@ -16,6 +16,7 @@ import torch
 from pdserve import LLM, SamplingParams
 from pdserve.common.params import StructuredOutputs
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.sampler import unpack_bitmask
 from tests.engine.test_roles import run_disaggregated
 from tests.factories import make_engine_parts, random_prompts
 
@@ -101,20 +102,24 @@ def test_the_grammar_state_is_rebuilt_from_the_output_so_far(tiny_checkpoint):
     class Key:  # stands for a request (weakly referenced, as requests are)
         pass
 
+    def mask(key, out):
+        return unpack_bitmask(g.bitmasks([(key, JSON, 0, out)]), g.vocab_size)[0]
+
     incremental, fresh = Key(), Key()
     for k in range(len(ids) + 1):
-        step = g.mask(incremental, JSON, 0, ids[:k])
-    replayed = g.mask(fresh, JSON, 0, ids)
+        step = mask(incremental, ids[:k])
+    replayed = mask(fresh, ids)
     assert step.equal(replayed) and 0 < int(replayed.sum()) < replayed.numel()
     # a shorter output than consumed (a recompute elsewhere): reset and replay, same mask
-    assert g.mask(incremental, JSON, 0, ids[:2]).equal(g.mask(Key(), JSON, 0, ids[:2]))
+    assert mask(incremental, ids[:2]).equal(mask(Key(), ids[:2]))
 
 
 def test_batched_bitmasks_equal_the_masks_one_by_one(tiny_checkpoint):
-    """Grammars.bitmasks (llguidance's parallel fill, a bit per token) unpacks to the same
-    masks as computing each row alone, for rows at different points of their grammars; the
-    sampler's bitmask path and bool-mask path mask the same logits."""
-    from pdserve.engine.sampler import SampleRow, apply_token_masks, unpack_bitmask
+    """Grammars.bitmasks (llguidance's parallel fill, a bit per token) unpacks to the masks
+    a lone matcher gives for each row's output (llguidance's own logit bias), for rows at
+    different points of their grammars; the sampler's bitmask path and bool-mask path mask
+    the same logits."""
+    from pdserve.engine.sampler import SampleRow, apply_token_masks
 
     eng = LLMEngine(make_engine_parts(tiny_checkpoint("llama")))
     g = eng.grammars()
@@ -131,7 +136,10 @@ def test_batched_bitmasks_equal_the_masks_one_by_one(tiny_checkpoint):
     assert words.shape == (4, (V + 31) // 32) and words.dtype == torch.int32
     unpacked = unpack_bitmask(words, V)
     for j, out in enumerate(outputs):
-        assert unpacked[j].equal(g.mask(Key(), JSON, 0, out)), j
+        m = g.matcher(JSON)
+        assert not out or m.consume_tokens(out)
+        bias = torch.frombuffer(bytearray(m.compute_logit_bias()), dtype=torch.uint8)[:V] != 0
+        assert unpacked[j].equal(bias), j
     logits = torch.randn(4, V)
     by_bits, by_bool = logits.clone(), logits.clone()
     params = SamplingParams()
