@@ -1,4 +1,5 @@
-"""D's step loop (and the `both` loop: a D that also prefills what it is sent whole).
+"""D's step loop, and the `both` loop: a D that also prefills what it is sent whole, and
+prefills for another worker as a P does (`service/prefill_half.py`).
 
 Algorithm, per request on D (`DState`):
 1. Reserve {rec, timeout}: QUEUED until free blocks and max_num_seqs allow (else REJECTED at
@@ -32,6 +33,7 @@ from pdserve.kv_transfer.states import EventKind
 from pdserve.service import metrics
 from pdserve.service.config import WorkerConfig
 from pdserve.service.loop import WorkerLoop
+from pdserve.service.prefill_half import PrefillHalf, PReq
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,10 @@ class StreamingLoop(WorkerLoop):
         self._frames = 0
 
     def step(self) -> None:
-        outs = self.engine.step()
+        self._stream(self.engine.step())
+
+    def _stream(self, outs: list[TokenRow]) -> None:
+        """One Step frame per proxy with its requests' rows; finished requests leave."""
         now = time.monotonic()
         frames: dict[bytes, list[TokenRow]] = {}
         for o in outs:
@@ -96,7 +101,7 @@ class StreamingLoop(WorkerLoop):
                 self.send(identity, wire.Step(seq=self._frames, out=rows,
                                               load=self.load_for(identity, load)))
         for rid, r in list(self.reqs.items()):
-            if r.req is not None and r.req.finished:
+            if isinstance(r, _DReq) and r.req is not None and r.req.finished:
                 self.reqs.pop(rid)
                 reasons = {s.finish_reason for s in r.req.seqs}
                 metrics.REQUESTS.labels(self.role.value,
@@ -300,10 +305,50 @@ class DecodeLoop(StreamingLoop):
 
 
 class BothLoop(DecodeLoop):
-    """Prefill and decode in one engine: Generate {rec} in, Step frames out. It is a decode
-    worker too (flexible roles, issue 21): Reserve + Join with the KV from a P, as D's, so a
-    pool that mixes P and both-role workers runs P/D between them. (Acting as P for another
-    worker is not built yet.)"""
+    """Prefill and decode in one engine: Generate {rec} in, Step frames out. Its roles are
+    not fixed (flexible roles, issue 21): it is a D too (Reserve + Join with the KV from a P,
+    its receiver at port + 2) and a P too (Prefill {rec, kv}: it prefills beside its own
+    work and offers the KV to the D named, as `service/prefill_half.py` does for P), so the
+    proxy can pair two both-role workers either way, or a P or D with one."""
 
     role = Role.BOTH
     role_name = "both-role"
+
+    def __init__(self, cfg: WorkerConfig, parts: EngineParts):
+        super().__init__(cfg, parts)
+        self.half = PrefillHalf(self)
+
+    def on_message(self, identity: bytes, msg: wire.DataMessage) -> None:
+        if isinstance(msg, wire.Prefill):  # acting as P for another worker
+            self.half.prefill(identity, msg, len(self.engine.scheduler.waiting))
+        elif isinstance(msg, wire.Connect):
+            self.half.connect(msg)
+        elif isinstance(msg, wire.Abort) and isinstance(self.reqs.get(msg.rid), PReq):
+            self.half.abort(self.reqs[msg.rid])
+        else:
+            super().on_message(identity, msg)
+
+    def step(self) -> None:
+        outs = self.engine.step()
+        mine = {o.request_id for o in outs if isinstance(self.reqs.get(o.request_id), PReq)}
+        if mine:  # first tokens of prompts prefilled for a D: the KV leaves, First goes out
+            self.half.stepped([o for o in outs if o.request_id in mine])
+            outs = [o for o in outs if o.request_id not in mine]
+        self._stream(outs)
+
+    def tick(self) -> None:
+        super().tick()
+        self.half.tick()
+
+    def wake_fds(self) -> list[int]:
+        return [*super().wake_fds(), self.half.events_fd]
+
+    def load(self) -> dict[str, Any]:
+        return {**super().load(), "blocks_awaiting_transfer": self.half.blocks_awaiting_transfer()}
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kv_peers": self.half.stats(), "acts_as_prefill": True}
+
+    def close(self) -> None:
+        self.half.close()
+        super().close()

@@ -9,7 +9,9 @@ choices, avoiding P->D links whose circuit breaker is open); a prompt shorter th
 (with `placement="slo"`, proxy/placement.py's estimates choose between P and D instead, per
 request, once both sides have measured their steps);
 without P/D pairs, a both-role worker serves it (with P's, both-role workers are D's too:
-they take a P's KV as D's do); a request that ends at its first token
+they take a P's KV as D's do; with `placement="slo"` they are P's for one another too, and
+the estimates pair two of them only when prefilling on the other meets the SLOs with more
+headroom, flexible roles); a request that ends at its first token
 (max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
 dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
@@ -72,6 +74,7 @@ class ClusterBackend:
         if placement not in ("threshold", "slo"):
             raise ValueError(f"placement must be threshold or slo, got {placement!r}")
         self.placement, self.slo = placement, slo
+        registry.flexible_roles = placement == "slo"  # both-role workers prefill for others
         self._queued_tokens = 0  # prompt tokens of the requests waiting for a route here
         self.max_retries = max_retries
         self.request_timeout = request_timeout
@@ -185,11 +188,15 @@ class ClusterBackend:
         if not usable["decode"] and not usable["both"]:
             raise BackendError("no healthy worker can serve this request (need a prefill/decode "
                                "pair, a decode worker or a both-role worker)")
+        # the workers that can prefill for another: P's, and with flexible roles (placement
+        # slo) both-role workers (flexible: they prefill for a D as P's do)
+        flexible = [w for w in reg.prefillers() if w.role == "both" and w.url not in exclude]
         # the workers that can decode what a P prefilled: D's, and with P's usable the
-        # both-role workers too (they take Reserve + Join as D's do: a mixed pool)
+        # both-role workers too (they take Reserve + Join as D's do: a mixed pool), or with
+        # flexible roles each other's prompts
         d_capable = usable["decode"] + ([w for w in usable["both"]
                                          if isinstance(w.info.get("kv_address"), str)]
-                                        if usable["prefill"] else [])
+                                        if usable["prefill"] or len(flexible) > 1 else [])
         ps, ds, boths = ([w for w in cands if w.has_room()]
                          for cands in (usable["prefill"], d_capable, usable["both"]))
         ids = req.prompt_token_ids
@@ -210,8 +217,9 @@ class ClusterBackend:
             use_p = bool(usable["prefill"]) and not short and not mostly_cached
             p_best: Worker | None = None
             chosen: placement.Estimate | None = None
-            if self.placement == "slo" and usable["prefill"]:
-                chosen, p_best = self._place(usable["prefill"], d, len(ids), hashes, bs)
+            prefills = [p for p in usable["prefill"] + flexible if p is not d]
+            if self.placement == "slo" and prefills:
+                chosen, p_best = self._place(prefills, d, len(ids), hashes, bs)
                 if chosen is not None:
                     use_p = chosen.route == "pd"
             if use_p:
@@ -230,7 +238,7 @@ class ClusterBackend:
                 return "pd", p, d
             d.assign(req.request_id, hashes, len(ids))
             self._count_placement(chosen, "skip_p")
-            return "skip_p", d, None
+            return ("both" if d.role == "both" and not usable["prefill"] else "skip_p"), d, None
         if not boths:
             return None
         w = self._pick(boths, hashes)
@@ -259,12 +267,20 @@ class ClusterBackend:
         # overtake, so a P-bound backlog delays every request behind the first; charging
         # it to P sends prompts to D while P cannot clear it within the SLO
         backlog = max(0, self._queued_tokens - num_tokens)
+
+        def budget(w: Worker) -> int:
+            return int(w.info.get("limits", {}).get("max_num_batched_tokens", 2048))
+
+        def on_p(p: Worker) -> placement.Estimate | None:
+            routed = p.link.in_flight()[1] + backlog
+            if p.role == "both":  # prefills beside its own decodes
+                return placement.on_shared_p(p.load, routed, todo(p), budget(p))
+            return placement.on_p(p.load, routed, todo(p))
+
         ests = [(e, p) for p in prefills if self._link_open(p, d)
-                for e in [placement.on_p(p.load, p.link.in_flight()[1] + backlog, todo(p))]
-                if e is not None]
-        p_est, p_best = min(ests, key=lambda x: x[0].ttft_s) if ests else (None, None)
-        budget = int(d.info.get("limits", {}).get("max_num_batched_tokens", 2048))
-        d_est = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget,
+                for e in [on_p(p)] if e is not None]
+        p_est, p_best = max(ests, key=lambda x: x[0].headroom(self.slo)) if ests else (None, None)
+        d_est = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d),
                                fallback_rate=p_best.load.get("prefill_tokens_per_s")
                                if p_best is not None else None)
         chosen = placement.decide(p_est, d_est, self.slo)

@@ -10,6 +10,8 @@ subtracted):
 - on P: TTFT ≈ (P's queued tokens + tokens routed there and not yet reported + the
   prompts waiting at the proxy for a route + N) ÷ P's prefill rate + the KV transfer
   (`transfer_s`, a constant here);
+- on a both-role worker prefilling for another (flexible roles): as on D itself (below),
+  plus the transfer, at a cost to that worker's own running decodes;
 - on D itself: D runs the prompt in chunks of its step budget B beside its running decodes,
   so each such step takes about decode_step + chunk ÷ rate; TTFT ≈ ceil((queued + N) ÷ B)
   steps of that, and every decode running on D sees that step time as its inter-token gap
@@ -17,9 +19,10 @@ subtracted):
 
 A placement meets the SLO when its TTFT estimate is within `slo.ttft_s` and, for D itself,
 the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among those that
-meet it the one with the larger relative headroom wins (P/D on a tie: it leaves D's decodes
-alone); when neither meets it, P/D if D's step would break its streams' ITL bound (a late
-first token costs one request, a long step every stream on D), else the smaller TTFT.
+meet it the one with the larger relative headroom wins (on a tie P/D with a dedicated P: it
+leaves D's decodes alone; D itself with a both-role P); when neither meets it, the side
+whose step keeps its streams' ITL bound (a late first token costs one request, a long step
+every stream on that worker), else the smaller TTFT.
 Without measurements on both sides (a worker that has not run a step since it started; a D
 that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -86,13 +89,29 @@ def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     return Estimate("skip_p", steps * step_s, step_s if running else None)
 
 
+def on_shared_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
+                step_budget: int, transfer_s: float = TRANSFER_S) -> Estimate | None:
+    """TTFT if a both-role worker prefills the prompt for another (flexible roles): it runs
+    the prompt in chunks beside its own decodes, as a D prefilling itself does (`on_d`),
+    then the KV moves; the gap its running decodes see meanwhile is the ITL cost."""
+    est = on_d(load, routed_tokens, prompt_tokens, step_budget)
+    if est is None:
+        return None
+    return Estimate("pd", est.ttft_s + transfer_s, est.itl_s)
+
+
 def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO) -> Estimate | None:
     """The placement to use, or None when either side has no estimate yet."""
     if p_est is None or d_est is None:
         return None
-    meeting = [e for e in (p_est, d_est) if e.meets(slo)]
+    # on a tie: P/D when P is a dedicated one (it leaves D's decodes alone), D itself when P
+    # would prefill beside decodes of its own too (a both-role P: no gain, a transfer more)
+    meeting = [e for e in (d_est, p_est) if e.meets(slo)]
     if meeting:
-        return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd"))
-    if d_est.itl_s is not None and d_est.itl_s > slo.itl_s:
-        return p_est  # a late first token costs this request; a long step, every stream on D
+        return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd" and e.itl_s is None))
+    # a late first token costs this request; a long step, every stream on the worker that
+    # runs it: keep the streams' bound if one side does
+    itl_ok = [e for e in (p_est, d_est) if e.itl_s is None or e.itl_s <= slo.itl_s]
+    if len(itl_ok) == 1:
+        return itl_ok[0]
     return min((p_est, d_est), key=lambda e: (e.ttft_s, e.route != "pd"))

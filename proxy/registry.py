@@ -136,6 +136,8 @@ class Registry:
         self.checked = asyncio.Event()
         self.served_once = False  # whether `ready()` was ever true (restarts are waited for)
         self.on_transfer = self.on_report = None
+        # both-role workers prefill for others too (`--placement slo`: flexible roles)
+        self.flexible_roles = False
 
     def _headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}
@@ -251,18 +253,32 @@ class Registry:
 
     def _introduce(self, w: Worker) -> None:
         """A P or D just became usable: have each P open its KV session to each D now, not
-        at the first request (a cuda_ipc handshake maps P's pool into D)."""
-        decodes = ("decode", "both")  # both-role workers take a P's KV too
-        ps = [w] if w.role == "prefill" else self.usable("prefill") if w.role in decodes else []
-        kvs = [d.info["kv_address"] for d in ([w] if w.role in decodes else
-                                              self.usable("decode") + self.usable("both"))
-               if isinstance(d.info.get("kv_address"), str)]
-        for p in ps:
-            if p.usable and kvs:
+        at the first request (a cuda_ipc handshake maps P's pool into D). Both-role workers
+        are D's (they take a P's KV) and, with flexible roles, P's too."""
+        def kv(d: Worker) -> str | None:
+            a = d.info.get("kv_address")
+            return a if isinstance(a, str) else None
+
+        prefillers, decoders = self.prefillers(), self.usable("decode") + self.usable("both")
+        pairs = [(w, d) for d in decoders if w in prefillers and d is not w] + \
+                [(p, w) for p in prefillers if w in decoders and p is not w]
+        by_p: dict[int, tuple[Worker, list[str]]] = {}
+        for p, d in pairs:
+            if kv(d) is not None:
+                by_p.setdefault(id(p), (p, []))[1].append(kv(d))
+        for p, kvs in by_p.values():
+            if p.usable:
                 try:
                     p.link.send(wire.Connect(kv=kvs))
                 except zmq.ZMQError as e:  # a link closing: the first offer connects instead
                     logger.debug("connect to %s not sent: %s", p.url, e)
+
+    def prefillers(self) -> list[Worker]:
+        """The usable workers that can prefill for another: P's, and with flexible roles the
+        both-role workers that say they can (`acts_as_prefill` in /info)."""
+        return self.usable("prefill") + ([w for w in self.usable("both")
+                                          if w.info.get("acts_as_prefill")]
+                                         if self.flexible_roles else [])
 
     def _mismatch(self, compat: dict[str, Any]) -> str | None:
         for key, want in self.expected.items():

@@ -683,3 +683,108 @@ def test_a_mixed_pool_runs_p_d_from_a_p_to_a_both_role_worker(cluster, reference
         assert routes.get("pd") == 3 and routes.get("skip_p") == 1, routes
     finally:
         stop_all(proc, [w])
+
+
+def test_two_both_role_workers_pair_up_through_the_proxy(cluster, reference):
+    """Flexible roles through `pdserve serve --placement slo` (issue 21): two both-role
+    workers, an ITL bound no running stream can meet (0.01 ms), so a prompt whose decode
+    worker has a stream running is prefilled on the other, idle one and its KV handed over.
+    The proxy pairs them one way, then the other; every output equals the offline engine's."""
+    import threading
+
+    tmp = cluster["tmp"]
+    ws = [start_worker("both", tmp, "--transfer-timeout", "3",
+                       env={"PDSERVE_CACHE_DIR": str(tmp / "cache")}) for _ in range(2)]
+    proc = None
+    try:
+        wait_healthy(ws)
+        proc, url, _ = start_proxy(tmp, [], [], "--worker", ws[0].http, "--worker", ws[1].http,
+                                   "--placement", "slo", "--slo-itl-ms", "0.01")
+        with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0,
+                           timeout=120) as c:
+            model = model_name(c)
+
+            def check(ids, max_tokens, got):
+                want = reference.generate({"prompt_token_ids": ids}, SamplingParams(
+                    max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                    use_tqdm=False)[0].outputs[0].token_ids
+                assert got == want
+
+            def ask(ids, max_tokens=6, into=None):
+                out = c.completions.create(model=model, prompt=ids, max_tokens=max_tokens,
+                                           temperature=0, extra_body={"return_token_ids": True,
+                                                                      "ignore_eos": True})
+                got = out.choices[0].model_extra["token_ids"]
+                if into is None:
+                    check(ids, max_tokens, got)
+                else:  # another thread: the offline engine checks it in this one
+                    into.append((ids, got))
+
+            # both workers measure their steps (prefill rate, decode step) first
+            outs: list = []
+            warm = [threading.Thread(target=ask, args=(prompt_ids(700 + i, 60), 6, outs))
+                    for i in range(4)]
+            for t in warm:
+                t.start()
+            for t in warm:
+                t.join()
+            assert len(outs) == 4
+            for ids, got in outs:
+                check(ids, 6, got)
+            for w in ws:
+                load = w.load()
+                if not load.get("prefill_tokens_per_s"):  # the other took all four
+                    ask(prompt_ids(720, 60))
+            assert all(w.load().get("prefill_tokens_per_s") for w in ws)
+
+            def pair(base):
+                """A long stream on the worker that gets `base`; while it runs, a prompt
+                sharing its prefix (that worker is its decode worker, by cache affinity)."""
+                long_ids, tokens, started = base, [], threading.Event()
+
+                def stream():
+                    s = c.completions.create(model=model, prompt=long_ids, max_tokens=150,
+                                             temperature=0, stream=True,
+                                             extra_body={"return_token_ids": True,
+                                                         "ignore_eos": True})
+                    for chunk in s:
+                        tokens.extend(chunk.choices[0].model_extra.get("token_ids") or [])
+                        if len(tokens) >= 3:
+                            started.set()
+                    started.set()
+
+                t = threading.Thread(target=stream)
+                t.start()
+                assert started.wait(60)
+                ask(base + prompt_ids(800 + len(base), 40))
+                t.join(120)
+                assert not t.is_alive()
+                check(long_ids, 150, tokens)  # a failed stream left fewer tokens
+
+            def routes():
+                text = httpx.get(url + "/metrics", timeout=10).text
+                return {line.split('route="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith("pdserve_proxy_routing_decisions_total{")}
+
+            def transferred(w):
+                m = re.search(r'pdserve_requests_total\{finish_reason="transferred",'
+                              r'role="both"\} (\S+)', w.get("/metrics").text)
+                return float(m.group(1)) if m else 0.0
+
+            base = prompt_ids(900, 96)
+            pair(base)
+            assert routes().get("pd") == 1, routes()
+            first_p = [w for w in ws if transferred(w) == 1]
+            assert len(first_p) == 1
+            # the other way: the prompt that worker prefilled (its prefix cache, as the
+            # proxy remembers it) brings the next long stream there; the next prompt over
+            # it is prefilled on the other worker
+            pair(base + prompt_ids(800 + len(base), 40))
+            assert routes().get("pd") == 2, routes()
+            assert all(transferred(w) == 1 for w in ws), [transferred(w) for w in ws]
+        for w in ws:  # nothing held once the streams ended
+            load = w.load()
+            assert load["blocks_awaiting_transfer"] == 0 and load["num_reserved_blocks"] == 0
+    finally:
+        stop_all(proc, ws)

@@ -14,7 +14,7 @@ from pdserve.common.wire import RequestRecord
 from pdserve.proxy import placement
 from pdserve.proxy.cluster_backend import ClusterBackend
 from pdserve.proxy.placement import SLO, Estimate
-from pdserve.proxy.registry import Worker
+from pdserve.proxy.registry import Registry, Worker
 
 STRICT = SLO(ttft_s=1.0, itl_s=0.025)
 RATE = 40_000.0  # prompt tokens/s, about an H200's on Llama-3-8B shapes (BENCHMARKS.md)
@@ -96,15 +96,19 @@ class StubRegistry:
         self.workers = workers
         self.reference = {"block_size": 16}
         self.on_transfer = self.on_report = None
+        self.flexible_roles = False
 
     def usable(self, role: str) -> list[Worker]:
         return [w for w in self.workers if w.role == role and w.usable]
 
+    prefillers = Registry.prefillers
+
 
 def worker(url: str, role: str, load: dict[str, Any]) -> Worker:
-    return Worker(url, role, info={"limits": {"max_num_seqs": 256,
-                                              "max_num_batched_tokens": 2048}},
-                  link=StubLink(load), healthy=True)  # type: ignore[arg-type]
+    info: dict[str, Any] = {"limits": {"max_num_seqs": 256, "max_num_batched_tokens": 2048}}
+    if role == "both":  # as a both-role worker's /info says it
+        info.update(kv_address=url.replace("http", "tcp"), acts_as_prefill=True)
+    return Worker(url, role, info=info, link=StubLink(load), healthy=True)  # type: ignore[arg-type]
 
 
 def route_of(backend: ClusterBackend, num_tokens: int) -> str:
@@ -142,3 +146,55 @@ def test_a_d_that_never_prefilled_borrows_the_p_rate() -> None:
     assert placement.on_d(load, 0, 100, 2048) is None
     est = placement.on_d(load, 0, 100, 2048, fallback_rate=RATE)
     assert est is not None and est.ttft_s == pytest.approx(0.006 + 100 / RATE)
+
+
+def test_a_both_role_p_prefills_beside_its_own_decodes() -> None:
+    load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 4,
+            "pending_prefill_tokens": 1000}
+    shared = placement.on_shared_p(load, 500, 4000, 2048)
+    itself = placement.on_d(load, 500, 4000, 2048)
+    assert shared is not None and itself is not None and shared.route == "pd"
+    # the same chunked steps beside its decodes, then the transfer; its streams see the gap
+    assert shared.ttft_s == pytest.approx(itself.ttft_s + placement.TRANSFER_S)
+    assert shared.itl_s == itself.itl_s and shared.itl_s is not None
+    # a tie between a both-role P and D itself (same load): D itself (no transfer for nothing)
+    even = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 10}
+    chosen = placement.decide(placement.on_shared_p(even, 0, 32, 2048, transfer_s=0.0),
+                              placement.on_d(even, 0, 32, 2048), STRICT)
+    assert chosen is not None and chosen.route == "skip_p"
+
+
+def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
+    """Flexible roles: two both-role workers under --placement slo. Each serves a request
+    whole unless prefilling it on the other meets the SLO with more headroom (the other has
+    no streams to hurt while this one's would break their ITL bound): then P/D between them.
+    Without --placement slo (or measurements) they never pair."""
+    a = worker("http://a", "both", {})
+    b = worker("http://b", "both", {})
+    flexible = ClusterBackend(StubRegistry([a, b]), None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
+    fixed = ClusterBackend(StubRegistry([a, b]), None, "m")  # type: ignore[arg-type]
+    assert flexible.registry.flexible_roles and not fixed.registry.flexible_roles
+    assert route_of(flexible, 4000) == route_of(fixed, 4000) == "both"  # nothing measured
+    # a has no decodes but a queue of prompts (the busier by score: the decodes go to b);
+    # b runs 20 streams, which a 4,000-token prompt's chunks (57 ms steps) would stall
+    a.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
+                   "pending_prefill_tokens": 12_000}
+    b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
+                   "num_requests_running": 20}
+    rec = RequestRecord("r", list(range(5, 4005)), SamplingParams(max_tokens=16, seed=1))
+    route = flexible._route(rec, set(), [])
+    assert route is not None and route[0] == "pd" and route[1] is a and route[2] is b, route
+    flexible._release(route, rec.request_id)
+    assert route_of(fixed, 4000) == "both"
+    # a short prompt fits in one of b's steps within the ITL bound: b serves it whole
+    assert route_of(flexible, 32) == "both"
+    # both run decodes alike: a tie, served whole (a transfer would buy nothing)
+    a.link.load = b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
+                                 "num_requests_running": 10}
+    assert route_of(flexible, 4000) == "both"
+    # a worker the request must avoid (a retry) is not its P either
+    a.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}  # type: ignore[union-attr]
+    b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
+                   "num_requests_running": 20}
+    route = flexible._route(rec, {"http://a"}, [])
+    assert route is not None and route[0] == "both" and route[1] is b, route

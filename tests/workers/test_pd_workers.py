@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import time
 
 import httpx
 import msgspec
@@ -32,6 +33,7 @@ def cluster(tmp_path_factory):
         "Dsmall": start_worker("decode", tmp, "--num-gpu-blocks-override", "40", env=env),
         "Dnone": start_worker("decode", tmp, env={**env, "PDSERVE_KV_TRANSPORTS": ""}),
         "both": start_worker("both", tmp, env=env),
+        "both2": start_worker("both", tmp, env=env),
     }
     try:
         wait_healthy(list(ws.values()))
@@ -143,6 +145,62 @@ def test_64_concurrent_requests_equal_offline(cluster, reference, d_name, early)
     if d_name in ("D", "Dtcp"):
         assert load["kv_transfer_fallbacks"] == 0
         assert set(load["kv_transports"].values()) == {"shm" if d_name == "D" else "tcp"}
+
+
+def test_two_both_role_workers_act_as_p_and_d_for_each_other_in_one_run(cluster, reference):
+    """Flexible roles (issue 21): in one concurrent run, each both-role worker prefills some
+    prompts for the other (Prefill with the other's KV address; the other reserves, takes the
+    KV and decodes), decodes others the other prefilled, and serves others whole; every
+    output equals the offline engine's, and afterwards both hold no blocks."""
+    a, b = cluster["both"], cluster["both2"]
+    recs = workload(48, seed=21)
+    want = expected(reference, recs)
+    links: dict = {}
+
+    def link(w):
+        if w.data not in links:
+            links[w.data] = WorkerLink(w.data, TOKEN)
+        return links[w.data]
+
+    kv = {w.data: w.get("/info").json()["kv_address"] for w in (a, b)}
+    assert all(w.get("/info").json()["acts_as_prefill"] for w in (a, b))
+    routes = [(a, b), (b, a), (a, None), (b, None)]  # (prefills, decodes); None: whole
+    got: dict = {}
+
+    async def one(rec, i):
+        p, d = routes[i % 4]
+        gen = run_both(rec, link(p)) if d is None else \
+            run_pd(rec, link(p), link(d), d_kv=kv[d.data] if i % 8 < 4 else None)
+        async for rows in gen:
+            for r in rows:
+                toks, _ = got.setdefault((rec.request_id, r.choice_index), ([], None))
+                toks.append(r.token_id)
+                got[(rec.request_id, r.choice_index)] = (toks, r.finish_reason)
+
+    async def run():
+        try:
+            await asyncio.wait_for(asyncio.gather(*(one(r, i) for i, r in enumerate(recs))), 300)
+        finally:
+            for lk in links.values():
+                await lk.close()
+
+    asyncio.run(run())
+    assert got == want
+    for w in (a, b):  # each prefilled for the other and handed the KV over
+        m = re.search(r'pdserve_requests_total\{finish_reason="transferred",role="both"\} (\S+)|'
+                      r'pdserve_requests_total\{role="both",finish_reason="transferred"\} (\S+)',
+                      w.get("/metrics").text)
+        assert m and float(m.group(1) or m.group(2)) >= 6, m
+    for w in (a, b):  # nothing held: no blocks awaiting a transfer, reserved or in use
+        end = time.monotonic() + 10
+        while True:
+            load = w.load()
+            idle = (load["blocks_awaiting_transfer"], load["num_reserved_blocks"],
+                    load["num_requests_running"], load["num_free_blocks"]) == (0, 0, 0, 400)
+            if idle or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        assert idle and load["kv_transfer_fallbacks"] == 0, load
 
 
 def pools_idle(cluster) -> bool:
