@@ -232,18 +232,63 @@ def describe(m: StepModel, pts: Sequence[Point] = ()) -> str:
     return "\n".join(lines)
 
 
+def check(data: dict[str, Any], model: StepModel | None = None) -> list[dict[str, Any]]:
+    """The model (default: fitted on `data`'s pure points) against the mixed steps of
+    bench/mixed_steps.py's JSON: for each (B decodes at their mean context, one n-token
+    prefill chunk with no prior context) the measured and modelled seconds and the residual
+    model / measured - 1; and the same for the pure decode steps measured beside them
+    (`decode_only`, B decodes at their context)."""
+    m = model or StepModel.fit(data)
+    rows = []
+    for r in data.get("mixed", []):
+        if r.get("seconds"):
+            pred = m.step_s(r["n"], r["batch"], r["decode_ctx"])
+            rows.append({"point": f"mixed B={r['batch']} n={r['n']}", "batch": r["batch"],
+                         "n": r["n"], "measured_s": r["seconds"], "model_s": pred,
+                         "residual": pred / r["seconds"] - 1})
+        if r.get("decode_only_seconds"):
+            pred = m.decode_s(r["batch"], r["decode_only_ctx"])
+            rows.append({"point": f"decode B={r['batch']} (beside n={r['n']})",
+                         "batch": r["batch"], "n": 0, "measured_s": r["decode_only_seconds"],
+                         "model_s": pred, "residual": pred / r["decode_only_seconds"] - 1})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fit", help="fit serving_gpu.py's JSON; print the fit, write --out")
     f.add_argument("measured", help="serving_gpu.json (bench/serving_gpu.py)")
     f.add_argument("--out", help="where to write the fitted model's JSON")
+    c = sub.add_parser("check", help="fit the pure points of bench/mixed_steps.py's JSON (or "
+                       "take --model) and print the model's residual on each mixed step")
+    c.add_argument("measured", help="mixed_steps.json (bench/mixed_steps.py)")
+    c.add_argument("--model", help="a fitted model's JSON to check instead of fitting")
+    c.add_argument("--out", help="where to write the residuals (JSON)")
     args = ap.parse_args(argv)
     data = json.loads(Path(args.measured).read_text())
-    model = StepModel.fit(data)
+    if args.cmd == "fit":
+        model = StepModel.fit(data)
+        print(describe(model, StepModel.points(data)))
+        if args.out:
+            Path(args.out).write_text(json.dumps(model.to_json(), indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return
+    model = load(args.model) if args.model else StepModel.fit(data)
+    print(("model " + args.model if args.model else "fitted on the pure points") + ":")
     print(describe(model, StepModel.points(data)))
+    rows = check(data, model)
+    print(f"\n{'point':34s} {'measured':>10s} {'model':>10s} residual")
+    for r in rows:
+        print(f"{r['point']:34s} {r['measured_s'] * 1e3:7.2f} ms {r['model_s'] * 1e3:7.2f} ms "
+              f"{100 * r['residual']:+7.1f}%")
+    mixed = [abs(r["residual"]) for r in rows if r["n"]]
+    if mixed:
+        print(f"mixed steps: mean |residual| {100 * sum(mixed) / len(mixed):.1f}%, worst "
+              f"{100 * max(mixed):.1f}% over {len(mixed)} points")
     if args.out:
-        Path(args.out).write_text(json.dumps(model.to_json(), indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"model": model.to_json(), "rows": rows},
+                                             indent=1) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -63,8 +63,9 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary(q, k, positions, rope[0], rope[1])
-        ops.write_kv(kv_cache, self.layer, k, v, meta.slot_mapping)
+        # rotate q and k, write k and v into the cache (one kernel on the GPU); k is cached only
+        q = ops.rotary_write_kv(q, k, v, positions, rope[0], rope[1], kv_cache, self.layer,
+                                meta.slot_mapping)
         if meta.is_decode:
             out = ops.decode_attention(
                 q, kv_cache, self.layer, meta.block_tables, meta.seq_lens, self.scale,

@@ -21,7 +21,11 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
   rows of one dot (padded to 16), so each K/V byte is read once for the whole group. Long
   contexts are cut into fixed-size splits (split-K) so that a small batch still fills the
   GPU; each split writes a partial (max, sum, acc) and `_decode_reduce_kernel` merges them.
-  The split size is fixed, never chosen from the batch, so a sequence's result does not
+  With FUSED_REDUCE there is no second kernel: each split counts itself in an int32 counter
+  per (sequence, KV head) with an acq_rel atomic after writing its partial, and the split
+  that counts last merges the partials in split order (`_merge_splits`) and zeroes the
+  counter; a sequence with one split writes its output directly. The split size (and the
+  tile, warps, stages) is fixed, never chosen from the batch, so a sequence's result does not
   depend on what it is batched with.
 """
 
@@ -143,9 +147,13 @@ def _decode_attention_kernel(
     stride_ob, stride_oh, stride_od,
     stride_btb, stride_btn,
     stride_pb, stride_ph, stride_ps,  # partial m/l [B, Hq, S]; acc [B, Hq, S, HEAD_DIM] adds D
+    cnt_ptr,  # FUSED_REDUCE: int32 [B, Hkv] split counters, zero at launch, left zero
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_SIZE: tl.constexpr,
     DIRECT: tl.constexpr,  # one split covers every sequence: write the output, no partials
+    FUSED_REDUCE: tl.constexpr,  # the last split of a (sequence, KV head) merges; no reduce kernel
+    GROUP_R: tl.constexpr,  # GROUP rounded up to a power of two (the merge's rows)
+    MERGE_STEP: tl.constexpr,  # splits the fused merge reads at a time
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -179,16 +187,75 @@ def _decode_attention_kernel(
                                              v_base + kv_off[:, None], qk_scale, mask_n,
                                              mask_n[None, :], DOT_PRECISION)
 
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
     if DIRECT:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    elif FUSED_REDUCE:
+        num_splits = tl.cdiv(seq_len, SPLIT_SIZE)
+        if num_splits == 1:
+            # this sequence's only split: the output, bit-equal to a merge of one split
+            # (weight exp2(0) = 1); its counter is never touched
+            tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=mask_g[:, None])
+        else:
+            part = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
+            tl.store(part_m_ptr + part, m_i, mask=mask_g)
+            tl.store(part_l_ptr + part, l_i, mask=mask_g)
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=mask_g[:, None])
+            # every thread's partials are written before the one (scalar) atomic releases
+            # them; the split that counts last acquires all the others' and merges them in
+            # split order, so the result does not depend on which split finished last
+            tl.debug_barrier()
+            cnt = cnt_ptr + b * tl.num_programs(1) + hkv  # [B, Hkv]: Hkv programs on axis 1
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
+                              stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
+                              GROUP, GROUP_R, HEAD_DIM, MERGE_STEP)
+                tl.store(cnt, 0)  # zero again for the next launch (no other split touches it)
     else:
         part = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps  # [GROUP_PAD]
         tl.store(part_m_ptr + part, m_i, mask=mask_g)
         tl.store(part_l_ptr + part, l_i, mask=mask_g)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=mask_g[:, None])
+
+
+@triton.jit
+def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
+                  stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
+                  GROUP: tl.constexpr, GROUP_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MERGE_STEP: tl.constexpr):
+    """The fused reduce: merge the `num_splits` partials of one (sequence, KV head)'s query
+    heads, MERGE_STEP splits at a time in split order, as `_decode_reduce_kernel` does for one
+    head. The partials are read past L1 (.cg): other programs wrote them in this launch."""
+    offs_g = tl.arange(0, GROUP_R)
+    mask_g = offs_g < GROUP
+    heads = hkv * GROUP + offs_g
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * stride_pb + heads * stride_ph  # [GROUP_R]
+    m_run = tl.full([GROUP_R], float("-inf"), tl.float32)
+    l_run = tl.zeros([GROUP_R], dtype=tl.float32)
+    acc = tl.zeros([GROUP_R, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, num_splits, MERGE_STEP):
+        offs_s = s0 + tl.arange(0, MERGE_STEP)
+        mask = mask_g[:, None] & (offs_s < num_splits)[None, :]  # [GROUP_R, MERGE_STEP]
+        part = base[:, None] + offs_s[None, :] * stride_ps
+        m_s = tl.load(part_m_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        m_s = tl.where(mask_g[:, None], m_s, 0.0)  # padding rows: finite, never stored
+        l_s = tl.load(part_l_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                        mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m_s, 1))  # finite: the first step has split 0
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m_s - m_new[:, None])
+        l_run = l_run * alpha + tl.sum(w * l_s, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * acc_s, 1)
+        m_run = m_new
+    l_run = tl.where(mask_g, l_run, 1.0)
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
 
 
 @triton.jit

@@ -22,6 +22,7 @@ from pdserve.kernels.attention import (
 from pdserve.kernels.kv_cache import write_kv, write_kv_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rotary import rotary, rotary_ref
+from pdserve.kernels.rotary_kv import rotary_write_kv, rotary_write_kv_ref
 from pdserve.kernels.triton_utils import HAVE_TRITON, TRITON_MISSING, interpreting
 
 
@@ -33,6 +34,7 @@ class KernelOps:
     rms_norm: Callable
     rotary: Callable
     write_kv: Callable
+    rotary_write_kv: Callable  # rotary, then write_kv of the rotated k and v: one launch
     prefill_attention: Callable
     decode_attention: Callable
     silu_and_mul: Callable
@@ -43,6 +45,7 @@ TORCH_OPS = KernelOps(
     rms_norm=rms_norm_ref,
     rotary=rotary_ref,
     write_kv=write_kv_ref,
+    rotary_write_kv=rotary_write_kv_ref,
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
     silu_and_mul=silu_and_mul_ref,
@@ -53,6 +56,7 @@ TRITON_OPS = KernelOps(
     rms_norm=rms_norm,
     rotary=rotary,
     write_kv=write_kv,
+    rotary_write_kv=rotary_write_kv,
     prefill_attention=prefill_attention,
     decode_attention=decode_attention,
     silu_and_mul=silu_and_mul,

@@ -1,5 +1,6 @@
-"""write_kv, rms_norm, rotary and silu_and_mul: Triton kernels against the torch references,
-on fresh random inputs, outputs poisoned with NaN before each run."""
+"""write_kv, rms_norm, rotary, the fused rotary + KV write and silu_and_mul: Triton kernels
+against the torch references, on fresh random inputs, outputs poisoned with NaN before each
+run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pdserve.kernels.kv_cache import write_kv, write_kv_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rotary import rotary, rotary_ref
+from pdserve.kernels.rotary_kv import rotary_write_kv, rotary_write_kv_ref
 from tests.kernels.paged import poisoned_outputs, rel_err, seed_for
 
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -95,3 +97,64 @@ def test_silu_and_mul(device, dtype, inter, request):
     assert rel_err(out, want) <= TOL[dtype]
     # and against the reference's own 16-bit roundings: within one ulp
     torch.testing.assert_close(out, silu_and_mul_ref(gate_up))
+
+
+@pytest.mark.parametrize("device,dtype", PLACES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size",
+                         [(4, 2, 16, 16), (6, 3, 32, 32), (32, 8, 128, 16)])
+def test_rotary_write_kv(device, dtype, num_heads, num_kv_heads, head_dim, block_size, request):
+    """The fused kernel: bit-equal to `rotary` then `write_kv` (q and every cache slot), close
+    to the fp32 reference, padding slots write nothing, the inputs are never written."""
+    gen = gen_for(request)
+    T, max_pos, num_blocks = 23, 300, 5
+    angles = torch.rand(max_pos, head_dim // 2, generator=gen) * 40
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    qkv = torch.randn(T, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)  # strided views
+    positions = torch.randint(0, max_pos, (T,), generator=gen).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]
+    slots[::5] = -1  # padding tokens: rotated q, nothing cached
+    slots = slots.to(device)
+    cache = torch.full((num_blocks, 3, 2, block_size, num_kv_heads, head_dim), float("nan"),
+                       dtype=dtype, device=device)  # poisoned: untouched slots stay NaN
+    qkv0 = qkv.clone()
+    # unfused Triton kernels: the fused one must give the same bits
+    split_cache = cache.clone()
+    q_rot, k_rot = rotary(q, k, positions, cos, sin)
+    write_kv(split_cache, 2, k_rot, v, slots)
+    with poisoned_outputs():
+        q_out = rotary_write_kv(q, k, v, positions, cos, sin, cache, 2, slots)
+    assert torch.equal(qkv, qkv0)
+    assert q_out.dtype == dtype and q_out.shape == q.shape
+    torch.testing.assert_close(q_out, q_rot, rtol=0, atol=0)
+    torch.testing.assert_close(cache, split_cache, rtol=0, atol=0, equal_nan=True)
+    # the fp32 reference: the same slots written (all others NaN), values within TOL
+    want_cache = torch.full(cache.shape, float("nan"), dtype=torch.float32, device=device)
+    q_want = rotary_write_kv_ref(q.float(), k.float(), v.float(), positions, cos, sin,
+                                 want_cache, 2, slots)
+    assert torch.equal(cache.isnan(), want_cache.isnan())
+    written = ~want_cache.isnan()
+    assert int(written.sum()) == 2 * int((slots >= 0).sum()) * num_kv_heads * head_dim
+    assert rel_err(q_out, q_want) <= TOL[dtype]
+    assert rel_err(cache[written], want_cache[written]) <= TOL[dtype]
+    # and the torch ops' composition is the reference itself (the CPU path is unchanged)
+    ref_cache = torch.full(cache.shape, float("nan"), dtype=dtype, device=device)
+    q_ref = rotary_write_kv_ref(q, k, v, positions, cos, sin, ref_cache, 2, slots)
+    q_two, k_two = rotary_ref(q, k, positions, cos, sin)
+    two_cache = torch.full(cache.shape, float("nan"), dtype=dtype, device=device)
+    write_kv_ref(two_cache, 2, k_two, v, slots)
+    assert torch.equal(q_ref, q_two)
+    torch.testing.assert_close(ref_cache, two_cache, rtol=0, atol=0, equal_nan=True)
+
+
+def test_rotary_write_kv_refuses_bad_shapes():
+    q, k = torch.randn(3, 4, 16), torch.randn(3, 2, 16)
+    cos = sin = torch.randn(10, 8)
+    cache = torch.zeros(2, 1, 2, 16, 2, 16)
+    slots, pos = torch.arange(3), torch.arange(3)
+    with pytest.raises(ValueError, match="layer"):
+        rotary_write_kv(q, k, k, pos, cos, sin, cache, 1, slots)
+    with pytest.raises(ValueError, match="must be"):
+        rotary_write_kv(q, k[:, :1], k, pos, cos, sin, cache, 0, slots)
+    with pytest.raises(ValueError, match="disagree"):
+        rotary_write_kv(q, k, k, pos, cos, sin, cache, 0, slots[:2])
