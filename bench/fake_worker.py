@@ -31,7 +31,9 @@ per step), then prompt chunks fill the rest of `--max-num-batched-tokens` (reque
 first, then new ones up to `--max-num-seqs`, in arrival order); a prompt whose last chunk
 ran gets its next token at the step's end.
 
-- both:    Generate -> chunked prefill mixed with the decodes -> one token per step.
+- both:    Generate -> chunked prefill mixed with the decodes -> one token per step; and
+           as D (Reserve, Join) and as P (Prefill: its prompt chunks run in the same steps
+           as the rest, then First and the modelled transfer) for flexible roles.
 - prefill: prefill-only steps; First at the end of the step that ran a prompt's last chunk,
            then Transfer ok after the modelled transfer (prompt tokens x KV bytes per token /
            `--transfer-gbps`, GB/s); no Transfer when there is no D (kv None) or every
@@ -234,7 +236,7 @@ class FakeWorker:
             self.send(identity, Pong(n=msg.n, load=self.load()))
         elif isinstance(msg, Connect):  # open KV sessions ahead: a fake moves no KV
             pass
-        elif isinstance(msg, Reserve) and self.role == "decode":
+        elif isinstance(msg, Reserve) and self.role != "prefill":
             self.reserved[msg.rec.request_id] = (identity, msg.rec)
             self.send(identity, Reserved(rid=msg.rec.request_id, kv="tcp://127.0.0.1:0"))
         elif isinstance(msg, Generate if self.role != "prefill" else Prefill):
@@ -376,6 +378,7 @@ class _Job:
     done: int = 0  # of `prefill`, computed
     kv: str | None = None  # P: D's KV address (None: nothing to move)
     ready: float = 0.0  # D: when its KV is in; P: when its transfer ends
+    p: bool = False  # prefilled here for a D (a P's job, or a both-role worker's as P)
 
     @property
     def rid(self) -> str:
@@ -415,6 +418,7 @@ class StepEngine:
 
     def add(self, job: _Job) -> None:
         """A job that computes here (`job.prefill` tokens) before its next token."""
+        job.p = job.p or self.role == "prefill"  # a P's jobs all hand their KV over
         self.jobs[job.rid] = job
         self.waiting.append(job)
 
@@ -442,11 +446,11 @@ class StepEngine:
         ended = [j for j in self.timed.values() if j.ready <= now]
         for j in ended:
             del self.timed[j.rid]
-            if self.role == "prefill":
+            if j.p:
                 del self.jobs[j.rid]
             else:
                 self.waiting.append(j)
-        return ended if self.role == "prefill" else []
+        return [j for j in ended if j.p]
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -495,8 +499,7 @@ class StepEngine:
             job.done += n
             job.kv_len += n
             if job.done >= job.prefill:
-                out.append((job, self._first(job, now) if self.role == "prefill"
-                            else self._emit(job)))
+                out.append((job, self._first(job, now) if job.p else self._emit(job)))
         for job in plan.decodes:
             if self.running.get(job.rid) is job:
                 job.kv_len += 1
@@ -558,16 +561,16 @@ class StepModelWorker(FakeWorker):
         e = self.engine
         self.seq += 1
         held = e.held_tokens()
-        waiting = len(e.waiting) + len(e.reserved) + (len(e.timed) if self.role == "decode" else 0)
+        waiting = len(e.waiting) + len(e.reserved) + sum(not j.p for j in e.timed.values())
         load = {"role": self.role, "seq": self.seq, "time": time.time(),
                 "num_requests_running": len(e.running), "num_requests_waiting": waiting,
                 "pending_prefill_tokens": e.pending_prefill_tokens(),
                 "kv_cache_usage_perc": min(1.0, held / self.capacity),
                 "num_free_blocks": max(0, self.capacity - held) // KV_BLOCK,
                 "fake_tokens_emitted": self.num_tokens, **self.rates.as_load()}
-        if self.role == "prefill":
+        if self.role != "decode":
             load["blocks_awaiting_transfer"] = sum(-(-j.kv_len // KV_BLOCK)
-                                                   for j in e.timed.values())
+                                                   for j in e.timed.values() if j.p)
         self.snapshot = load
         return load
 
@@ -575,9 +578,14 @@ class StepModelWorker(FakeWorker):
         return self.snapshot  # the step loop's latest (its tables are not for other threads)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "num_kv_blocks": self.capacity // KV_BLOCK,
+        info = {**super().info(), "num_kv_blocks": self.capacity // KV_BLOCK,
                 "limits": {"max_num_seqs": self.args.max_num_seqs,
                            "max_num_batched_tokens": self.args.max_num_batched_tokens}}
+        if self.role != "prefill":  # takes a P's KV (nothing listens: the transfer is modelled)
+            info["kv_address"] = f"tcp://{self.args.host}:{self.args.port + 2}"
+        if self.role == "both":  # prefills for a D too (flexible roles)
+            info["acts_as_prefill"] = True
+        return info
 
     def new_job(self, identity: bytes, rec: RequestRecord, left: int, prefill: int,
                 **kw: Any) -> _Job:
@@ -597,16 +605,18 @@ class StepModelWorker(FakeWorker):
             self.send(identity, Pong(n=msg.n, load=self.load()))
         elif isinstance(msg, Connect):
             pass
-        elif isinstance(msg, Reserve) and self.role == "decode":
+        elif isinstance(msg, Reserve) and self.role != "prefill":
             e.reserved[rec.request_id] = (identity, rec)
-            self.send(identity, Reserved(rid=rec.request_id, kv="tcp://127.0.0.1:0"))
-        elif isinstance(msg, Generate if self.role != "prefill" else Prefill):
+            self.send(identity, Reserved(rid=rec.request_id, kv=self.info()["kv_address"]))
+        elif (isinstance(msg, Generate) and self.role != "prefill") or \
+                (isinstance(msg, Prefill) and self.role != "decode"):
             if rec.output_token_ids:
                 raise WireError("a new request must have no output so far", rec.request_id)
-            kv = msg.kv if isinstance(msg, Prefill) else None
-            left = 1 if self.role == "prefill" else max(1, max_tokens)
-            e.add(self.new_job(identity, rec, left, len(rec.prompt_token_ids), kv=kv))
-        elif isinstance(msg, Join) and self.role == "decode":
+            p = isinstance(msg, Prefill)  # a both-role worker prefills for a D as P does
+            left = 1 if p else max(1, max_tokens)
+            e.add(self.new_job(identity, rec, left, len(rec.prompt_token_ids),
+                               kv=msg.kv if p else None, p=p))
+        elif isinstance(msg, Join) and self.role != "prefill":
             identity, rec = e.reserved.pop(rid, (None, None))
             if rec is None:
                 raise WireError(f"unknown request id {rid!r}", rid)
@@ -637,7 +647,7 @@ class StepModelWorker(FakeWorker):
         frames: dict[bytes, list[TokenRow]] = {}
         for job, rows in out:
             self.num_tokens += len(rows)
-            if self.role == "prefill":
+            if job.p:
                 self.send(job.identity, First(rid=job.rid, out=rows, load=load))
             else:
                 frames.setdefault(job.identity, []).extend(rows)

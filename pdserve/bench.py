@@ -70,6 +70,11 @@ class BenchConfig:
     range_ratio: float = option(0.5, check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
                                 help="uniform: lengths in input_len·[1 − r, 1 + r].")
     output_len: int = option(128, check=_pos, help="max_tokens of every request (ignore_eos).")
+    workload: str | None = option(None, metavar="PATH", help="A length mix (JSON with "
+                                  "\"pairs\": [[prompt tokens, output tokens], ...], e.g. "
+                                  "bench/data/sharegpt_like.json): each request draws a pair "
+                                  "(seeded); replaces --input-len-dist, --input-len and "
+                                  "--output-len.")
     vocab_low: int = option(5, check=lambda v: None if v >= 0 else "must be >= 0",
                             help="Smallest random prompt token id.")
     vocab_high: int = option(4000, check=_pos, help="Random prompt token ids are < this.")
@@ -94,6 +99,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.vocab_low >= self.vocab_high:
             raise ValueError("--vocab-low must be below --vocab-high")
+        if self.workload:
+            load_workload(self.workload)  # a bad file is a one-line error before any request
 
 
 # ---- prompts ------------------------------------------------------------------------------
@@ -108,6 +115,26 @@ _WORDS = ("the of and to in is you that it he was for on are as with his they at
           "get come made may part").split()
 
 
+def load_workload(path: str) -> list[tuple[int, int]]:
+    """The (prompt tokens, output tokens) pairs of a --workload file."""
+    try:
+        pairs = json.loads(Path(path).read_text())["pairs"]
+        out = [(int(p), int(o)) for p, o in pairs]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--workload {path}: not a length mix ({e})") from e
+    if not out or any(p < 1 or o < 1 for p, o in out):
+        raise ValueError(f"--workload {path}: needs pairs of positive lengths")
+    return out
+
+
+def lengths(cfg: BenchConfig, rng: Any) -> list[tuple[int, int]]:
+    """(prompt tokens, max_tokens) per request."""
+    if cfg.workload:
+        pairs = load_workload(cfg.workload)
+        return [pairs[int(i)] for i in rng.integers(0, len(pairs), cfg.num_prompts)]
+    return [(n, cfg.output_len) for n in input_lengths(cfg, rng)]
+
+
 def input_lengths(cfg: BenchConfig, rng: Any) -> list[int]:
     n, mid = cfg.num_prompts, cfg.input_len
     if cfg.input_len_dist == "fixed":
@@ -120,14 +147,15 @@ def input_lengths(cfg: BenchConfig, rng: Any) -> list[int]:
     return [int(min(max(round(x), 4), SHAREGPT_MAX_FACTOR * mid)) for x in raw]
 
 
-def make_prompts(cfg: BenchConfig, rng: Any) -> list[tuple[Any, int]]:
-    """(prompt, its length) per request: id lists for completions, word strings for chat."""
-    out: list[tuple[Any, int]] = []
-    for n in input_lengths(cfg, rng):
+def make_prompts(cfg: BenchConfig, rng: Any) -> list[tuple[Any, int, int]]:
+    """(prompt, its length, max_tokens) per request: id lists for completions, word strings
+    for chat."""
+    out: list[tuple[Any, int, int]] = []
+    for n, m in lengths(cfg, rng):
         if cfg.endpoint == "completions":
-            out.append((rng.integers(cfg.vocab_low, cfg.vocab_high, n).tolist(), n))
+            out.append((rng.integers(cfg.vocab_low, cfg.vocab_high, n).tolist(), n, m))
         else:
-            out.append((" ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), n)), n))
+            out.append((" ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), n)), n, m))
     return out
 
 
@@ -145,8 +173,10 @@ def arrival_times(n: int, rate: float, rng: Any) -> list[float]:
 
 # ---- one request ----------------------------------------------------------------------------
 
-def request_body(cfg: BenchConfig, model: str, prompt: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": cfg.output_len, "stream": True,
+def request_body(cfg: BenchConfig, model: str, prompt: Any,
+                 max_tokens: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens or cfg.output_len,
+                            "stream": True,
                             "stream_options": {"include_usage": True},
                             "temperature": cfg.temperature}
     if cfg.ignore_eos:
@@ -261,15 +291,16 @@ async def first_model(client: Any, root: str) -> str:
 
 
 async def run_rate(cfg: BenchConfig, client: Any, url: str, model: str, rate: float,
-                   prompts: list[tuple[Any, int]], arrivals: list[float]) -> dict[str, Any]:
+                   prompts: list[tuple[Any, int, int]], arrivals: list[float]
+                   ) -> dict[str, Any]:
     """One run at one request rate: every prompt sent, every outcome recorded."""
     from tqdm import tqdm
 
     from pdserve.bench_metrics import RequestResult, summarize
 
     sem = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
-    results = [RequestResult(i, num_input_tokens=n) for i, (_, n) in enumerate(prompts)]
-    bodies = [request_body(cfg, model, p) for p, _ in prompts]
+    results = [RequestResult(i, num_input_tokens=n) for i, (_, n, _) in enumerate(prompts)]
+    bodies = [request_body(cfg, model, p, m) for p, _, m in prompts]
     bar = tqdm(total=len(prompts), desc=f"rate {rate:g}", unit="req", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True)
     started_at = time.time()  # wall clock: runs of several client processes line up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -95,3 +96,27 @@ def test_lengths_and_arrivals_are_seeded() -> None:
     assert t[0] == 0.0 and all(b >= a for a, b in zip(t, t[1:]))
     assert t[-1] / 4000 == pytest.approx(0.1, rel=0.1)  # Poisson at 10 req/s
     assert arrival_times(3, math.inf, np.random.default_rng(1)) == [0.0, 0.0, 0.0]
+
+
+def test_a_workload_file_gives_each_request_its_pair(tmp_path) -> None:
+    """--workload: each request draws a (prompt, output) pair of the file, seeded; the
+    committed ShareGPT-like mix is one; a bad file is refused when the config is built."""
+    from pathlib import Path
+
+    from pdserve.bench import lengths, make_prompts, request_body
+
+    mix = Path(__file__).resolve().parents[2] / "bench" / "data" / "sharegpt_like.json"
+    cfg = BenchConfig(num_prompts=400, workload=str(mix))
+    pairs = {tuple(p) for p in json.loads(mix.read_text())["pairs"]}
+    got = lengths(cfg, np.random.default_rng(0))
+    assert got == lengths(cfg, np.random.default_rng(0)) and set(got) <= pairs
+    assert len(set(got)) > 300  # drawn across the mix, not one pair
+    assert 300 < float(np.median([p for p, _ in got])) < 550  # the file's median prompt: 400
+    prompts = make_prompts(cfg, np.random.default_rng(0))
+    assert [(n, m) for _, n, m in prompts] == got and all(len(p) == n for p, n, _ in prompts)
+    assert request_body(cfg, "m", prompts[0][0], prompts[0][2])["max_tokens"] == got[0][1]
+    bad = tmp_path / "bad.json"
+    for text in ('{"pairs": []}', '{"pairs": [[0, 5]]}', '[1, 2]', "not json"):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="--workload"):
+            BenchConfig(workload=str(bad))

@@ -135,6 +135,25 @@ def test_prefill_holds_the_kv_until_its_transfer_ends_and_decode_waits_for_it() 
     assert not d_eng.has_work()
 
 
+@pytest.mark.timeout(30)
+def test_a_both_role_engine_prefills_for_a_d_beside_its_own_decodes() -> None:
+    """Flexible roles: a both-role engine runs a prompt it prefills for a D in the same
+    steps as its own decodes, then holds its KV until the modelled transfer ends."""
+    e = fake_worker.StepEngine(TOY, "both", max_num_batched_tokens=64,
+                               transfer_s_per_token=1e-3)
+    e.add(job("own", 10, 3))
+    e.add(job("forD", 50, 8, left=1, kv="tcp://d", p=True))
+    plan = e.schedule()
+    assert [(j.rid, n) for j, n, _ in plan.chunks] == [("own", 10), ("forD", 50)]
+    assert rows(e.complete(plan, 1.0)) == {"own": [(100, None)], "forD": [(100, None)]}
+    assert e.pending_prefill_tokens() == 0 and e.held_tokens() == 10 + 50
+    plan = e.schedule()  # its own decode goes on; the prompt for D only waits for its move
+    assert [j.rid for j in plan.decodes] == ["own"] and not plan.chunks
+    assert e.next_due() == pytest.approx(1.05) and e.due(1.04) == []
+    assert [j.rid for j in e.due(1.05)] == ["forD"] and "forD" not in e.jobs
+    assert rows(e.complete(plan, 1.1)) == {"own": [(101, None)]}
+
+
 # ---- fake workers in --step-model mode behind the real proxy -------------------------------
 
 SCALE = 4.0  # H200 steps x4: a decode step ~21 ms, so timer noise stays small beside it
