@@ -8,9 +8,13 @@ One timed unit is the op over every layer (a different layer's KV each call, so 
 holds none of it, as in a real step), captured in a CUDA graph as the engine's decode graphs
 are and replayed `iters` times between CUDA events; time per call = elapsed / (iters x
 layers); the median of 3 such measurements. The op is called as the engine's graphs call it:
-`max_seq_len` = the engine's max_model_len (--max-seq-len, 8192), so the grid has
-8192 / SPLIT_SIZE splits and programs past a sequence's end return at once (a config whose
-split covers 8192 tokens runs the DIRECT path: no partials, no reduce kernel).
+`max_seq_len` = the engine's max_model_len (--max-seq-len, 8192).
+
+(The first sweep, session 7 call 1, ran an earlier kernel: a fixed grid of 8192 / SPLIT_SIZE
+programs per sequence and KV head, a separate reduce kernel or the fused one, and a DIRECT
+path when one split covered max_seq_len; its figures are in BENCHMARKS.md. The kernel now
+spreads a sequence's splits over a number of programs chosen from the batch, which does not
+change results, so this sweep measures that launcher's choice.)
 
 Configs: SPLIT_SIZE x BLOCK_N x num_warps x num_stages (`decode_attention`'s keyword
 arguments, constexprs of the kernel). Every config's output at each batch is checked against
@@ -40,7 +44,7 @@ from pathlib import Path
 import torch
 
 HQ, HKV, D = 32, 8, 128
-KEYS = ("split", "block_n", "warps", "stages", "fused")
+KEYS = ("split", "block_n", "warps", "stages")
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float16}  # the interpreter's bf16 dot is wrong
 
 
@@ -118,9 +122,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="start no new config after this many seconds from the start (compiles "
                          "included; the JSON and the table report what ran)")
-    ap.add_argument("--fused-top", type=int, default=12,
-                    help="phase 2: time the fused reduce on this many best phase-1 configs")
-    ap.add_argument("--fused-budget-s", type=float, default=40.0)
+
     args = ap.parse_args()
 
     from pdserve.kernels.attention import (
@@ -133,17 +135,17 @@ def main() -> None:
     t_start = time.perf_counter()
     out_path = Path(args.out) / "decode_attention_sweep.json"
     batches = [int(b) for b in args.batches.split(",")]
-    dbn, dwarps, dstages, dfused = _decode_config(D, torch.bfloat16)
-    default = (DECODE_SPLIT_SIZE, dbn, dwarps, dstages, dfused)
-    configs = [(*c, False) for c in itertools.product(
+    dbn, dwarps, dstages = _decode_config(D, torch.bfloat16)
+    default = (DECODE_SPLIT_SIZE, dbn, dwarps, dstages)
+    configs = [c for c in itertools.product(
         *(sorted(int(x) for x in s.split(",")) for s in (args.splits, args.block_ns, args.warps,
                                                           args.stages)))
         if c[1] <= c[0] and c[0] % c[1] == 0]
     # the default first, then every (split, tile) at the usual warps/stages before the rest,
     # so a sweep cut short by --budget-s has still covered the splits and tiles
     ws_order = [(4, 3), (4, 2), (8, 3), (4, 4), (8, 2), (8, 4)]
-    configs.sort(key=lambda c: (ws_order.index(c[2:4]) if c[2:4] in ws_order else len(ws_order),
-                                c[2:4], c[0], c[1]))
+    configs.sort(key=lambda c: (ws_order.index(c[2:]) if c[2:] in ws_order else len(ws_order),
+                                c[2:], c[0], c[1]))
     if default in configs:
         configs.remove(default)
     configs.insert(0, default)
@@ -180,10 +182,10 @@ def main() -> None:
 
     def call(b: int, cfg: tuple, layer: int) -> torch.Tensor:
         d = data[b]
-        split, bn, warps, stages, fused = cfg
+        split, bn, warps, stages = cfg
         return decode_attention(d["q"], pool, layer, d["tables"], d["seq_lens"], scale,
                                 args.max_seq_len, split_size=split, block_n=bn,
-                                num_warps=warps, num_stages=stages, fused_reduce=fused)
+                                num_warps=warps, num_stages=stages)
 
     # replays per sample: ~20 ms of GPU time at 3 TB/s (at least 8 us a call)
     rounds = {b: max(2, math.ceil(20e-3 / (args.layers * max(8e-6, data[b]["kv_bytes"] / 3e12))))
@@ -252,15 +254,8 @@ def main() -> None:
                 math.log(r[f"b{b}"]["us"] / best[b][f"b{b}"]["us"]) for b in batches))
         return best, sorted(good, key=lambda r: r["score"])
 
-    # phase 1: the grid with the reduce kernel; phase 2: the fused reduce on the phase's best
-    # configs (the fused reduce changes only the merge, so it is tried where the rest is good)
     t0 = time.perf_counter()
     run(configs, args.budget_s)
-    if correct() and args.fused_top:
-        _, ranked = ranking(correct())
-        top = [r for r in ranked if r["split"] < args.max_seq_len][:args.fused_top]
-        fused = [(r["split"], r["block_n"], r["warps"], r["stages"], True) for r in top]
-        run([c for c in fused if c != default], args.budget_s + args.fused_budget_s)
     res["sweep_s"] = time.perf_counter() - t0
 
     good = correct()
@@ -271,8 +266,7 @@ def main() -> None:
         return
 
     def name(r: dict) -> str:
-        return (f"split {r['split']:4d} bn {r['block_n']:3d} w {r['warps']} s {r['stages']}"
-                f"{' fused' if r['fused'] else ''}")
+        return f"split {r['split']:4d} bn {r['block_n']:3d} w {r['warps']} s {r['stages']}"
 
     best, ranked = ranking(good)
     res["best_per_batch"] = {f"b{b}": best[b] for b in batches}
@@ -298,8 +292,6 @@ def main() -> None:
         line(f"best b={b}", best.get(b))
     for r in ranked[:5]:
         line("across", r)
-    for r in [r for r in ranked if r["fused"]][:3]:
-        line("fused", r)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@
 # (mixed step times): wheels, install, then, each under `timeout` and a deadline (DEADLINE_S
 # after the start, default 520 s) so one hang cannot eat the call:
 #   1. the gpu-marked tests of the fused rotary + KV write and of decode attention (a quick
-#      check that they compile and are right, the fused reduce included);
+#      check that they compile and are right; T1: another pytest -k expression);
 #   2. bench/decode_attention_sweep.py (SWEEP=0 skips; SWEEP_ARGS);
 #   3. bench/mixed_steps.py (MIXED=0 skips);
 #   4. bench/serving_gpu.py from BEFORE=<dir> (a `git archive` of an earlier commit inside the
 #      tree, PYTHONPATH=<dir>), then from this tree (SERVING_ARGS, BEFORE_ARGS);
 #   5. the gpu-marked tests of tests/kernels, tests/engine/test_gpu_engine.py and
-#      tests/engine/test_bf16_numerics.py, in what time is left.
+#      tests/engine/test_bf16_numerics.py (TESTS: other paths), in what time is left.
 # Console output in $OUT/log.txt, JSON beside it (at most 8 files come back).
 # Usage (repo root, on the lent machine; carry [".whl"]):
 #   BEFORE=before16 bash bench/gpu_issue16_check.sh
@@ -32,9 +32,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   2>&1 | tee -a "$LOG"
 PYTEST=(python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -m gpu)
 
-step "1. fused rotary + KV write and decode attention (fused reduce too), gpu-marked"
+step "1. fused rotary + KV write and decode attention, gpu-marked"
 timeout "$(left 150)" "${PYTEST[@]}" --timeout 120 tests/kernels/test_elementwise.py \
-  tests/kernels/test_attention.py -k "rotary_write_kv or decode" 2>&1 | tee "$OUT/gpu_tests1.log" \
+  tests/kernels/test_attention.py -k "${T1:-rotary_write_kv or decode}" 2>&1 | tee "$OUT/gpu_tests1.log" \
   | tail -6 | tee -a "$LOG"
 
 if [ "${SWEEP:-1}" != 0 ]; then
@@ -66,8 +66,10 @@ timeout "$(left 130)" python3 bench/serving_gpu.py --out "$OUT" \
 l=$(left 240)
 if [ "$l" -gt 30 ]; then
   step "5. gpu-marked tests ($l s)"
-  timeout "$l" "${PYTEST[@]}" --timeout 200 tests/kernels tests/engine/test_gpu_engine.py \
-    tests/engine/test_bf16_numerics.py 2>&1 | tee "$OUT/gpu_tests.log" \
+  # shellcheck disable=SC2086  # TESTS: paths, word-split
+  timeout "$l" "${PYTEST[@]}" --timeout 200 \
+    ${TESTS:-tests/kernels tests/engine/test_gpu_engine.py tests/engine/test_bf16_numerics.py} \
+    2>&1 | tee "$OUT/gpu_tests.log" \
     | grep -E "bf16 relative|passed|failed|FAILED|Error" | tail -20 | tee -a "$LOG"
 else
   step "5. gpu-marked tests skipped: ${l} s left"

@@ -195,15 +195,14 @@ def bench_tune(copy_bw: float) -> None:
                     note="(BLOCK_M, BLOCK_N, warps, stages)")
         attn._prefill_config = base_prefill
         for B, ctx in ((32, 1024), (256, 1024)):
-            for cfg in [(64, 4, 3, False), (64, 4, 4, False), (32, 4, 4, False), (64, 2, 3, False),
-                        (128, 4, 3, False)]:
+            for cfg in [(128, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 2, 3), (128, 4, 3)]:
                 attn._decode_config = lambda d, dt, c=cfg: c
                 nbytes, fns = decode_fns(B, ctx)
                 row("tune", f"decode B={B} ctx={ctx} {cfg}", nbytes / ms_graph(fns) / 1e9, "TB/s",
-                    "device copy", copy_bw, "(BLOCK_N, warps, stages, fused reduce)")
+                    "device copy", copy_bw, "(BLOCK_N, warps, stages)")
             attn._decode_config = base_decode
         for B, ctx in ((1, 8192), (32, 1024), (32, 8192)):
-            for split in (256, 512, 1024):
+            for split in (128, 256, 512, 1024):
                 nbytes, fns = decode_fns(B, ctx, split)
                 row("tune", f"decode B={B} ctx={ctx} split={split}",
                     nbytes / ms_graph(fns) / 1e9, "TB/s", "device copy", copy_bw)

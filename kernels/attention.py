@@ -20,11 +20,7 @@ import math
 
 import torch
 
-from pdserve.kernels.attention_triton import (
-    _decode_attention_kernel,
-    _decode_reduce_kernel,
-    _prefill_attention_kernel,
-)
+from pdserve.kernels.attention_triton import _decode_attention_kernel, _prefill_attention_kernel
 from pdserve.kernels.triton_utils import (
     check_device,
     check_index,
@@ -34,7 +30,7 @@ from pdserve.kernels.triton_utils import (
 )
 
 LOG2E = math.log2(math.e)
-DECODE_SPLIT_SIZE = 512  # tokens per decode split (fixed: results never depend on the batch)
+DECODE_SPLIT_SIZE = 256  # tokens per decode split (fixed: results never depend on the batch)
 
 
 def _gather_kv(
@@ -160,26 +156,29 @@ def _prefill_config(head_dim: int, dtype: torch.dtype,
     return 64, 32, 8, 2
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, num_warps, num_stages, fused reduce) of the decode kernel, fixed by shape
-    (never by the batch: the tile and the warps' layout fix the order of the sums, so a
-    sequence's result would change with them)."""
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel, fixed by shape (never by the
+    batch: the tile and the warps' layout fix the order of the sums, so a sequence's result
+    would change with them)."""
     if interpreting():
-        return 32, 4, 1, False
+        return 32, 4, 1
     if dtype == torch.float32:
-        return 32, 8, 2, False
-    # K/V-bandwidth bound: a 3-deep cp.async pipeline of 64-token tiles keeps bytes in flight
-    return (64, 4, 3, False) if head_dim <= 128 else (32, 4, 2, False)
+        return 32, 8, 2
+    # K/V-bandwidth bound: 128-token tiles, 2-stage cp.async pipeline (bench/
+    # decode_attention_sweep.py on an H100, BENCHMARKS.md session 7)
+    return (128, 4, 2) if head_dim <= 128 else (32, 4, 2)
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SM_COUNT: dict[torch.device, int] = {}
 
 
 def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros (at least n) for the fused reduce's split counters. The kernel leaves them
-    zero, so one buffer per device serves every launch (decode attention runs one launch at a
-    time per device: the engine's forwards are serial on one stream). A buffer that must grow
-    inside a CUDA graph capture is made per launch (a memset in the graph) instead of kept."""
+    """int32 zeros (at least n), the decode kernel's per-(sequence, KV head) counters. The
+    kernel leaves them zero, so one buffer per device serves every launch (decode attention
+    runs one launch at a time per device: the engine's forwards are serial on one stream). A
+    buffer that must grow inside a CUDA graph capture is made per launch (a memset in the
+    graph) instead of kept."""
     buf = _SPLIT_COUNTERS.get(device)
     if buf is None or buf.numel() < n:
         fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
@@ -187,6 +186,17 @@ def _split_counters(n: int, device: torch.device) -> torch.Tensor:
             return fresh
         buf = _SPLIT_COUNTERS[device] = fresh
     return buf
+
+
+def _programs_per_head(rows: int, max_splits: int, device: torch.device) -> int:
+    """Programs that share one (sequence, KV head)'s splits: enough for about two programs per
+    SM over the batch's `rows` (sequences x KV heads), one once the batch fills the GPU. Any
+    value gives the same bits (the kernel's docstring)."""
+    if device.type != "cuda":
+        return min(max_splits, 4)  # the interpreter: a few, so the tests share splits
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(max_splits, -(-2 * _SM_COUNT[device] // rows)))
 
 
 def prefill_attention(
@@ -229,18 +239,18 @@ def decode_attention(
     seq_lens: torch.Tensor, scale: float, max_seq_len: int, *,
     split_size: int = DECODE_SPLIT_SIZE, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    fused_reduce: bool | None = None,
+    programs_per_head: int | None = None,
 ) -> torch.Tensor:
     """Triton `decode_attention_ref` (same contract). Contexts are cut into fixed splits of
-    `split_size` tokens (a multiple of the tile, block_n), merged by a reduce kernel or, with
-    `fused_reduce`, by the last split of each (sequence, KV head) in the same kernel.
-    split_size, block_n, num_warps, num_stages and fused_reduce override the defaults (tests
-    and bench/decode_attention_sweep.py use them); a caller must not vary them with the batch."""
+    `split_size` tokens (a multiple of the tile, block_n), merged in split order in the same
+    kernel. split_size, block_n, num_warps and num_stages override the defaults (tests and
+    bench/decode_attention_sweep.py use them; a caller must not vary them with the batch);
+    programs_per_head overrides the launch's spread of each sequence's splits over programs
+    (the default follows the batch size; it never changes a result)."""
     group, block_size = _check_attention_inputs(q, kv_cache, layer, block_tables, seq_lens)
     B, num_heads, head_dim = q.shape
-    bn, warps, stages, fused = _decode_config(head_dim, q.dtype)
+    bn, warps, stages = _decode_config(head_dim, q.dtype)
     bn = block_n or min(bn, split_size)
-    fused = fused if fused_reduce is None else fused_reduce
     check_power_of_two("block_n", bn)
     if split_size % bn:
         raise ValueError(f"split_size {split_size} must be a multiple of the tile ({bn})")
@@ -249,31 +259,23 @@ def decode_attention(
         return out
     kv = kv_cache[:, layer]  # [NB, 2, bs, Hkv, D]
     num_kv_heads = num_heads // group
-    num_splits = max(triton.cdiv(max_seq_len, split_size), 1)
-    # one split covers every sequence: the kernel writes the output (bit-equal to a reduce
-    # over one split: its weight is exp2(0) = 1), so no partials and no reduce launch
-    direct = num_splits == 1
-    fused = fused and not direct
-    # partials, fp32: m/l [B, Hq, S], acc [B, Hq, S, D] (contiguous: the kernels rely on it)
-    shape = (B, num_heads, num_splits) if not direct else (1, 1, 1)
-    part_m = torch.empty(shape, dtype=torch.float32, device=q.device)
-    part_l = torch.empty(shape, dtype=torch.float32, device=q.device)
-    part_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=q.device)
-    counters = _split_counters(B * num_kv_heads, q.device) if fused else part_m
+    max_splits = max(triton.cdiv(max_seq_len, split_size), 1)
+    per_head = programs_per_head or _programs_per_head(B * num_kv_heads, max_splits, q.device)
+    if not 1 <= per_head <= max_splits:
+        raise ValueError(f"programs_per_head {per_head} must be in [1, {max_splits}]")
+    # partials, fp32: m/l [B, Hq, S], acc [B, Hq, S, D] (contiguous: the kernel relies on it)
+    part_m = torch.empty((B, num_heads, max_splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((B, num_heads, max_splits, head_dim), dtype=torch.float32,
+                           device=q.device)
+    counters = _split_counters(B * num_kv_heads, q.device)
     group_pad = max(16, triton.next_power_of_2(group))  # a dot needs M >= 16
-    _decode_attention_kernel[(B, num_kv_heads, num_splits)](
-        q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, scale * LOG2E,
+    _decode_attention_kernel[(B, num_kv_heads, per_head)](
+        q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, counters, scale * LOG2E,
         *q.stride(), *kv.stride(), *out.stride(), *block_tables.stride(), *part_m.stride(),
-        counters,
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
-        BLOCK_N=bn, SPLIT_SIZE=split_size, DIRECT=direct, FUSED_REDUCE=fused,
-        GROUP_R=triton.next_power_of_2(group), MERGE_STEP=8,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        GROUP=group, GROUP_PAD=group_pad, GROUP_R=triton.next_power_of_2(group),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=bn, SPLIT_SIZE=split_size,
+        MERGE_STEP=8, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
-    if not direct and not fused:
-        _decode_reduce_kernel[(B, num_heads)](
-            out, seq_lens, part_m, part_l, part_acc, *out.stride(), *part_m.stride(),
-            HEAD_DIM=head_dim, SPLIT_SIZE=split_size, SPLITS_PER_STEP=16, num_warps=4,
-        )
     return out

@@ -16,17 +16,17 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
   programs run next to each other (head is grid axis 0), so each K/V tile is fetched from
   memory once and read by the group out of L2. Keys below the tile's first query position
   are visible to all its rows and run without masks; only the diagonal tiles are masked.
-- `_decode_attention_kernel`: one program = ONE KV head's query group of one sequence over a
-  fixed split of SPLIT_SIZE tokens. Decode is bound by K/V bytes: the group's queries are the
-  rows of one dot (padded to 16), so each K/V byte is read once for the whole group. Long
-  contexts are cut into fixed-size splits (split-K) so that a small batch still fills the
-  GPU; each split writes a partial (max, sum, acc) and `_decode_reduce_kernel` merges them.
-  With FUSED_REDUCE there is no second kernel: each split counts itself in an int32 counter
-  per (sequence, KV head) with an acq_rel atomic after writing its partial, and the split
-  that counts last merges the partials in split order (`_merge_splits`) and zeroes the
-  counter; a sequence with one split writes its output directly. The split size (and the
-  tile, warps, stages) is fixed, never chosen from the batch, so a sequence's result does not
-  depend on what it is batched with.
+- `_decode_attention_kernel`: decode is bound by K/V bytes. A sequence's context is cut into
+  fixed splits of SPLIT_SIZE tokens; each split's partial (max, sum, acc) over the KV head's
+  query group (the group's queries are the rows of one dot, padded to 16, so each K/V byte is
+  read once for the group) goes to memory, and the program that finishes last for a
+  (sequence, KV head) (an acq_rel atomic counter, zeroed again after) merges the partials in
+  split order (`_merge_splits`): no second kernel. How many programs share a sequence's
+  splits (grid axis 2, each a contiguous run of splits in one software-pipelined loop) is the
+  launcher's choice by batch size, many at batch 1 (parallelism over the context) and one at
+  large batches (no idle programs, one pass over the KV): it moves work, never changes a
+  value, since every split's partial and the merge are the same code either way. So a
+  sequence's result depends on the split size (fixed) alone, never on its batch.
 """
 
 from __future__ import annotations
@@ -140,30 +140,30 @@ def _prefill_attention_kernel(
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cnt_ptr,
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_cd,
     stride_ob, stride_oh, stride_od,
     stride_btb, stride_btn,
     stride_pb, stride_ph, stride_ps,  # partial m/l [B, Hq, S]; acc [B, Hq, S, HEAD_DIM] adds D
-    cnt_ptr,  # FUSED_REDUCE: int32 [B, Hkv] split counters, zero at launch, left zero
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_SIZE: tl.constexpr,
-    DIRECT: tl.constexpr,  # one split covers every sequence: write the output, no partials
-    FUSED_REDUCE: tl.constexpr,  # the last split of a (sequence, KV head) merges; no reduce kernel
-    GROUP_R: tl.constexpr,  # GROUP rounded up to a power of two (the merge's rows)
-    MERGE_STEP: tl.constexpr,  # splits the fused merge reads at a time
-    DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_R: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr, MERGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
-    split = tl.program_id(2)
+    p = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    start = split * SPLIT_SIZE
-    if start >= seq_len:
-        return  # the reduce reads only the splits that hold tokens
-    end = tl.minimum(start + SPLIT_SIZE, seq_len)
+    num_splits = tl.cdiv(seq_len, SPLIT_SIZE)
+    # this program's splits: a contiguous run of `per_prog` (the launch's programs per head,
+    # grid axis 2, only decides who computes which split, never a split's value)
+    per_prog = tl.cdiv(num_splits, tl.num_programs(2))
+    first = p * per_prog
+    if first >= num_splits:
+        return  # no split left for this program (it never counts itself)
+    start = first * SPLIT_SIZE
+    end = tl.minimum(start + per_prog * SPLIT_SIZE, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)  # rows = the group's query heads, padded to a dot's 16
     offs_d = tl.arange(0, HEAD_DIM)
@@ -175,6 +175,7 @@ def _decode_attention_kernel(
     k_base = kv_ptr + hkv * stride_ch + offs_d[None, :] * stride_cd
     v_base = k_base + stride_ckv
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    part_row = b.to(tl.int64) * stride_pb + heads * stride_ph  # [GROUP_PAD]
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -186,40 +187,29 @@ def _decode_attention_kernel(
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_base + kv_off[:, None],
                                              v_base + kv_off[:, None], qk_scale, mask_n,
                                              mask_n[None, :], DOT_PRECISION)
-
-    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-    if DIRECT:
-        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-    elif FUSED_REDUCE:
-        num_splits = tl.cdiv(seq_len, SPLIT_SIZE)
-        if num_splits == 1:
-            # this sequence's only split: the output, bit-equal to a merge of one split
-            # (weight exp2(0) = 1); its counter is never touched
-            tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=mask_g[:, None])
-        else:
-            part = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
-            tl.store(part_m_ptr + part, m_i, mask=mask_g)
-            tl.store(part_l_ptr + part, l_i, mask=mask_g)
-            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                     mask=mask_g[:, None])
-            # every thread's partials are written before the one (scalar) atomic releases
-            # them; the split that counts last acquires all the others' and merges them in
-            # split order, so the result does not depend on which split finished last
-            tl.debug_barrier()
-            cnt = cnt_ptr + b * tl.num_programs(1) + hkv  # [B, Hkv]: Hkv programs on axis 1
-            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            if done == num_splits - 1:
-                _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
-                              stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
-                              GROUP, GROUP_R, HEAD_DIM, MERGE_STEP)
-                tl.store(cnt, 0)  # zero again for the next launch (no other split touches it)
-    else:
-        part = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps  # [GROUP_PAD]
-        tl.store(part_m_ptr + part, m_i, mask=mask_g)
-        tl.store(part_l_ptr + part, l_i, mask=mask_g)
+        # a split's last tile: write its partial, start the next split afresh (masked stores
+        # and selects, no branch: the loop stays one software-pipelined loop)
+        split_end = ((n0 + BLOCK_N) % SPLIT_SIZE == 0) | (n0 + BLOCK_N >= end)
+        part = part_row + (n0 // SPLIT_SIZE) * stride_ps
+        keep = mask_g & split_end
+        tl.store(part_m_ptr + part, m_i, mask=keep)
+        tl.store(part_l_ptr + part, l_i, mask=keep)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=mask_g[:, None])
+                 mask=keep[:, None])
+        m_i = tl.where(split_end, float("-inf"), m_i)
+        l_i = tl.where(split_end, 0.0, l_i)
+        acc = tl.where(split_end, 0.0, acc)
+
+    # every thread's partials are written before the one (scalar) atomic releases them; the
+    # program that counts last acquires the others' and merges all splits in split order
+    tl.debug_barrier()
+    cnt = cnt_ptr + b * tl.num_programs(1) + hkv  # [B, Hkv]: Hkv programs on axis 1
+    done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+    if done == tl.cdiv(num_splits, per_prog) - 1:
+        _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
+                      stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
+                      GROUP, GROUP_R, HEAD_DIM, MERGE_STEP)
+        tl.store(cnt, 0)  # zero again for the next launch (no other program touches it)
 
 
 @triton.jit
@@ -227,9 +217,11 @@ def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_spl
                   stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
                   GROUP: tl.constexpr, GROUP_R: tl.constexpr, HEAD_DIM: tl.constexpr,
                   MERGE_STEP: tl.constexpr):
-    """The fused reduce: merge the `num_splits` partials of one (sequence, KV head)'s query
-    heads, MERGE_STEP splits at a time in split order, as `_decode_reduce_kernel` does for one
-    head. The partials are read past L1 (.cg): other programs wrote them in this launch."""
+    """Merge the `num_splits` partials of one (sequence, KV head)'s query heads, MERGE_STEP
+    splits at a time in split order: out = sum_s w_s acc_s / sum_s w_s l_s with
+    w_s = exp2(m_s - max_s m_s). One code path for every launch shape, so the output's bits
+    depend on the split size alone. The partials are read past L1 (.cg): other programs
+    wrote them in this launch."""
     offs_g = tl.arange(0, GROUP_R)
     mask_g = offs_g < GROUP
     heads = hkv * GROUP + offs_g
@@ -256,38 +248,3 @@ def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_spl
     l_run = tl.where(mask_g, l_run, 1.0)
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
              (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    out_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    stride_ob, stride_oh, stride_od,
-    stride_pb, stride_ph, stride_ps,
-    HEAD_DIM: tl.constexpr, SPLIT_SIZE: tl.constexpr, SPLITS_PER_STEP: tl.constexpr,
-):
-    """Merge the splits of one (sequence, query head): out = sum_s w_s acc_s / sum_s w_s l_s
-    with w_s = exp2(m_s - max_s m_s)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    num_splits = tl.cdiv(tl.load(seq_lens_ptr + b), SPLIT_SIZE)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = b.to(tl.int64) * stride_pb + h * stride_ph
-    m_run = tl.full([], float("-inf"), tl.float32)
-    l_run = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for s0 in range(0, num_splits, SPLITS_PER_STEP):
-        offs_s = s0 + tl.arange(0, SPLITS_PER_STEP)
-        mask_s = offs_s < num_splits
-        part = base + offs_s * stride_ps
-        m_s = tl.load(part_m_ptr + part, mask=mask_s, other=float("-inf"))
-        l_s = tl.load(part_l_ptr + part, mask=mask_s, other=0.0)
-        acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
-                        mask=mask_s[:, None], other=0.0)  # [SPLITS_PER_STEP, HEAD_DIM]
-        m_new = tl.maximum(m_run, tl.max(m_s, 0))  # finite: the first step has split 0
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m_s - m_new)
-        l_run = l_run * alpha + tl.sum(w * l_s, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * acc_s, 0)
-        m_run = m_new
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
-             (acc / l_run).to(out_ptr.dtype.element_ty))

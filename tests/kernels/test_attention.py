@@ -78,42 +78,44 @@ def test_prefill_attention(case, dtype, request):
     check_prefill(batch, dtype, TOL[dtype], block_m=bm, block_n=bn)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-split{c[5]}")
-def test_decode_attention(case, dtype, fused, request):
+def test_decode_attention(case, dtype, request):
     head_dim, hq, hkv, bs, seq_lens, split, bn = case
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     batch = make_paged_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, head_dim,
                              bs, dtype, "cpu", gen)
-    check_decode(batch, dtype, TOL[dtype], split_size=split, block_n=bn, fused_reduce=fused)
-    assert not _SPLIT_COUNTERS.get(batch.q.device, torch.zeros(1)).any()  # left zero
+    check_decode(batch, dtype, TOL[dtype], split_size=split, block_n=bn)
+    assert not _SPLIT_COUNTERS[batch.q.device].any()  # the kernel leaves its counters zero
 
 
 def check_batch_independence(device: str, dtype: torch.dtype, head_dim: int, hq: int, hkv: int,
-                             lens: list[int], gen: torch.Generator, **kw) -> None:
-    """Each sequence's output is the same bits alone (its own max_seq_len: one split may mean
-    the direct path) as inside the batch, and as in a launch sized for 8192 tokens (the
-    engine's CUDA graphs); the fused reduce's counters are left zero."""
+                             lens: list[int], gen: torch.Generator, spreads: list[int],
+                             **kw) -> None:
+    """Each sequence's output is the same bits alone (its own max_seq_len) as inside the
+    batch, as in a launch sized for 8192 tokens (the engine's CUDA graphs), and whatever
+    number of programs shares its splits; the kernel leaves its counters zero."""
     batch = make_paged_batch([1] * len(lens), [n - 1 for n in lens], hq, hkv, head_dim, 16,
                              dtype, device, gen)
     args = (batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens, 0.29)
     together = decode_attention(batch.q, *args, batch.max_seq_len, **kw)
-    wide = decode_attention(batch.q, *args, 8192, **kw)
-    assert torch.equal(together, wide)
+    check_decode(batch, dtype, TOL[dtype], **kw)
+    assert torch.equal(decode_attention(batch.q, *args, 8192, **kw), together)
+    for per_head in spreads:
+        spread = decode_attention(batch.q, *args, 8192, programs_per_head=per_head, **kw)
+        assert torch.equal(spread, together), f"{per_head} programs per head"
     for i, n in enumerate(lens):
         alone = decode_attention(batch.q[i:i + 1], batch.kv_cache, batch.layer,
                                  batch.block_tables[i:i + 1], batch.seq_lens[i:i + 1], 0.29, n,
                                  **kw)
         assert torch.equal(alone[0], together[i]), f"sequence {i} ({n} tokens)"
-    assert not _SPLIT_COUNTERS.get(batch.q.device, torch.zeros(1)).any()
+    assert not _SPLIT_COUNTERS[batch.q.device].any()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
-def test_decode_result_does_not_depend_on_the_batch(fused, request):
+def test_decode_result_does_not_depend_on_the_batch(request):
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     check_batch_independence("cpu", torch.float16, 32, 8, 2, [40, 1, 64, 65, 300], gen,
-                             split_size=64, block_n=32, fused_reduce=fused)
+                             [1, 2, 3, 7, 128], split_size=64, block_n=32)
 
 
 def test_int32_indices_and_strided_q(request):
@@ -169,34 +171,34 @@ def test_prefill_attention_gpu(case, dtype, request):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
-@pytest.mark.parametrize("split", [512, 64])
+@pytest.mark.parametrize("split", [256, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-bs{c[3]}")
-def test_decode_attention_gpu(case, dtype, split, fused, request):
+def test_decode_attention_gpu(case, dtype, split, request):
     head_dim, hq, hkv, bs, seq_lens = case
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     batch = make_paged_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, head_dim,
                              bs, dtype, "cuda", gen)
-    check_decode(batch, dtype, TOL[dtype], split_size=split, fused_reduce=fused)
+    check_decode(batch, dtype, TOL[dtype], split_size=split)
+    check_decode(batch, dtype, TOL[dtype], split_size=split, programs_per_head=1)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True], ids=["reduce-kernel", "fused-reduce"])
-def test_decode_batch_independence_and_repeats_gpu(fused, request):
-    """Compiled: a sequence's bits alone = in its batch = in a launch sized for 8192 tokens,
-    with the default config and a small split; and 30 repeats of a launch with many splits
-    per sequence give the same bits (the fused reduce's last-split hand-off has no race)."""
+def test_decode_batch_independence_and_repeats_gpu(request):
+    """Compiled: a sequence's bits alone = in its batch = in a launch sized for 8192 tokens =
+    with any spread of its splits over programs, at the default config and a small split; and
+    30 repeats of a launch with many programs per sequence give the same bits (the last
+    program's hand-off has no race)."""
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
-    lens = [1, 100, 1030, 1130, 4000, 513]
-    check_batch_independence("cuda", torch.bfloat16, 128, 32, 8, lens, gen, fused_reduce=fused)
-    check_batch_independence("cuda", torch.bfloat16, 128, 32, 8, lens, gen, split_size=64,
-                             fused_reduce=fused)
-    batch = make_paged_batch([1] * 96, [int(n) for n in torch.randint(500, 3000, (96,),
-                                                                       generator=gen)],
-                             32, 8, 128, 16, torch.bfloat16, "cuda", gen)
+    lens = [1, 100, 1030, 1130, 4000, 513, 257, 256]
+    check_batch_independence("cuda", torch.bfloat16, 128, 32, 8, lens, gen, [1, 2, 5, 32])
+    check_batch_independence("cuda", torch.bfloat16, 128, 32, 8, lens, gen, [1, 3, 128],
+                             split_size=64)
+    ctx = [int(n) for n in torch.randint(500, 3000, (96,), generator=gen)]
+    batch = make_paged_batch([1] * 96, ctx, 32, 8, 128, 16, torch.bfloat16, "cuda", gen)
     args = (batch.q, batch.kv_cache, batch.layer, batch.block_tables, batch.seq_lens, 0.29, 8192)
-    first = decode_attention(*args, split_size=64, fused_reduce=fused)
-    for _ in range(30):
-        assert torch.equal(decode_attention(*args, split_size=64, fused_reduce=fused), first)
-    assert not _SPLIT_COUNTERS.get(batch.q.device, torch.zeros(1)).any()
+    first = decode_attention(*args, split_size=64, programs_per_head=16)
+    for i in range(30):
+        again = decode_attention(*args, split_size=64, programs_per_head=(16, 128, 1)[i % 3])
+        assert torch.equal(again, first)
+    assert not _SPLIT_COUNTERS[batch.q.device].any()
