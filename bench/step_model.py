@@ -50,6 +50,18 @@ by `python bench/step_model.py fit`, stored in bench/data/h200_llama3_8b_model.j
     decode_b256      19.619 ms  19.633  +0.07%
 
 (decode b=256 is on the compute side of the max(): 256 x token_s = 5.58 ms > floor_s.)
+
+Checked on mixed steps (issue 21): `python bench/step_model.py check <mixed_steps.json>` fits
+the pure points of bench/mixed_steps.py's JSON (the same five, measured in the same run) and
+prints the model's residual (model / measured - 1) on each mixed step (one n-token prefill
+chunk plus B decodes, `engine.step()` level) and on the pure decode steps measured beside them.
+On one H100 (bench/data/h100_llama3_8b_mixed.json, BENCHMARKS.md session 7) the decode steps
+are within -0.9..-6.3%, but the model is far below every mixed step: -4% (B=1, n=2048) to
+-65% (B=128, n=256), mean |residual| 36%. Two costs of a mixed step are outside the form
+(causes inferred from the runner's code, not profiled): it runs eager, not in a CUDA graph
+(B=1, n=256: 13.9 ms against the model's 6.6 ms floor), and its decode rows go through the
+prefill attention kernel, not the decode one (at n=256 a mixed step costs 7.3 ms more than
+decoding alone at B=1, 34 ms more at B=128).
 """
 
 from __future__ import annotations
