@@ -143,27 +143,31 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
             extra = ["--placement", "slo", "--slo-ttft-ms", str(slo[0] * scale),
                      "--slo-itl-ms", str(slo[1] * scale)] if name.startswith("flex") else []
             url = c.proxy("2 both-role", "--worker", a, "--worker", b, *extra)
-        result = out / "bench.json"
         lengths = ["--workload", str(args.workload)] if args.workload else [
             "--input-len-dist", "sharegpt", "--input-len", str(args.input_len),
             "--output-len", str(args.output_len)]
-        cmd = [sys.executable, "-m", "pdserve", "bench", "--base-url", url, "--no-progress",
-               *lengths, "--num-prompts", str(args.num_prompts),
-               "--seed", "0", "--result-json", str(result), "--request-rate",
-               *map(str, args.rates)]
-        r = subprocess.run(cmd, env=c.env, capture_output=True, text=True, cwd=ROOT)
-        (out / "bench.log").write_text(r.stdout + r.stderr)
-        if r.returncode != 0:
-            raise RuntimeError(f"{name}: pdserve bench failed:\n{(r.stdout + r.stderr)[-2000:]}")
+        rows = []
+        for rate in args.rates:  # one run per rate: its arrivals span --window seconds
+            n = max(args.num_prompts, round(rate * args.window))
+            result = out / f"bench-{rate:g}.json"
+            cmd = [sys.executable, "-m", "pdserve", "bench", "--base-url", url, "--no-progress",
+                   *lengths, "--num-prompts", str(n), "--seed", "0", "--result-json",
+                   str(result), "--request-rate", str(rate)]
+            r = subprocess.run(cmd, env=c.env, capture_output=True, text=True, cwd=ROOT)
+            (out / f"bench-{rate:g}.log").write_text(r.stdout + r.stderr)
+            if r.returncode != 0:
+                raise RuntimeError(f"{name}: pdserve bench failed:\n"
+                                   f"{(r.stdout + r.stderr)[-2000:]}")
+            (run,) = json.loads(result.read_text())["runs"]
+            g = goodput(run["requests"], rate, scale)
+            rows.append({"rate": rate, "num_prompts": n, "goodput_strict": g["strict"],
+                         "goodput_loose": g["loose"], "strict_frac": g["strict_frac"],
+                         "loose_frac": g["loose_frac"]})
+            print(f"  {name} @ {rate:g} req/s ({n} requests): strict {g['strict_frac']:.1%}, "
+                  f"loose {g['loose_frac']:.1%}", flush=True)
         metrics = httpx.get(url + "/metrics", timeout=10).text
     finally:
         c.stop()
-    runs = json.loads(result.read_text())["runs"]
-    rows = []
-    for rate, run in zip(args.rates, runs, strict=True):
-        g = goodput(run["requests"], rate, scale)
-        rows.append({"rate": rate, "goodput_strict": g["strict"], "goodput_loose": g["loose"],
-                     "strict_frac": g["strict_frac"], "loose_frac": g["loose_frac"]})
     routes = [x for x in metrics.splitlines()
               if x.startswith(("pdserve_proxy_routing_decisions_total{",
                                "pdserve_proxy_placement_decisions_total{"))]
@@ -176,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[4, 8, 12, 16, 20],
                     help="request rates, req/s of scaled time (× --time-scale for the GPU's)")
-    ap.add_argument("--num-prompts", type=int, default=80)
+    ap.add_argument("--num-prompts", type=int, default=80, help="the fewest requests a run has")
+    ap.add_argument("--window", type=float, default=30.0,
+                    help="seconds of arrivals per run: rate x window requests (at least "
+                    "--num-prompts), so queues reach their steady state")
     ap.add_argument("--input-len", type=int, default=512, help="median prompt tokens")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--workload", default=str(ROOT / "bench" / "data" / "sharegpt_like.json"),

@@ -10,8 +10,8 @@ choices, avoiding P->D links whose circuit breaker is open); a prompt shorter th
 request, once both sides have measured their steps);
 without P/D pairs, a both-role worker serves it (with P's, both-role workers are D's too:
 they take a P's KV as D's do; with `placement="slo"` they are P's for one another too, and
-the estimates pair two of them only when prefilling on the other meets the SLOs with more
-headroom, flexible roles); a request that ends at its first token
+the estimates pair two of them only when prefilling on the other meets the SLOs and the D
+itself would not: flexible roles); a request that ends at its first token
 (max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
 dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
@@ -283,7 +283,8 @@ class ClusterBackend:
         d_est = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d),
                                fallback_rate=p_best.load.get("prefill_tokens_per_s")
                                if p_best is not None else None)
-        chosen = placement.decide(p_est, d_est, self.slo)
+        chosen = placement.decide(p_est, d_est, self.slo,
+                                  shared_p=p_best is not None and p_best.role == "both")
         if chosen is None:
             return None, None
         return chosen, (p_best if chosen.route == "pd" else None)

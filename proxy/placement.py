@@ -19,10 +19,11 @@ subtracted):
 
 A placement meets the SLO when its TTFT estimate is within `slo.ttft_s` and, for D itself,
 the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among those that
-meet it the one with the larger relative headroom wins (on a tie P/D with a dedicated P: it
-leaves D's decodes alone; D itself with a both-role P); when neither meets it, the side
-whose step keeps its streams' ITL bound (a late first token costs one request, a long step
-every stream on that worker), else the smaller TTFT.
+meet it the one with the larger relative headroom wins (on a tie P/D: it leaves D's decodes
+alone); when neither meets it, the side whose step keeps its streams' ITL bound (a late
+first token costs one request, a long step every stream on that worker), else the smaller
+TTFT. A both-role P (flexible roles) is used only when it meets the SLOs and D itself does
+not: two collocated workers are the better layout until D's own steps break the bounds.
 Without measurements on both sides (a worker that has not run a step since it started; a D
 that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -100,15 +101,20 @@ def on_shared_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     return Estimate("pd", est.ttft_s + transfer_s, est.itl_s)
 
 
-def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO) -> Estimate | None:
-    """The placement to use, or None when either side has no estimate yet."""
+def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO,
+           shared_p: bool = False) -> Estimate | None:
+    """The placement to use, or None when either side has no estimate yet. `shared_p`: P is
+    a both-role worker (flexible roles): pair only when that meets the SLOs and D itself
+    would not; else D serves it whole (measured on step-model fakes, BENCHMARKS.md session
+    7: choosing by headroom between two both-role workers piled the prompts on one of them
+    and cost TTFT well below the knee)."""
     if p_est is None or d_est is None:
         return None
-    # on a tie: P/D when P is a dedicated one (it leaves D's decodes alone), D itself when P
-    # would prefill beside decodes of its own too (a both-role P: no gain, a transfer more)
-    meeting = [e for e in (d_est, p_est) if e.meets(slo)]
+    if shared_p:
+        return p_est if p_est.meets(slo) and not d_est.meets(slo) else d_est
+    meeting = [e for e in (p_est, d_est) if e.meets(slo)]
     if meeting:
-        return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd" and e.itl_s is None))
+        return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd"))
     # a late first token costs this request; a long step, every stream on the worker that
     # runs it: keep the streams' bound if one side does
     itl_ok = [e for e in (p_est, d_est) if e.itl_s is None or e.itl_s <= slo.itl_s]

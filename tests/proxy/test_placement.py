@@ -157,18 +157,34 @@ def test_a_both_role_p_prefills_beside_its_own_decodes() -> None:
     # the same chunked steps beside its decodes, then the transfer; its streams see the gap
     assert shared.ttft_s == pytest.approx(itself.ttft_s + placement.TRANSFER_S)
     assert shared.itl_s == itself.itl_s and shared.itl_s is not None
-    # a tie between a both-role P and D itself (same load): D itself (no transfer for nothing)
+    # a both-role P only when it meets the SLOs and D itself does not: an idle both-role P
+    # with more headroom than a D that meets them anyway leaves the prompt on D
+    idle = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}
     even = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 10}
-    chosen = placement.decide(placement.on_shared_p(even, 0, 32, 2048, transfer_s=0.0),
-                              placement.on_d(even, 0, 32, 2048), STRICT)
+    p_est = placement.on_shared_p(idle, 0, 32, 2048)
+    d_est = placement.on_d(even, 0, 32, 2048)
+    assert p_est is not None and d_est is not None and d_est.meets(STRICT)
+    assert p_est.headroom(STRICT) > d_est.headroom(STRICT)
+    assert placement.decide(p_est, d_est, STRICT).route == "pd"  # a dedicated P: headroom
+    chosen = placement.decide(p_est, d_est, STRICT, shared_p=True)
+    assert chosen is not None and chosen.route == "skip_p"
+    # D's steps would break its streams' bound and the both-role P meets the SLOs: paired
+    long_d = placement.on_d(even, 0, 4000, 2048)
+    long_p = placement.on_shared_p(idle, 0, 4000, 2048)
+    assert long_d is not None and long_p is not None and not long_d.meets(STRICT)
+    chosen = placement.decide(long_p, long_d, STRICT, shared_p=True)
+    assert chosen is not None and chosen.route == "pd"
+    # neither meets them: D serves it whole
+    busy_p = placement.on_shared_p(even, 0, 4000, 2048)
+    chosen = placement.decide(busy_p, long_d, STRICT, shared_p=True)
     assert chosen is not None and chosen.route == "skip_p"
 
 
 def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     """Flexible roles: two both-role workers under --placement slo. Each serves a request
-    whole unless prefilling it on the other meets the SLO with more headroom (the other has
-    no streams to hurt while this one's would break their ITL bound): then P/D between them.
-    Without --placement slo (or measurements) they never pair."""
+    whole unless prefilling it on the other meets the SLOs while this one's steps would
+    break its streams' ITL bound: then P/D between them. Without --placement slo (or
+    measurements) they never pair."""
     a = worker("http://a", "both", {})
     b = worker("http://b", "both", {})
     flexible = ClusterBackend(StubRegistry([a, b]), None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
@@ -188,7 +204,7 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     assert route_of(fixed, 4000) == "both"
     # a short prompt fits in one of b's steps within the ITL bound: b serves it whole
     assert route_of(flexible, 32) == "both"
-    # both run decodes alike: a tie, served whole (a transfer would buy nothing)
+    # both run decodes alike: neither meets the bound, served whole
     a.link.load = b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
                                  "num_requests_running": 10}
     assert route_of(flexible, 4000) == "both"
