@@ -62,6 +62,15 @@ are within -0.9..-6.3%, but the model is far below every mixed step: -4% (B=1, n
 (B=1, n=256: 13.9 ms against the model's 6.6 ms floor), and its decode rows go through the
 prefill attention kernel, not the decode one (at n=256 a mixed step costs 7.3 ms more than
 decoding alone at B=1, 34 ms more at B=128).
+
+So the model has two mixed-step terms, fitted (`fit`, when the JSON has mixed points) on
+what the pure form misses there: `mixed_s` once per step with prompt chunks and decodes,
+and `mixed_kv_token_s` per decode KV token in such a step. On that H100
+(bench/data/h100_llama3_8b_model.json, `python bench/step_model.py fit
+bench/data/h100_llama3_8b_mixed.json --out ...`): floor 6.50 ms, 23.2 us/token, 62.0 ns per
+decode KV token, 1.12 ns per pair; mixed 4.76 ms + 193.7 ns per decode KV token (3x a
+decode step's own); the mixed residuals drop to mean |5.1%|, worst -16.7% (B=1, n=256).
+The H200 fit above has no mixed points (zero terms): its mixed steps are too cheap.
 """
 
 from __future__ import annotations
@@ -101,6 +110,10 @@ class StepModel:
     token_s: float
     kv_token_s: float
     pair_s: float
+    # a step with prompt chunks AND decodes costs more than the form above (measured, see
+    # the module docstring): mixed_s once, plus mixed_kv_token_s per decode KV token
+    mixed_s: float = 0.0
+    mixed_kv_token_s: float = 0.0
     kv_bytes_per_token: int = 0  # for modelled KV transfers (bench/fake_worker.py)
     kv_capacity_tokens: int = 0  # the measured engine's KV pool, in tokens (0: unknown)
     source: str = ""
@@ -123,7 +136,9 @@ class StepModel:
             kv += ctx
         if not tokens:
             return 0.0
-        return max(self.floor_s, tokens * self.token_s) + self.kv_token_s * kv + self.pair_s * pairs
+        mixed = self.mixed_s + self.mixed_kv_token_s * kv if pairs and kv else 0.0
+        return max(self.floor_s, tokens * self.token_s) + self.kv_token_s * kv + \
+            self.pair_s * pairs + mixed
 
     def prefill_s(self, num_tokens: int, context_tokens: int = 0) -> float:
         """A prefill-only step: one chunk of `num_tokens` after `context_tokens` cached."""
@@ -142,14 +157,17 @@ class StepModel:
         n = prefill_tokens + max(decode_batch, 0)
         if n <= 0:
             return 0.0
-        return (max(self.floor_s, n * self.token_s)
-                + self.kv_token_s * max(decode_batch, 0) * decode_context
-                + self.pair_s * causal_pairs(prefill_tokens, prefill_context))
+        kv = max(decode_batch, 0) * decode_context
+        mixed = self.mixed_s + self.mixed_kv_token_s * kv if prefill_tokens > 0 and kv else 0.0
+        return (max(self.floor_s, n * self.token_s) + self.kv_token_s * kv
+                + self.pair_s * causal_pairs(prefill_tokens, prefill_context) + mixed)
 
     def scaled(self, factor: float) -> StepModel:
         """The same engine `factor` times slower (every time coefficient multiplied)."""
         return replace(self, floor_s=self.floor_s * factor, token_s=self.token_s * factor,
-                       kv_token_s=self.kv_token_s * factor, pair_s=self.pair_s * factor)
+                       kv_token_s=self.kv_token_s * factor, pair_s=self.pair_s * factor,
+                       mixed_s=self.mixed_s * factor,
+                       mixed_kv_token_s=self.mixed_kv_token_s * factor)
 
     def point_s(self, p: Point) -> float:
         return max(self.floor_s, p.tokens * self.token_s) + self.kv_token_s * p.kv_tokens + \
@@ -204,7 +222,37 @@ class StepModel:
                     pair_s=float(x[3]), kv_bytes_per_token=kv_bytes_per_token(data),
                     kv_capacity_tokens=int(data.get("num_blocks", 0)) * BLOCK_SIZE,
                     source=str(data.get("measured") or data.get("device", "")))
-        return replace(model, residuals={p.name: model.point_s(p) / p.seconds - 1 for p in pts})
+        model = replace(model, residuals={p.name: model.point_s(p) / p.seconds - 1
+                                          for p in pts})
+        return model.fit_mixed(data) if data.get("mixed") else model
+
+    def fit_mixed(self, data: dict[str, Any]) -> StepModel:
+        """The two mixed-step terms, least squares (relative) on what the pure form misses on
+        bench/mixed_steps.py's mixed points: measured - pure = mixed_s + mixed_kv_token_s x
+        decode KV tokens, both >= 0."""
+        import numpy as np
+
+        pure = replace(self, mixed_s=0.0, mixed_kv_token_s=0.0)
+        rows = [r for r in data["mixed"] if r.get("seconds")]
+        if len(rows) < 2:
+            return pure
+        y = np.array([r["seconds"] for r in rows])
+        extra = y - np.array([pure.step_s(r["n"], r["batch"], r["decode_ctx"]) for r in rows])
+        kv = np.array([r["batch"] * r["decode_ctx"] for r in rows], dtype=float)
+        best: tuple[float, float, float] | None = None
+        for a_cols in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0)):  # both, or one at zero
+            a = np.stack([np.full_like(kv, a_cols[0]), kv * a_cols[1]], axis=1)
+            x, *_ = np.linalg.lstsq(a / y[:, None], extra / y, rcond=None)
+            x = np.maximum(x * np.array(a_cols), 0.0)
+            err = float(((a @ x - extra) / y) @ ((a @ x - extra) / y))
+            if best is None or err < best[0]:
+                best = (err, float(x[0]), float(x[1]))
+        assert best is not None
+        model = replace(pure, mixed_s=best[1], mixed_kv_token_s=best[2])
+        res = {f"mixed_B{r['batch']}_n{r['n']}": model.step_s(r["n"], r["batch"],
+                                                              r["decode_ctx"]) / r["seconds"] - 1
+               for r in rows}
+        return replace(model, residuals={**self.residuals, **res})
 
     # ---- files -------------------------------------------------------------------------
 
@@ -236,7 +284,9 @@ def load(path: str | Path) -> StepModel:
 def describe(m: StepModel, pts: Sequence[Point] = ()) -> str:
     lines = [f"floor_s {m.floor_s * 1e3:.3f} ms, token_s {m.token_s * 1e6:.2f} us "
              f"({1 / m.token_s / 1e3:.1f}k tokens/s), kv_token_s {m.kv_token_s * 1e9:.2f} ns, "
-             f"pair_s {m.pair_s * 1e9:.3f} ns; kv_bytes_per_token {m.kv_bytes_per_token}, "
+             f"pair_s {m.pair_s * 1e9:.3f} ns; mixed_s {m.mixed_s * 1e3:.3f} ms, "
+             f"mixed_kv_token_s {m.mixed_kv_token_s * 1e9:.2f} ns; "
+             f"kv_bytes_per_token {m.kv_bytes_per_token}, "
              f"kv_capacity_tokens {m.kv_capacity_tokens}"]
     for p in pts:
         lines.append(f"  {p.name:14s} measured {p.seconds * 1e3:9.3f} ms  model "
