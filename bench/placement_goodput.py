@@ -1,18 +1,22 @@
 """Goodput of fixed layouts and of `--placement slo` on fake engines with GPU-like step times
 (issue 21), on this machine's CPU: two workers per layout, the real proxy, `pdserve bench`.
 
-    python bench/placement_goodput.py --rates 4 8 12 16 20 --num-prompts 80
+    python bench/placement_goodput.py --rates 5 10 15 20 25 30 --window 20 \
+        --layouts flex-512 2both-512 1p1d 2both-256 2both-1024 2both-2048
 
-Layouts (each two fake engines of bench/fake_worker.py --step-model, the H200 Llama-3-8B
-fit in bench/data/, every time stretched by --time-scale so a 2-core machine keeps up):
-1p1d (the prompt-length rule), 1p1d-slo and 1p1d-slo-loose (`--placement slo` with the
-strict or the loose SLO's bounds), and two both-role workers at
-each --both-budgets chunk size (the tuned collocated baseline: the best of them). Workload:
-`pdserve bench --input-len-dist sharegpt` (lognormal prompts, median --input-len) and
---output-len tokens, Poisson arrivals at each rate. SLOs, in unscaled milliseconds (scaled
-here): strict = TTFT ≤ 1 s and the request's own p99 inter-token gap ≤ 25 ms; loose = TTFT
-≤ 2 s and TPOT ≤ 50 ms (the issue's definitions). Goodput = the offered rate × the
-fraction of requests meeting the SLO. Writes JSON per layout under --out and prints a table last.
+Layouts (each two fake engines of bench/fake_worker.py --step-model, by default the H200
+Llama-3-8B fit in bench/data/ (`--model`: another fit, e.g. the H100 one with mixed-step
+terms), every time stretched by --time-scale so a 2-core machine keeps up): 1p1d (the
+prompt-length rule), 1p1d-slo and 1p1d-slo-loose (`--placement slo` with the strict or the
+loose SLO's bounds), 2both-N (two both-role workers with N-token chunks: the collocated
+baseline, tuned by taking the best N) and flex-N[-loose] (the same two under `--placement
+slo`: flexible roles, each may prefill for the other). Workload: `pdserve bench --workload`
+with the ShareGPT-like mix bench/data/sharegpt_like.json (or lognormal prompts of median
+--input-len and --output-len tokens with --workload ''), Poisson arrivals, one run per rate
+of rate x --window requests. SLOs, in unscaled milliseconds (scaled here): strict = TTFT
+≤ 1 s and the request's own p99 inter-token gap ≤ 25 ms; loose = TTFT ≤ 2 s and TPOT ≤ 50
+ms (the issue's definitions). Goodput = the offered rate × the fraction of requests meeting
+the SLO. Writes JSON per layout under --out and prints a table last.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ def free_port(n: int = 3) -> int:
 
 
 class Cluster:
-    def __init__(self, out: Path):
-        self.out, self.procs = out, []
+    def __init__(self, out: Path, model: Path = MODEL):
+        self.out, self.procs, self.model = out, [], model
         self.env = {**os.environ, "PDSERVE_INTERNAL_TOKEN": TOKEN, "OMP_NUM_THREADS": "1",
                     "TOKENIZERS_PARALLELISM": "false"}
 
@@ -71,7 +75,7 @@ class Cluster:
     def fake(self, name: str, role: str, scale: float, budget: int) -> str:
         port = free_port()
         self.start(name, "bench/fake_worker.py", "--role", role, "--port", str(port),
-                   "--step-model", str(MODEL), "--time-scale", str(scale),
+                   "--step-model", str(self.model), "--time-scale", str(scale),
                    "--max-num-batched-tokens", str(budget), "--name", name)
         return f"http://127.0.0.1:{port}"
 
@@ -124,7 +128,7 @@ def goodput(requests: list[dict], rate: float, scale: float) -> dict[str, float]
 def run_layout(name: str, args: argparse.Namespace) -> dict:
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
-    c = Cluster(out)
+    c = Cluster(out, args.model)
     scale = args.time_scale
     try:
         if name.startswith("1p1d"):
@@ -189,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", default=str(ROOT / "bench" / "data" / "sharegpt_like.json"),
                     help="a length mix for pdserve bench --workload ('' : --input-len "
                     "lognormal prompts and --output-len)")
+    ap.add_argument("--model", type=Path, default=MODEL,
+                    help="the fakes' step model (bench/step_model.py's JSON; "
+                    "bench/data/h100_llama3_8b_model.json has the mixed-step terms)")
     ap.add_argument("--time-scale", type=float, default=4.0)
     ap.add_argument("--both-budgets", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--layouts", nargs="+", default=None)

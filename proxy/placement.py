@@ -22,8 +22,9 @@ the gap it imposes on D's running decodes (if any) is within `slo.itl_s`. Among 
 meet it the one with the larger relative headroom wins (on a tie P/D: it leaves D's decodes
 alone); when neither meets it, the side whose step keeps its streams' ITL bound (a late
 first token costs one request, a long step every stream on that worker), else the smaller
-TTFT. A both-role P (flexible roles) is used only when it meets the SLOs and D itself does
-not: two collocated workers are the better layout until D's own steps break the bounds.
+TTFT. A both-role P (flexible roles) is used when it meets the SLOs and D itself does not
+(two collocated workers are the better layout until D's own steps break the bounds), and
+when neither meets them, if fewer running streams would see its prefill steps than D's.
 Without measurements on both sides (a worker that has not run a step since it started; a D
 that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -50,6 +51,7 @@ class Estimate:
     route: str  # "pd" (prefill on P) or "skip_p" (D prefills itself)
     ttft_s: float
     itl_s: float | None  # the gap D's running decodes see meanwhile (skip_p), else None
+    streams: int = 0  # the running streams that see that gap (the prefilling worker's)
 
     def meets(self, slo: SLO) -> bool:
         return self.ttft_s <= slo.ttft_s and (self.itl_s is None or self.itl_s <= slo.itl_s)
@@ -87,7 +89,7 @@ def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     step_s = step_ms / 1e3 + chunk / rate
     steps = max(1, math.ceil(work / step_budget))
     running = load.get("num_requests_running", 0)
-    return Estimate("skip_p", steps * step_s, step_s if running else None)
+    return Estimate("skip_p", steps * step_s, step_s if running else None, running)
 
 
 def on_shared_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
@@ -98,20 +100,28 @@ def on_shared_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     est = on_d(load, routed_tokens, prompt_tokens, step_budget)
     if est is None:
         return None
-    return Estimate("pd", est.ttft_s + transfer_s, est.itl_s)
+    return Estimate("pd", est.ttft_s + transfer_s, est.itl_s, est.streams)
 
 
 def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO,
            shared_p: bool = False) -> Estimate | None:
     """The placement to use, or None when either side has no estimate yet. `shared_p`: P is
-    a both-role worker (flexible roles): pair only when that meets the SLOs and D itself
-    would not; else D serves it whole (measured on step-model fakes, BENCHMARKS.md session
-    7: choosing by headroom between two both-role workers piled the prompts on one of them
-    and cost TTFT well below the knee)."""
+    a both-role worker (flexible roles): D itself when that meets the SLOs, else P when that
+    does, else the side whose prefill steps fewer running streams see (measured on
+    step-model fakes, BENCHMARKS.md session 7: choosing by headroom between two both-role
+    workers piled the prompts on one of them and cost TTFT well below the knee)."""
     if p_est is None or d_est is None:
         return None
     if shared_p:
-        return p_est if p_est.meets(slo) and not d_est.meets(slo) else d_est
+        if d_est.meets(slo):
+            return d_est
+        if p_est.meets(slo):
+            return p_est
+        # neither: prefill where the fewest running streams see its steps. The worker that
+        # prefills gets no new decodes while its queue lasts (the proxy picks D by load,
+        # queued prompts counted), so under sustained load one worker drifts into P's role
+        # and the other into D's, as a disaggregated pair would
+        return p_est if p_est.streams < d_est.streams else d_est
     meeting = [e for e in (p_est, d_est) if e.meets(slo)]
     if meeting:
         return max(meeting, key=lambda e: (e.headroom(slo), e.route == "pd"))

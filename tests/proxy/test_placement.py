@@ -174,10 +174,18 @@ def test_a_both_role_p_prefills_beside_its_own_decodes() -> None:
     assert long_d is not None and long_p is not None and not long_d.meets(STRICT)
     chosen = placement.decide(long_p, long_d, STRICT, shared_p=True)
     assert chosen is not None and chosen.route == "pd"
-    # neither meets them: D serves it whole
+    # neither meets them, as many streams on each side: D serves it whole
     busy_p = placement.on_shared_p(even, 0, 4000, 2048)
     chosen = placement.decide(busy_p, long_d, STRICT, shared_p=True)
     assert chosen is not None and chosen.route == "skip_p"
+    # neither meets them, fewer streams see P's prefill steps: P (its streams drain while it
+    # prefills, as the proxy sends new decodes elsewhere)
+    few = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0, "num_requests_running": 3,
+           "pending_prefill_tokens": 200_000}
+    fewer_p = placement.on_shared_p(few, 0, 4000, 2048)
+    assert fewer_p is not None and not fewer_p.meets(STRICT) and fewer_p.streams == 3
+    chosen = placement.decide(fewer_p, long_d, STRICT, shared_p=True)
+    assert chosen is not None and chosen.route == "pd"
 
 
 def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
