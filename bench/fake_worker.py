@@ -642,7 +642,8 @@ class StepModelWorker(FakeWorker):
     def finish(self, plan: _Plan, started: float) -> None:
         now = time.monotonic()
         out = self.engine.complete(plan, now)
-        self.rates.observe(plan.prefill_tokens, plan.num_seqs, now - started)
+        self.rates.observe(plan.prefill_tokens, plan.num_seqs, now - started,
+                           decodes=len(plan.decodes))
         load = self.load()
         frames: dict[bytes, list[TokenRow]] = {}
         for job, rows in out:

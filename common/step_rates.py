@@ -7,8 +7,8 @@ from __future__ import annotations
 
 class StepRates:
     """What this engine's steps cost, measured (exponentially weighted, `ALPHA` per step):
-    prompt tokens per second over steps that prefilled (mixed steps included: what a prompt
-    here would see) and the duration of steps without prompt tokens (decode steps) with
+    prompt tokens per second over steps that prefilled (in a mixed step, per second beyond
+    a decode step's time: `observe`) and the duration of steps without prompt tokens (decode steps) with
     their batch size. The proxy's placement estimates TTFT and ITL from them (its load
     reports carry `as_load()`); None until measured. On GPU a step ends with its tokens
     copied to the host, so its wall time is its device time."""
@@ -24,12 +24,20 @@ class StepRates:
     def _mix(cls, old: float | None, new: float) -> float:
         return new if old is None else old + cls.ALPHA * (new - old)
 
-    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float) -> None:
+    def observe(self, prefill_tokens: int, num_seqs: int, seconds: float,
+                decodes: int = 0) -> None:
+        """One step: its prompt tokens, its sequences (`decodes` of them decoding) and its
+        duration. A mixed step's decodes would have cost about a decode step anyway, so its
+        prompt tokens are charged what it took beyond that (at least a tenth of it): the
+        marginal rate, which a placement estimate adds to the decode step it measures."""
         if seconds <= 0:
             return
         if prefill_tokens:
+            spent = seconds
+            if decodes and self.decode_step_s is not None:
+                spent = max(seconds - self.decode_step_s, 0.1 * seconds)
             self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
-                                                  prefill_tokens / seconds)
+                                                  prefill_tokens / spent)
         else:
             self.decode_step_s = self._mix(self.decode_step_s, seconds)
             self.decode_batch = self._mix(self.decode_batch, float(num_seqs))

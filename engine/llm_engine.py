@@ -131,8 +131,8 @@ class LLMEngine:
         if not batch:
             return []
         started = time.perf_counter()
-        prefill_tokens = sum(n for seq, n in batch
-                             if seq.num_computed_tokens < seq.num_prompt_tokens)
+        prefilling = [n for seq, n in batch if seq.num_computed_tokens < seq.num_prompt_tokens]
+        prefill_tokens = sum(prefilling)
         try:
             draws, results = self._forward(batch)
             self._failed_steps = 0
@@ -143,7 +143,8 @@ class LLMEngine:
         self._copy_forks()
         if any(seq.request.wants_prompt_logprobs for seq, _ in batch):
             out = self._attach_prompt_logprobs(batch, out)
-        self.rates.observe(prefill_tokens, len(batch), time.perf_counter() - started)
+        self.rates.observe(prefill_tokens, len(batch), time.perf_counter() - started,
+                           decodes=max(0, len(batch) - len(prefilling)))
         return out
 
     @staticmethod
