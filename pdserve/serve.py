@@ -142,7 +142,9 @@ class ServeConfig(EngineConfig):
         "chosen D. slo: per request, the placement whose estimated TTFT (and, for D, the gap "
         "its running decodes see) meets --slo-ttft-ms / --slo-itl-ms with the most headroom, "
         "from the workers' measured prefill rates and step times (proxy/placement.py); the "
-        "threshold rule until both have measured.")
+        "threshold rule until both have measured. Under slo, both-role workers also prefill "
+        "for each other (flexible roles) when the worker that would decode cannot meet the "
+        "bounds itself.")
     slo_ttft_ms: float = option(1000.0, check=lambda v: None if v > 0 else "must be > 0",
                                 help="--placement slo: the time to first token to meet.")
     slo_itl_ms: float = option(25.0, check=lambda v: None if v > 0 else "must be > 0",
