@@ -31,34 +31,11 @@ import time
 from pathlib import Path
 
 import httpx
+from overload import free_port  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "bench" / "data" / "h200_llama3_8b_model.json"
 TOKEN = "placement-goodput-token"
-
-
-def free_port(n: int = 3) -> int:
-    """A base port p with p .. p+n-1 free a moment ago (a worker binds port + 1 and + 2)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
 
 
 class Cluster:
@@ -73,7 +50,7 @@ class Cluster:
                                            stderr=subprocess.STDOUT, env=self.env, cwd=ROOT))
 
     def fake(self, name: str, role: str, scale: float, budget: int) -> str:
-        port = free_port()
+        port = free_port(3)  # a fake binds port + 1 and names port + 2 as its KV address
         self.start(name, "bench/fake_worker.py", "--role", role, "--port", str(port),
                    "--step-model", str(self.model), "--time-scale", str(scale),
                    "--max-num-batched-tokens", str(budget), "--name", name)
