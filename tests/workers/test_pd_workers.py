@@ -203,6 +203,36 @@ def test_two_both_role_workers_act_as_p_and_d_for_each_other_in_one_run(cluster,
         assert idle and load["kv_transfer_fallbacks"] == 0, load
 
 
+@pytest.mark.parametrize("abort_after", [1, 2])
+def test_aborts_while_a_both_role_worker_prefills_for_another_leak_nothing(cluster, reference,
+                                                                            abort_after):
+    """Every third request closed right after its first token (1: before the Join to D went
+    out, while the both-role P may still hold or be offering the blocks) or after its
+    second batch, in both directions between the two both-role workers: both end with
+    every block free, no reservation, nothing awaiting a transfer, and serve on."""
+    a, b = cluster["both"], cluster["both2"]
+    for p, d in ((a, b), (b, a)):
+        recs = workload(24, seed=40 + abort_after)
+        recs = [RequestRecord(f"{r.request_id}-{p.port}", r.prompt_token_ids, r.params)
+                for r in recs]
+        asyncio.run(collect(recs, p, d, abort_some=True, abort_after=abort_after,
+                            early=True))
+    for w in (a, b):
+        end = time.monotonic() + 15
+        while True:
+            load = w.load()
+            idle = (load["blocks_awaiting_transfer"], load["num_reserved_blocks"],
+                    load["num_requests_running"], load["num_requests_waiting"],
+                    load["num_free_blocks"]) == (0, 0, 0, 0, 400)
+            if idle or time.monotonic() > end:
+                break
+            time.sleep(0.1)
+        assert idle, load
+    # and they serve on, P/D between them, as the offline engine does
+    recs = workload(4, seed=77 + abort_after)
+    assert asyncio.run(collect(recs, a, b)) == expected(reference, recs)
+
+
 def pools_idle(cluster) -> bool:
     p, loads = cluster["P"].load(), {k: cluster[k].load() for k in ("D", "Dtcp")}
     return (p["blocks_awaiting_transfer"] == 0 and p["num_requests_running"] == 0
