@@ -50,6 +50,21 @@ def _rotate_heads(x_ptr, out_ptr, stride_xh, stride_oh, cos, sin, num_heads,
 
 
 @triton.jit
+def _rotate_token_q(q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, t, stride_qt, stride_qh,
+                    stride_qot, stride_qoh, stride_cp, NUM_Q_HEADS: tl.constexpr,
+                    Q_HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    """Token `t`: rotate its query heads; returns its cos/sin rows ([1, HALF] fp32) for
+    the key heads (`_rotary_kernel` and kernels/rotary_kv.py's fused kernel)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * stride_cp + offs_d)
+    sin = tl.load(sin_ptr + pos * stride_cp + offs_d)
+    _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh,
+                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
@@ -58,12 +73,9 @@ def _rotary_kernel(
     Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, HALF)[None, :]
-    cos = tl.load(cos_ptr + pos * stride_cp + offs_d)  # [1, HALF] fp32
-    sin = tl.load(sin_ptr + pos * stride_cp + offs_d)
-    _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh,
-                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
+    cos, sin = _rotate_token_q(q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, t, stride_qt,
+                               stride_qh, stride_qot, stride_qoh, stride_cp, NUM_Q_HEADS,
+                               Q_HEADS_PAD, HALF)
     _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh,
                   cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.kernels.kv_cache import write_kv_ref
-from pdserve.kernels.rotary import _rotate_heads, rotary_ref
+from pdserve.kernels.rotary import _rotate_heads, _rotate_token_q, rotary_ref
 from pdserve.kernels.triton_utils import check_device, check_index, check_power_of_two, tl, triton
 
 
@@ -43,12 +43,9 @@ def _rotary_write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, HALF)[None, :]
-    cos = tl.load(cos_ptr + pos * stride_cp + offs_d)  # [1, HALF] fp32
-    sin = tl.load(sin_ptr + pos * stride_cp + offs_d)
-    _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh,
-                  cos, sin, NUM_Q_HEADS, Q_HEADS_PAD, HALF)
+    cos, sin = _rotate_token_q(q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, t, stride_qt,
+                               stride_qh, stride_qot, stride_qoh, stride_cp, NUM_Q_HEADS,
+                               Q_HEADS_PAD, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # a padding token (slot < 0): its q is rotated (the caller drops it) only
         dst = kv_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
