@@ -190,7 +190,8 @@ class ClusterBackend:
                                "pair, a decode worker or a both-role worker)")
         # the workers that can prefill for another: P's, and with flexible roles (placement
         # slo) both-role workers (flexible: they prefill for a D as P's do)
-        flexible = [w for w in reg.prefillers() if w.role == "both" and w.url not in exclude]
+        flexible = [w for w in usable["both"] if w.info.get("acts_as_prefill")] \
+            if reg.flexible_roles else []
         # the workers that can decode what a P prefilled: D's, and with P's usable the
         # both-role workers too (they take Reserve + Join as D's do: a mixed pool), or with
         # flexible roles each other's prompts
