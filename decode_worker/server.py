@@ -281,6 +281,11 @@ class DecodeLoop(StreamingLoop):
     def wake_fds(self) -> list[int]:
         return [self.receiver.events_fd]
 
+    def urgent_step(self) -> bool:
+        # a joined request waits for token 2: a hold for P's prefill (--prefill-first) would
+        # add that prefill to its handoff; the step runs beside it instead
+        return any(isinstance(r, _DReq) and r.ready_at for r in self.reqs.values())
+
     def next_deadline(self) -> float | None:
         waits = [r.deadline for r in self.reqs.values() if r.state is DState.RESERVED]
         if self.queue:

@@ -7,7 +7,9 @@ runs the prefill chunk in place of a decode step. With turns, P tells each D on 
 it has prefill work and when it has none (one datagram per change, over a Unix socket that D
 binds); D starts no decode step while a P is busy, for at most `max_hold` at a time: after a
 hold runs out D takes one step, then may hold again. So the prompt runs at nearly full speed
-and decode streams stall meanwhile, as on a both-role worker. D waits on its socket (its step
+and decode streams stall meanwhile, as on a both-role worker. One step is never held: the one
+that carries a just-joined request's first D token (its token 2), which would otherwise wait
+for the next prompt's whole prefill (WorkerLoop.urgent_step). D waits on its socket (its step
 loop polls the fd), never on a timer, and a P that died busy holds D for `max_hold` once
 (its socket is gone: P's next start announces again).
 

@@ -387,7 +387,7 @@ class WorkerLoop:
         nearest deadline (a stalled engine, waiting for blocks a transfer holds, at most
         STALLED_WAIT_MS); None (until woken) when idle."""
         if self.has_work() and not self.engine.scheduler.stalled:
-            hold = self.turns_in.hold_until(time.monotonic()) if self.turns_in else None
+            hold = self._hold_until(time.monotonic())
             if hold is None:
                 return 0
             # a P on this GPU prefills: wait for its idle datagram, or the hold's end
@@ -458,12 +458,28 @@ class WorkerLoop:
                       int(load.get("num_requests_waiting", 0)),
                       f", KV cache usage: {100 * float(load.get('kv_cache_usage_perc', 0)):.1f}%")
 
+    def urgent_step(self) -> bool:
+        """Whether the next step carries a token no turn-taking hold may delay (D: a joined
+        request's first D token)."""
+        return False
+
+    def _hold_until(self, now: float) -> float | None:
+        """D on a shared GPU while a P there prefills (gpu_turns): when the hold ends; None:
+        step now (no P busy, the hold ran out, or the step is urgent)."""
+        if self.turns_in is None or self.urgent_step():
+            return None
+        return self.turns_in.hold_until(now)
+
     def _holding(self) -> bool:
         """D on a shared GPU while a P there prefills (gpu_turns): skip this step."""
         if self.turns_in is None:
             return False
         now = time.monotonic()
-        if self.turns_in.hold_until(now) is not None:
+        if self.urgent_step():
+            self.turns_in.drain()
+            if self.turns_in.busy:
+                metrics.GPU_TURN_URGENT_STEPS.inc()
+        elif self.turns_in.hold_until(now) is not None:
             return True
         self.turns_in.stepped(now)
         return False

@@ -34,3 +34,7 @@ HANDOFF = Histogram(
 GPU_TURN_HOLDS = Counter("pdserve_gpu_turn_holds",
                          "D: decode holds begun because a prefill worker on its GPU was busy "
                          "(--gpu-turns-socket)")
+GPU_TURN_URGENT_STEPS = Counter(
+    "pdserve_gpu_turn_urgent_steps", "D: steps taken while a prefill worker on its GPU was "
+    "busy, because a request that had just joined waited for its first D token (token 2 "
+    "never waits for another prompt's prefill)")

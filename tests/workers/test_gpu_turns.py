@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.common.params import SamplingParams
+from pdserve.common.wire import RequestRecord
 from pdserve.service.gpu_turns import TurnAnnouncer, TurnListener
 from tests.workers.cluster import start_worker, wait_healthy
 
@@ -89,10 +91,20 @@ def test_pd_taking_turns_equals_offline(tmp_path: Path) -> None:
         llm = LLM(None, use_tqdm_on_load=False, max_model_len=512, num_gpu_blocks_override=400)
         first, later = workload(12, seed=5), workload(12, seed=6)
         later = [replace(r, request_id=r.request_id + "-later") for r in later]
+        # two long streams, so D still decodes when the later prompts reach P
+        first += [RequestRecord(f"long-{i}", list(range(9 + i, 60 + i)),
+                                SamplingParams(max_tokens=200, ignore_eos=True, seed=i))
+                  for i in range(2)]
+
+        async def decoding() -> None:
+            end = time.monotonic() + 60
+            while (await asyncio.to_thread(d.load))["num_requests_running"] == 0:
+                assert time.monotonic() < end, "D never started decoding the first wave"
+                await asyncio.sleep(0.01)
 
         async def waves():  # the later prompts reach P while D decodes the first ones
             a = asyncio.create_task(collect(first, p, d))
-            await asyncio.sleep(0.5)
+            await decoding()
             return {**await collect(later, p, d), **await a}
 
         got = asyncio.run(waves())

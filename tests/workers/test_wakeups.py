@@ -5,6 +5,7 @@ process over the built-in model (real engines, real sockets, no proxy).
   once, and a stop request wakes it at once;
 - a transfer event (D's receiver) wakes an idle D's loop, which would otherwise sleep on;
 - P offers a prompt's KV in the step that prefilled it, before the first token goes out;
+- under --prefill-first, D holds for P's prefill, but not a just-joined request's token 2;
 - during the warm-up /health answers 503 "warming" with the reason; 200 after.
 """
 
@@ -120,6 +121,48 @@ def test_an_idle_d_reads_ps_turn_datagrams_and_sleeps_again(tmp_path):
     finally:
         p.close()
         c.stop()
+
+
+def test_a_joined_requests_token_2_does_not_wait_for_ps_prefill(tmp_path):
+    """--prefill-first: while P on D's GPU prefills, D holds its decode steps, but not the
+    step that carries a just-joined request's first D token (its token 2): that step runs
+    beside the prefill, once; then D holds again."""
+    from pdserve.common.wire import Generate, Join, Reserve, TokenRow
+    from pdserve.service import metrics
+    from pdserve.service.gpu_turns import TurnAnnouncer
+
+    sock = str(tmp_path / "turns.sock")
+    loop = make_loop(DecodeLoop, "decode", gpu_turns_socket=sock, gpu_turns_max_hold_ms=60_000)
+    p = TurnAnnouncer([sock], "P0")
+    urgent = metrics.GPU_TURN_URGENT_STEPS._value.get()
+    try:
+        long = SamplingParams(max_tokens=50, ignore_eos=True, seed=1)
+        loop.on_message(b"proxy", Generate(rec=RequestRecord("a", list(range(5, 25)), long)))
+        loop.step()  # "a" prefilled here, now decoding
+        assert not loop._holding()  # no P busy
+        p.set(True)
+        end = time.monotonic() + 5
+        while not loop._holding():
+            assert time.monotonic() < end, "D never saw P's busy datagram"
+            time.sleep(0.005)
+        loop.on_message(b"proxy", Reserve(rec=RequestRecord("b", list(range(7, 27)), long)))
+        loop.receiver.emit(TransferEvent("b", EventKind.ARRIVED))  # (its KV: no matter here)
+        loop.tick()
+        loop.on_message(b"proxy", Join(rid="b", first=[TokenRow("b", 0, 11, None, None)]))
+        assert loop.urgent_step()
+        assert not loop._holding() and loop._wait_ms() == 0  # P still busy: D steps anyway
+        loop.step()
+        assert len(loop.reqs["b"].req.seqs[0].output_token_ids) == 2  # "b" got token 2
+        assert metrics.GPU_TURN_URGENT_STEPS._value.get() == urgent + 1
+        assert not loop.urgent_step() and loop._holding()  # and D holds again
+        p.set(False)
+        end = time.monotonic() + 5
+        while loop._holding():
+            assert time.monotonic() < end, "D never saw P's idle datagram"
+            time.sleep(0.005)
+    finally:
+        p.close()
+        loop.shutdown()
 
 
 def test_p_offers_the_kv_in_the_step_that_prefilled_it():
