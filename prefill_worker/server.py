@@ -5,6 +5,7 @@ states)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pdserve.common.wire import Abort, Connect, DataMessage, Prefill, WireError
@@ -47,6 +48,13 @@ class PrefillLoop(WorkerLoop):
 
     def wake_fds(self) -> list[int]:
         return [self.half.events_fd]
+
+    def turn_busy(self, now: float) -> bool:
+        return self.has_work() or self.half.kv_leaving_until(now) is not None
+
+    def next_deadline(self) -> float | None:
+        # --prefill-first: P's turn ends when its KV has left, or its grace has run out
+        return self.half.kv_leaving_until(time.monotonic()) if self.turns_out else None
 
     def load(self) -> dict[str, Any]:
         s, bm = self.engine.scheduler, self.engine.bm

@@ -7,7 +7,10 @@ runs the prefill chunk in place of a decode step. With turns, P tells each D on 
 it has prefill work and when it has none (one datagram per change, over a Unix socket that D
 binds); D starts no decode step while a P is busy, for at most `max_hold` at a time: after a
 hold runs out D takes one step, then may hold again. So the prompt runs at nearly full speed
-and decode streams stall meanwhile, as on a both-role worker. One step is never held: the one
+and decode streams stall meanwhile, as on a both-role worker. P's turn lasts until the KV of
+the prompts it prefilled has reached D (at most 20 ms past each prefill,
+prefill_half.TURN_KV_GRACE_S): a decode step started as P goes idle would run while the pull
+copies, and the request would join only the step after it. One step is never held: the one
 that carries a just-joined request's first D token (its token 2), which would otherwise wait
 for the next prompt's whole prefill (WorkerLoop.urgent_step). D waits on its socket (its step
 loop polls the fd), never on a timer, and a P that died busy holds D for `max_hold` once

@@ -429,7 +429,7 @@ class WorkerLoop:
                     self.turns_in.drain()  # also when idle: an unread datagram would spin the poll
                 self.tick()  # drains the transfer events (their pipes with them)
                 if self.turns_out is not None:
-                    self.turns_out.set(self.has_work())  # before the prefill kernels launch
+                    self.turns_out.set(self.turn_busy(time.monotonic()))  # before the kernels
                 if self.has_work() and not self._holding():
                     try:
                         self.step()
@@ -442,7 +442,7 @@ class WorkerLoop:
                     self.engine.failed.clear()
                 self.settle()
                 if self.turns_out is not None:
-                    self.turns_out.set(self.has_work())
+                    self.turns_out.set(self.turn_busy(time.monotonic()))
                 self.publish()
                 self.stats.tick()
         finally:
@@ -457,6 +457,10 @@ class WorkerLoop:
                       int(load.get("num_requests_running", 0)),
                       int(load.get("num_requests_waiting", 0)),
                       f", KV cache usage: {100 * float(load.get('kv_cache_usage_perc', 0)):.1f}%")
+
+    def turn_busy(self, now: float) -> bool:
+        """P on a shared GPU (--prefill-first): whether its turn goes on."""
+        return self.has_work()
 
     def urgent_step(self) -> bool:
         """Whether the next step carries a token no turn-taking hold may delay (D: a joined

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_CONNECT = 256  # D addresses in one Connect
+# --prefill-first: how long P's turn may outlast its prefill while the KV moves to D (a
+# cuda_ipc pull of a 4k-token Llama-3-8B prompt takes ~1.2 ms; a slower or stuck transfer
+# must not hold D's decode streams)
+TURN_KV_GRACE_S = 0.02
 
 
 class PState(enum.Enum):
@@ -219,6 +223,16 @@ class PrefillHalf:
     @property
     def events_fd(self) -> int:
         return self.sender.events_fd
+
+    def kv_leaving_until(self, now: float) -> float | None:
+        """--prefill-first: while a prompt prefilled here less than TURN_KV_GRACE_S ago still
+        has its KV on the way to D (READY or OFFERED, no Done yet), the time that grace ends
+        (the earliest), else None. P's turn on the GPU lasts until its KV has left, so D
+        starts no decode step during the pull and the request joins D's next step."""
+        until = [r.prefilled + TURN_KV_GRACE_S for r in self.loop.reqs.values()
+                 if isinstance(r, PReq) and r.state is not PState.PREFILLING]
+        soonest = min((u for u in until if u > now), default=None)
+        return soonest
 
     def blocks_awaiting_transfer(self) -> int:
         return sum(len(q.block_table) for q in self.engine.scheduler.held.values())

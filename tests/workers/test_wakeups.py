@@ -165,6 +165,30 @@ def test_a_joined_requests_token_2_does_not_wait_for_ps_prefill(tmp_path):
         loop.shutdown()
 
 
+def test_ps_turn_lasts_until_its_kv_has_left_for_at_most_the_grace(tmp_path):
+    """--prefill-first: P stays busy after the prefill while the KV moves to D, so D starts
+    no decode step during the pull; a transfer that does not end within the grace (here: no
+    D at all) frees D's turn anyway, by a deadline of P's loop, not a poll."""
+    from pdserve.service.prefill_half import TURN_KV_GRACE_S
+
+    loop = make_loop(PrefillLoop, "prefill", gpu_turns_notify=[str(tmp_path / "d.sock")])
+    try:
+        assert loop.next_deadline() is None and not loop.turn_busy(time.monotonic())
+        rec = RequestRecord("r1", list(range(5, 45)), SamplingParams(max_tokens=4, seed=1))
+        loop.on_message(b"proxy", Prefill(rec=rec, kv="tcp://127.0.0.1:9"))
+        assert loop.turn_busy(time.monotonic())  # the prompt to prefill
+        while loop.has_work():
+            loop.step()
+        prefilled = loop.reqs["r1"].prefilled
+        assert loop.turn_busy(prefilled)  # prefilled, its KV not yet at D
+        assert loop.next_deadline() == pytest.approx(prefilled + TURN_KV_GRACE_S)
+        assert not loop.turn_busy(prefilled + TURN_KV_GRACE_S)  # the grace ran out
+        loop.reqs.pop("r1")  # (as the transfer's end does: then P's turn is over at once)
+        assert not loop.turn_busy(prefilled) and loop.next_deadline() is None
+    finally:
+        loop.shutdown()
+
+
 def test_p_offers_the_kv_in_the_step_that_prefilled_it():
     loop = make_loop(PrefillLoop, "prefill")
     order = []
