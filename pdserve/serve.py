@@ -130,10 +130,13 @@ class ServeConfig(EngineConfig):
         "may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), leaving the rest to a prefill worker "
         "on the same GPU; 100: no limit.")
     prefill_first: bool = option(
-        False, help="Local cluster: a decode worker holds its decode steps while a prefill "
-        "worker on the same GPU prefills (at most 250 ms at a time; see `pdserve decode "
-        "--help`, --gpu-turns-*): prompts then run at full speed, so TTFT matches a "
-        "both-role worker's, and running streams stall meanwhile, as they do there.")
+        True, help="Local cluster, a prefill and a decode worker on one GPU: the decode "
+        "worker holds its decode steps while the prefill worker prefills and its KV moves "
+        "(at most 250 ms at a time; see `pdserve decode --help`, --gpu-turns-*), except the "
+        "step that gives a just-joined request its token 2: prompts run at full speed, so "
+        "TTFT matches a both-role worker's, and running streams stall meanwhile, as they do "
+        "there. --no-prefill-first: both run side by side (TTFT +7 ms on an H100 at 4k-token "
+        "prompts, BENCHMARKS.md). Nothing to do where no P and D share a GPU.")
     min_pd_prompt_tokens: int = option(16, help="Prompts shorter than this skip P (D "
                                        "prefills them itself) under --placement threshold.")
     placement: Literal["threshold", "slo"] = option(
@@ -281,8 +284,7 @@ def _gpu_turns(cfg: ServeConfig, local: list[tuple[str, str | None]], log_dir: P
             for j in peers:
                 flags[j] = ["--gpu-turns-socket", sockets[j]]
     if not flags:
-        logger.warning("--prefill-first: no prefill and decode worker share a GPU here: "
-                       "nothing to do")
+        logger.debug("prefill first: no prefill and decode worker share a GPU here")
     return flags
 
 

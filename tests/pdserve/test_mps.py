@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pdserve import mps
-from pdserve.config import ConfigError
+from pdserve.config import ConfigError, build_config
 from pdserve.serve import ServeConfig, start_local_cluster, start_mps
 from pdserve.supervisor import Managed
 
@@ -159,13 +159,21 @@ def test_mps_on_without_the_control_program_is_a_config_error(
 
 def test_prefill_first_pairs_p_and_d_on_the_same_gpu(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """--prefill-first: each D sharing a GPU with a P binds a turns socket, and every P on
-    that GPU is told it; workers on GPUs of their own get nothing."""
+    """Prefill first (the default): each D sharing a GPU with a P binds a turns socket, and
+    every P on that GPU is told it; workers on GPUs of their own get nothing; with
+    --no-prefill-first nobody does."""
     monkeypatch.setattr(mps, "gpu_present", lambda env=None: True)
     monkeypatch.setattr(Managed, "start", lambda self: None)
-    cfg = ServeConfig(internal_token="t" * 32, prefill_first=True, mps="off", num_prefill=2,
-                      num_decode=2, local_devices=["0", "1", "0", "2"])  # P0 P1 D0 D2
-    _, (p0, p1, d0, d2) = start_local_cluster(cfg, tmp_path)
+    kw = dict(internal_token="t" * 32, mps="off", num_prefill=2, num_decode=2,
+              local_devices=["0", "1", "0", "2"])  # P0 P1 D0 D2
+    argv = ["--internal-token", kw["internal_token"], "--mps", "off", "--num-prefill", "2",
+            "--num-decode", "2", "--local-devices", *kw["local_devices"], "--no-prefill-first"]
+    cfg = build_config(ServeConfig, argv, env={})
+    assert not cfg.prefill_first and ServeConfig().prefill_first
+    (tmp_path / "off").mkdir()
+    _, off = start_local_cluster(cfg, tmp_path / "off")
+    assert not any(f in w.cmd for w in off for f in ("--gpu-turns-notify", "--gpu-turns-socket"))
+    _, (p0, p1, d0, d2) = start_local_cluster(ServeConfig(**kw), tmp_path)
 
     def flag(w: Managed, name: str) -> list[str] | None:
         if name not in w.cmd:
