@@ -6,7 +6,7 @@
 # This 2-core dev box cannot show it (clients, fakes and proxies share the cores); the lent GPU
 # host has 16. No GPU is used.
 # Usage (repo root, on the lent machine; carry [".whl"] after `bash scripts/gpu_wheels.sh fetch`):
-#   bash bench/gpu_proxy_scaling.sh            # COUNTS="1 2 4", STREAMS=1024, CLIENT_PROCS=6
+#   bash bench/gpu_proxy_scaling.sh            # COUNTS="1 2 4", STREAMS=1024, CLIENT_PROCS=8
 set -e; eval "$(bash scripts/gpu_wheels.sh install)"
 set +e -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ bench=$PWD/bench/proxy_overhead.py
 cd /tmp
 for n in ${COUNTS:-1 2 4}; do
   timeout 300 python3 "$bench" --phases throughput --tput-itl-ms "${ITL_MS:-1}" \
-    --streams "${STREAMS:-1024}" --client-procs "${CLIENT_PROCS:-6}" --api-server-count "$n" \
+    --streams "${STREAMS:-1024}" --client-procs "${CLIENT_PROCS:-8}" --api-server-count "$n" \
     --out "/tmp/proxy_scaling/n$n" >"$OUT/n$n.txt" 2>&1
   echo "N=$n rc=$?: $(grep -h '^throughput' "$OUT/n$n.txt")"
   cp "/tmp/proxy_scaling/n$n/summary.json" "$OUT/n$n.json" 2>/dev/null

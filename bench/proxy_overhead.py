@@ -59,7 +59,8 @@ if {fix}:
         return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
     s._listen_socket = listen
 from pdserve.cli import main
-sys.exit(main(["serve", *sys.argv[1:]]))
+if __name__ == "__main__":  # --api-server-count spawns processes that import this file
+    sys.exit(main(["serve", *sys.argv[1:]]))
 """
 
 
@@ -286,7 +287,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
                              "--input-len", "64"]], out, "tput-warm")
         proxies = [c.proxy.pid] + child_pids(c.proxy.pid)  # --api-server-count > 1
         cpu0 = {p.pid: cpu_seconds(p.pid) for p in c.procs}
-        proxy_cpu0 = sum(cpu_seconds(pid) for pid in proxies)
+        each0 = {pid: cpu_seconds(pid) for pid in proxies}
         kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the clients, once reaped
         t0 = time.monotonic()
         if args.client == "raw":
@@ -298,7 +299,8 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
                                "tput")
         wall = time.monotonic() - t0
         cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p in c.procs}
-        proxy_cpu = sum(cpu_seconds(pid) for pid in proxies) - proxy_cpu0
+        each = {pid: cpu_seconds(pid) - each0[pid] for pid in proxies}
+        proxy_cpu = sum(each.values())
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
     finally:
@@ -319,6 +321,7 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
            "api_server_count": args.api_server_count,
            "failed": failed, "span_s": span, "tokens_per_s": tokens / span,
            "proxy_cpu_s": proxy_cpu, "proxy_cpu_util": proxy_cpu / wall,
+           "proxy_cpu_s_each": sorted(each.values(), reverse=True),
            "tokens_per_proxy_cpu_s": tokens / proxy_cpu, "fakes_cpu_s": fake_cpu,
            "clients_cpu_s": client_cpu, "wall_s": wall,
            "offered_tokens_per_s": args.streams * 1e3 / args.tput_itl_ms,
@@ -329,7 +332,9 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
           f"{args.client_procs} {args.client} "
           f"client processes, {failed} failed; offered "
           f"{res['offered_tokens_per_s']:.0f}); proxy CPU {proxy_cpu:.1f} s "
-          f"({100 * res['proxy_cpu_util']:.0f}% of a core) = {res['tokens_per_proxy_cpu_s']:.0f} "
+          f"({100 * res['proxy_cpu_util']:.0f}% of a core; per process "
+          f"{', '.join(f'{x:.1f}' for x in res['proxy_cpu_s_each'])} s) = "
+          f"{res['tokens_per_proxy_cpu_s']:.0f} "
           f"tokens per proxy CPU-second; fakes {fake_cpu:.1f} CPU-s; clients {client_cpu:.1f} "
           f"CPU-s (wall {wall:.1f} s, {os.cpu_count()} CPUs); ITL p50 "
           f"{res['itl_p50_ms']:.1f} p99 {res['itl_p99_ms']:.1f} ms; "
