@@ -406,9 +406,13 @@ class StepEngine:
     returns the rows it produced per job. See the module docstring for the policy."""
 
     def __init__(self, model: StepModel, role: str, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, transfer_s_per_token: float = 0.0):
+                 max_num_seqs: int = 256, transfer_s_per_token: float = 0.0,
+                 mixed_step_tokens: int | None = None):
         self.model, self.role = model, role
         self.budget, self.max_seqs = max_num_batched_tokens, max_num_seqs
+        # a step that decodes takes at most this many tokens (the engine's mixed_step_tokens)
+        self.mixed_budget = self.budget if mixed_step_tokens is None else \
+            min(mixed_step_tokens, self.budget)
         self.transfer_s_per_token = transfer_s_per_token
         self.jobs: dict[str, _Job] = {}  # every job below, by request id
         self.waiting: deque[_Job] = deque()  # not admitted yet
@@ -457,6 +461,8 @@ class StepEngine:
 
     def schedule(self) -> _Plan | None:
         budget = self.budget
+        if any(j.done >= j.prefill for j in self.running.values()):
+            budget = self.mixed_budget  # a stream decodes in this step (engine/scheduler.py)
         decodes: list[_Job] = []
         chunks: list[tuple[_Job, int, int]] = []
 
@@ -553,7 +559,7 @@ class StepModelWorker(FakeWorker):
             if args.transfer_gbps > 0 else 0.0
         self.capacity = args.kv_capacity_tokens or self.model.kv_capacity_tokens or 1 << 20
         self.engine = StepEngine(self.model, self.role, args.max_num_batched_tokens,
-                                 args.max_num_seqs, per_token)
+                                 args.max_num_seqs, per_token, args.mixed_step_tokens)
         self.rates = StepRates()
         self.snapshot = self.load()
 
@@ -722,6 +728,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--time-scale", type=float, default=1.0,
                    help="every modelled time (steps, transfers) times this")
     m.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    m.add_argument("--mixed-step-tokens", type=int, default=None,
+                   help="the budget of a step that decodes (the engine's option)")
     m.add_argument("--max-num-seqs", type=int, default=256)
     m.add_argument("--transfer-gbps", type=float, default=20.0,
                    help="P -> D KV transfer rate, GB/s (10^9 bytes); 0: instant")

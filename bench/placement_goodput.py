@@ -10,7 +10,8 @@ terms), every time stretched by --time-scale so a 2-core machine keeps up): 1p1d
 prompt-length rule), 1p1d-slo and 1p1d-slo-loose (`--placement slo` with the strict or the
 loose SLO's bounds), 2both-N (two both-role workers with N-token chunks: the collocated
 baseline, tuned by taking the best N) and flex-N[-loose] (the same two under `--placement
-slo`: flexible roles, each may prefill for the other). Workload: `pdserve bench --workload`
+slo`: flexible roles, each may prefill for the other); N may be "2048m512" (2,048-token
+steps while no stream decodes, 512 when one does: --mixed-step-tokens). Workload: `pdserve bench --workload`
 with the ShareGPT-like mix bench/data/sharegpt_like.json (or lognormal prompts of median
 --input-len and --output-len tokens with --workload ''), Poisson arrivals, one run per rate
 of rate x --window requests. SLOs, in unscaled milliseconds (scaled here): strict = TTFT
@@ -49,11 +50,13 @@ class Cluster:
         self.procs.append(subprocess.Popen([sys.executable, *cmd], stdout=log,
                                            stderr=subprocess.STDOUT, env=self.env, cwd=ROOT))
 
-    def fake(self, name: str, role: str, scale: float, budget: int) -> str:
+    def fake(self, name: str, role: str, scale: float, budget: int,
+             mixed: int | None = None) -> str:
         port = free_port(3)  # a fake binds port + 1 and names port + 2 as its KV address
         self.start(name, "bench/fake_worker.py", "--role", role, "--port", str(port),
                    "--step-model", str(self.model), "--time-scale", str(scale),
-                   "--max-num-batched-tokens", str(budget), "--name", name)
+                   "--max-num-batched-tokens", str(budget), "--name", name,
+                   *(["--mixed-step-tokens", str(mixed)] if mixed else []))
         return f"http://127.0.0.1:{port}"
 
     def proxy(self, ready: str, *args: str) -> str:
@@ -117,9 +120,10 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
             url = c.proxy("1 P + 1 D", "--prefill", p, "--decode", d, *extra)
         else:  # 2both-N: two both-role workers, N-token chunks; flex-N[-loose]: the same
             # under --placement slo (flexible roles: they prefill for each other when it pays)
-            budget = int(name.split("-")[1])
-            a = c.fake("A", "both", scale, budget)
-            b = c.fake("B", "both", scale, budget)
+            # (N may be "2048m512": 2,048-token steps alone, 512 when a stream decodes)
+            budget, _, mixed = name.split("-")[1].partition("m")
+            a = c.fake("A", "both", scale, int(budget), int(mixed) if mixed else None)
+            b = c.fake("B", "both", scale, int(budget), int(mixed) if mixed else None)
             slo = (2000, 50) if name.endswith("-loose") else (1000, 25)
             extra = ["--placement", "slo", "--slo-ttft-ms", str(slo[0] * scale),
                      "--slo-itl-ms", str(slo[1] * scale)] if name.startswith("flex") else []

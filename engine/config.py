@@ -69,6 +69,12 @@ class EngineConfig:
     max_num_seqs: int = option(256, check=_positive, help="Most sequences in one step.")
     max_num_batched_tokens: int = option(2048, check=_positive,
                                          help="Most tokens in one step (long prompts are chunked).")
+    mixed_step_tokens: int | None = option(
+        None, check=_positive, help="Most tokens in a step that also decodes running streams "
+        "(their tokens first, prompt chunks fill the rest; capped at --max-num-batched-tokens); "
+        "a step with no stream decoding takes up to --max-num-batched-tokens. Unset: one "
+        "budget for both. A both-role worker keeps its decode steps short (the ITL its "
+        "streams see) and still prefills in large chunks while none decodes, as a P does.")
     enable_prefix_caching: bool = option(True, help="Reuse KV blocks of shared prompt prefixes.")
     device: str = option("auto", check=_device, help="auto, cpu, cuda, cuda:N or N (GPU index).")
     kernel_backend: Literal["auto", "torch", "triton"] = option(

@@ -50,6 +50,7 @@ class LLMEngine:
         cfg = parts.config
         self.scheduler = Scheduler(self.bm, max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   mixed_step_tokens=cfg.mixed_step_tokens,
                                    max_model_len=self.max_model_len, role=role,
                                    eos_token_ids=self.eos_token_ids)
         self._ids = itertools.count()

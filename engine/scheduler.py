@@ -9,7 +9,9 @@ runs what it schedules and hands back what was drawn. A step is three calls:
 
 Algorithm of `schedule()` (one forward per step):
 1. Running sequences, oldest first, each schedule their pending tokens (the next prefill
-   chunk, or the one token sampled last step) within the step's token budget; if a sequence
+   chunk, or the one token sampled last step) within the step's token budget
+   (max_num_batched_tokens; mixed_step_tokens instead, if set, when a running sequence is
+   past its prompt, i.e. decodes in this step); if a sequence
    needs a block and none is free, the newest running sequence is preempted (blocks freed,
    recomputed later from its tokens so far) until it fits.
 2. Waiting sequences join, first come first served, while the token budget, max_num_seqs and
@@ -61,11 +63,14 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, role: Role = Role.BOTH,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), mixed_step_tokens: int | None = None):
         self.bm = block_manager
         self.block_size = block_manager.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # the budget of a step that decodes (None: the same); see EngineConfig
+        self.mixed_step_tokens = None if mixed_step_tokens is None else \
+            min(mixed_step_tokens, max_num_batched_tokens)
         self.max_model_len = max_model_len
         self.role = role
         self.eos_token_ids = eos_token_ids
@@ -159,6 +164,9 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """What runs next: (sequence, tokens to compute) in order, running ones first."""
         budget = self.max_num_batched_tokens
+        if self.mixed_step_tokens is not None and any(
+                seq.num_computed_tokens >= seq.num_prompt_tokens for seq in self.running):
+            budget = self.mixed_step_tokens  # a stream decodes in this step: keep it short
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if budget == 0:

@@ -108,6 +108,20 @@ def test_both_role_chunks_prompts_and_mixes_them_with_decodes() -> None:
     assert e.held_tokens() == 0
 
 
+def test_the_mixed_step_budget_applies_only_while_a_stream_decodes() -> None:
+    """--mixed-step-tokens, as the engine's scheduler has it: full chunks alone, the smaller
+    budget (decodes included) in a step that decodes."""
+    e = fake_worker.StepEngine(TOY, "both", max_num_batched_tokens=100, mixed_step_tokens=20)
+    e.add(job("a", 30, 3))
+    e.add(job("b", 150, 2))
+    p = e.schedule()  # nothing decodes yet: 100 tokens
+    assert [(j.rid, n) for j, n, _ in p.chunks] == [("a", 30), ("b", 70)]
+    e.complete(p, 0.0)
+    p = e.schedule()  # a decodes: 1 + 19
+    assert [j.rid for j in p.decodes] == ["a"] and [(j.rid, n) for j, n, _ in p.chunks] == \
+        [("b", 19)]
+
+
 @pytest.mark.timeout(30)
 def test_prefill_holds_the_kv_until_its_transfer_ends_and_decode_waits_for_it() -> None:
     p_eng = fake_worker.StepEngine(TOY, "prefill", max_num_batched_tokens=64,

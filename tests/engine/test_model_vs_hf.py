@@ -75,6 +75,25 @@ def test_greedy_tokens_equal_generate(arch, tiny_checkpoint):
     assert llm.parts.block_manager.num_free_blocks == llm.parts.block_manager.num_blocks
 
 
+def test_greedy_equals_generate_with_a_small_mixed_step_budget(tiny_checkpoint):
+    """--mixed-step-tokens 8 under a 64-token budget: prompts chunk differently once a
+    stream decodes (8 tokens in all), the tokens stay transformers' greedy ones."""
+    path = tiny_checkpoint("llama3")
+    llm = LLM(str(path), use_tqdm_on_load=False, num_gpu_blocks_override=256,
+              max_num_batched_tokens=64, mixed_step_tokens=8)
+    assert llm.engine.scheduler.mixed_step_tokens == 8
+    prompts = random_prompts([5, 90, 40, 130], vocab=llm.parts.model_config.vocab_size, seed=4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)
+    model = hf_model(path)
+    for p, out in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+    assert llm.parts.block_manager.num_free_blocks == llm.parts.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("chunk_sizes", [[7, 16, 200], [1, 1, 30, 200], [16, 16, 200]])
 def test_chunked_prefill_equals_one_shot(chunk_sizes, tiny_checkpoint):
     parts = make_engine_parts(tiny_checkpoint("llama3"))

@@ -14,10 +14,10 @@ from pdserve.engine.sequence import Request
 
 
 def make_scheduler(num_blocks=64, role=Role.BOTH, max_num_seqs=256, max_num_batched_tokens=2048,
-                   max_model_len=256) -> Scheduler:
+                   max_model_len=256, mixed_step_tokens=None) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, 16), max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                     role=role, eos_token_ids=(1,))
+                     role=role, eos_token_ids=(1,), mixed_step_tokens=mixed_step_tokens)
 
 
 def add(sched: Scheduler, ids, params, rid="r") -> Request:
@@ -64,6 +64,22 @@ def test_decodes_are_scheduled_before_new_prefills_within_the_budget():
     run(sched)  # prefill of the first
     add(sched, [3] * 30, params(n_out=5), rid="b")
     assert run(sched)[0] == [(10, 1, 1), (0, 19, 0)]  # decode first, then 19
+
+
+def test_mixed_step_tokens_bound_only_the_steps_that_decode():
+    """--mixed-step-tokens: prompts run in full-budget chunks while no stream decodes; once
+    one does, a step takes its decode and at most the mixed budget in all."""
+    sched = make_scheduler(max_num_batched_tokens=64, mixed_step_tokens=20)
+    add(sched, [2] * 100, params(n_out=3), rid="a")
+    assert run(sched)[0] == [(0, 64, 0)]  # nothing decodes: the full budget
+    assert run(sched)[0] == [(64, 36, 1)]  # the rest of "a" (first token drawn)
+    add(sched, [3] * 100, params(n_out=3), rid="b")
+    assert run(sched)[0] == [(100, 1, 1), (0, 19, 0)]  # "a" decodes: 20 tokens in all
+    ran, rows = run(sched)
+    assert ran == [(101, 1, 1), (19, 19, 0)] and rows[0].finish_reason == "length"  # "a" ends
+    assert run(sched)[0] == [(38, 62, 1)]  # no stream decodes now: the full budget again
+    assert make_scheduler(max_num_batched_tokens=64, mixed_step_tokens=500) \
+        .mixed_step_tokens == 64  # capped at --max-num-batched-tokens
 
 
 def test_preemption_takes_the_newest_and_recomputes_it():
