@@ -25,6 +25,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,6 +96,13 @@ class ServeConfig(EngineConfig):
                                help="Decode workers' HTTP URLs.")
     worker: list[str] = option(default_factory=list, check=_urls, metavar="URL",
                                help="Both-role workers' HTTP URLs.")
+    elastic: bool = option(
+        False, help="Workers join and leave at runtime, the cluster serving on: POST "
+        "/workers {\"url\": ...} adds one, POST /workers/NAME/drain drains one (no new "
+        "requests; it leaves once its streams end), both with the internal token; a worker "
+        "given SIGTERM drains itself. With no worker URLs: start with none (no local "
+        "cluster) and serve once one joins. (The endpoints answer without --elastic too, "
+        "for workers given by URL.)")
     internal_token: str | None = option(
         None, secret=True, check=placeholder_problem,
         help="Secret shared with the workers: required with worker URLs (unless "
@@ -423,10 +431,10 @@ def wait_for_workers(cfg: ServeConfig, workers: list[Managed], timeout: float = 
         time.sleep(0.25)
 
 
-def stop_processes(procs: list, timeout: float = 20.0) -> None:
+def stop_processes(procs: list, timeout: float = 20.0, sig: int = signal.SIGTERM) -> None:
     for p in procs:
         if p.poll() is None:
-            p.terminate()
+            p.send_signal(sig)
     for p in procs:
         try:
             p.wait(timeout)
@@ -467,6 +475,7 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     from pdserve.proxy import metrics
     from pdserve.proxy.app import create_app
     from pdserve.proxy.cluster_backend import ClusterBackend
+    from pdserve.proxy.membership import add_membership_routes
     from pdserve.proxy.middleware import RequestCountMiddleware
     from pdserve.proxy.placement import SLO
     from pdserve.proxy.registry import Registry
@@ -520,6 +529,10 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     async def load() -> JSONResponse:
         return JSONResponse({"server_load": sum(w.active for w in registry.workers),
                              "workers": registry.snapshot()})
+
+    add_membership_routes(app, registry, cfg.internal_token or "",
+                          no_token=cfg.insecure_no_token,
+                          several_processes=cfg.api_server_count > 1)
 
     inner = app.router.lifespan_context
     scheme = "https" if cfg.ssl_certfile else "http"
@@ -644,10 +657,9 @@ def serve_proxy(cfg: ServeConfig, supervisor: Supervisor | None = None,
 
 def run_serve(cfg: ServeConfig) -> int:
     import secrets
-    import signal
     import tempfile
 
-    external = bool(cfg.prefill or cfg.decode or cfg.worker)
+    external = bool(cfg.prefill or cfg.decode or cfg.worker or cfg.elastic)
     if external:  # workers it did not start: refuse before anything starts
         problem = start_problem(cfg.internal_token, cfg.insecure_no_token,
                                 who="the proxy of workers given by URL")
@@ -709,7 +721,9 @@ def run_serve(cfg: ServeConfig) -> int:
         port.close()
         if supervisor is not None:
             supervisor.stop()
-        stop_processes([w.proc for w in workers if w.proc is not None])
+        # SIGINT: at once (the proxy drained its streams first); SIGTERM would have each
+        # worker drain what it still holds, for up to its --drain-timeout
+        stop_processes([w.proc for w in workers if w.proc is not None], sig=signal.SIGINT)
         if daemon is not None:
             daemon.stop()
         if log_dir is not None:

@@ -367,6 +367,15 @@ class ClusterBackend:
                         rec = replace(req,
                                       request_id=f"{req.request_id}#{next(self._attempt)}")
                         continue
+                    if e.code == "draining" and not outputs:  # it drains itself (SIGTERM),
+                        # which its next health check would say: elsewhere, no retry spent
+                        for w in (a, b):
+                            if w is not None and w.link is e.link:
+                                self.registry.drains_itself(w)
+                                exclude.add(w.url)
+                        rec = replace(req,
+                                      request_id=f"{req.request_id}#{next(self._attempt)}")
+                        continue
                     engine_failures += e.code == "engine"
                     if engine_failures >= 2:  # it fails engines: a third would fail too
                         raise RequestFailedError(

@@ -47,6 +47,14 @@ class Worker:
     failures: int = 0
     active: int = 0  # requests this proxy has in flight on it
     prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU)
+    joined: bool = False  # added at runtime (POST /workers), not from the command line
+    drain: bool = False  # an operator drains it: no new requests; it leaves once idle
+    drained_itself: bool = False  # its /health said "draining" (SIGTERM) since it last served
+
+    @property
+    def draining(self) -> bool:
+        """No new requests: an operator drains it, or it drains itself (SIGTERM)."""
+        return self.drain or self.status == "draining"
 
     @property
     def load(self) -> dict[str, Any]:
@@ -55,7 +63,7 @@ class Worker:
     @property
     def usable(self) -> bool:
         return self.healthy and self.refused is None and self.link is not None and \
-            self.link.alive
+            self.link.alive and not self.draining
 
     def score(self) -> float:
         """Lower is better: queued + running as last reported, plus what is on its way."""
@@ -109,7 +117,9 @@ class Worker:
 
     def snapshot(self) -> dict[str, Any]:
         return {"url": self.url, "role": self.role, "name": self.name, "healthy": self.healthy,
-                "status": self.status, **({"reason": self.reason} if self.reason else {}),
+                "status": "draining" if self.drain else self.status,
+                **({"reason": self.reason} if self.reason else {}),
+                **({"joined": True} if self.joined else {}),
                 "refused": self.refused, "active": self.active,
                 "data_path": None if self.link is None else
                 ("ok" if self.link.alive else f"silent for {self.link.silence():.1f} s"),
@@ -187,6 +197,68 @@ class Registry:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(w) for w in self.workers))
+        for w in list(self.workers):
+            self._leave_if_done(w)
+
+    # ---- membership at runtime (POST /workers, POST /workers/{name}/drain) ---------------
+
+    def add(self, url: str, role: str = "unknown") -> tuple[Worker, bool]:
+        """A worker joins (its URL; its role as its /info says, `role` until then): checked
+        at once, routed to once its /health says ok. Returns it and whether it is new (a URL
+        already known is that worker; one being drained is taken back)."""
+        url = url.rstrip("/")
+        for w in self.workers:
+            if w.url == url:
+                if w.drain:
+                    w.drain = False
+                    logger.info("worker %s (%s): drain called off, serving again",
+                                w.name or w.url, w.role)
+                return w, False
+        w = Worker(url, role, joined=True)
+        self.workers.append(w)
+        logger.info("worker %s joins (%s)", url, role)
+        if self._task is not None:  # started: its first check now, not at the next round
+            asyncio.get_running_loop().create_task(self._check(w))
+        return w, True
+
+    def find(self, key: str) -> Worker | None:
+        """A worker by its name (as its /info says) or its URL."""
+        key = key.rstrip("/")
+        return next((w for w in self.workers if key in (w.name, w.url)), None)
+
+    def drains_itself(self, w: Worker) -> None:
+        """`w` said it drains (its /health, or an Error "draining" to a request): nothing new
+        goes to it; a worker that joined at runtime leaves once it is gone."""
+        if not w.drained_itself:
+            logger.info("worker %s (%s) drains itself%s", w.name or w.url, w.role,
+                        f": {w.reason}" if w.reason else "")
+        w.status, w.drained_itself, w.failures = "draining", True, 0
+
+    def start_drain(self, w: Worker) -> None:
+        """No new requests for `w`; the ones it runs finish; then it leaves the registry."""
+        if not w.drain:
+            w.drain = True
+            logger.info("worker %s (%s) draining: %d request(s) to finish", w.name or w.url,
+                        w.role, w.active)
+        self._leave_if_done(w)
+
+    def _leave_if_done(self, w: Worker) -> None:
+        """A drained worker with nothing in flight, or one that joined at runtime, drained
+        itself (SIGTERM) and is now gone, leaves."""
+        gone = w.joined and w.drained_itself and w.status == "unreachable" and w.active == 0
+        if not ((w.drain and w.active == 0) or gone) or w not in self.workers:
+            return
+        self.workers.remove(w)
+        logger.info("worker %s (%s) left", w.name or w.url, w.role)
+        for labels in [(w.url, w.role)] + [(w.url, w.role, k) for k in w.load]:
+            try:
+                (metrics.WORKER_HEALTHY if len(labels) == 2 else metrics.WORKER_LOAD).remove(
+                    *labels)
+            except KeyError:  # never exported
+                pass
+        if w.link is not None:
+            link, w.link = w.link, None
+            asyncio.get_running_loop().create_task(link.close())
 
     async def _check(self, w: Worker) -> None:
         assert self.http is not None
@@ -212,6 +284,11 @@ class Registry:
             ok = False
             w.status, w.reason = "unreachable", str(e)
             logger.debug("health check of %s failed: %s", w.url, e)
+        if w.status == "draining":  # SIGTERM: it finishes what it runs, takes nothing new
+            self.drains_itself(w)
+            return  # alive: its link stays, and the requests on it finish
+        if ok:
+            w.drained_itself = False
         if ok and w.refused is None and w.info and w.link is None:
             self._connect(w)  # ready: its step loop runs and answers the link's pings
         if ok:

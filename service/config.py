@@ -71,6 +71,18 @@ class WorkerConfig(EngineConfig):
         250.0, check=lambda v: None if v > 0 else "must be > 0",
         help="D: the longest it holds its decode steps for a busy P before it takes one "
         "step anyway.")
+    join: list[str] = option(
+        default_factory=list, metavar="PROXY_URL",
+        help="Once ready, join the proxy at this URL (`pdserve serve --elastic`: POST /workers "
+        "with the internal token, retried every second until it answers): scaling a "
+        "compose service or deployment of workers up needs no proxy restart. This worker's "
+        "URL as the proxy reaches it: --advertise-host and --port.")
+    drain_timeout: float = option(
+        25.0, check=lambda v: None if v >= 0 else "must be >= 0",
+        help="On SIGTERM: seconds to finish the requests in flight, refusing new ones (the "
+        "proxy sends them to other workers; /health says 'draining'), before stopping; 0: "
+        "stop at once. A second SIGTERM, or SIGINT, stops at once. (Kubernetes' default "
+        "grace period is 30 s.)")
     max_queued_requests: int = option(
         256, check=lambda v: None if v > 0 else "must be > 0",
         help="Requests this worker queues (P: prompts waiting for prefill; D: reservations "

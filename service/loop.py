@@ -35,6 +35,7 @@ from pdserve.common.stats_line import StatsLine, Totals
 from pdserve.common.wakeup import Waker
 from pdserve.common.wire import (
     DATA_PATH,
+    Abort,
     DataMessage,
     Error,
     Generate,
@@ -93,6 +94,7 @@ def orca_header(fmt: str | None, load: dict[str, Any]) -> str | None:
 
 WARMUP_OUTPUT_TOKENS = 3  # per warm-up request: a few decode steps (D, both)
 STALLED_WAIT_MS = 100  # a stalled engine's longest sleep: a safety net, events wake it first
+DRAIN_LINGER_S = 1.0  # a drained worker's last answers (see WorkerLoop._linger_end)
 
 
 class _StopEvent(threading.Event):
@@ -139,6 +141,8 @@ class WorkerLoop:
         self._seq = 0
         self._counted = (0, 0, 0)  # preemptions, prefix queries, prefix hits already exported
         self.dead_reason: str | None = None
+        self.draining_since: float | None = None  # SIGTERM: finish what runs, take nothing new
+        self._last_refusal = 0.0  # when draining refused a request last
         self.reqs: dict[str, Any] = {}  # request id -> the role's state of it
         # Each proxy learns from our load reports how many of its requests we have taken in
         # ("acked"): what it sent beyond that is still on the way, and it counts it on top of
@@ -248,6 +252,16 @@ class WorkerLoop:
                     self._gone.discard(identity)
                     self.send(identity, Pong(n=msg.n, load=self.load_for(identity, self.load())))
                     continue
+                if isinstance(msg, Abort) and self.draining_since is not None and \
+                        msg.rid not in self.reqs:
+                    continue  # the proxy's abort of a request the drain refused
+                if isinstance(msg, Reserve | Prefill | Generate) and \
+                        self.draining_since is not None:
+                    self._last_refusal = time.monotonic()
+                    self.send(identity, Error(
+                        reason="the worker is draining (stopping): it takes no new request",
+                        rid=msg.rec.request_id, retryable=True, code="draining"))
+                    continue
                 if isinstance(msg, Reserve | Prefill | Generate):  # taken in, whatever comes
                     self._gone.discard(identity)
                     acks = self._acks.setdefault(identity, [0, 0])
@@ -297,9 +311,14 @@ class WorkerLoop:
                 counter.inc(now - before)
         self._counted = counts
         status = "ok" if self.dead_reason is None else "dead"
+        if status == "ok" and self.draining_since is not None:
+            status = "draining"
         self.snapshot = {"load": load, "health": {"status": status, "role": self.role.value,
                                                   "name": self.cfg.worker_name,
-                                                  "reason": self.dead_reason,
+                                                  "reason": self.dead_reason or (
+                                                      f"draining: {len(self.reqs)} request(s)"
+                                                      " to finish, no new ones"
+                                                      if status == "draining" else None),
                                                   "warmup_s": self.warmup_s, **self.info()}}
 
     def warmup_prompts(self) -> list[list[int]]:
@@ -382,6 +401,35 @@ class WorkerLoop:
         logger.info("warm-up done in %.2f s (prompts of %s tokens)", self.warmup_s, sizes)
         return self.warmup_s
 
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests (retryable: the proxy tries another worker), finish
+        those in flight, then stop (`run` returns), within --drain-timeout; a second SIGTERM
+        stops at once. (Signal handler: it only sets state and wakes the loop.)"""
+        if self.draining_since is not None or self.cfg.drain_timeout <= 0:
+            self.stop_event.set()
+            return
+        self.draining_since = time.monotonic()
+        self.waker.wake()
+
+    def _linger_end(self) -> float:
+        """A drained worker still answers for DRAIN_LINGER_S after the drain began and after
+        each request it refused: a request a proxy sent before it learnt of the drain gets
+        its "draining" answer (and goes elsewhere at once) instead of silence."""
+        return max(self.draining_since, self._last_refusal) + DRAIN_LINGER_S
+
+    def _drained(self) -> bool:
+        """Draining and nothing left in flight here (or the drain's time ran out)."""
+        now = time.monotonic()
+        if now >= self.draining_since + self.cfg.drain_timeout:
+            if self.reqs or self.has_work():
+                logger.warning("drain timeout (%.0f s): stopping with %d request(s) in "
+                               "flight", self.cfg.drain_timeout, len(self.reqs))
+            return True
+        if self.reqs or self.has_work() or now < self._linger_end():
+            return False
+        logger.info("drained: nothing in flight; stopping")
+        return True
+
     def _wait_ms(self) -> int | None:
         """How long the poll may sleep: 0 while the engine can run; else until the role's
         nearest deadline (a stalled engine, waiting for blocks a transfer holds, at most
@@ -394,6 +442,9 @@ class WorkerLoop:
             deadline = min(filter(None, (self.next_deadline(), hold)))
             return max(0, int((deadline - time.monotonic()) * 1000) + 1)
         deadline = self.next_deadline()
+        if self.draining_since is not None:  # the drain's end, or its linger's
+            end = min(self.draining_since + self.cfg.drain_timeout, self._linger_end())
+            deadline = end if deadline is None else min(deadline, end)
         wait = None if deadline is None else \
             max(0, int((deadline - time.monotonic()) * 1000) + 1)
         if self.has_work():  # stalled
@@ -411,8 +462,8 @@ class WorkerLoop:
             poller.register(self.turns_in.fd, zmq.POLLIN)
         previous_fd = None
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+            signal.signal(signal.SIGTERM, lambda *_: self.begin_drain())
             # a process-directed signal may be delivered to any thread (the KV I/O thread,
             # the HTTP thread): the main thread, asleep in the poll, would never run the
             # handler. CPython writes each signal to this fd, whatever thread took it.
@@ -445,6 +496,8 @@ class WorkerLoop:
                     self.turns_out.set(self.turn_busy(time.monotonic()))
                 self.publish()
                 self.stats.tick()
+                if self.draining_since is not None and self._drained():
+                    break
         finally:
             if previous_fd is not None:
                 signal.set_wakeup_fd(previous_fd)
