@@ -189,6 +189,36 @@ def test_ps_turn_lasts_until_its_kv_has_left_for_at_most_the_grace(tmp_path):
         loop.shutdown()
 
 
+def test_sigterm_drains_then_stops_and_a_stuck_request_waits_at_most_the_drain_timeout():
+    """begin_drain (the SIGTERM handler): /health says "draining" with what is left; an idle
+    worker stops once its 1 s linger is over; one holding a request that never ends (a
+    reservation whose Join never comes) stops when --drain-timeout runs out."""
+    from pdserve.common.wire import Reserve
+    from pdserve.service.loop import DRAIN_LINGER_S
+
+    idle = Counting(make_loop(BothLoop, "both", drain_timeout=30))
+    t0 = time.monotonic()
+    idle.loop.begin_drain()
+    idle.thread.join(10)
+    assert not idle.thread.is_alive()
+    assert DRAIN_LINGER_S <= time.monotonic() - t0 < DRAIN_LINGER_S + 2
+
+    loop = make_loop(DecodeLoop, "decode", drain_timeout=2.0, reservation_timeout=60)
+    rec = RequestRecord("stuck", list(range(5, 25)), SamplingParams(max_tokens=4, seed=1))
+    loop.on_message(b"proxy", Reserve(rec=rec))  # reserved: waits for a KV and a Join
+    c = Counting(loop)
+    t0 = time.monotonic()
+    loop.begin_drain()
+    end = time.monotonic() + 5
+    while loop.snapshot["health"]["status"] != "draining":
+        assert time.monotonic() < end
+        time.sleep(0.01)
+    assert "1 request(s) to finish" in loop.snapshot["health"]["reason"]
+    c.thread.join(10)
+    assert not c.thread.is_alive()
+    assert 2.0 <= time.monotonic() - t0 < 4.0  # the drain timeout, not the reservation's
+
+
 def test_p_offers_the_kv_in_the_step_that_prefilled_it():
     loop = make_loop(PrefillLoop, "prefill")
     order = []

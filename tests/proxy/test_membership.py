@@ -1,0 +1,57 @@
+"""The membership routes over a Registry (proxy/membership.py), in process: who may change
+the list, what a join and a drain answer, and that an idle drained worker leaves at once.
+(tests/e2e/test_elastic.py runs the same with real workers under load.)"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from starlette.testclient import TestClient
+
+from pdserve.proxy.membership import add_membership_routes
+from pdserve.proxy.registry import Registry
+
+TOKEN = "t-5f1c9e7a2b4d8063"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def client(registry: Registry, **kw) -> TestClient:
+    app = FastAPI()
+    add_membership_routes(app, registry, TOKEN, **kw)
+    return TestClient(app)
+
+
+def test_join_then_drain_an_idle_worker_and_it_leaves() -> None:
+    reg = Registry({"both": ["http://127.0.0.1:9100"]}, token=TOKEN)
+    c = client(reg)
+    r = c.post("/workers", json={"url": "http://127.0.0.1:9200/", "role": "decode"}, headers=AUTH)
+    assert r.status_code == 201 and r.json()["url"] == "http://127.0.0.1:9200"
+    assert r.json()["role"] == "decode" and r.json()["joined"] is True
+    again = c.post("/workers", json={"url": "http://127.0.0.1:9200"}, headers=AUTH)
+    assert again.status_code == 200  # known: the same worker
+    assert [w["url"] for w in c.get("/workers").json()["workers"]] == [
+        "http://127.0.0.1:9100", "http://127.0.0.1:9200"]
+    r = c.post("/workers/http://127.0.0.1:9100/drain", headers=AUTH)
+    assert r.status_code == 202 and r.json()["status"] == "draining"
+    # nothing in flight on it: it left at once
+    assert [w["url"] for w in c.get("/workers").json()["workers"]] == ["http://127.0.0.1:9200"]
+
+
+def test_bad_requests_are_openai_shaped_and_change_nothing() -> None:
+    reg = Registry({}, token=TOKEN)
+    c = client(reg)
+    cases = [({"url": "http://h:1"}, {}, 401, "invalid_internal_token"),
+             ({"url": "http://h:1"}, {"authorization": "Bearer nope"}, 401,
+              "invalid_internal_token"),
+             ({"url": "h:1"}, AUTH, 400, None), ({"role": "both"}, AUTH, 400, None),
+             ({"url": "http://h:1", "role": "chef"}, AUTH, 400, None)]
+    for body, headers, status, code in cases:
+        r = c.post("/workers", json=body, headers=headers)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["code"] == code
+    assert c.post("/workers/nobody/drain", headers=AUTH).json()["error"]["code"] == \
+        "unknown_worker"
+    assert reg.workers == []
+    several = client(Registry({}, token=TOKEN), several_processes=True)
+    r = several.post("/workers", json={"url": "http://h:1"}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "several_proxy_processes"
