@@ -58,21 +58,27 @@ def test_step_logits_match_transformers(arch, tiny_checkpoint):
     assert parts.block_manager.num_free_blocks == parts.block_manager.num_blocks
 
 
+def assert_greedy_equals_generate(llm: LLM, path, prompts: list[list[int]], n: int) -> None:
+    """`llm`'s greedy tokens for `prompts` (n each, all in one generate call) are
+    transformers' `generate` ones, and every block is free after."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                        use_tqdm=False)
+    model = hf_model(path)
+    for p, out in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.parts.block_manager.num_free_blocks == llm.parts.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_equal_generate(arch, tiny_checkpoint):
     path = tiny_checkpoint(arch)
     llm = LLM(str(path), use_tqdm_on_load=False, num_gpu_blocks_override=256)
     prompts = random_prompts(PROMPT_LENS, vocab=llm.parts.model_config.vocab_size, seed=2)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
-                        use_tqdm=False)
-    model = hf_model(path)
-    for p, out in zip(prompts, outs):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32,
-                             do_sample=False, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
-        assert out.outputs[0].finish_reason == "length"
-    assert llm.parts.block_manager.num_free_blocks == llm.parts.block_manager.num_blocks
+    assert_greedy_equals_generate(llm, path, prompts, 32)
 
 
 def test_greedy_equals_generate_with_a_small_mixed_step_budget(tiny_checkpoint):
@@ -83,15 +89,7 @@ def test_greedy_equals_generate_with_a_small_mixed_step_budget(tiny_checkpoint):
               max_num_batched_tokens=64, mixed_step_tokens=8)
     assert llm.engine.scheduler.mixed_step_tokens == 8
     prompts = random_prompts([5, 90, 40, 130], vocab=llm.parts.model_config.vocab_size, seed=4)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-                        use_tqdm=False)
-    model = hf_model(path)
-    for p, out in zip(prompts, outs):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert out.outputs[0].token_ids == ref[0, len(p):].tolist()
-    assert llm.parts.block_manager.num_free_blocks == llm.parts.block_manager.num_blocks
+    assert_greedy_equals_generate(llm, path, prompts, 12)
 
 
 @pytest.mark.parametrize("chunk_sizes", [[7, 16, 200], [1, 1, 30, 200], [16, 16, 200]])
