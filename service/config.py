@@ -74,9 +74,9 @@ class WorkerConfig(EngineConfig):
     join: list[str] = option(
         default_factory=list, metavar="PROXY_URL",
         help="Once ready, join the proxy at this URL (`pdserve serve --elastic`: POST /workers "
-        "with the internal token, retried every second until it answers): scaling a "
-        "compose service or deployment of workers up needs no proxy restart. This worker's "
-        "URL as the proxy reaches it: --advertise-host and --port.")
+        "with the internal token, retried every second until it answers): a worker "
+        "started later needs no proxy restart. This worker's URL as the proxy reaches it: "
+        "--advertise-host and --port. (A restarted proxy does not know it: join again.)")
     drain_timeout: float = option(
         25.0, check=lambda v: None if v >= 0 else "must be >= 0",
         help="On SIGTERM: seconds to finish the requests in flight, refusing new ones (the "
