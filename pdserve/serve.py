@@ -57,6 +57,25 @@ def _urls(v: list[str]) -> str | None:
     return f"not http(s) URLs: {bad}" if bad else None
 
 
+def parse_discover(entry: str) -> tuple[str, str, int]:
+    """"decode=pdserve-decode-pods:8200" -> ("decode", "pdserve-decode-pods", 8200)."""
+    role, _, where = entry.partition("=")
+    host, _, port = where.rpartition(":")
+    if role not in ("prefill", "decode", "both") or not host or not port.isdigit():
+        raise ValueError(entry)
+    return role, host.strip("[]"), int(port)
+
+
+def _discover_entries(v: list[str]) -> str | None:
+    bad = []
+    for entry in v:
+        try:
+            parse_discover(entry)
+        except ValueError:
+            bad.append(entry)
+    return f"not ROLE=HOST:PORT (ROLE prefill, decode or both): {bad}" if bad else None
+
+
 def _json_list(v: str) -> str | None:
     try:
         ok = isinstance(json.loads(v), list)
@@ -96,6 +115,13 @@ class ServeConfig(EngineConfig):
                                help="Decode workers' HTTP URLs.")
     worker: list[str] = option(default_factory=list, check=_urls, metavar="URL",
                                help="Both-role workers' HTTP URLs.")
+    discover: list[str] = option(
+        default_factory=list, metavar="ROLE=HOST:PORT", check=_discover_entries,
+        help="Workers found by DNS: every address HOST resolves to (a Kubernetes headless "
+        "Service: its ready pods) is a ROLE worker (prefill, decode or both) at "
+        "http://ADDRESS:PORT, looked up again before each round of health checks: new "
+        "addresses join, vanished ones drain and leave. Replicas then scale without "
+        "touching the proxy, and several proxy processes follow the same records.")
     elastic: bool = option(
         False, help="Workers join and leave at runtime, the cluster serving on: POST "
         "/workers {\"url\": ...} adds one, POST /workers/NAME/drain drains one (no new "
@@ -492,7 +518,8 @@ def build_app(cfg: ServeConfig, supervisor: Supervisor | None = None):
     registry = Registry({"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.worker},
                         token=cfg.internal_token or "",
                         expected=model_identity(model_path, cfg.tokenizer),
-                        interval=cfg.health_interval, silence_limit=cfg.data_path_timeout)
+                        interval=cfg.health_interval, silence_limit=cfg.data_path_timeout,
+                        discover=[parse_discover(e) for e in cfg.discover])
     # vLLM's default name is --model as given; the folder's name is accepted too
     names = cfg.served_model_name or ([BUILTIN_MODEL_NAME] if cfg.model is None else
                                       list(dict.fromkeys([cfg.model, Path(model_path).name])))
@@ -659,7 +686,7 @@ def run_serve(cfg: ServeConfig) -> int:
     import secrets
     import tempfile
 
-    external = bool(cfg.prefill or cfg.decode or cfg.worker or cfg.elastic)
+    external = bool(cfg.prefill or cfg.decode or cfg.worker or cfg.elastic or cfg.discover)
     if external:  # workers it did not start: refuse before anything starts
         problem = start_problem(cfg.internal_token, cfg.insecure_no_token,
                                 who="the proxy of workers given by URL")

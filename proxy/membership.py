@@ -1,6 +1,6 @@
 """Workers joining and leaving a serving cluster (`pdserve serve --elastic`): the proxy's
 membership routes over its Registry (proxy/registry.py: `add`, `start_drain`, and how a
-drained worker leaves).
+drained worker leaves; `--discover` follows DNS records there instead).
 
 - GET /workers: every worker the proxy knows, as /load lists them (open, like /load);
 - POST /workers {"url": "http://host:port", "role"?: "prefill"|"decode"|"both"}: a worker

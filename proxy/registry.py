@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +26,20 @@ import zmq
 
 from pdserve.common import wire
 from pdserve.common.compat import compat_mismatch
+from pdserve.common.logs import Throttled
 from pdserve.proxy import metrics
 from pdserve.proxy.workers import WorkerLink
 
 logger = logging.getLogger(__name__)
 
 PREFIX_MEMORY = 50_000  # block hashes remembered per worker (LRU)
+flood = Throttled(logger, 60.0)
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to (A and AAAA records), without blocking the loop."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({info[4][0] for info in infos})
 
 
 @dataclass(eq=False)
@@ -47,8 +56,10 @@ class Worker:
     failures: int = 0
     active: int = 0  # requests this proxy has in flight on it
     prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None (LRU)
-    joined: bool = False  # added at runtime (POST /workers), not from the command line
-    drain: bool = False  # an operator drains it: no new requests; it leaves once idle
+    joined: bool = False  # added at runtime (POST /workers, discovery), not the command line
+    found_by: tuple[str, str, int] | None = None  # the discovery entry whose DNS names it
+    drain: bool = False  # drained: no new requests; it leaves once idle
+    drain_by: str = ""  # who drains it: "operator" (POST .../drain) or "discovery"
     drained_itself: bool = False  # its /health said "draining" (SIGTERM) since it last served
 
     @property
@@ -131,8 +142,16 @@ class Registry:
     """All workers; `start()` fetches their /info and begins health checks."""
 
     def __init__(self, urls: dict[str, list[str]], token: str = "", expected: dict | None = None,
-                 interval: float = 1.0, silence_limit: float = 2.0):
+                 interval: float = 1.0, silence_limit: float = 2.0,
+                 discover: list[tuple[str, str, int]] | None = None):
         self.workers = [Worker(u, role) for role, us in urls.items() for u in us]
+        # (role, DNS name, port): every address the name resolves to is such a worker,
+        # re-resolved before each round of health checks (`--discover`)
+        self.discover = list(discover or [])
+        self.resolve = _resolve  # (host, port) -> addresses; tests put a fake here
+        # URLs an operator drained out while their name still lists them: discovery does not
+        # take them back until the name stops listing them (or an operator adds them)
+        self.drained_out: dict[str, tuple[str, str, int]] = {}  # URL -> its discovery entry
         self.token = token
         self.expected = expected or {}  # the proxy's own config/tokenizer hashes
         self.interval = interval
@@ -187,6 +206,7 @@ class Registry:
         rounds = 0
         while True:
             try:
+                await self.discover_workers()
                 await self.check_all()
             except Exception:  # noqa: BLE001 - health checks must go on
                 logger.exception("health check round failed")
@@ -200,16 +220,44 @@ class Registry:
         for w in list(self.workers):
             self._leave_if_done(w)
 
-    # ---- membership at runtime (POST /workers, POST /workers/{name}/drain) ---------------
+    # ---- membership at runtime (POST /workers, POST /workers/{name}/drain, --discover) -----
 
-    def add(self, url: str, role: str = "unknown") -> tuple[Worker, bool]:
+    async def discover_workers(self) -> None:
+        """--discover: the addresses each name resolves to now are its workers; new ones
+        join, those no longer listed drain (they leave once idle). A failed lookup changes
+        nothing (a DNS blip must not drain a cluster)."""
+        for entry in self.discover:
+            role, host, port = entry
+            try:
+                addresses = await self.resolve(host, port)
+            except OSError as e:
+                flood.warning(f"dns-{host}", "discovery: cannot resolve %s (%s); workers kept",
+                              host, e)
+                continue
+            urls = {f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}"
+                    for a in addresses}
+            for url, by in list(self.drained_out.items()):
+                if by == entry and url not in urls:  # dropped from the records: forgotten
+                    del self.drained_out[url]
+            for url in sorted(urls - self.drained_out.keys()):
+                w, _ = self.add(url, role, by="discovery")
+                w.found_by = w.found_by or entry
+            for w in list(self.workers):
+                if w.found_by == entry and w.url not in urls and not w.drain:
+                    logger.info("discovery: %s no longer lists %s: draining it", host, w.url)
+                    self.start_drain(w, by="discovery")
+
+    def add(self, url: str, role: str = "unknown", by: str = "operator") -> tuple[Worker, bool]:
         """A worker joins (its URL; its role as its /info says, `role` until then): checked
         at once, routed to once its /health says ok. Returns it and whether it is new (a URL
-        already known is that worker; one being drained is taken back)."""
+        already known is that worker; one being drained is taken back, by an operator, or
+        by discovery from its own drain)."""
         url = url.rstrip("/")
+        if by == "operator":
+            self.drained_out.pop(url, None)
         for w in self.workers:
             if w.url == url:
-                if w.drain:
+                if w.drain and (by == "operator" or w.drain_by == by):
                     w.drain = False
                     logger.info("worker %s (%s): drain called off, serving again",
                                 w.name or w.url, w.role)
@@ -234,10 +282,10 @@ class Registry:
                         f": {w.reason}" if w.reason else "")
         w.status, w.drained_itself, w.failures = "draining", True, 0
 
-    def start_drain(self, w: Worker) -> None:
+    def start_drain(self, w: Worker, by: str = "operator") -> None:
         """No new requests for `w`; the ones it runs finish; then it leaves the registry."""
         if not w.drain:
-            w.drain = True
+            w.drain, w.drain_by = True, by
             logger.info("worker %s (%s) draining: %d request(s) to finish", w.name or w.url,
                         w.role, w.active)
         self._leave_if_done(w)
@@ -249,6 +297,8 @@ class Registry:
         if not ((w.drain and w.active == 0) or gone) or w not in self.workers:
             return
         self.workers.remove(w)
+        if w.found_by is not None and w.drain_by == "operator":
+            self.drained_out[w.url] = w.found_by
         logger.info("worker %s (%s) left", w.name or w.url, w.role)
         for labels in [(w.url, w.role)] + [(w.url, w.role, k) for k in w.load]:
             try:

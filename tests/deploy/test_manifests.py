@@ -220,13 +220,17 @@ def test_k8s_deployment_and_service(k8s: dict, role: str) -> None:
     res = c["resources"]
     if role == "proxy":
         assert "nvidia.com/gpu" not in res.get("limits", {})
-        assert env["PDSERVE_PREFILL"] == "http://pdserve-prefill:8100"
-        assert env["PDSERVE_DECODE"] == "http://pdserve-decode:8200"
+        assert cfg.discover == ["prefill=pdserve-prefill-pods:8100",
+                                "decode=pdserve-decode-pods:8200"]
+        assert "PDSERVE_PREFILL" not in env and "PDSERVE_DECODE" not in env
         assert "PDSERVE_API_KEY" in env
     else:
         assert res["limits"]["nvidia.com/gpu"] == 1 and res["requests"]["nvidia.com/gpu"] == 1
         assert cfg.host == "0.0.0.0" and cfg.advertise_host == "10.0.0.7"
-        assert dep["spec"]["replicas"] == 1  # the proxy tracks each worker by URL
+        assert dep["spec"]["replicas"] >= 1  # the proxy follows the pods (discovery)
+        # SIGTERM drains the pod: within its grace period
+        grace = pod["spec"]["terminationGracePeriodSeconds"]
+        assert cfg.drain_timeout < grace
     if role == "decode":  # pods share no GPU or namespaces: KV over TCP, on the kv port
         assert cfg.kv_transports == ["tcp"]
         assert ports["kv"] == cfg.kv_address_port and ports["data"] == cfg.data_address_port
@@ -244,13 +248,23 @@ def test_k8s_ships_no_secret_with_a_placeholder_token(k8s: dict) -> None:
     assert '--from-literal=internal-token="$(openssl rand -hex 16)"' in text
 
 
-def test_k8s_proxy_urls_name_the_worker_services(k8s: dict) -> None:
+def test_k8s_proxy_discovers_the_worker_pods_by_headless_services(k8s: dict) -> None:
+    """PDSERVE_DISCOVER names, per role, a headless Service (its DNS lists the pods' IPs)
+    selecting that role's pods, on the port the pods serve HTTP."""
+    from pdserve.serve import parse_discover
+
     c = _container(k8s[("Deployment", "pdserve-proxy")])
     env = {e["name"]: e.get("value") for e in c["env"]}
-    for key in ("PDSERVE_PREFILL", "PDSERVE_DECODE"):
-        host, port = env[key].removeprefix("http://").split(":")
+    entries = [parse_discover(x) for x in env["PDSERVE_DISCOVER"].split(",")]
+    assert sorted(role for role, _, _ in entries) == ["decode", "prefill"]
+    for role, host, port in entries:
         svc = k8s[("Service", host)]
-        assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        assert svc["spec"]["clusterIP"] == "None"
+        pod = k8s[("Deployment", f"pdserve-{role}")]["spec"]["template"]
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in _container(
+            k8s[("Deployment", f"pdserve-{role}")])["ports"]}
+        assert ports["http"] == port
 
 
 # ---- Prometheus and Grafana against the exported metrics ----------------------------------

@@ -201,3 +201,45 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
+
+
+def test_a_proxy_finds_its_workers_by_dns(tmp_path: Path) -> None:
+    """`--discover both=HOST:PORT` (a Kubernetes headless Service in production; here a name
+    that resolves to 127.0.0.1): the proxy starts with no worker, finds the one there and
+    serves through it; the worker, given SIGTERM, drains and stops, and the proxy routes
+    nothing to it."""
+    procs: list[subprocess.Popen] = []
+    try:
+        w, w_url = start_worker(tmp_path, "W")
+        procs.append(w)
+        port = free_port_block(1)
+        proxy = f"http://127.0.0.1:{port}"
+        w_port = int(w_url.rsplit(":", 1)[1])
+        procs.append(start(tmp_path, "proxy", "serve", "--port", str(port), "--internal-token",
+                           TOKEN, "--discover", f"both=127.0.0.1:{w_port}",
+                           "--health-interval", "0.5"))
+        wait_for("the proxy serving", lambda: httpx.get(proxy + "/health").status_code == 200,
+                 tmp=tmp_path)
+        assert [x["url"] for x in httpx.get(proxy + "/workers").json()["workers"]] == [w_url]
+        with openai.OpenAI(base_url=proxy + "/v1", api_key="none", max_retries=0,
+                           timeout=60) as c:
+            model = c.models.list().data[0].id
+            r = c.completions.create(model=model, prompt=[5, 6, 7, 8], max_tokens=4,
+                                     temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(30) == 0
+        # (the name still lists the address here, as a terminated pod's would not: the
+        # proxy keeps looking it up and routes nothing there)
+        wait_for("the proxy routing nowhere", lambda: httpx.get(proxy + "/health").status_code
+                 == 503, 30.0, tmp_path)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)

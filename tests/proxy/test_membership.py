@@ -55,3 +55,58 @@ def test_bad_requests_are_openai_shaped_and_change_nothing() -> None:
     several = client(Registry({}, token=TOKEN), several_processes=True)
     r = several.post("/workers", json={"url": "http://h:1"}, headers=AUTH)
     assert r.status_code == 409 and r.json()["error"]["code"] == "several_proxy_processes"
+
+
+def test_discovery_follows_the_dns_records() -> None:
+    """--discover decode=NAME:8200: each address NAME resolves to is a D; a new address
+    joins, a vanished one drains (idle: it leaves at once), a failed lookup changes nothing,
+    and an operator's drain is not undone by the name still listing the worker (only by the
+    name dropping the address and listing it again: a new pod)."""
+    import asyncio
+
+    from pdserve.serve import parse_discover
+
+    entry = parse_discover("decode=pods.example:8200")
+    assert entry == ("decode", "pods.example", 8200)
+    assert parse_discover("both=[fd00::1]:9") == ("both", "fd00::1", 9)
+    reg = Registry({}, token=TOKEN, discover=[entry])
+    records: list = [["10.0.0.1", "10.0.0.2"]]
+
+    async def resolve(host: str, port: int) -> list[str]:
+        assert (host, port) == ("pods.example", 8200)
+        if isinstance(records[0], OSError):
+            raise records[0]
+        return records[0]
+    reg.resolve = resolve
+
+    def urls() -> list[str]:
+        return sorted(w.url for w in reg.workers)
+
+    async def rounds() -> None:
+        await reg.discover_workers()
+        assert urls() == ["http://10.0.0.1:8200", "http://10.0.0.2:8200"]
+        assert {w.role for w in reg.workers} == {"decode"}
+        records[0] = ["10.0.0.2", "fd00::3"]
+        await reg.discover_workers()
+        assert urls() == ["http://10.0.0.2:8200", "http://[fd00::3]:8200"]
+        records[0] = OSError("no DNS")
+        await reg.discover_workers()
+        assert len(reg.workers) == 2
+        busy = reg.find("http://10.0.0.2:8200")
+        busy.active = 1  # a stream runs on it
+        reg.start_drain(busy)  # an operator drains it
+        records[0] = ["10.0.0.2", "fd00::3"]
+        await reg.discover_workers()
+        assert busy.drain and busy.drain_by == "operator"  # still listed, still draining
+        busy.active = 0
+        reg._leave_if_done(busy)  # (what the next health round does)
+        assert urls() == ["http://[fd00::3]:8200"]
+        await reg.discover_workers()  # listed still: not taken back after an operator's drain
+        assert urls() == ["http://[fd00::3]:8200"]
+        records[0] = ["fd00::3"]
+        await reg.discover_workers()
+        records[0] = ["10.0.0.2", "fd00::3"]  # gone from the records, then back: a new pod
+        await reg.discover_workers()
+        assert urls() == ["http://10.0.0.2:8200", "http://[fd00::3]:8200"]
+
+    asyncio.run(rounds())
