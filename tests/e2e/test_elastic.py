@@ -53,6 +53,19 @@ def start_worker(tmp: Path, name: str, *args: str) -> tuple[subprocess.Popen, st
     return proc, f"http://127.0.0.1:{port}"
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGINT (at once: SIGTERM would drain), then SIGKILL what did not end."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 def wait_for(what: str, check, timeout: float = 120.0, tmp: Path | None = None) -> float:
     """Seconds until `check()` is true (polled every 50 ms)."""
     t0 = time.monotonic()
@@ -192,15 +205,7 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
         assert requests_served(urls["C"]) > 0 and set(listed(proxy)) == {"C"}
         assert a.poll() is None  # drained through the proxy, A itself runs on (idle)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(procs)
 
 
 def test_a_proxy_finds_its_workers_by_dns(tmp_path: Path) -> None:
@@ -234,12 +239,4 @@ def test_a_proxy_finds_its_workers_by_dns(tmp_path: Path) -> None:
         wait_for("the proxy routing nowhere", lambda: httpx.get(proxy + "/health").status_code
                  == 503, 30.0, tmp_path)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(procs)
