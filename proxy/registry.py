@@ -152,6 +152,8 @@ class Registry:
         # URLs an operator drained out while their name still lists them: discovery does not
         # take them back until the name stops listing them (or an operator adds them)
         self.drained_out: dict[str, tuple[str, str, int]] = {}  # URL -> its discovery entry
+        self._tasks: set[asyncio.Task] = set()  # a joining worker's check, a leaver's close
+        self._checks: set[asyncio.Task] = set()  # (those of them that are checks)
         self.token = token
         self.expected = expected or {}  # the proxy's own config/tokenizer hashes
         self.interval = interval
@@ -266,7 +268,7 @@ class Registry:
         self.workers.append(w)
         logger.info("worker %s joins (%s)", url, role)
         if self._task is not None:  # started: its first check now, not at the next round
-            asyncio.get_running_loop().create_task(self._check(w))
+            self._checks.add(self._background(self._check(w)))
         return w, True
 
     def find(self, key: str) -> Worker | None:
@@ -308,7 +310,16 @@ class Registry:
                 pass
         if w.link is not None:
             link, w.link = w.link, None
-            asyncio.get_running_loop().create_task(link.close())
+            self._background(link.close())
+
+    def _background(self, coro) -> asyncio.Task:
+        """Run `coro` beside the caller, holding its task (the loop keeps only weak references)
+        until it ends; `close` awaits what is left."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._checks.discard)
+        return task
 
     async def _check(self, w: Worker) -> None:
         assert self.http is not None
@@ -428,6 +439,9 @@ class Registry:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in self._checks:  # a joining worker's first check: cut short
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # links close to the end
         for w in self.workers:
             if w.link is not None:
                 await w.link.close()

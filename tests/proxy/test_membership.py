@@ -110,3 +110,75 @@ def test_discovery_follows_the_dns_records() -> None:
         assert urls() == ["http://10.0.0.2:8200", "http://[fd00::3]:8200"]
 
     asyncio.run(rounds())
+
+
+def test_a_non_json_body_is_a_400_and_close_leaves_no_task_behind() -> None:
+    import asyncio
+
+    reg = Registry({}, token=TOKEN)
+    r = client(reg).post("/workers", content=b"{nope", headers={**AUTH,
+                                                                "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "url"
+
+    async def main() -> None:
+        reg.start()
+        reg.add("http://127.0.0.1:9")  # nobody there: its first check runs in the background
+        assert reg._tasks
+        await reg.close()
+        assert not reg._tasks
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.sleep(0)
+        assert all(t.done() for t in left), left
+
+    asyncio.run(main())
+
+
+def test_join_retries_until_the_proxy_answers_and_stops_when_refused() -> None:
+    """A worker's --join: no proxy yet -> it tries again every second; a proxy that answers
+    201 -> done; one that refuses (401) -> it says why and stops trying."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pdserve.worker import join_in_thread
+    from tests.workers.cluster import free_port_block
+
+    seen: list[tuple[int, dict]] = []
+    servers: list[HTTPServer] = []
+
+    def serve(port: int, status: int) -> None:
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                seen.append((port, {**body, "auth": self.headers["authorization"]}))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a) -> None:
+                pass
+        srv = HTTPServer(("127.0.0.1", port), H)
+        servers.append(srv)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    ok_port, no_port = free_port_block(1), free_port_block(1)
+    stop = threading.Event()
+    try:
+        t = join_in_thread(f"http://127.0.0.1:{ok_port}", "http://w:1", "decode", TOKEN, stop)
+        time.sleep(1.5)  # the proxy is not up yet: the thread keeps trying
+        assert t.is_alive() and not seen
+        serve(ok_port, 201)
+        t.join(5)
+        assert not t.is_alive()
+        assert seen == [(ok_port, {"url": "http://w:1", "role": "decode",
+                                   "auth": f"Bearer {TOKEN}"})]
+        serve(no_port, 401)
+        t = join_in_thread(f"http://127.0.0.1:{no_port}", "http://w:1", "decode", TOKEN, stop)
+        t.join(5)
+        assert not t.is_alive() and len(seen) == 2  # refused once: no retries
+    finally:
+        stop.set()
+        for srv in servers:
+            srv.shutdown()
+            srv.server_close()
