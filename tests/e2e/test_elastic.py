@@ -159,6 +159,11 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
                 wait_for, "B taking requests", lambda: listed(proxy)["B"]["active"] > 0,
                 30.0, tmp_path)
             times["b_since_post_s"] = time.monotonic() - t0
+            # B, empty, takes the next requests until its load matches A's, so A may just have
+            # finished its last stream: drain it while it holds some (it gets new ones again
+            # once B's load matches), so the drain has streams to wait for
+            await asyncio.to_thread(wait_for, "A holding streams",
+                                    lambda: listed(proxy)["A"]["active"] >= 2, 30.0, tmp_path)
             r = await asyncio.to_thread(httpx.post, proxy + "/workers/A/drain", headers=auth)
             assert r.status_code == 202 and r.json()["status"] == "draining", r.text
             times["a_active_at_drain"] = r.json()["active"]  # streams A had to finish
