@@ -23,7 +23,7 @@ one STEP frame per proxy (a request joins the first step at least one period aft
 previous token). One process emits well over 10^5 tokens/s in `--batch` mode.
 
 `--step-model PATH` (a fitted model from bench/step_model.py, e.g.
-bench/data/h200_llama3_8b_model.json): the fixed delays give way to an engine's step loop
+pdserve/plan/models/h200_llama3_8b.json): the fixed delays give way to an engine's step loop
 whose steps take the time the model gives (wall clock, `--time-scale` times it), so a cluster
 of fakes on a CPU box runs with GPU-like costs. `--ttft-ms`, `--itl-ms` and `--batch` are
 ignored there. Each step: every decoding sequence gets one token (one Step frame per proxy
@@ -68,16 +68,12 @@ import os
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import zmq
-from step_model import StepModel  # bench/ is this script's folder
-from step_model import load as load_step_model
 
 from pdserve.common.step_rates import StepRates
 from pdserve.common.wire import (
@@ -100,6 +96,8 @@ from pdserve.common.wire import (
     Transfer,
     WireError,
 )
+from pdserve.plan.step_engine import KV_BLOCK, Job, StepEngine, StepPlan, engine_load
+from pdserve.plan.step_model import load as load_step_model
 
 logger = logging.getLogger("fake_worker")
 _WORDS = " the of and to in is you that it was for on are as with his they at be this have"
@@ -360,193 +358,6 @@ class FakeWorker:
         self.ctx.term()
 
 
-# ---- --step-model: an engine's step loop with modelled step times -----------------------
-
-KV_BLOCK = 16  # tokens per KV block, for the block counts in load reports
-
-
-@dataclass(eq=False)
-class _Job:
-    """One request on a step-model worker."""
-
-    identity: bytes
-    rec: RequestRecord
-    left: dict[int, int]  # running choice -> tokens still to emit here
-    prefill: int  # tokens to compute here before its next token (0: its KV came from P)
-    tokens: Iterator[int] = field(repr=False)
-    kv_len: int = 0  # tokens in its KV cache
-    done: int = 0  # of `prefill`, computed
-    kv: str | None = None  # P: D's KV address (None: nothing to move)
-    ready: float = 0.0  # D: when its KV is in; P: when its transfer ends
-    p: bool = False  # prefilled here for a D (a P's job, or a both-role worker's as P)
-
-    @property
-    def rid(self) -> str:
-        return self.rec.request_id
-
-
-@dataclass
-class _Plan:
-    chunks: list[tuple[_Job, int, int]]  # (job, new tokens, tokens cached before them)
-    decodes: list[_Job]
-    seconds: float  # what the model says the step takes
-
-    @property
-    def prefill_tokens(self) -> int:
-        return sum(n for _, n, _ in self.chunks)
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.chunks) + sum(len(j.left) for j in self.decodes)
-
-
-class StepEngine:
-    """The scheduling and bookkeeping of a step-model worker, without sockets or clocks:
-    `schedule()` picks a step and its modelled time, `complete(plan, now)` applies it and
-    returns the rows it produced per job. See the module docstring for the policy."""
-
-    def __init__(self, model: StepModel, role: str, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, transfer_s_per_token: float = 0.0,
-                 mixed_step_tokens: int | None = None):
-        self.model, self.role = model, role
-        self.budget, self.max_seqs = max_num_batched_tokens, max_num_seqs
-        # a step that decodes takes at most this many tokens (the engine's mixed_step_tokens)
-        self.mixed_budget = self.budget if mixed_step_tokens is None else \
-            min(mixed_step_tokens, self.budget)
-        self.transfer_s_per_token = transfer_s_per_token
-        self.jobs: dict[str, _Job] = {}  # every job below, by request id
-        self.waiting: deque[_Job] = deque()  # not admitted yet
-        self.running: dict[str, _Job] = {}  # prefilling or decoding, in admission order
-        self.timed: dict[str, _Job] = {}  # D: awaiting its KV; P: its KV moving to D
-        self.reserved: dict[str, tuple[bytes, RequestRecord]] = {}  # D: Reserve, no Join yet
-
-    def add(self, job: _Job) -> None:
-        """A job that computes here (`job.prefill` tokens) before its next token."""
-        job.p = job.p or self.role == "prefill"  # a P's jobs all hand their KV over
-        self.jobs[job.rid] = job
-        self.waiting.append(job)
-
-    def arrive(self, job: _Job, now: float) -> None:
-        """D: a joined job whose KV (`job.kv_len` tokens) comes from P."""
-        job.ready = now + job.kv_len * self.transfer_s_per_token
-        self.jobs[job.rid] = job
-        self.timed[job.rid] = job
-
-    def abort(self, rid: str) -> None:
-        self.reserved.pop(rid, None)
-        job = self.jobs.pop(rid, None)
-        if job is not None:
-            self.running.pop(rid, None)
-            self.timed.pop(rid, None)
-            if job in self.waiting:
-                self.waiting.remove(job)
-
-    def next_due(self) -> float | None:
-        return min((j.ready for j in self.timed.values()), default=None)
-
-    def due(self, now: float) -> list[_Job]:
-        """Timed jobs whose time came: D's join the queue (their KV is in); P's transfers
-        ended and are returned (to report)."""
-        ended = [j for j in self.timed.values() if j.ready <= now]
-        for j in ended:
-            del self.timed[j.rid]
-            if j.p:
-                del self.jobs[j.rid]
-            else:
-                self.waiting.append(j)
-        return [j for j in ended if j.p]
-
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
-
-    def schedule(self) -> _Plan | None:
-        budget = self.budget
-        if any(j.done >= j.prefill for j in self.running.values()):
-            budget = self.mixed_budget  # a stream decodes in this step (engine/scheduler.py)
-        decodes: list[_Job] = []
-        chunks: list[tuple[_Job, int, int]] = []
-
-        def take(job: _Job) -> bool:
-            nonlocal budget
-            if job.done >= job.prefill:  # decoding: one token per running choice
-                if len(job.left) > budget:
-                    return False
-                decodes.append(job)
-                budget -= len(job.left)
-                return True
-            n = min(job.prefill - job.done, budget)
-            if n <= 0:
-                return False
-            chunks.append((job, n, job.kv_len))
-            budget -= n
-            return True
-
-        for job in sorted(self.running.values(), key=lambda j: j.done < j.prefill):
-            take(job)  # decodes first, then the prompts already started
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
-            job = self.waiting[0]
-            if not take(job):
-                break
-            self.waiting.popleft()
-            self.running[job.rid] = job
-        if not chunks and not decodes:
-            return None
-        contexts = [j.kv_len + 1 for j in decodes for _ in j.left]  # the new token's too
-        seconds = self.model.batch_s([(n, ctx) for _, n, ctx in chunks], contexts)
-        return _Plan(chunks, decodes, seconds)
-
-    def complete(self, plan: _Plan, now: float) -> list[tuple[_Job, list[TokenRow]]]:
-        """Apply a step: chunks computed, one token per decoding choice and per prompt
-        finished here. Jobs aborted meanwhile are skipped."""
-        out = []
-        for job, n, _ in plan.chunks:
-            if self.running.get(job.rid) is not job:
-                continue
-            job.done += n
-            job.kv_len += n
-            if job.done >= job.prefill:
-                out.append((job, self._first(job, now) if job.p else self._emit(job)))
-        for job in plan.decodes:
-            if self.running.get(job.rid) is job:
-                job.kv_len += 1
-                out.append((job, self._emit(job)))
-        return out
-
-    def _emit(self, job: _Job) -> list[TokenRow]:
-        tok = next(job.tokens)
-        rows = []
-        for c in list(job.left):
-            job.left[c] -= 1
-            rows.append(TokenRow(job.rid, c, tok, None, None if job.left[c] else "length"))
-            if not job.left[c]:
-                del job.left[c]
-        if not job.left:
-            del self.running[job.rid]
-            del self.jobs[job.rid]
-        return rows
-
-    def _first(self, job: _Job, now: float) -> list[TokenRow]:
-        """P: the first token of every choice; the KV then moves to D (or is freed)."""
-        last = (job.rec.params.max_tokens or 16) <= 1
-        tok = next(job.tokens)
-        rows = [TokenRow(job.rid, c, tok, None, "length" if last else None) for c in job.left]
-        del self.running[job.rid]
-        if job.kv is not None and not last:
-            self.arrive(job, now)  # held until its transfer ends
-        else:
-            del self.jobs[job.rid]
-        return rows
-
-    def pending_prefill_tokens(self) -> int:
-        return sum(j.prefill - j.done for j in (*self.waiting, *self.running.values()))
-
-    def held_tokens(self) -> int:
-        """KV tokens held: running and timed jobs, and D's reservations (the prompt's)."""
-        held = sum(j.kv_len for j in self.running.values())
-        held += sum(j.kv_len for j in self.timed.values())
-        return held + sum(len(rec.prompt_token_ids) for _, rec in self.reserved.values())
-
-
 class StepModelWorker(FakeWorker):
     """`--step-model`: the data path of FakeWorker over a StepEngine whose steps take the
     modelled time (module docstring)."""
@@ -561,22 +372,21 @@ class StepModelWorker(FakeWorker):
         self.engine = StepEngine(self.model, self.role, args.max_num_batched_tokens,
                                  args.max_num_seqs, per_token, args.mixed_step_tokens)
         self.rates = StepRates()
+        # host time per step beyond the model's (bench/plan_check.py --step-overhead-ms):
+        # over steps that follow one another with work left, the start of one minus the
+        # start of the one before minus its modelled time (the sleep's lateness, finishing
+        # it: frames out and reports, scheduling the next)
+        self.overrun_s, self.overrun_steps = 0.0, 0
+        self.busy_since: tuple[float, float] | None = None  # the last step (start, model s)
         self.snapshot = self.load()
 
     def load(self) -> dict[str, Any]:
-        e = self.engine
         self.seq += 1
-        held = e.held_tokens()
-        waiting = len(e.waiting) + len(e.reserved) + sum(not j.p for j in e.timed.values())
-        load = {"role": self.role, "seq": self.seq, "time": time.time(),
-                "num_requests_running": len(e.running), "num_requests_waiting": waiting,
-                "pending_prefill_tokens": e.pending_prefill_tokens(),
-                "kv_cache_usage_perc": min(1.0, held / self.capacity),
-                "num_free_blocks": max(0, self.capacity - held) // KV_BLOCK,
-                "fake_tokens_emitted": self.num_tokens, **self.rates.as_load()}
-        if self.role != "decode":
-            load["blocks_awaiting_transfer"] = sum(-(-j.kv_len // KV_BLOCK)
-                                                   for j in e.timed.values() if j.p)
+        load = {**engine_load(self.engine, self.role, self.capacity, self.rates),
+                "seq": self.seq, "time": time.time(), "fake_tokens_emitted": self.num_tokens,
+                "fake_steps": self.overrun_steps,
+                "fake_step_overrun_ms": round(1e3 * self.overrun_s / max(1, self.overrun_steps),
+                                              3)}
         self.snapshot = load
         return load
 
@@ -594,8 +404,8 @@ class StepModelWorker(FakeWorker):
         return info
 
     def new_job(self, identity: bytes, rec: RequestRecord, left: int, prefill: int,
-                **kw: Any) -> _Job:
-        return _Job(identity, rec, dict.fromkeys(rec.choice_indices(), left), prefill,
+                **kw: Any) -> Job:
+        return Job(identity, rec, dict.fromkeys(rec.choice_indices(), left), prefill,
                     itertools.cycle(self.word_ids), **kw)
 
     def on_message(self, identity: bytes, msg: DataMessage, now: float) -> None:
@@ -631,7 +441,7 @@ class StepModelWorker(FakeWorker):
             if left <= 0 or not choices:
                 return
             ctx = len(rec.prompt_token_ids) + len(rec.output_token_ids)
-            job = _Job(identity, rec, dict.fromkeys(choices, left), 0,
+            job = Job(identity, rec, dict.fromkeys(choices, left), 0,
                        itertools.cycle(self.word_ids))
             if rec.output_token_ids:  # a re-submission: recompute prompt + output + last
                 job.prefill = ctx + 1
@@ -645,7 +455,7 @@ class StepModelWorker(FakeWorker):
             raise WireError(f"a fake {self.role} worker does not take "
                             f"{msg.__struct_config__.tag}", rid)
 
-    def finish(self, plan: _Plan, started: float) -> None:
+    def finish(self, plan: StepPlan, started: float) -> None:
         now = time.monotonic()
         out = self.engine.complete(plan, now)
         self.rates.observe(plan.prefill_tokens, plan.num_seqs, now - started,
@@ -687,7 +497,7 @@ class StepModelWorker(FakeWorker):
                     "%.1fk prompt tokens/s", self.name, self.args.host, self.args.port,
                     self.data_address, self.args.step_model, self.args.time_scale,
                     m.floor_s * 1e3, 1 / m.token_s / 1e3)
-        step: tuple[_Plan, float, float] | None = None  # (plan, started, ends)
+        step: tuple[StepPlan, float, float] | None = None  # (plan, started, ends)
         while not self.stop.is_set():
             now = time.monotonic()
             for job in self.engine.due(now):  # P: transfers ended
@@ -695,6 +505,11 @@ class StepModelWorker(FakeWorker):
                                                  load=self.load()))
             if step is None and (plan := self.engine.schedule()) is not None:
                 step = (plan, now, now + plan.seconds)
+                if self.busy_since is not None:  # back to back: the time between the steps
+                    self.overrun_s += now - sum(self.busy_since)
+                    self.overrun_steps += 1
+            elif step is None:  # nothing to run: the next step starts fresh
+                self.busy_since = None
             until = now + 0.05 if step is None else step[2]
             nxt = self.engine.next_due()
             if nxt is not None:
@@ -702,6 +517,7 @@ class StepModelWorker(FakeWorker):
             self.receive(poller, until)
             if step is not None and time.monotonic() >= step[2]:
                 self.finish(step[0], step[1])
+                self.busy_since = (step[1], step[0].seconds) if self.engine.has_work() else None
                 step = None
         http.shutdown()
         self.sock.close(0)

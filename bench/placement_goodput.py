@@ -34,14 +34,17 @@ from pathlib import Path
 import httpx
 from overload import free_port  # bench/ is this script's folder
 
+from pdserve.plan.planner import goodput as plan_goodput
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "bench" / "data" / "h200_llama3_8b_model.json"
+MODEL = ROOT / "pdserve" / "plan" / "models" / "h200_llama3_8b.json"
 TOKEN = "placement-goodput-token"
 
 
 class Cluster:
     def __init__(self, out: Path, model: Path = MODEL):
         self.out, self.procs, self.model = out, [], model
+        self.fakes: dict[str, str] = {}  # name -> URL
         self.env = {**os.environ, "PDSERVE_INTERNAL_TOKEN": TOKEN, "OMP_NUM_THREADS": "1",
                     "TOKENIZERS_PARALLELISM": "false"}
 
@@ -57,7 +60,17 @@ class Cluster:
                    "--step-model", str(self.model), "--time-scale", str(scale),
                    "--max-num-batched-tokens", str(budget), "--name", name,
                    *(["--mixed-step-tokens", str(mixed)] if mixed else []))
-        return f"http://127.0.0.1:{port}"
+        self.fakes[name] = f"http://127.0.0.1:{port}"
+        return self.fakes[name]
+
+    def overruns(self) -> dict[str, dict[str, float]]:
+        """Each fake's steps and their mean host time beyond the model (its load report)."""
+        out = {}
+        for name, url in self.fakes.items():
+            load = httpx.get(url + "/load", timeout=10).json()
+            out[name] = {"steps": load.get("fake_steps", 0),
+                         "step_overrun_ms": load.get("fake_step_overrun_ms", 0.0)}
+        return out
 
     def proxy(self, ready: str, *args: str) -> str:
         """Start the proxy; its URL once /health says it serves `ready`."""
@@ -87,22 +100,12 @@ class Cluster:
 
 
 def goodput(requests: list[dict], rate: float, scale: float) -> dict[str, float]:
-    """Requests/s meeting each SLO: the offered rate times the fraction that met it (the
-    run's own duration would count the drain of its longest answers)."""
-    strict = loose = 0
-    for r in requests:
-        if not r["ok"] or r["ttft_s"] is None:
-            continue
-        itl = sorted(r["itl_s"])
-        p99 = itl[min(len(itl) - 1, int(0.99 * len(itl)))] if itl else 0.0
-        if r["ttft_s"] <= 1.0 * scale and p99 <= 0.025 * scale:
-            strict += 1
-        if r["ttft_s"] <= 2.0 * scale and (r["tpot_s"] or 0.0) <= 0.050 * scale:
-            loose += 1
-    n = max(1, len(requests))
-    return {"strict": rate * strict / n, "loose": rate * loose / n,
-            "strict_frac": strict / max(1, len(requests)),
-            "loose_frac": loose / max(1, len(requests))}
+    """Requests/s meeting each SLO (scaled): the offered rate times the fraction that met it
+    (pdserve/plan/planner.py's `goodput`, which `pdserve plan` scores with too)."""
+    strict, strict_frac = plan_goodput(requests, rate, 1.0 * scale, itl_s=0.025 * scale)
+    loose, loose_frac = plan_goodput(requests, rate, 2.0 * scale, tpot_s=0.050 * scale)
+    return {"strict": strict, "loose": loose, "strict_frac": strict_frac,
+            "loose_frac": loose_frac}
 
 
 def run_layout(name: str, args: argparse.Namespace) -> dict:
@@ -151,12 +154,13 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
             print(f"  {name} @ {rate:g} req/s ({n} requests): strict {g['strict_frac']:.1%}, "
                   f"loose {g['loose_frac']:.1%}", flush=True)
         metrics = httpx.get(url + "/metrics", timeout=10).text
+        fakes = c.overruns()
     finally:
         c.stop()
     routes = [x for x in metrics.splitlines()
               if x.startswith(("pdserve_proxy_routing_decisions_total{",
                                "pdserve_proxy_placement_decisions_total{"))]
-    data = {"layout": name, "rows": rows, "routes": routes}
+    data = {"layout": name, "rows": rows, "routes": routes, "fakes": fakes}
     (out / "summary.json").write_text(json.dumps(data, indent=1))
     return data
 
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     "lognormal prompts and --output-len)")
     ap.add_argument("--model", type=Path, default=MODEL,
                     help="the fakes' step model (bench/step_model.py's JSON; "
-                    "bench/data/h100_llama3_8b_model.json has the mixed-step terms)")
+                    "pdserve/plan/models/h100_llama3_8b.json has the mixed-step terms)")
     ap.add_argument("--time-scale", type=float, default=4.0)
     ap.add_argument("--both-budgets", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--layouts", nargs="+", default=None)

@@ -4,6 +4,7 @@
     pdserve prefill | decode | worker                one worker process of that role
     pdserve generate --prompt TEXT [--model PATH]    offline generation in this process
     pdserve bench | sagemaker | make-tiny-model      load generator, SageMaker entry, tiny model
+    pdserve plan [--gpus N --workload PATH]          simulate layouts, recommend one
 
 Expected failures (bad option, unreadable checkpoint, prompt too long, no internal token)
 print one line naming the cause and exit non-zero (2 for configuration); a traceback means a
@@ -174,6 +175,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     # imported on use: the load generator needs none of the engine
     "bench": (lambda argv: __import__("pdserve.bench", fromlist=["run_bench"]).run_bench(argv),
               "load-test an OpenAI-compatible server (TTFT, TPOT, ITL, goodput)"),
+    "plan": (lambda argv: __import__("pdserve.plan.planner", fromlist=["run_plan"]).run_plan(argv),
+             "simulate layouts of N GPUs for a workload and SLOs; recommend one"),
 }
 
 
@@ -181,10 +184,12 @@ def _register_roles() -> None:
     """Every role's config, so that a PDSERVE_* variable of another role (one environment
     for a whole cluster) is ignored while a typo is refused. Light imports: no torch."""
     from pdserve.bench import BenchConfig
+    from pdserve.plan.planner import PlanConfig
     from pdserve.serve import ServeConfig
     from pdserve.service.config import WorkerConfig
 
     for name, cls in (("serve", ServeConfig), ("worker", WorkerConfig), ("bench", BenchConfig),
+                      ("plan", PlanConfig),
                       ("generate", GenerateConfig), ("make-tiny-model", TinyModelConfig)):
         role_config(name)(cls)
 

@@ -29,7 +29,7 @@ import fake_worker  # noqa: E402
 from step_model import StepModel, causal_pairs, load  # noqa: E402
 
 MEASURED = ROOT / "bench" / "data" / "h200_llama3_8b_steps.json"
-FITTED = ROOT / "bench" / "data" / "h200_llama3_8b_model.json"
+FITTED = ROOT / "pdserve" / "plan" / "models" / "h200_llama3_8b.json"
 FIT_TOLERANCE = 0.005  # the fit's residuals are within 0.2% (the module docstring)
 
 
@@ -67,11 +67,11 @@ def test_fit_reproduces_the_measured_points() -> None:
 TOY = StepModel(floor_s=0.010, token_s=1e-4, kv_token_s=1e-6, pair_s=1e-9)
 
 
-def job(rid: str, prompt: int, max_tokens: int, **kw) -> fake_worker._Job:
+def job(rid: str, prompt: int, max_tokens: int, **kw) -> fake_worker.Job:
     rec = RequestRecord(rid, list(range(5, 5 + prompt)), SamplingParams(max_tokens=max_tokens,
                                                                        seed=1))
     left = kw.pop("left", max_tokens)
-    return fake_worker._Job(b"proxy", rec, {0: left}, kw.pop("prefill", prompt),
+    return fake_worker.Job(b"proxy", rec, {0: left}, kw.pop("prefill", prompt),
                             itertools.count(100), **kw)
 
 
@@ -318,7 +318,7 @@ def test_the_mixed_step_terms_fit_the_measured_mixed_steps() -> None:
                                    / r["seconds"] - 1) for r in rows)
 
     assert mean_abs(pure) > 0.3 and mean_abs(full) < 0.06
-    assert load(ROOT / "bench" / "data" / "h100_llama3_8b_model.json") == full
+    assert load(ROOT / "pdserve" / "plan" / "models" / "h100_llama3_8b.json") == full
     # the terms apply only to a step with both: the pure steps cost what they did
     assert full.step_s(512, 0, 0) == pure.step_s(512, 0, 0)
     assert full.step_s(0, 32, 1000) == pure.step_s(0, 32, 1000)

@@ -1,0 +1,93 @@
+"""`pdserve plan`'s simulator (pdserve/plan/simulate.py): a request's times follow from the
+step model and the hops exactly; the proxy's real routing places requests; every request
+ends and nothing is left held; runs are reproducible."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.plan.simulate import HOP_S, Layout, Request, Simulation, WorkerSpec
+from pdserve.plan.step_model import StepModel
+
+pytestmark = pytest.mark.timeout(60)
+
+TOY = StepModel(floor_s=0.010, token_s=1e-4, kv_token_s=1e-6, pair_s=1e-9,
+                kv_bytes_per_token=1000)
+BOTH = Layout("1both", (WorkerSpec("both"),))
+PD = Layout("1p1d", (WorkerSpec("prefill"), WorkerSpec("decode")))
+
+
+def times(r) -> list[float]:
+    return r.chunk_times
+
+
+def test_a_lone_request_on_a_both_role_worker_takes_the_modelled_steps() -> None:
+    (r,) = Simulation(BOTH, TOY).run([Request(0.0, 300, 4)])
+    assert r.ok and r.num_output_tokens == 4 and r.num_input_tokens == 300
+    # the Generate reaches the worker one hop late; its token reaches the proxy one hop later
+    assert r.ttft == pytest.approx(HOP_S + TOY.prefill_s(300) + HOP_S)
+    # then one decode step per token, each reading the KV so far (prompt + tokens)
+    gaps = [b - a for a, b in zip(times(r), times(r)[1:])]
+    assert gaps == pytest.approx([TOY.decode_s(1, 301), TOY.decode_s(1, 302),
+                                  TOY.decode_s(1, 303)])
+    assert r.end == pytest.approx(times(r)[-1])
+
+
+def test_a_lone_request_through_p_and_d_pays_the_join_and_the_transfer() -> None:
+    sim = Simulation(PD, TOY, transfer_gbps=1.0)  # 1,000 bytes a token at 1 GB/s: 1 us each
+    (r,) = sim.run([Request(0.0, 300, 3)])
+    assert sim.routes == {"pd": 1} and r.ok and r.num_output_tokens == 3
+    assert r.ttft == pytest.approx(2 * HOP_S + TOY.prefill_s(300))
+    # token 2: the Join's hop to D, D's copy of 300 tokens of KV, its decode step, the hop back
+    assert times(r)[1] - times(r)[0] == pytest.approx(
+        HOP_S + 300 * 1e-6 + TOY.decode_s(1, 301) + HOP_S)
+    assert times(r)[2] - times(r)[1] == pytest.approx(TOY.decode_s(1, 302))
+
+
+def test_the_proxys_own_rule_routes_short_prompts_past_p() -> None:
+    sim = Simulation(PD, TOY)
+    out = sim.run([Request(0.0, 8, 2), Request(1.0, 100, 2)])  # under / over 16 tokens
+    assert all(r.ok for r in out) and sim.routes == {"skip_p": 1, "pd": 1}
+
+
+@pytest.mark.parametrize("layout", [
+    PD, Layout("2both", (WorkerSpec("both", 256, max_num_seqs=8),) * 2),
+    Layout("flex", (WorkerSpec("both", 512, max_num_seqs=8),) * 2, placement="slo")],
+    ids=["1p1d", "2both", "flex"])
+def test_under_overload_every_request_ends_and_nothing_stays_held(layout: Layout) -> None:
+    """200 requests in 2 s, far past what two toy GPUs serve (both-role workers of 8
+    sequences at most): the queue's 429s (waited past --max-queue-delay, 1 s here) and the
+    served ones all end; no job, reservation, KV or
+    in-flight count is left; the same run again gives the same times."""
+    reqs = [Request(i * 0.01, 200 + 37 * (i % 11), 1 + i % 9) for i in range(200)]
+
+    def run() -> tuple[Simulation, list]:
+        sim = Simulation(layout, TOY, max_queue_delay=1.0, seed=3)
+        return sim, sim.run(reqs)
+
+    sim, out = run()
+    ok = [r for r in out if r.ok]
+    refused = [r for r in out if not r.ok]
+    assert ok and refused and all("max-queue-delay" in (r.error or "") for r in refused)
+    assert all(r.num_output_tokens == reqs[r.index].max_tokens for r in ok)
+    assert sum(sim.routes.values()) == len(ok)
+    for n in sim.nodes:
+        e = n.engine
+        assert not (e.jobs or e.waiting or e.running or e.timed or e.reserved), n.name
+        assert e.held_tokens() == 0 and n.step is None
+        assert n.worker.active == 0 and not n.link.routed
+    assert not sim.flights and not sim.queue and sim.queued_tokens == 0
+    _, again = run()
+    assert [(r.ok, r.chunk_times) for r in again] == [(r.ok, r.chunk_times) for r in out]
+
+
+def test_placement_over_both_role_workers_pairs_them_under_load() -> None:
+    """Flexible roles (`--placement slo` over two both-role workers): with long prompts
+    arriving while streams decode (3,000 tokens every 0.2 s: each takes ~6 chunks of 512,
+    each such step breaking the 25 ms bound for the streams beside it), some are prefilled
+    by one worker for the other (route pd), the rest served whole."""
+    sim = Simulation(Layout("flex", (WorkerSpec("both", 512),) * 2, placement="slo"), TOY)
+    out = sim.run([Request(i * 0.2, 3000, 60) for i in range(60)])
+    assert all(r.ok for r in out)
+    assert sim.routes.get("pd", 0) > 0 and sim.routes.get("skip_p", 0) + sim.routes.get(
+        "both", 0) > 0, sim.routes
