@@ -127,6 +127,10 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
         problem = start_problem(cfg.internal_token, cfg.insecure_no_token, who="a worker")
         if problem:
             raise ConfigError(problem, "internal_token")
+        try:
+            cfg.public_host  # noqa: B018 - `--advertise-host auto` resolved before the engine loads
+        except ValueError as e:
+            raise ConfigError(str(e), "advertise_host") from e
         _setup_logging(cfg.log_level)
         if cfg.insecure_no_token:
             logging.getLogger("pdserve.worker").warning(insecure_warning(

@@ -3,6 +3,8 @@ transfer settings. Built once by `pdserve prefill|decode|worker` (pdserve/cli.py
 
 from __future__ import annotations
 
+import functools
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +31,10 @@ class WorkerConfig(EngineConfig):
     kv_port: int | None = option(None, check=_port, help="D's (and a both-role worker's) "
                                  "KV-transfer port (default: port + 2).")
     advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
-                                        "(default: --host).")
+                                        "(default: --host). 'auto': the address this "
+                                        "machine's host name resolves to (a container's own "
+                                        "IP: each replica of a scaled compose service "
+                                        "advertises itself).")
     internal_token: str | None = option(
         None, secret=True, check=placeholder_problem,
         help="Shared secret the proxy and peers must present on internal channels (required: "
@@ -99,8 +104,27 @@ class WorkerConfig(EngineConfig):
 
     @property
     def public_host(self) -> str:
+        if self.advertise_host == "auto":
+            return own_address()
         return self.advertise_host or self.host
 
     @property
     def worker_name(self) -> str:
         return self.name or f"{self.role}@{self.public_host}:{self.port}"
+
+
+@functools.cache
+def own_address() -> str:
+    """The address this machine's host name resolves to (`--advertise-host auto`): in a
+    container, its IP on the compose network; a loopback answer is refused (peers elsewhere
+    could not reach it)."""
+    name = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(name)
+    except OSError as e:
+        raise ValueError(f"--advertise-host auto: cannot resolve this host's name {name!r} "
+                         f"({e}); give the address") from e
+    if addr.startswith("127."):
+        raise ValueError(f"--advertise-host auto: this host's name {name!r} resolves to "
+                         f"{addr}, a loopback address peers cannot reach; give the address")
+    return addr

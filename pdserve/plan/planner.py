@@ -174,9 +174,10 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 
 
 def simulate_point(cfg: PlanConfig, layout_name: str, rate: float,
-                   step_overhead_s: float = 0.0) -> dict[str, Any]:
+                   step_overhead_s: float = 0.0, picker_seed: int | None = None) -> dict[str, Any]:
     """One layout at one rate: goodput and latency percentiles (seconds, of the model's
-    time: --time-scale included); `step_overhead_s`: Simulation's."""
+    time: --time-scale included); `step_overhead_s`: Simulation's; `picker_seed`: the seed
+    of the proxy's random choices (default --seed; the requests always come from --seed)."""
     from pdserve.plan.simulate import Simulation
 
     model = load_model(cfg.step_model)
@@ -184,7 +185,8 @@ def simulate_point(cfg: PlanConfig, layout_name: str, rate: float,
     layout = parse_layout(layout_name, cfg.gpus, slo, loose)
     layout = _with_budget(layout, cfg.max_num_batched_tokens)
     sim = Simulation(layout, model, transfer_gbps=cfg.transfer_gbps, time_scale=cfg.time_scale,
-                     seed=cfg.seed, step_overhead_s=step_overhead_s)
+                     seed=cfg.seed if picker_seed is None else picker_seed,
+                     step_overhead_s=step_overhead_s)
     results = [r.to_json() for r in sim.run(requests_for(cfg, rate))]
     s = cfg.time_scale
     good, frac = goodput(results, rate, cfg.slo_ttft_ms / 1e3 * s,
@@ -342,11 +344,12 @@ def goodput_svg(by_layout: dict[str, list[dict[str, Any]]], title: str) -> str:
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>',
            f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(xmax)}" y2="{y(xmax)}" stroke="#999" '
            'stroke-dasharray="4 4"/>']
-    for i in range(6):
-        v = xmax * i / 5
-        out.append(f'<text x="{x(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{v:.3g}'
+    step = _nice(xmax / 5)
+    for i in range(int(xmax / step) + 1):
+        v = step * i
+        out.append(f'<text x="{x(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{v:g}'
                    '</text>')
-        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{h - 10}" text-anchor="middle">offered rate '
                '(req/s)</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '

@@ -19,8 +19,10 @@ The parts, and where each comes from:
   fakes count nothing: bench/fake_worker.py).
 - **Messages**: each proxy <-> worker message takes `hop_s`; the client sees a frame when the
   proxy does. A worker busy in a step takes what arrived in its next step; an idle one starts
-  a step at once. `step_overhead_s` adds host time to every step (0 for a fit of measured
-  whole steps; the fakes' measured loop overhead when reproducing their runs).
+  a step at once. `step_overhead_s` adds host time to every step, drawn per step from an
+  exponential distribution of that mean (seeded: host noise is skewed, mostly small with a
+  long tail; 0 for a fit of measured whole steps; the fakes' measured loop overhead when
+  reproducing their runs).
 
 Time is simulated: a run of minutes of traffic takes a second or so of CPU. What is not
 modelled: preemption (the KV pool is reported, not enforced), prefix caching, failures, the
@@ -128,6 +130,7 @@ class _Node:
                                  transfer_s_per_token, spec.mixed_step_tokens)
         self.rates = StepRates()
         self.step: StepPlan | None = None
+        self.step_s = 0.0  # the running step's duration
         self.timer_at: float | None = None
         info: dict[str, Any] = {"limits": {"max_num_seqs": spec.max_num_seqs,
                                            "max_num_batched_tokens": spec.max_num_batched_tokens}}
@@ -168,6 +171,7 @@ class Simulation:
         # host time each step takes beyond the model's (not scaled): 0 for an engine whose
         # fit measured whole steps; the fake engines' loop, measured, for bench/plan_check.py
         self.step_overhead = step_overhead_s
+        self._noise = random.Random(seed + 1)
         model = model.scaled(time_scale) if time_scale != 1.0 else model
         per_token = (model.kv_bytes_per_token / (transfer_gbps * 1e9) * time_scale
                      if transfer_gbps > 0 else 0.0)
@@ -351,7 +355,9 @@ class Simulation:
             self._at(self.now + self.hop, self._from_worker, node, node.load(), [])
         if node.step is None and (plan := e.schedule()) is not None:
             node.step = plan
-            self._at(self.now + plan.seconds + self.step_overhead, self._step_end, node)
+            node.step_s = plan.seconds + (self._noise.expovariate(1 / self.step_overhead)
+                                          if self.step_overhead > 0 else 0.0)
+            self._at(self.now + node.step_s, self._step_end, node)
         nxt = e.next_due()
         if nxt is not None and (node.timer_at is None or nxt < node.timer_at):
             node.timer_at = nxt
@@ -366,7 +372,7 @@ class Simulation:
         plan, node.step = node.step, None
         assert plan is not None
         out = node.engine.complete(plan, self.now)
-        node.rates.observe(plan.prefill_tokens, plan.num_seqs, plan.seconds + self.step_overhead,
+        node.rates.observe(plan.prefill_tokens, plan.num_seqs, node.step_s,
                            decodes=len(plan.decodes))
         if out:
             self._at(self.now + self.hop, self._from_worker, node, node.load(), out)

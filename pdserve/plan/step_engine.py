@@ -110,15 +110,17 @@ class StepEngine:
         return min((j.ready for j in self.timed.values()), default=None)
 
     def due(self, now: float) -> list[Job]:
-        """Timed jobs whose time came: D's join the queue (their KV is in); P's transfers
-        ended and are returned (to report)."""
+        """Timed jobs whose time came: D's start decoding (their KV is in: they run from
+        the next step, as engine/scheduler.py's `join` puts a joined sequence straight into
+        its running set, not behind the prompts waiting); P's transfers ended and are
+        returned (to report)."""
         ended = [j for j in self.timed.values() if j.ready <= now]
         for j in ended:
             del self.timed[j.rid]
             if j.p:
                 del self.jobs[j.rid]
             else:
-                self.waiting.append(j)
+                self.running[j.rid] = j
         return [j for j in ended if j.p]
 
     def has_work(self) -> bool:

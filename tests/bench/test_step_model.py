@@ -150,6 +150,24 @@ def test_prefill_holds_the_kv_until_its_transfer_ends_and_decode_waits_for_it() 
 
 
 @pytest.mark.timeout(30)
+def test_a_joined_request_decodes_at_once_not_behind_waiting_prompts() -> None:
+    """As engine/scheduler.py's `join`: a request whose KV came from P runs in the very next
+    step, even on a both-role engine whose own prompts fill every step's budget (the fakes
+    once queued it behind them: seconds of a stalled token 2 under load, issue 22)."""
+    e = fake_worker.StepEngine(TOY, "both", max_num_batched_tokens=64,
+                               transfer_s_per_token=1e-3)
+    for k in range(3):
+        e.add(job(f"p{k}", 200, 4))
+    e.complete(e.schedule(), 0.0)  # p0's first chunk: p1 and p2 wait
+    e.arrive(job("x", 100, 3, left=2, prefill=0, kv_len=100), now=0.0)
+    assert e.due(0.1) == []  # D's own: nothing to report
+    plan = e.schedule()
+    assert [j.rid for j in plan.decodes] == ["x"]
+    assert [(j.rid, n) for j, n, _ in plan.chunks] == [("p0", 63)]
+    assert [j.rid for j in e.waiting] == ["p1", "p2"]
+
+
+@pytest.mark.timeout(30)
 def test_a_both_role_engine_prefills_for_a_d_beside_its_own_decodes() -> None:
     """Flexible roles: a both-role engine runs a prompt it prefills for a D in the same
     steps as its own decodes, then holds its KV until the modelled transfer ends."""

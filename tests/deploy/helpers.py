@@ -104,7 +104,8 @@ def local_argv(argv: list[str]) -> list[str]:
 
 
 def localize(env: Mapping[str, str], service: str,
-             ports: Mapping[str, tuple[int, int]]) -> dict[str, str]:
+             ports: Mapping[str, tuple[int, int]], host: str = "127.0.0.1",
+             names: Mapping[str, str] | None = None) -> dict[str, str]:
     """Rewrite compose service `service`'s environment so that it runs as a local process.
 
     In compose every service has its own network namespace, binds every interface and
@@ -112,27 +113,36 @@ def localize(env: Mapping[str, str], service: str,
     `ports` maps each service to (its PDSERVE_PORT in the compose file, a free local base
     port with room for the +1/+2 ports derived from it). Exactly these rewrites happen:
       - PDSERVE_HOST=0.0.0.0 -> 127.0.0.1 (a test binds no public interface);
-      - a value that is a service name (PDSERVE_ADVERTISE_HOST) -> 127.0.0.1;
-      - in http(s)://NAME:PORT URLs of a service NAME -> 127.0.0.1, and PORT is shifted by
-        the same offset as NAME's base port (so 8100 -> its local base, 8101 -> base + 1);
+      - a value that is a service name, or PDSERVE_ADVERTISE_HOST=auto (the container's own
+        IP) -> 127.0.0.1 (`host`);
+      - in http(s)://NAME:PORT URLs, and ROLE=NAME:PORT discovery entries, of a service NAME
+        -> 127.0.0.1 (`host`), and PORT is shifted by the same offset as NAME's base port
+        (so 8100 -> its local base, 8101 -> base + 1);
       - every PDSERVE_*_PORT of this service is shifted by this service's offset.
     Every other variable (token, model, transports, memory, ...) passes through unchanged.
+    `host`: this process's own address (a replica's loopback IP, 127.0.0.k); `names`: what a
+    service name in URLs and discovery entries becomes (default 127.0.0.1; a name kept for a
+    stand-in DNS, to list several replicas).
     """
     offset = {name: local - container for name, (container, local) in ports.items()}
-    url = re.compile(r"(https?://)(" + "|".join(map(re.escape, sorted(ports, key=len,
-                                                                       reverse=True)))
-                     + r"):(\d+)")
+    url = re.compile(r"(https?://|\b[a-z]+=)(" + "|".join(map(re.escape, sorted(
+        ports, key=len, reverse=True))) + r"):(\d+)")
+    names = names or {}
+
+    def target(m: re.Match) -> str:
+        name = m.group(2)
+        return f"{m.group(1)}{names.get(name, '127.0.0.1')}:{int(m.group(3)) + offset[name]}"
+
     out: dict[str, str] = {}
     for key, value in env.items():
         if key == "PDSERVE_HOST" and value == "0.0.0.0":
-            value = "127.0.0.1"
-        elif value in ports:
-            value = "127.0.0.1"
+            value = host
+        elif value in ports or (key == "PDSERVE_ADVERTISE_HOST" and value == "auto"):
+            value = host
         elif key.startswith("PDSERVE_") and key.endswith("_PORT") and value.isdigit():
             value = str(int(value) + offset[service])
         else:
-            value = url.sub(lambda m: f"{m.group(1)}127.0.0.1:{int(m.group(3)) + offset[m.group(2)]}",
-                            value)
+            value = url.sub(target, value)
         out[key] = value
     return out
 

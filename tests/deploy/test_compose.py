@@ -83,13 +83,22 @@ def test_each_environment_builds_its_roles_config(compose: dict[str, Any], name:
     cfg = check_env(cls, argv, environment(svc))
     assert cfg.host == "0.0.0.0"
     if name.startswith("proxy"):
-        assert cfg.prefill and cfg.decode
-        for url in cfg.prefill + cfg.decode:  # proxy URLs name a service and its HTTP port
-            host, port = url.removeprefix("http://").split(":")
-            assert int(port) == int(environment(compose["services"][host])["PDSERVE_PORT"])
+        # the proxy finds the workers by their services' DNS names (every replica), each on
+        # the service's HTTP port; no fixed URL list (it would not follow --scale)
+        assert not (cfg.prefill or cfg.decode or cfg.worker)
+        from pdserve.serve import parse_discover
+
+        found = [parse_discover(e) for e in cfg.discover]
+        assert sorted(role for role, _, _ in found) == ["decode", "prefill"]
+        for role, host, port in found:
+            svc = compose["services"][host]
+            assert command(svc)[-1] == role
+            assert port == int(environment(svc)["PDSERVE_PORT"])
     else:
-        assert cfg.advertise_host == name  # peers resolve the service name
+        # each replica advertises its own IP (the service name would reach any replica)
+        assert cfg.advertise_host == "auto"
         assert cfg.kv_transports if cfg.role == "decode" else True
+        assert "container_name" not in svc and "ports" not in svc  # it can be scaled
 
 
 def test_healthchecks_probe_health_on_the_services_own_port(compose: dict[str, Any]) -> None:
@@ -195,7 +204,14 @@ def test_localize_rewrites_hosts_and_ports_only() -> None:
         **env, "PDSERVE_HOST": "127.0.0.1", "PDSERVE_PORT": "21000", "PDSERVE_KV_PORT": "21002",
         "PDSERVE_ADVERTISE_HOST": "127.0.0.1"}
     proxy = {"PDSERVE_PREFILL": "http://prefill-cpu:8100,http://prefill-cpu:8101",
-             "PDSERVE_DECODE": "http://decode-cpu:8200", "PDSERVE_PORT": "8000"}
+             "PDSERVE_DECODE": "http://decode-cpu:8200", "PDSERVE_PORT": "8000",
+             "PDSERVE_DISCOVER": "prefill=prefill-cpu:8100,decode=decode-cpu:8200"}
     assert localize(proxy, "proxy-cpu", ports) == {
         "PDSERVE_PREFILL": "http://127.0.0.1:20000,http://127.0.0.1:20001",
-        "PDSERVE_DECODE": "http://127.0.0.1:21000", "PDSERVE_PORT": "22000"}
+        "PDSERVE_DECODE": "http://127.0.0.1:21000", "PDSERVE_PORT": "22000",
+        "PDSERVE_DISCOVER": "prefill=127.0.0.1:20000,decode=127.0.0.1:21000"}
+    # a replica: its own loopback address; names kept for a stand-in DNS
+    assert localize({**env, "PDSERVE_ADVERTISE_HOST": "auto"}, "decode-cpu", ports,
+                    host="127.0.0.3")["PDSERVE_ADVERTISE_HOST"] == "127.0.0.3"
+    assert localize(proxy, "proxy-cpu", ports, names={"decode-cpu": "decode-cpu"})[
+        "PDSERVE_DISCOVER"] == "prefill=127.0.0.1:20000,decode=decode-cpu:21000"

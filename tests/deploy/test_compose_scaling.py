@@ -1,0 +1,219 @@
+"""Scaling deploy/docker-compose.yml's decode service up and down under 64 streams, as local
+processes (there is no Docker engine here): what
+
+    docker compose -f deploy/docker-compose.yml --profile cpu up -d --scale decode-cpu=3
+    docker compose -f deploy/docker-compose.yml --profile cpu up -d --scale decode-cpu=1
+
+do, done with processes. Each replica runs the service's own command and environment
+(`helpers.localize`: ports -> free ones, PDSERVE_HOST and PDSERVE_ADVERTISE_HOST=auto -> the
+replica's own loopback address, 127.0.0.k, as a container has its own IP; every replica of
+a service on the same port, as containers are). Docker's embedded DNS lists the running
+replicas under the service name: here a JSON file the proxy's resolver reads
+(tests/deploy/dns_stub.py wraps `pdserve serve`, replacing the name lookup only); a replica
+is listed once started and unlisted once exited, as Docker does. Scaling down sends SIGTERM
+to the replicas removed (the newest, as compose does) and waits for them.
+
+64 client tasks (the `openai` SDK) send greedy requests one after another through all of
+it. No request fails; every answer equals the offline engine's; the new replicas take
+requests; the removed ones finish theirs, exit 0 and leave the proxy's list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from pdserve import LLM, SamplingParams
+from tests.deploy.helpers import (
+    LocalProcess,
+    clean_base_env,
+    command,
+    environment,
+    group_alive,
+    load_compose,
+    local_argv,
+    localize,
+    run_healthcheck,
+    start_local,
+    stop_all,
+    wait_until,
+)
+from tests.workers.cluster import free_port_block
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+TOKEN = "scaling-test-token"
+STREAMS = 64
+MAX_TOKENS = 16
+DNS_STUB = Path(__file__).with_name("dns_stub.py")
+
+
+class Dns:
+    """The stand-in for Docker's DNS: service name -> the running replicas' addresses."""
+
+    def __init__(self, path: Path):
+        self.path, self.names = path, {}
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.names))
+        tmp.replace(self.path)  # the proxy never reads half a file
+
+    def list(self, name: str, address: str) -> None:
+        self.names.setdefault(name, []).append(address)
+        self._write()
+
+    def unlist(self, name: str, address: str) -> None:
+        self.names[name].remove(address)
+        self._write()
+
+
+def listed(proxy: str) -> dict[str, dict[str, Any]]:
+    return {w["url"]: w for w in httpx.get(proxy + "/workers", timeout=5).json()["workers"]}
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) -> None:
+    compose = load_compose({"PDSERVE_INTERNAL_TOKEN": TOKEN})
+    services = {n: s for n, s in compose["services"].items() if "cpu" in s.get("profiles", [])}
+    ports = {n: (int(environment(s)["PDSERVE_PORT"]), free_port_block(3))
+             for n, s in services.items()}
+    dns = Dns(tmp_path / "dns.json")
+    test_only = {"PDSERVE_TORCH_THREADS": "1", "PDSERVE_KV_CACHE_MEMORY_BYTES": str(64 << 20),
+                 "PDSERVE_TEST_DNS_FILE": str(dns.path)}
+    names = {"decode-cpu": "decode-cpu"}  # resolved by the stand-in DNS: several replicas
+    d_port = ports["decode-cpu"][1]
+    procs: dict[str, LocalProcess] = {}
+
+    def start_decode(k: int) -> str:
+        """Replica k of decode-cpu at 127.0.0.(k+1), listed in the DNS once started."""
+        ip = f"127.0.0.{k + 1}"
+        env = clean_base_env(localize(environment(services["decode-cpu"]), "decode-cpu",
+                                      ports, host=ip, names=names), test_only)
+        procs[f"decode-cpu-{k}"] = start_local(f"decode-cpu-{k}",
+                                               local_argv(command(services["decode-cpu"])),
+                                               env, tmp_path)
+        dns.list("decode-cpu", ip)
+        return f"http://{ip}:{d_port}"
+
+    try:
+        env = clean_base_env(localize(environment(services["prefill-cpu"]), "prefill-cpu",
+                                      ports, names=names), test_only)
+        procs["prefill-cpu"] = start_local("prefill-cpu",
+                                           local_argv(command(services["prefill-cpu"])),
+                                           env, tmp_path)
+        d1 = start_decode(1)
+        for name, url in (("prefill-cpu", f"http://127.0.0.1:{ports['prefill-cpu'][1]}"),
+                          ("decode-cpu-1", d1)):
+            wait_until(lambda url=url: healthy(url), f"{name} healthy", 120, procs.values())
+        svc = services["proxy-cpu"]
+        env = clean_base_env(localize(environment(svc), "proxy-cpu", ports, names=names),
+                             test_only)
+        assert env["PDSERVE_DISCOVER"] == \
+            f"prefill=127.0.0.1:{ports['prefill-cpu'][1]},decode=decode-cpu:{d_port}"
+        argv = command(svc)
+        procs["proxy-cpu"] = start_local("proxy-cpu", [*local_argv(argv)[:1], str(DNS_STUB),
+                                                       *argv[1:]], env, tmp_path)
+        wait_until(lambda: run_healthcheck(svc, env), "proxy-cpu healthy", 120, procs.values())
+        proxy = f"http://127.0.0.1:{ports['proxy-cpu'][1]}"
+        assert set(listed(proxy)) == {d1, f"http://127.0.0.1:{ports['prefill-cpu'][1]}"}
+
+        llm = LLM(None, use_tqdm_on_load=False)
+        rng = random.Random(1)
+        prompts = [[rng.randrange(5, 4000) for _ in range(rng.randrange(20, 60))]
+                   for _ in range(STREAMS * 3)]
+        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        want = [o.outputs[0].token_ids for o in
+                llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+        got: dict[int, list[int]] = {}
+        failures: list[str] = []
+        stop = asyncio.Event()
+
+        async def client_task(c: openai.AsyncOpenAI, model: str, k: int) -> None:
+            i = k
+            while not stop.is_set():
+                try:
+                    stream = await c.completions.create(
+                        model=model, prompt=prompts[i % len(prompts)], max_tokens=MAX_TOKENS,
+                        temperature=0, stream=True,
+                        extra_body={"ignore_eos": True, "return_token_ids": True})
+                    ids: list[int] = []
+                    async for chunk in stream:
+                        if chunk.choices:
+                            ids += (chunk.choices[0].model_extra or {}).get("token_ids") or []
+                    got[i] = ids
+                except openai.APIError as e:
+                    failures.append(f"request {i}: {e!r}")
+                i += STREAMS
+
+        def wait(pred, what: str, timeout: float) -> Any:
+            return asyncio.to_thread(wait_until, pred, what, timeout, procs.values())
+
+        async def operate() -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            await asyncio.sleep(1.0)  # the streams run on decode-cpu-1
+            # --scale decode-cpu=3: two replicas start; Docker lists them at once
+            t0 = time.monotonic()
+            new = [start_decode(2), start_decode(3)]
+            for url in new:
+                await wait(lambda url=url: listed(proxy).get(url, {}).get("active", 0) > 0,
+                           f"{url} taking requests", 120)
+            seen["scale_up_s"] = time.monotonic() - t0
+            seen["active_before_down"] = {u: listed(proxy)[u]["active"] for u in new}
+            # --scale decode-cpu=1: compose stops the newest replicas (SIGTERM, then waits)
+            for k in (3, 2):
+                procs[f"decode-cpu-{k}"].proc.send_signal(signal.SIGTERM)
+            for k, url in ((3, new[1]), (2, new[0])):
+                p = procs[f"decode-cpu-{k}"].proc
+                await asyncio.to_thread(p.wait, 60)
+                seen[f"exit_{k}"] = p.returncode
+                dns.unlist("decode-cpu", url.removeprefix("http://").split(":")[0])
+            for url in new:
+                await wait(lambda url=url: url not in listed(proxy), f"{url} leaving", 30)
+            await asyncio.sleep(1.0)  # decode-cpu-1 serves on
+            return seen
+
+        async def main() -> dict[str, Any]:
+            async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="none",
+                                          max_retries=0, timeout=120) as c:
+                model = (await c.models.list()).data[0].id
+                tasks = [asyncio.create_task(client_task(c, model, k)) for k in range(STREAMS)]
+                try:
+                    return await operate()
+                finally:
+                    stop.set()
+                    await asyncio.gather(*tasks)
+
+        seen = asyncio.run(main())
+        assert not failures, failures[:5]
+        assert len(got) > 2 * STREAMS, len(got)
+        wrong = [i for i, ids in got.items() if ids != want[i % len(prompts)]]
+        assert not wrong, f"{len(wrong)} answers differ from the offline engine: {wrong[:5]}"
+        assert seen["exit_2"] == 0 and seen["exit_3"] == 0, seen
+        assert all(n > 0 for n in seen["active_before_down"].values()), seen
+        assert set(listed(proxy)) == {d1, f"http://127.0.0.1:{ports['prefill-cpu'][1]}"}
+        routed = httpx.get(proxy + "/metrics", timeout=10).text
+        for url in (d1, *(f"http://127.0.0.{k + 1}:{d_port}" for k in (2, 3))):
+            assert f'worker="{url}"' in routed, url  # each replica served requests
+        print(f"\nscaled up in {seen['scale_up_s']:.1f} s; {len(got)} requests, none failed")
+    finally:
+        killed = stop_all(sorted(procs.values(), key=lambda p: not p.name.startswith("proxy")))
+        for p in procs.values():
+            assert not group_alive(p.proc.pid), f"{p.name} left processes behind"
+    assert not killed, f"needed SIGKILL: {killed}"
