@@ -1,5 +1,5 @@
 """`python -m pdserve` with one part replaced: the proxy's lookups of the names listed in the
-JSON file $PDSERVE_TEST_DNS_FILE ({"name": ["address", ...]}) answer from that file, read
+JSON file $STUB_DNS_FILE ({"name": ["address", ...]}) answer from that file, read
 afresh each time; any other name resolves as usual. It stands in for Docker's embedded DNS
 (which lists every running replica of a compose service under the service's name) in
 tests/deploy/test_compose_scaling.py; everything else is the real command."""
@@ -16,7 +16,7 @@ _real_resolve = registry._resolve
 
 
 async def _resolve(host: str, port: int) -> list[str]:
-    with open(os.environ["PDSERVE_TEST_DNS_FILE"]) as f:
+    with open(os.environ["STUB_DNS_FILE"]) as f:
         names = json.load(f)
     if host not in names:
         return await _real_resolve(host, port)

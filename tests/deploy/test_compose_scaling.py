@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from pdserve import LLM, SamplingParams
@@ -47,6 +46,7 @@ from tests.deploy.helpers import (
     stop_all,
     wait_until,
 )
+from tests.stream_load import stream_while
 from tests.workers.cluster import free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -96,7 +96,7 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
              for n, s in services.items()}
     dns = Dns(tmp_path / "dns.json")
     test_only = {"PDSERVE_TORCH_THREADS": "1", "PDSERVE_KV_CACHE_MEMORY_BYTES": str(64 << 20),
-                 "PDSERVE_TEST_DNS_FILE": str(dns.path)}
+                 "STUB_DNS_FILE": str(dns.path)}
     names = {"decode-cpu": "decode-cpu"}  # resolved by the stand-in DNS: several replicas
     d_port = ports["decode-cpu"][1]
     procs: dict[str, LocalProcess] = {}
@@ -141,29 +141,10 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
         greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         want = [o.outputs[0].token_ids for o in
                 llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-        got: dict[int, list[int]] = {}
-        failures: list[str] = []
-        stop = asyncio.Event()
-
-        async def client_task(c: openai.AsyncOpenAI, model: str, k: int) -> None:
-            i = k
-            while not stop.is_set():
-                try:
-                    stream = await c.completions.create(
-                        model=model, prompt=prompts[i % len(prompts)], max_tokens=MAX_TOKENS,
-                        temperature=0, stream=True,
-                        extra_body={"ignore_eos": True, "return_token_ids": True})
-                    ids: list[int] = []
-                    async for chunk in stream:
-                        if chunk.choices:
-                            ids += (chunk.choices[0].model_extra or {}).get("token_ids") or []
-                    got[i] = ids
-                except openai.APIError as e:
-                    failures.append(f"request {i}: {e!r}")
-                i += STREAMS
-
         def wait(pred, what: str, timeout: float) -> Any:
-            return asyncio.to_thread(wait_until, pred, what, timeout, procs.values())
+            """Until pred(); failing at once if a replica not stopped on purpose exits."""
+            running = [p for p in procs.values() if p.proc.poll() is None]
+            return asyncio.to_thread(wait_until, pred, what, timeout, running)
 
         async def operate() -> dict[str, Any]:
             seen: dict[str, Any] = {}
@@ -175,6 +156,9 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
                 await wait(lambda url=url: listed(proxy).get(url, {}).get("active", 0) > 0,
                            f"{url} taking requests", 120)
             seen["scale_up_s"] = time.monotonic() - t0
+            # scale down while both hold streams (so their drain has streams to finish)
+            await wait(lambda: all(listed(proxy)[u]["active"] >= 1 for u in new),
+                       "the new replicas holding streams", 30)
             seen["active_before_down"] = {u: listed(proxy)[u]["active"] for u in new}
             # --scale decode-cpu=1: compose stops the newest replicas (SIGTERM, then waits)
             for k in (3, 2):
@@ -189,18 +173,8 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
             await asyncio.sleep(1.0)  # decode-cpu-1 serves on
             return seen
 
-        async def main() -> dict[str, Any]:
-            async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="none",
-                                          max_retries=0, timeout=120) as c:
-                model = (await c.models.list()).data[0].id
-                tasks = [asyncio.create_task(client_task(c, model, k)) for k in range(STREAMS)]
-                try:
-                    return await operate()
-                finally:
-                    stop.set()
-                    await asyncio.gather(*tasks)
-
-        seen = asyncio.run(main())
+        got, failures, seen = asyncio.run(stream_while(proxy, prompts, STREAMS, MAX_TOKENS,
+                                                       operate))
         assert not failures, failures[:5]
         assert len(got) > 2 * STREAMS, len(got)
         wrong = [i for i, ids in got.items() if ids != want[i % len(prompts)]]

@@ -29,6 +29,7 @@ import openai
 import pytest
 
 from pdserve import LLM, SamplingParams
+from tests.stream_load import stream_while
 from tests.workers.cluster import TOKEN, free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -126,27 +127,7 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
         greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
         want = [o.outputs[0].token_ids for o in
                 llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-        got: dict[int, list[int]] = {}
         urls: dict[str, str] = {}
-        failures: list[str] = []
-        phase = {"stop": False}
-
-        async def client_task(c: openai.AsyncOpenAI, model: str, k: int) -> None:
-            i = k  # this task's i-th request: prompt i % len(prompts), until the phases end
-            while not phase["stop"]:
-                try:
-                    stream = await c.completions.create(
-                        model=model, prompt=prompts[i % len(prompts)], max_tokens=MAX_TOKENS,
-                        temperature=0,
-                        stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
-                    ids: list[int] = []
-                    async for chunk in stream:
-                        ids += (chunk.choices[0].model_extra or {}).get("token_ids") or [] \
-                            if chunk.choices else []
-                    got[i] = ids
-                except openai.APIError as e:
-                    failures.append(f"request {i}: {e}")
-                i += STREAMS
 
         async def operate() -> dict[str, float]:
             times: dict[str, float] = {}
@@ -185,21 +166,10 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
             await asyncio.to_thread(wait_for, "B leaving", lambda: "B" not in listed(proxy),
                                     30.0, tmp_path)
             await asyncio.sleep(1.0)  # C serves on
-            phase["stop"] = True
             return times
 
-        async def main() -> dict[str, float]:
-            async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="none",
-                                          max_retries=0, timeout=120) as c:
-                model = (await c.models.list()).data[0].id
-                tasks = [asyncio.create_task(client_task(c, model, k)) for k in range(STREAMS)]
-                try:
-                    return await operate()
-                finally:
-                    phase["stop"] = True
-                    await asyncio.gather(*tasks)
-
-        times = asyncio.run(main())
+        got, failures, times = asyncio.run(stream_while(proxy, prompts, STREAMS, MAX_TOKENS,
+                                                        operate))
         assert not failures, failures[:5]
         assert len(got) > 2 * STREAMS, len(got)  # requests went on through every phase
         wrong = [i for i, ids in got.items() if ids != want[i % len(prompts)]]
