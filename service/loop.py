@@ -142,6 +142,8 @@ class WorkerLoop:
         self._counted = (0, 0, 0)  # preemptions, prefix queries, prefix hits already exported
         self.dead_reason: str | None = None
         self.draining_since: float | None = None  # SIGTERM: finish what runs, take nothing new
+        self._drain_logged = False
+        self._drain_in_flight = 0  # requests in flight when SIGTERM came
         self._last_refusal = 0.0  # when draining refused a request last
         self.reqs: dict[str, Any] = {}  # request id -> the role's state of it
         # Each proxy learns from our load reports how many of its requests we have taken in
@@ -409,6 +411,7 @@ class WorkerLoop:
             self.stop_event.set()
             return
         self.draining_since = time.monotonic()
+        self._drain_in_flight = len(self.reqs)  # logged by the loop (`_drained`)
         self.waker.wake()
 
     def _linger_end(self) -> float:
@@ -420,6 +423,11 @@ class WorkerLoop:
     def _drained(self) -> bool:
         """Draining and nothing left in flight here (or the drain's time ran out)."""
         now = time.monotonic()
+        if not self._drain_logged:  # the first turn of the loop since SIGTERM
+            self._drain_logged = True
+            logger.info("draining (SIGTERM): %d request(s) in flight to finish, new ones "
+                        "refused; stopping once done (--drain-timeout %.0f s)",
+                        self._drain_in_flight, self.cfg.drain_timeout)
         if now >= self.draining_since + self.cfg.drain_timeout:
             if self.reqs or self.has_work():
                 logger.warning("drain timeout (%.0f s): stopping with %d request(s) in "
