@@ -47,3 +47,25 @@ async def stream_while(proxy: str, prompts: Sequence[list[int]], streams: int, m
             stop.set()
             await asyncio.gather(*tasks)
     return got, failures, result
+
+
+def prompts_and_answers(seed: int, count: int, lengths: tuple[int, int], max_tokens: int,
+                        **llm_kw: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """`count` random token-id prompts (lengths in [lo, hi)) and the offline engine's greedy
+    answers to them (the built-in model; `llm_kw` as the workers are configured)."""
+    import random
+
+    from pdserve import LLM, SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, 4000) for _ in range(rng.randrange(*lengths))]
+               for _ in range(count)]
+    llm = LLM(None, use_tqdm_on_load=False, **llm_kw)
+    greedy = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    return prompts, [o.outputs[0].token_ids for o in outs]
+
+
+def differing(got: dict[int, list[int]], want: list[list[int]]) -> list[int]:
+    """The request numbers whose tokens differ from the offline answer to their prompt."""
+    return [i for i, ids in got.items() if ids != want[i % len(want)]]

@@ -386,6 +386,10 @@ def plan(cfg: PlanConfig, progress: bool = True) -> dict[str, list[dict[str, Any
     for name in names:
         parse_layout(name, cfg.gpus, slo, loose)  # a bad name fails before any work
     load_model(cfg.step_model)
+    if cfg.workload:  # a bad file is one line before any simulation starts
+        from pdserve.bench import load_workload
+
+        load_workload(cfg.workload)
     rates = sorted(cfg.rates or default_rates(cfg))
     tasks = [(cfg, name, rate) for name in names for rate in rates]
     jobs = cfg.jobs or min(8, os.cpu_count() or 1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import signal
 import time
@@ -32,7 +31,6 @@ from typing import Any
 import httpx
 import pytest
 
-from pdserve import LLM, SamplingParams
 from tests.deploy.helpers import (
     LocalProcess,
     clean_base_env,
@@ -47,7 +45,7 @@ from tests.deploy.helpers import (
     stop_all,
     wait_until,
 )
-from tests.stream_load import stream_while
+from tests.stream_load import differing, prompts_and_answers, stream_while
 from tests.workers.cluster import free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -135,13 +133,7 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
         proxy = f"http://127.0.0.1:{ports['proxy-cpu'][1]}"
         assert set(listed(proxy)) == {d1, f"http://127.0.0.1:{ports['prefill-cpu'][1]}"}
 
-        llm = LLM(None, use_tqdm_on_load=False)
-        rng = random.Random(1)
-        prompts = [[rng.randrange(5, 4000) for _ in range(rng.randrange(20, 60))]
-                   for _ in range(STREAMS * 3)]
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        want = [o.outputs[0].token_ids for o in
-                llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+        prompts, want = prompts_and_answers(1, STREAMS * 3, (20, 60), MAX_TOKENS)
         def wait(pred, what: str, timeout: float) -> Any:
             """Until pred(); failing at once if a replica not stopped on purpose exits."""
             running = [p for p in procs.values() if p.proc.poll() is None]
@@ -177,7 +169,7 @@ def test_scaling_the_decode_service_up_and_down_loses_nothing(tmp_path: Path) ->
                                                        operate))
         assert not failures, failures[:5]
         assert len(got) > 2 * STREAMS, len(got)
-        wrong = [i for i, ids in got.items() if ids != want[i % len(prompts)]]
+        wrong = differing(got, want)
         assert not wrong, f"{len(wrong)} answers differ from the offline engine: {wrong[:5]}"
         assert seen["exit_2"] == 0 and seen["exit_3"] == 0, seen
         drained = 0  # requests the removed replicas had in flight when SIGTERM came

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,8 +27,7 @@ import httpx
 import openai
 import pytest
 
-from pdserve import LLM, SamplingParams
-from tests.stream_load import stream_while
+from tests.stream_load import differing, prompts_and_answers, stream_while
 from tests.workers.cluster import TOKEN, free_port_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -120,13 +118,8 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
         r = httpx.post(proxy + "/workers/nobody/drain", headers=auth)
         assert r.status_code == 404
 
-        llm = LLM(None, use_tqdm_on_load=False, max_model_len=512, num_gpu_blocks_override=400)
-        rng = random.Random(0)
-        prompts = [[rng.randrange(5, 4000) for _ in range(rng.randrange(8, 60))]
-                   for _ in range(STREAMS * 4)]
-        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        want = [o.outputs[0].token_ids for o in
-                llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+        prompts, want = prompts_and_answers(0, STREAMS * 4, (8, 60), MAX_TOKENS,
+                                            max_model_len=512, num_gpu_blocks_override=400)
         urls: dict[str, str] = {}
 
         async def operate() -> dict[str, float]:
@@ -172,7 +165,7 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
                                                         operate))
         assert not failures, failures[:5]
         assert len(got) > 2 * STREAMS, len(got)  # requests went on through every phase
-        wrong = [i for i, ids in got.items() if ids != want[i % len(prompts)]]
+        wrong = differing(got, want)
         assert not wrong, f"{len(wrong)} answers differ from the offline engine: {wrong[:5]}"
         assert times["b_since_post_s"] <= 5.0, times
         assert times["a_active_at_drain"] > 0 and times["b_active_at_sigterm"] > 0, times

@@ -129,9 +129,13 @@ def test_the_command_prints_a_table_a_recommendation_and_writes_json_and_svg(
     (["--layouts", "3p1d"], "layout '3p1d': 3 P + 1 D is not 2 GPUs"),
     (["--step-model", "nope.json"], "--step-model nope.json: no such file"),
     (["--rates", "-1"], "must be > 0"),
+    (["--workload", "lengths.json"], "--workload lengths.json: needs pairs of positive lengths"),
+    (["--workload", "missing.json"], "--workload missing.json: not a length mix"),
 ])
 def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    r = plan(*args, tmp=tmp_path)
+    (tmp_path / "lengths.json").write_text('{"pairs": [[0, 5]]}')
+    r = plan(*args, "--rates", "1", "--jobs", "2", tmp=tmp_path) if "--rates" not in args \
+        else plan(*args, tmp=tmp_path)
     assert r.returncode in (1, 2) and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
