@@ -116,8 +116,10 @@ def decode_run(engine, batch: int, ctx: int, steps: int, seed: int, vocab: int) 
     return times
 
 
-def profile_step(engine, batch: int, ctx: int, vocab: int, device: torch.device) -> list[dict]:
-    """CUDA time by kernel over 5 decode steps at `batch`, per step, top 12."""
+def profile_step(engine, batch: int, ctx: int, vocab: int, device: torch.device) -> dict:
+    """CUDA time by kernel over 5 decode steps at `batch`, per step: the top 12 kernels, the
+    sum over every kernel (GPU busy time) and the steps' wall time, so wall - busy is what the
+    GPU waited for the host."""
     from torch.profiler import ProfilerActivity, profile
 
     from pdserve import SamplingParams
@@ -130,9 +132,12 @@ def profile_step(engine, batch: int, ctx: int, vocab: int, device: torch.device)
         engine.step()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(5):
             engine.step()
         sync(device)
+        wall = (time.perf_counter() - t0) / 5
+    phases = host_phases(engine, device)
     for r in reqs:
         engine.abort(r)
     while engine.has_unfinished():
@@ -143,7 +148,48 @@ def profile_step(engine, batch: int, ctx: int, vocab: int, device: torch.device)
         if t > 0:
             rows.append({"kernel": e.key[:90], "us_per_step": t / 5, "calls_per_step": e.count / 5})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return rows[:12]
+    return {"top": rows[:12], "gpu_us_per_step": sum(r["us_per_step"] for r in rows),
+            "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+            "wall_us_per_step": wall * 1e6, "host_phases_us": phases}
+
+
+def host_phases(engine, device: torch.device, steps: int = 5) -> dict[str, float]:
+    """Host time per step in each phase of `engine.step()` (no sync added): schedule, the
+    runner's launch (graph replay, LM head), the sampler (its wait for the GPU included, in
+    a synchronous step), postprocess; `other` = the step's wall time minus those (in an
+    asynchronous step the wait for the previous step's tokens is there)."""
+    sched, runner, sampler = engine.scheduler, engine.parts.runner, engine.parts.sampler
+    acc = {"schedule": 0.0, "runner": 0.0, "sampler": 0.0, "postprocess": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[name] += time.perf_counter() - t0
+        return wrapper
+
+    class TimedSampler:  # the engine calls the sampler and its `draw`
+        __call__ = staticmethod(timed("sampler", sampler))
+        draw = staticmethod(timed("sampler", sampler.draw))
+
+    sched.schedule = timed("schedule", sched.schedule)
+    runner.execute = timed("runner", runner.execute)
+    sched.postprocess = timed("postprocess", sched.postprocess)
+    engine.parts.sampler = TimedSampler()
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+    finally:
+        del sched.schedule, runner.execute, sched.postprocess  # the instance overrides
+        engine.parts.sampler = sampler
+    out = {k: v / steps * 1e6 for k, v in acc.items()}
+    out["other"] = wall / steps * 1e6 - sum(out.values())
+    return out
 
 
 def transformers_decode(cfg_dir: Path, batch: int, ctx: int, steps: int,
@@ -285,7 +331,14 @@ def main() -> None:
           f"TB/s (r+w), matmul {results['matmul_TFLOPs']:.0f} TFLOP/s; JSON {out}")
     for b in batches:
         r = results[f"decode_b{b}"]
-        for k in r.get("profile", [])[:6]:
+        prof = r.get("profile")
+        if prof:
+            print(f"   b={b}: GPU busy {prof['gpu_us_per_step']:.0f} us of "
+                  f"{prof['wall_us_per_step']:.0f} us wall per profiled step, "
+                  f"{prof['kernels_per_step']:.0f} kernels")
+            print(f"   b={b}: host phases (us/step): " + ", ".join(
+                f"{k} {v:.0f}" for k, v in prof["host_phases_us"].items()))
+        for k in (prof or {}).get("top", [])[:8]:
             print(f"   b={b}: {k['us_per_step']:8.1f} us/step {k['calls_per_step']:5.0f} calls "
                   f" {k['kernel']}")
     print("\n| measure | pdserve | roofline | % | transformers |")

@@ -82,6 +82,12 @@ class EngineConfig:
         "CPU; triton on CPU needs TRITON_INTERPRET=1 (tests).")
     enforce_eager: bool = option(False, help="Never use CUDA graphs (they replay decode steps "
                                  "on GPU; capture takes a few seconds at start).")
+    async_scheduling: Literal["auto", "on", "off"] = option(
+        "auto", help="Asynchronous decode steps: the host schedules and launches step N+1 "
+        "while the GPU runs step N, feeding N's sampled tokens back on the device (rows with "
+        "penalties, logprobs, token masks or logit_bias, and steps that admit or join "
+        "requests, run synchronously). auto: on with CUDA, off on the CPU (no overlap "
+        "there). Tokens are the same either way.")
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
                                        "process may use).")

@@ -24,15 +24,40 @@ from pdserve.common.prefix import check_cache_salt
 from pdserve.common.step_rates import StepRates
 from pdserve.common.wire import Logprob, TokenRow
 from pdserve.engine.model_runner import SeqChunk
-from pdserve.engine.sampler import SampleResult, SampleRow
+from pdserve.engine.sampler import SampleResult, SampleRow, to_device
 from pdserve.engine.scheduler import PromptTooLongError, Role, Scheduler  # noqa: F401 - re-exported
-from pdserve.engine.sequence import Request, Sequence
+from pdserve.engine.sequence import Request, Sequence, SequenceStatus
 from pdserve.engine.setup import EngineParts
 from pdserve.engine.structured import Grammars
 
 logger = logging.getLogger(__name__)
 
 MAX_FAILED_STEPS = 3
+
+
+class _Launched:
+    """A decode step on the device whose tokens the host has not read yet (asynchronous
+    scheduling): its batch (all single-token decodes), the sampled tokens [B] on the device,
+    their copy on the way to the host, and the block tables freed while it may still write
+    them."""
+
+    def __init__(self, batch: list[tuple[Sequence, int]], tokens: torch.Tensor, started: float):
+        self.batch = batch
+        self.tokens = tokens
+        self.deferred: list[list[int]] = []  # the scheduler's defer_frees() list
+        self.started = started
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = tokens, None
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class LLMEngine:
@@ -61,6 +86,9 @@ class LLMEngine:
             weakref.WeakKeyDictionary()
         self._failed_steps = 0  # steps in a row whose every request failed alone
         self.rates = StepRates()  # measured prefill rate and decode step time (load reports)
+        mode = getattr(cfg, "async_scheduling", "auto")
+        self.async_scheduling = mode == "on" or (mode == "auto" and parts.device.type == "cuda")
+        self._launched: _Launched | None = None  # the decode step on the device, unread
 
     def check_prompt(self, ids: Seq[int], params: SamplingParams | None = None) -> None:
         """Raise ValueError for an empty prompt or token ids (of the prompt, or `params`'
@@ -110,7 +138,7 @@ class LLMEngine:
         return req
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._launched is not None
 
     def abort(self, req: Request) -> None:
         self.scheduler.abort(req)
@@ -121,17 +149,28 @@ class LLMEngine:
         self._copy_forks()
 
     def step(self) -> list[TokenRow]:
-        """Run one forward; returns every token drawn in it (with its finish reason).
+        """Run one forward; returns every token drawn in it (with its finish reason). With
+        asynchronous scheduling a decode step returns the tokens of the step launched by the
+        previous call, and leaves the next one running on the device (see below).
 
         A forward or draw that fails is contained: each request of the step runs alone, the
         ones that fail by themselves are aborted (blocks freed) and listed in `failed` for the
         caller to report, and the rest runs on. It raises only for the engine's own faults:
         no request fails alone, every request of several does, or MAX_FAILED_STEPS steps in
         a row failed whole."""
+        if self._launched is not None:
+            return self._step_ahead()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         started = time.perf_counter()
+        if self.async_scheduling:
+            try:
+                if self._launch(batch, None, started):
+                    return self._step_ahead()
+            except Exception:  # noqa: BLE001 - the synchronous path below contains it
+                logger.debug("asynchronous launch failed; the step runs synchronously",
+                             exc_info=True)
         prefilling = [n for seq, n in batch if seq.num_computed_tokens < seq.num_prompt_tokens]
         prefill_tokens = sum(prefilling)
         try:
@@ -147,6 +186,114 @@ class LLMEngine:
         self.rates.observe(prefill_tokens, len(batch), time.perf_counter() - started,
                            decodes=max(0, len(batch) - len(prefilling)))
         return out
+
+    # ---- asynchronous decode steps -------------------------------------------------------
+    #
+    # Step N is launched (forward, LM head, draws) without reading its tokens; the next
+    # step() call schedules N + 1 for the same sequences before N's tokens are known (each
+    # gets the slot of the token in flight), launches it with N's tokens as inputs on the
+    # device, and only then waits for N's tokens and postprocesses them: the host's work for
+    # a step runs while the GPU computes the previous one. A sequence that N finishes (a
+    # stop token) has one wasted row in N + 1, dropped; its blocks go back to the pool only
+    # once N + 1 is done (`Scheduler.defer_frees`). Whatever else the next step would need
+    # (admitting or joining requests, a row that needs the tokens so far, a preemption)
+    # makes the engine wait for N first and schedule as usual.
+
+    def _simple_row(self, seq: Sequence, output_position: int | None = None) -> SampleRow | None:
+        """The draw of `seq`'s next token if it is simple (see `SampleRow.is_simple`) and
+        the sequence may run ahead (decoding, no mask, no prompt logprobs, not handed to
+        another worker); else None."""
+        req = seq.request
+        p = req.params
+        if (req.token_mask is not None or p.allowed_token_ids is not None
+                or p.structured is not None or req.prefill_only or req.wants_prompt_logprobs):
+            return None
+        row = SampleRow(p, req.seed, seq.choice_index, seq.token_ids, seq.num_prompt_tokens,
+                        tuple(seq.eos_token_ids) + tuple(p.stop_token_ids),
+                        output_position=output_position)
+        return row if row.is_simple else None
+
+    def _launch(self, batch: list[tuple[Sequence, int]], input_ids: torch.Tensor | None,
+                started: float, ahead: bool = False) -> bool:
+        """Launch `batch` (single-token decodes, one draw each, every draw simple) without
+        reading its tokens; False, launching nothing, if the batch is not of that kind.
+        `ahead`: the sequences' last token is still on the device (`input_ids`)."""
+        rows = []
+        for seq, n in batch:
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens \
+                    or seq.num_tokens <= seq.num_prompt_tokens:
+                return False
+            # ahead: the draw is for the output position after the token in flight
+            pos = seq.num_tokens - seq.num_prompt_tokens + 1 if ahead else None
+            row = self._simple_row(seq, pos)
+            if row is None:
+                return False
+            rows.append(row)
+        chunks = [SeqChunk((0,) if ahead else seq.token_ids[-1:], seq.num_tokens
+                           - (0 if ahead else 1), seq.block_table) for seq, _ in batch]
+        logits = self.parts.runner.execute(chunks, input_ids)
+        launched = _Launched(batch, self.parts.sampler.draw(logits, rows), started)
+        launched.deferred = self.scheduler.defer_frees()  # cannot fail: nothing leaks
+        self._launched = launched
+        return True
+
+    def _step_ahead(self) -> list[TokenRow]:
+        """Launch the step after the one on the device where it can run ahead; then read the
+        launched step's tokens and postprocess them (see above)."""
+        prev = self._launched
+        self._launched = None
+        started = time.perf_counter()
+        launched = False
+        seqs = self._continuing(prev)
+        if seqs:
+            batch = self.scheduler.continue_decodes(seqs)
+            if batch is not None:
+                where = {id(seq): i for i, (seq, _) in enumerate(prev.batch)}
+                idx = to_device([where[id(seq)] for seq in seqs], torch.int64, prev.tokens.device)
+                try:
+                    launched = self._launch(batch, prev.tokens.index_select(0, idx), started,
+                                            ahead=True)
+                except Exception:  # noqa: BLE001 - run synchronously from here on
+                    logger.exception("asynchronous step failed to launch; stepping "
+                                     "synchronously from now on")
+                    self.async_scheduling = False
+        tokens = prev.wait()
+        self.scheduler.free_deferred(prev.deferred, stop=not launched)
+        # rows of sequences aborted or finished since the launch are dropped
+        keep = [k for k, (seq, _) in enumerate(prev.batch)
+                if seq.status is SequenceStatus.RUNNING]
+        batch = [prev.batch[k] for k in keep]
+        draws = [(i, seq, seq.choice_index) for i, (seq, _) in enumerate(batch)]
+        out = self.scheduler.postprocess(batch, draws, [(tokens[k], None) for k in keep])
+        self._copy_forks()
+        self._failed_steps = 0
+        self.rates.observe(0, len(batch), time.perf_counter() - prev.started,
+                           decodes=len(batch))
+        return out
+
+    def _continuing(self, prev: _Launched) -> list[Sequence] | None:
+        """The sequences the step after `prev` would decode, if it may run ahead: exactly
+        the running ones, all of them in `prev`, none waiting to be admitted, minus those
+        whose token in flight ends them by length. None otherwise."""
+        sched = self.scheduler
+        if not self.async_scheduling or sched.waiting or not sched.running:
+            return None
+        in_prev = {id(seq) for seq, _ in prev.batch}
+        if any(id(seq) not in in_prev for seq in sched.running):
+            return None  # joined, forked or readmitted since: schedule as usual
+        seqs = []
+        for seq in sched.running:
+            n = seq.num_tokens + 1  # with the token in flight
+            p = seq.params
+            if (p.max_tokens is not None and n - seq.num_prompt_tokens >= p.max_tokens) \
+                    or n >= self.max_model_len:
+                continue  # that token is its last
+            seqs.append(seq)
+        budget = sched.max_num_batched_tokens if sched.mixed_step_tokens is None \
+            else sched.mixed_step_tokens
+        if not seqs or len(seqs) > min(budget, sched.max_num_seqs):
+            return None
+        return seqs
 
     @staticmethod
     def _attach_prompt_logprobs(batch: list[tuple[Sequence, int]], out: list[TokenRow]

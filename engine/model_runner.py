@@ -120,9 +120,11 @@ class ModelRunner:
         meta = AttentionMetadata(True, slots, tables, pos + 1, None, 1, max_seq_len)
         return self.model(input_ids, pos, meta, self.pool.tensor, self.ops)
 
-    def _decode(self, chunks: Sequence[SeqChunk]) -> torch.Tensor | None:
+    def _decode(self, chunks: Sequence[SeqChunk], input_ids: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
         """A decode step over the persistent tables (a graph replay where one fits); None
-        when the step has more sequences than the tables hold."""
+        when the step has more sequences than the tables hold. `input_ids` (device, one per
+        chunk) replace the chunks' token ids."""
         tables = self.tables
         if tables is None or len(chunks) > tables.capacity:
             return None
@@ -140,9 +142,12 @@ class ModelRunner:
         tables.flush()
         if not fits:
             dev = host.to(self.device, non_blocking=True)
-            return self._decode_forward(dev[0], dev[1], dev[2], top, -(-top // self.block_size))
+            ids = dev[0] if input_ids is None else input_ids
+            return self._decode_forward(ids, dev[1], dev[2], top, -(-top // self.block_size))
         graph, buf = self.graphs[n]
         buf["input_ids"].copy_(host[0], non_blocking=True)
+        if input_ids is not None:
+            buf["input_ids"][:B].copy_(input_ids, non_blocking=True)
         buf["positions"].copy_(host[1], non_blocking=True)
         buf["rows"].copy_(host[2], non_blocking=True)
         graph.replay()
@@ -192,17 +197,27 @@ class ModelRunner:
         return t(input_ids), t(positions), meta, t(logit_rows)
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        """Run one step; returns fp32 logits [sum(num_logits), vocab] in chunk order."""
+    def execute(self, chunks: Sequence[SeqChunk], input_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Run one step; returns fp32 logits [sum(num_logits), vocab] in chunk order.
+
+        `input_ids`: a decode step's tokens as a device tensor (one per chunk, in order),
+        used instead of the chunks' token ids: an asynchronous step feeds the previous step's
+        sampled tokens back without reading them on the host. Nothing here waits for the
+        device: the logits are ready when the stream reaches them."""
         if not chunks:
             raise ValueError("execute needs at least one chunk")
         is_decode = all(len(c.token_ids) == 1 for c in chunks)
+        if input_ids is not None and not (is_decode and input_ids.shape == (len(chunks),)):
+            raise ValueError("input_ids replace the tokens of a decode step: one per chunk")
         if is_decode and all(c.num_logits == 1 for c in chunks):
-            hidden = self._decode(chunks)
+            hidden = self._decode(chunks, input_ids)
             if hidden is not None:
                 return self.model.compute_logits(hidden)
-        input_ids, positions, meta, logit_rows = self._metadata(chunks, is_decode)
-        hidden = self.model(input_ids, positions, meta, self.pool.tensor, self.ops)
+        ids, positions, meta, logit_rows = self._metadata(chunks, is_decode)
+        if input_ids is not None:
+            ids = input_ids
+        hidden = self.model(ids, positions, meta, self.pool.tensor, self.ops)
         return self.model.compute_logits(hidden[logit_rows])
 
 

@@ -51,10 +51,26 @@ class SampleRow:
     min_tokens_blocked: Sequence[int] = ()  # EOS and stop ids masked until min_tokens
     allowed: torch.Tensor | None = None  # bool [vocab]: the tokens this draw may take
     bitmask: torch.Tensor | None = None  # int32 [ceil(vocab / 32)]: bit t set: t allowed
+    # the output position of this draw, where token_ids does not end at it yet (an
+    # asynchronous step: the previous token is still on the device); None: len(token_ids)
+    output_position: int | None = None
 
     @property
     def num_output_tokens(self) -> int:  # the draw is for this output position
+        if self.output_position is not None:
+            return self.output_position
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_simple(self) -> bool:
+        """Whether this draw needs nothing but its logits, temperature, filters and seed: no
+        bias, penalty, mask, logprobs or active min_tokens. Simple rows need no host state of
+        the tokens so far, so a step can draw them before the previous step's token is back
+        (`Sampler.draw`)."""
+        p = self.params
+        return (self.allowed is None and self.bitmask is None and not p.logit_bias
+                and not p.has_penalties and p.logprobs is None
+                and not (self.num_output_tokens < p.min_tokens and self.min_tokens_blocked))
 
 
 class SampleResult(NamedTuple):
@@ -63,7 +79,17 @@ class SampleResult(NamedTuple):
 
 
 def _rows(idx: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(idx, dtype=torch.long, device=device)
+    return to_device(idx, torch.long, device)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a host sync: on CUDA through pinned memory and
+    a non-blocking copy (a copy from pageable memory would wait for the stream's queued
+    work, i.e. for the step in flight)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
@@ -157,14 +183,18 @@ def apply_token_masks(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
 
 
 def apply_filters(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  min_p: torch.Tensor) -> torch.Tensor:
+                  min_p: torch.Tensor, use: tuple[bool, bool, bool] | None = None
+                  ) -> torch.Tensor:
     """min-p, then top-k (by value: ties with the k-th logit stay) and top-p on x [N, V]
-    (temperature-scaled logits); returns x with filtered tokens at -inf."""
-    if bool((min_p > 0).any()):
+    (temperature-scaled logits); returns x with filtered tokens at -inf. `use`: whether any
+    row has min_p > 0, top_k > 0, top_p < 1, where the caller knows (no device reads)."""
+    if use is None:
+        use = (bool((min_p > 0).any()), bool((top_k > 0).any()), bool((top_p < 1).any()))
+    use_min_p, use_k, use_p = use
+    if use_min_p:
         probs = torch.softmax(x, dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         x = x.masked_fill(probs < threshold, float("-inf"))
-    use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
     if not (use_k or use_p):
         return x
     xs, order = x.sort(dim=-1, descending=False)
@@ -209,7 +239,6 @@ class Sampler:
         """logits [N, V] fp32 (modified in place) -> one result per row, in order."""
         if not rows:
             return []
-        device = logits.device
         want = [r.params.logprobs for r in rows]
         any_logprobs = any(w is not None for w in want)
         raw = self.logprobs_mode.startswith("raw")
@@ -218,28 +247,8 @@ class Sampler:
         apply_penalties(logits, rows)
         apply_min_tokens(logits, rows)
         apply_token_masks(logits, rows)
-        tokens = logits.argmax(dim=-1)
-        dist_logits = logits  # the distribution each row draws from (greedy: as is)
-        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if rand:
-            sel = _rows(rand, device)
-            p = [rows[i].params for i in rand]
-            x = logits[sel] / torch.tensor([q.temperature for q in p], device=device)[:, None]
-            x = apply_filters(
-                x,
-                torch.tensor([q.top_k for q in p], device=device),
-                torch.tensor([q.top_p for q in p], device=device),
-                torch.tensor([q.min_p for q in p], device=device),
-            )
-            probs = torch.softmax(x, dim=-1)
-            t = lambda vals: torch.tensor(vals, dtype=torch.int64, device=device)  # noqa: E731
-            tokens[sel] = self.race(
-                probs, t([rows[i].seed for i in rand]), t([rows[i].choice_index for i in rand]),
-                t([rows[i].num_output_tokens for i in rand]),
-            )
-            if not raw and any(q.logprobs is not None for q in p):
-                dist_logits = logits.clone()
-                dist_logits[sel] = x
+        keep_dist = any_logprobs and not raw
+        tokens, dist_logits = self._draw(logits, rows, keep_dist)
         logp = None
         if any_logprobs:
             values = raw_logits if raw_logits is not None else dist_logits
@@ -250,3 +259,43 @@ class Sampler:
             SampleResult(tok, None if n is None else _logprobs(logp[i], tokens[i], n))
             for i, (tok, n) in enumerate(zip(tokens_list, want, strict=True))
         ]
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """The tokens [N] (int64, on the logits' device) of simple rows (`SampleRow.is_simple`)
+        without waiting for them: nothing here reads the device, so the host can go on while
+        the GPU runs. The same tokens as `__call__` draws for the same rows."""
+        if not all(r.is_simple for r in rows):
+            raise ValueError("Sampler.draw takes simple rows only (SampleRow.is_simple)")
+        return self._draw(logits, rows, False)[0]
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SampleRow], keep_dist: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy rows: the argmax; random rows: temperature, filters, the exponential race.
+        Returns the tokens and (with keep_dist) the logits each row drew from."""
+        device = logits.device
+        tokens = logits.argmax(dim=-1)
+        dist_logits = logits  # the distribution each row draws from (greedy: as is)
+        rand = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if rand:
+            sel = _rows(rand, device)
+            p = [rows[i].params for i in rand]
+            x = logits[sel] / to_device([q.temperature for q in p], torch.float32,
+                                        device)[:, None]
+            x = apply_filters(
+                x,
+                to_device([q.top_k for q in p], torch.int64, device),
+                to_device([q.top_p for q in p], torch.float32, device),
+                to_device([q.min_p for q in p], torch.float32, device),
+                use=(any(q.min_p > 0 for q in p), any(q.top_k > 0 for q in p),
+                     any(q.top_p < 1 for q in p)),
+            )
+            probs = torch.softmax(x, dim=-1)
+            t = lambda vals: to_device(vals, torch.int64, device)  # noqa: E731
+            tokens[sel] = self.race(
+                probs, t([rows[i].seed for i in rand]), t([rows[i].choice_index for i in rand]),
+                t([rows[i].num_output_tokens for i in rand]),
+            )
+            if keep_dist:
+                dist_logits = logits.clone()
+                dist_logits[sel] = x
+        return tokens, dist_logits

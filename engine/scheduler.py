@@ -82,6 +82,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.stalled = False  # the last schedule() found nothing it could run
         self._ids = itertools.count()
+        # block tables whose free waits for a step still on the device (`defer_frees`)
+        self._deferred: list[list[int]] | None = None
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -251,6 +253,40 @@ class Scheduler:
                 self._cache(seq)
         return out
 
+    # ---- asynchronous steps (the engine's look-ahead) -------------------------------------
+
+    def defer_frees(self) -> list[list[int]]:
+        """From now on freed block tables wait in the returned list instead of going back to
+        the pool: a step on the device may still write them (a sequence that finished, or
+        was aborted, after the step was launched). `free_deferred` releases them once that
+        step is done."""
+        self._deferred = []
+        return self._deferred
+
+    def free_deferred(self, tables: list[list[int]], *, stop: bool = False) -> None:
+        """Return `tables` (a `defer_frees` list whose step is done) to the pool; `stop`:
+        and free at once from now on (no step is on the device)."""
+        for t in tables:
+            self.bm.free(t)
+        tables.clear()
+        if stop:
+            self._deferred = None
+
+    def continue_decodes(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]] | None:
+        """The next decode step of `seqs` (running, one token each) scheduled before their
+        last token is known: each gets the slot of the token in flight. None, changing
+        nothing, where that needs more free blocks than there are (the caller waits for the
+        step and schedules as usual, which may preempt)."""
+        bm = self.bm
+        need = sum(max(0, bm.num_blocks_for(s.num_tokens + 1) - len(s.block_table))
+                   for s in seqs)
+        if need > bm.num_free_blocks:
+            return None
+        for s in seqs:
+            bm.append(s.block_table, s.num_tokens + 1)
+        self.stalled = False
+        return [(s, 1) for s in seqs]
+
     # ---- internals -----------------------------------------------------------------------
 
     def _prefilled(self, draws: list[tuple[int, Sequence, int]],
@@ -351,5 +387,8 @@ class Scheduler:
 
     def _free(self, seq: Sequence) -> None:
         if seq.block_table:
-            self.bm.free(seq.block_table)
+            if self._deferred is not None:
+                self._deferred.append(seq.block_table)
+            else:
+                self.bm.free(seq.block_table)
             seq.block_table = []
