@@ -6,7 +6,7 @@
   why (pdserve/sagemaker.py's tables, shared with the SageMaker form); the parallel sizes
   are accepted at 1 and refused otherwise with the reason; `--quantization` only as none.
 - `--disable-uvicorn-access-log` is `--no-access-log`, `--disable-log-stats` is
-  `--stats-interval 0`.
+  `--stats-interval 0`; vLLM's bare switch `--async-scheduling` is `--async-scheduling on`.
 - Every `pdserve serve` option keeps its meaning: a name serve knows is never dropped.
 """
 
@@ -27,6 +27,8 @@ _BOOL_WORDS = frozenset({"true", "false"})
 # vLLM switches serve has under its own name
 RENAMED = {"disable-uvicorn-access-log": "--no-access-log",
            "disable-log-stats": "--stats-interval=0"}
+# vLLM switches that are serve options taking one of these values: bare, they mean "on"
+SWITCH_TO_ON = {"async-scheduling": ("auto", "on", "off")}
 
 
 def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -43,6 +45,11 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     while i < len(args):
         word = args[i]
         name, eq, inline = word[2:].partition("=") if word.startswith("--") else ("", "", "")
+        if name in SWITCH_TO_ON and not eq and (i + 1 == len(args)
+                                                or args[i + 1] not in SWITCH_TO_ON[name]):
+            out += [word, "on"]  # vLLM's switch; serve's option takes auto/on/off
+            i += 1
+            continue
         if not name or name in known or (name.startswith("no-") and name[3:] in known):
             out.append(word)
             i += 1

@@ -29,6 +29,14 @@ def test_vllm_switches_serve_has_under_its_own_name() -> None:
         ["--model", "m", "--no-access-log", "--port", "1"], [])
 
 
+def test_vllm_async_scheduling_switch_means_on() -> None:
+    assert translate(["m", "--async-scheduling", "--port", "1"]) == (
+        ["--model", "m", "--async-scheduling", "on", "--port", "1"], [])
+    assert translate(["m", "--async-scheduling"])[0] == ["--model", "m", "--async-scheduling",
+                                                         "on"]
+    assert translate(["--async-scheduling", "off"]) == (["--async-scheduling", "off"], [])
+
+
 def test_serve_options_and_unknown_ones_pass_through() -> None:
     # unknown to both: left for serve's parser, which names it (and suggests a close one)
     assert translate(["--max-model-lenn", "5", "--model", "m"]) == (
