@@ -8,6 +8,7 @@
 #   3. bench/mixed_steps.py (MIXED=0 skips);
 #   4. bench/serving_gpu.py from BEFORE=<dir> (a `git archive` of an earlier commit inside the
 #      tree, PYTHONPATH=<dir>), then from this tree (SERVING_ARGS, BEFORE_ARGS);
+#   4c. with PREFILL_SDPA=1: bench/kernel_speed.py --sections prefill (vs torch's SDPA backends);
 #   5. the gpu-marked tests of tests/kernels, tests/engine/test_gpu_engine.py and
 #      tests/engine/test_bf16_numerics.py (TESTS: other paths), in what time is left.
 # Console output in $OUT/log.txt, JSON beside it (at most 8 files come back).
@@ -62,6 +63,12 @@ step "4b. serving_gpu.py, this tree"
 # shellcheck disable=SC2086
 timeout "$(left 130)" python3 bench/serving_gpu.py --out "$OUT" \
   ${SERVING_ARGS:---runs 2 --no-transformers} 2>&1 | tee -a "$LOG" | tail -24
+
+if [ "${PREFILL_SDPA:-0}" != 0 ]; then
+  step "4c. prefill attention vs torch SDPA backends (1k/4k/16k)"
+  timeout "$(left 120)" python3 bench/kernel_speed.py --sections prefill --out "$OUT" \
+    2>&1 | tee -a "$LOG" | tail -12
+fi
 
 l=$(left 240)
 if [ "$l" -gt 30 ]; then
