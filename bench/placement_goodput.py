@@ -160,7 +160,9 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
     routes = [x for x in metrics.splitlines()
               if x.startswith(("pdserve_proxy_routing_decisions_total{",
                                "pdserve_proxy_placement_decisions_total{"))]
-    data = {"layout": name, "rows": rows, "routes": routes, "fakes": fakes}
+    data = {"layout": name, "rows": rows, "routes": routes, "fakes": fakes,
+            "time_scale": scale, "window": args.window, "num_prompts": args.num_prompts,
+            "model": str(args.model)}
     (out / "summary.json").write_text(json.dumps(data, indent=1))
     return data
 

@@ -9,7 +9,8 @@ Each argument is a layout's summary.json from placement_goodput.py (a layout nam
 row per rate, strict and loose attainment); several runs of one layout are averaged (their
 spread is printed: the fakes' own run-to-run noise). For every point the simulator runs the
 same layout, the same requests (the workload mix, seed 0, rate x --window of Poisson arrivals),
-the same time scale, and scores them with the same two SLOs (strict: TTFT <= 1 s and the
+the same time scale (the summary's own `time_scale` and `window` where it records them, else
+--time-scale and --window), and scores them with the same two SLOs (strict: TTFT <= 1 s and the
 request's p99 gap <= 25 ms; loose: TTFT <= 2 s and TPOT <= 50 ms; x the time scale). The
 model is named by --model, or by the file name's prefix (h200_ -> h200-llama3-8b, h100mixed_
 -> h100-llama3-8b). The simulator adds the fakes' measured host time per step (their loop's:
@@ -44,13 +45,13 @@ def model_for(path: Path, given: str | None) -> str:
     raise SystemExit(f"{path}: name the step model (--model)")
 
 
-def check_point(job: tuple[str, str, float, float, argparse.Namespace]) -> dict[str, Any]:
+def check_point(job: tuple[str, str, float, float, float, float, int, argparse.Namespace]
+                ) -> dict[str, Any]:
     """The simulated goodput of one point: the mean over --sim-seeds seeds of the proxy's
     random choices (the real proxy's are unseeded: each fake run draws its own)."""
-    model, layout, rate, overhead_ms, args = job
-    cfg = PlanConfig(gpus=2, step_model=model, workload=args.workload, window=args.window,
-                     num_prompts=args.num_prompts, time_scale=args.time_scale, seed=0, jobs=1)
-    s = args.time_scale
+    model, layout, s, rate, overhead_ms, window, num_prompts, args = job
+    cfg = PlanConfig(gpus=2, step_model=model, workload=args.workload, window=window,
+                     num_prompts=num_prompts, time_scale=s, seed=0, jobs=1)
     strict, loose, each = 0.0, 0.0, []
     for seed in range(args.sim_seeds):
         row = simulate_point(cfg, layout, rate, overhead_ms / 1e3, picker_seed=seed)
@@ -93,27 +94,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the rows here (JSON)")
     args = ap.parse_args(argv)
     docs = [json.loads(p.read_text()) for p in args.summaries]
-    overhead = args.step_overhead_ms if args.step_overhead_ms is not None else \
-        step_overhead_ms(docs)
-    # every fake run of a point (model, layout, rate), from one file or several
-    points: dict[tuple[str, str, float], list[tuple[dict[str, Any], str]]] = {}
-    for path, data in zip(args.summaries, docs):
+    # a summary records its run's time scale and window (placement_goodput.py does since
+    # session 10); older ones ran with the flags' defaults. Runs at one scale share the
+    # fakes' measured host time per step: it depends on how hard the box was driven.
+    scale_of = [float(d.get("time_scale", args.time_scale)) for d in docs]
+    overheads = {s: args.step_overhead_ms if args.step_overhead_ms is not None else
+                 step_overhead_ms([d for d, ds in zip(docs, scale_of) if ds == s])
+                 for s in set(scale_of)}
+    # every fake run of a point (model, layout, time scale, rate), from one file or several
+    points: dict[tuple[str, str, float, float], list[tuple[dict[str, Any], str]]] = {}
+    shape: dict[tuple[str, str, float, float], tuple[float, int]] = {}
+    for path, data, s in zip(args.summaries, docs, scale_of):
         model = model_for(path, args.model)
         for r in data["rows"]:
-            points.setdefault((model, data["layout"], float(r["rate"])), []).append(
-                (r, f"{path.parent.name}/{path.name}"))
+            key = (model, data["layout"], s, float(r["rate"]))
+            points.setdefault(key, []).append((r, f"{path.parent.name}/{path.name}"))
+            shape[key] = (float(data.get("window", args.window)),
+                          int(data.get("num_prompts", args.num_prompts)))
     keys = sorted(points)
     with ProcessPoolExecutor() as pool:
-        sims = list(pool.map(check_point, [(m, lay, rate, overhead, args)
-                                           for m, lay, rate in keys]))
-    print(f"step overhead {overhead:.3f} ms (the fakes' measured host time per step); the "
-          f"simulator's goodput is the mean of {args.sim_seeds} seeds")
-    print(f"{'model':15s} {'layout':16s} {'rate':>5s}  strict: fakes -> mean | sim  "
-          "loose: fakes -> mean | sim   |sim - mean| / rate (strict, loose)  fakes' spread")
+        sims = list(pool.map(check_point, [(m, lay, s, rate, overheads[s], *shape[m, lay, s, rate],
+                                            args) for m, lay, s, rate in keys]))
+    print("step overhead " + ", ".join(f"{v:.3f} ms at time scale {s:g}"
+                                      for s, v in sorted(overheads.items()))
+          + f" (the fakes' measured host time per step); the simulator's goodput is the mean "
+          f"of {args.sim_seeds} seeds")
+    print(f"{'model':15s} {'layout':16s} {'scale':>5s} {'rate':>5s}  strict: fakes -> mean | "
+          "sim  loose: fakes -> mean | sim   |sim - mean| / rate (strict, loose)  fakes' spread")
     rows, worst = [], 0.0
-    for (model, layout, rate), sim in zip(keys, sims):
-        runs = points[(model, layout, rate)]
-        out = {"model": model, "layout": layout, "rate": rate, **sim,
+    for (model, layout, scale, rate), sim in zip(keys, sims):
+        runs = points[(model, layout, scale, rate)]
+        out = {"model": model, "layout": layout, "time_scale": scale, "rate": rate, **sim,
                "files": [f for _, f in runs]}
         cells = []
         for k in ("strict", "loose"):
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             worst = max(worst, out[f"diff_{k}"])
         rows.append(out)
         spread = f"{out['spread_strict']:.1%}, {out['spread_loose']:.1%}" if len(runs) > 1 else "-"
-        print(f"{model:15s} {layout:16s} {rate:5g}  {cells[0]:28s} {cells[1]:28s} "
+        print(f"{model:15s} {layout:16s} {scale:5g} {rate:5g}  {cells[0]:28s} {cells[1]:28s} "
               f"{out['diff_strict']:.1%}, {out['diff_loose']:.1%}   {spread}")
     rel = [r[f"rel_{k}"] for r in rows for k in ("strict", "loose") if r[f"rel_{k}"] is not None]
     spreads = [r[f"spread_{k}"] for r in rows for k in ("strict", "loose") if len(r["files"]) > 1]
@@ -140,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; fake runs of one point differ by up to {max(spreads):.1%} of the rate"
              if spreads else ""))
     if args.out:
-        args.out.write_text(json.dumps({"step_overhead_ms": overhead, "rows": rows},
-                                       indent=1) + "\n")
+        args.out.write_text(json.dumps({"step_overhead_ms": {str(s): v for s, v in
+                                                             overheads.items()},
+                                        "rows": rows}, indent=1) + "\n")
     return 0 if worst <= args.tolerance else 1
 
 
