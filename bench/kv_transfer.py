@@ -26,6 +26,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import select
 import statistics
 import sys
 import time
@@ -220,8 +221,12 @@ def bench_kernel(info: dict, p_dev: int, d_dev: int, d_pool, tokens: list[int], 
 
 
 @section("e2e")
-def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int) -> None:
-    """Reserve on D, offer on P, wait for ARRIVED: latency of whole transfers, one at a time."""
+def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int,
+              cover: bool = False) -> None:
+    """Reserve on D, offer on P, wait for ARRIVED: latency of whole transfers, one at a time.
+    `cover`: untimed transfers first read every block of P's pool once (shm: D's mapping of
+    P's file is then fully faulted in, as for a D that has pulled from this P for a while;
+    without it the timed transfers still fault in the pages they read first)."""
     from pdserve.kv_transfer import cuda_ipc
     from pdserve.kv_transfer.states import EventKind
 
@@ -230,9 +235,12 @@ def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int)
     for n_tok in tokens:
         n = n_tok // BLOCK
         lat, dside, exact = [], [], None
-        for i in range(reps + 1):  # the first one warms up (handshake, compile)
-            src = rng.sample(range(p.num_blocks), n)
-            dst = rng.sample(range(d_blocks), n)
+        order = list(range(p.num_blocks))
+        rng.shuffle(order)
+        covering = [order[k:k + n] for k in range(0, len(order), n)] if cover else []
+        for i in range(-len(covering), reps + 1):  # i <= 0 warm up (handshake, compile)
+            src = covering[i + len(covering)][:n] if i < 0 else rng.sample(range(p.num_blocks), n)
+            dst = rng.sample(range(d_blocks), len(src))
             rid = f"{where}-{n_tok}-{i}"
             rx.reserve(rid, dst, 300.0)
             t0 = time.perf_counter()
@@ -245,11 +253,13 @@ def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int)
                 if ev is None:
                     if time.monotonic() > give_up:
                         raise TimeoutError(f"{rid}: no event on D in 60 s")
-                    time.sleep(50e-6)
+                    # sleep until D's I/O thread announces an event, as a worker's loop does
+                    # (a polling loop would take a core from the transfer on small hosts)
+                    select.select([rx.events_fd], [], [], 0.1)
             t1 = time.perf_counter()
             if ev.kind is not EventKind.ARRIVED:
                 raise RuntimeError(f"{rid}: {ev.kind.value} ({ev.reason})")
-            if i:
+            if i > 0:
                 lat.append((t1 - t0) * 1e3)
                 dside.append(ev.seconds * 1e3)
             if i == reps:  # check the last one's bytes against P's own checksum
@@ -385,6 +395,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kv_bench"))
     ap.add_argument("--quick", action="store_true", help="small pools and sizes (smoke test)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--cpu-only", default="", help="comma-separated subset of copy,raw,shm,tcp:"
+                    " only these CPU sections (and no GPU ones)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     OUT_PATH = os.path.join(args.out, "kv_transfer.json")
@@ -396,31 +408,127 @@ def main() -> None:
         torch.cuda.get_device_name(i) for i in range(n_gpu)], "pool_blocks": pool_blocks,
         "block_mib": 2, "bytes_counted": "payload once (not read + written)"}
     save()
-    if n_gpu:
+    only = set(filter(None, args.cpu_only.split(",")))
+    if n_gpu and not only:
         bench_gpu(n_gpu, tokens, pool_blocks, args.reps)
-    # shm: CPU pools only (a /dev/shm file on P's side), 1k and 4k tokens
-    cpu_tokens = tokens[:2]
-    cpu_blocks = cpu_tokens[-1] // BLOCK + 64
-    bench_cpu_copy(cpu_tokens)
-    bench_cpu(cpu_tokens, cpu_blocks, args.reps)
+    only = only or {"copy", "raw", "shm", "tcp"}
+    # CPU pools: shm (a /dev/shm file on P's side) at 1k and 4k tokens, tcp at 4k and 16k
+    # beside the same-run raw socket rate (loopback: this host's ceiling for any TCP plane)
+    shm_tokens = tokens[:2] if "shm" in only else []
+    tcp_tokens = tokens[1:] if "tcp" in only else []
+    cpu_blocks = max(shm_tokens + tcp_tokens + [BLOCK]) // BLOCK + 64
+    if "copy" in only:
+        bench_cpu_copy(tokens[:2])
+    if "raw" in only:
+        bench_raw_tcp(tokens[1:])
+    if shm_tokens or tcp_tokens:
+        bench_cpu(shm_tokens, tcp_tokens, cpu_blocks, args.reps)
     table()
 
 
 @section("cpu_e2e")
-def bench_cpu(tokens: list[int], blocks: int, reps: int) -> None:
+def bench_cpu(shm_tokens: list[int], tcp_tokens: list[int], blocks: int, reps: int) -> None:
     from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer.receiver import KVReceiver
 
     p = P("cpu", blocks, shm=True)
-    rx = None
+    receivers = []
     try:
         pool = KVPool(spec(blocks, torch.bfloat16), torch.device("cpu"))
-        rx = KVReceiver(pool, compat(torch.bfloat16), transports=("shm",), transfer_timeout=300)
-        bench_e2e(rx, p, "host (CPU pools)", tokens, reps, blocks)
+        for transport, tokens in (("shm", shm_tokens), ("tcp", tcp_tokens)):
+            if not tokens:
+                continue
+            rx = KVReceiver(pool, compat(torch.bfloat16), transports=(transport,),
+                            transfer_timeout=300)
+            receivers.append(rx)
+            bench_e2e(rx, p, "host (CPU pools)", tokens, reps, blocks)
+            if transport == "shm":  # again, D's mapping of P's whole pool faulted in first
+                bench_e2e(rx, p, "host (CPU pools), mapping warm", tokens, reps, blocks,
+                          cover=True)
     finally:
-        if rx is not None:
+        for rx in receivers:
             rx.close()
         p.stop()
+
+
+def _raw_sender(port: int, sizes: list[int], go) -> None:
+    """Child process: one connection per size, sends that many bytes on each after `go`."""
+    import socket
+    import threading
+
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in sizes]
+    buf = memoryview(bytearray(8 << 20))
+    go.recv()
+
+    def send(sock, n: int) -> None:
+        while n > 0:
+            k = min(n, len(buf))
+            sock.sendall(buf[:k])
+            n -= k
+        sock.close()
+
+    threads = [threading.Thread(target=send, args=(s, n)) for s, n in zip(socks, sizes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def raw_tcp_gbs(nbytes: int, conns: int) -> float:
+    """Bytes/s of a plain sender process and a receiver (recv_into one buffer per
+    connection, a thread each) moving `nbytes` over `conns` loopback connections."""
+    import socket
+    import threading
+
+    ctx = mp.get_context("spawn")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(conns)
+    sizes = [nbytes // conns + (1 if i < nbytes % conns else 0) for i in range(conns)]
+    go_rx, go_tx = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_raw_sender, args=(lsock.getsockname()[1], sizes, go_rx),
+                        daemon=True)
+    child.start()
+    socks = [lsock.accept()[0] for _ in sizes]
+    lsock.close()
+    bufs = [memoryview(bytearray(n)) for n in sizes]  # touched: no page faults in the run
+
+    def recv(sock, buf) -> None:
+        got = 0
+        while got < len(buf):
+            k = sock.recv_into(buf[got:])
+            if not k:
+                raise ConnectionError("raw sender closed early")
+            got += k
+        sock.close()
+
+    threads = [threading.Thread(target=recv, args=(s, b)) for s, b in zip(socks, bufs)]
+    t0 = time.perf_counter()
+    go_tx.send(True)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    child.join(30)
+    return nbytes / dt
+
+
+@section("raw_tcp")
+def bench_raw_tcp(tokens: list[int]) -> None:
+    """The same-run ceiling for a TCP data plane on this host: the best of 1/2/4/8
+    connections (median of 3 each) moving the same bytes as a transfer of `tokens`."""
+    block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
+    for n_tok in tokens:
+        nbytes = n_tok // BLOCK * block_bytes
+        best, per = 0.0, {}
+        for conns in (1, 2, 4, 8):
+            rate = statistics.median(raw_tcp_gbs(nbytes, conns) for _ in range(3))
+            per[conns] = rate / 1e9
+            best = max(best, rate)
+        row(kind="raw", transport="tcp socket", where="loopback", tokens=n_tok,
+            mib=nbytes / 2**20, copy_gbs=best / 1e9,
+            per_connections=", ".join(f"{c}: {g:.2f}" for c, g in per.items()))
 
 
 def logging_setup() -> None:

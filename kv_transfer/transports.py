@@ -96,7 +96,7 @@ class ShmPull(Transport):
     def start(self, rx: KVReceiver, r: Reservation) -> None:
         try:
             shm.copy_blocks(rx.pool.tensor, r.dst_blocks, self.src, r.src_blocks)
-        except (IndexError, RuntimeError) as e:
+        except (IndexError, ValueError, RuntimeError) as e:
             return rx.fail(r, f"shm pull failed: {e}")
         rx.done(r)
 
