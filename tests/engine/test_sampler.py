@@ -313,3 +313,32 @@ def test_logit_modes_report_logits():
         assert res.logprobs[0].logprob == pytest.approx(float(want[0]), abs=1e-5)
     with pytest.raises(ValueError, match="logprobs_mode must be one of"):
         Sampler(exponential_race_ref, logprobs_mode="raw")
+
+
+def test_draw_without_host_reads_equals_the_full_path():
+    """`Sampler.draw` (asynchronous steps: no host reads) gives the full path's tokens for
+    simple rows (greedy, temperature, min-p, top-k, top-p, seeds, output positions given
+    explicitly), and refuses a row that needs the tokens so far."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 300) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.0, min_p=0.05, seed=2),
+              SamplingParams(temperature=0.9, top_k=7, seed=3),
+              SamplingParams(temperature=1.2, top_p=0.8, seed=4),
+              SamplingParams(temperature=0.8, top_k=30, top_p=0.95, min_p=0.01, seed=5)]
+    rows = [SampleRow(p, p.seed or 0, 0, [1, 2, 3, 4], 2, output_position=k + 2)
+            for k, p in enumerate(params)]
+    sampler = Sampler(exponential_race_ref)
+    assert all(r.is_simple for r in rows) and rows[3].num_output_tokens == 5
+    drawn = sampler.draw(logits.clone(), rows).tolist()
+    assert drawn == [r.token for r in sampler(logits.clone(), rows)]
+    assert drawn[0] == int(logits[0].argmax())
+    with_penalty = SampleRow(SamplingParams(temperature=0.5, repetition_penalty=1.3, seed=1),
+                             1, 0, [1, 2, 3], 2)
+    with_logprobs = SampleRow(SamplingParams(temperature=0, logprobs=2), 0, 0, [1, 2], 1)
+    masked = SampleRow(SamplingParams(temperature=0), 0, 0, [1, 2], 1,
+                       allowed=torch.ones(300, dtype=torch.bool))
+    for row in (with_penalty, with_logprobs, masked):
+        assert not row.is_simple
+        with pytest.raises(ValueError, match="simple rows only"):
+            sampler.draw(logits[:1].clone(), [row])
