@@ -208,9 +208,7 @@ class LLMEngine:
         if (req.token_mask is not None or p.allowed_token_ids is not None
                 or p.structured is not None or req.prefill_only or req.wants_prompt_logprobs):
             return None
-        row = SampleRow(p, req.seed, seq.choice_index, seq.token_ids, seq.num_prompt_tokens,
-                        tuple(seq.eos_token_ids) + tuple(p.stop_token_ids),
-                        output_position=output_position)
+        row = self._sample_row(seq, seq.choice_index, output_position=output_position)
         return row if row.is_simple else None
 
     def _launch(self, batch: list[tuple[Sequence, int]], input_ids: torch.Tensor | None,
@@ -422,9 +420,10 @@ class LLMEngine:
                                       self.eos_token_ids)
         return self._grammars
 
-    def _sample_row(self, seq: Sequence, choice: int,
-                    bitmask: torch.Tensor | None = None) -> SampleRow:
-        """`bitmask`: the row's grammar mask (structured outputs, `Grammars.bitmasks`)."""
+    def _sample_row(self, seq: Sequence, choice: int, bitmask: torch.Tensor | None = None,
+                    output_position: int | None = None) -> SampleRow:
+        """`bitmask`: the row's grammar mask (structured outputs, `Grammars.bitmasks`);
+        `output_position`: see `SampleRow` (an asynchronous step's draw)."""
         req = seq.request
         allowed = None
         if req.params.structured is None and req.token_mask is not None:
@@ -434,4 +433,4 @@ class LLMEngine:
             allowed = only if allowed is None else allowed & only
         return SampleRow(req.params, req.seed, choice, seq.token_ids, seq.num_prompt_tokens,
                          tuple(seq.eos_token_ids) + tuple(req.params.stop_token_ids), allowed,
-                         bitmask)
+                         bitmask, output_position)

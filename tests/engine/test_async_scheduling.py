@@ -163,3 +163,39 @@ def test_decode_role_joins_while_running_ahead(tiny_checkpoint):
     for i, out in enumerate(want):
         for c in out.outputs:
             assert tokens[(f"r{i}", c.index)] == c.token_ids, (i, c.index)
+
+
+def test_a_failed_launch_ahead_falls_back_to_synchronous_steps(tiny_checkpoint, caplog):
+    """A step that cannot be launched ahead (the runner raises) is logged once; the engine
+    finishes the step on the device and steps synchronously from then on: same tokens, no
+    block lost."""
+    path = tiny_checkpoint("llama")
+    prompts = random_prompts([14, 25], 512, seed=74)
+    params = SamplingParams(temperature=0.8, seed=12, max_tokens=20, ignore_eos=True)
+
+    def tokens(eng: LLMEngine) -> dict:
+        for i, ids in enumerate(prompts):
+            eng.add_request(ids, params, request_id=f"r{i}")
+        out: dict = {}
+        while eng.has_unfinished():
+            for row in eng.step():
+                out.setdefault(row.request_id, []).append(row.token_id)
+        return out
+
+    want = tokens(LLMEngine(make_engine_parts(path, async_scheduling="off")))
+    eng = LLMEngine(make_engine_parts(path, async_scheduling="on"))
+    execute, calls = eng.parts.runner.execute, []
+
+    def failing(chunks, input_ids=None):
+        calls.append(input_ids is not None)
+        if input_ids is not None and sum(calls) == 3:
+            raise RuntimeError("injected launch failure")
+        return execute(chunks, input_ids)
+
+    eng.parts.runner.execute = failing
+    with caplog.at_level("ERROR"):
+        got = tokens(eng)
+    assert got == want
+    assert "stepping synchronously from now on" in caplog.text
+    assert not eng.async_scheduling and sum(calls) == 3  # no launch ahead after the failure
+    assert eng.bm.num_free_blocks == eng.bm.num_blocks and eng.scheduler._deferred is None
