@@ -119,6 +119,10 @@ def main() -> None:
     ap.add_argument("--block-ns", default="32,64,128")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--spreads", default="",
+                    help="after the sweep, the default config at each batch with these "
+                         "programs per (sequence, KV head), e.g. 1,2,4,8 (a launch choice: "
+                         "results are the same bits; only the time changes)")
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="start no new config after this many seconds from the start (compiles "
                          "included; the JSON and the table report what ran)")
@@ -180,29 +184,29 @@ def main() -> None:
     res["pool_GB"] = pool.numel() * pool.element_size() / 1e9
     timer = Timer(dev)
 
-    def call(b: int, cfg: tuple, layer: int) -> torch.Tensor:
+    def call(b: int, cfg: tuple, layer: int, spread: int | None = None) -> torch.Tensor:
         d = data[b]
         split, bn, warps, stages = cfg
         return decode_attention(d["q"], pool, layer, d["tables"], d["seq_lens"], scale,
                                 args.max_seq_len, split_size=split, block_n=bn,
-                                num_warps=warps, num_stages=stages)
+                                num_warps=warps, num_stages=stages, programs_per_head=spread)
 
     # replays per sample: ~20 ms of GPU time at 3 TB/s (at least 8 us a call)
     rounds = {b: max(2, math.ceil(20e-3 / (args.layers * max(8e-6, data[b]["kv_bytes"] / 3e12))))
               if cuda else 1 for b in batches}
 
-    def time_config(cfg: tuple) -> dict:
+    def time_config(cfg: tuple, spread: int | None = None) -> dict:
         row: dict = dict(zip(KEYS, cfg))
         for b in batches:
-            got = call(b, cfg, 0)
+            got = call(b, cfg, 0, spread)
             err = ((got.double() - refs[b].double()).norm() / refs[b].double().norm()).item()
             for _ in range(2 if cuda else 0):
                 for layer in range(args.layers):
-                    call(b, cfg, layer)
+                    call(b, cfg, layer, spread)
 
             def layers(b: int = b) -> None:
                 for layer in range(args.layers):
-                    call(b, cfg, layer)
+                    call(b, cfg, layer, spread)
 
             replay = layers
             if cuda:
@@ -257,6 +261,22 @@ def main() -> None:
     t0 = time.perf_counter()
     run(configs, args.budget_s)
     res["sweep_s"] = time.perf_counter() - t0
+
+    if args.spreads:  # the default config, each batch at several programs per head
+        res["spreads"] = []
+        max_splits = -(-args.max_seq_len // default[0])
+        for sp in sorted({min(int(x), max_splits) for x in args.spreads.split(",")}):
+            try:
+                row = time_config(default, sp)
+            except Exception as e:  # noqa: BLE001
+                row = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["programs_per_head"] = sp
+            res["spreads"].append(row)
+            save()
+            if "error" not in row:
+                print(f"spread {sp:3d}: " + ", ".join(
+                    f"b={b} {row[f'b{b}']['us']:.1f} us ({100 * row[f'b{b}']['pct_copy']:.0f}%"
+                    f"{'' if row[f'b{b}']['ok'] else ' WRONG'})" for b in batches), flush=True)
 
     good = correct()
     res["wrong"] = [r for r in res["configs"] if "error" not in r and r not in good]

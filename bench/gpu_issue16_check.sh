@@ -5,6 +5,7 @@
 #   1. the gpu-marked tests of the fused rotary + KV write and of decode attention (a quick
 #      check that they compile and are right; T1: another pytest -k expression);
 #   2. bench/decode_attention_sweep.py (SWEEP=0 skips; SWEEP_ARGS);
+#   2b. with GEMV=1: bench/gemv_sweep.py (GEMV_ARGS);
 #   3. bench/mixed_steps.py (MIXED=0 skips);
 #   4. bench/serving_gpu.py from BEFORE=<dir> (a `git archive` of an earlier commit inside the
 #      tree, PYTHONPATH=<dir>), then from this tree (SERVING_ARGS, BEFORE_ARGS);
@@ -44,6 +45,13 @@ if [ "${SWEEP:-1}" != 0 ]; then
   timeout "$(left 220)" python3 bench/decode_attention_sweep.py --out "$OUT" \
     ${SWEEP_ARGS:---budget-s 140 --fused-budget-s 40} \
     2>&1 | tee -a "$LOG" | tail -14
+fi
+
+if [ "${GEMV:-0}" != 0 ]; then
+  step "2b. skinny linear (fused prologue) sweep"
+  # shellcheck disable=SC2086  # GEMV_ARGS: arguments, word-split
+  timeout "$(left 200)" python3 bench/gemv_sweep.py --out "$OUT" ${GEMV_ARGS:---budget-s 150} \
+    2>&1 | tee -a "$LOG" | tail -20
 fi
 
 if [ "${MIXED:-1}" != 0 ]; then

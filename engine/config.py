@@ -88,9 +88,14 @@ class EngineConfig:
         "penalties, logprobs, token masks or logit_bias, and steps that admit or join "
         "requests, run synchronously). auto: on with CUDA, off on the CPU (no overlap "
         "there). Tokens are the same either way.")
+    tensor_parallel_size: int = option(
+        1, check=_positive, help="Split the model over N ranks, one process each (this one "
+        "is rank 0; NCCL over N GPUs from --device on, gloo on the CPU): each holds its own "
+        "attention and KV heads, MLP slice and vocabulary slice, and its own KV pool. The "
+        "offline engine and `pdserve generate` only, for now (not yet P/D workers).")
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
-                                       "process may use).")
+                                       "process may use, split between tensor-parallel ranks).")
     logprobs_mode: Literal["raw_logprobs", "raw_logits", "processed_logprobs",
                            "processed_logits"] = option(
         "raw_logprobs", help="What `logprobs` report (vLLM's names): raw_* the model's own "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,11 +71,17 @@ class KVPool:
     With `shm_epoch` (CPU only) the tensor lives in a file under /dev/shm, so a decode
     worker on the same host can map it and pull blocks without a copy through a socket.
     The file is unlinked by `close()` (and by the next process's stale-file sweep if this
-    one dies)."""
+    one dies).
 
-    def __init__(self, spec: KVPoolSpec, device: torch.device, shm_epoch: int | None = None):
+    `mirror` (tensor parallelism, rank 0): called with each `copy_blocks` list before the
+    copy here; it sends the copies to the other ranks, whose pools hold the other KV heads
+    of the same blocks (`TPLeader.send_copies`)."""
+
+    def __init__(self, spec: KVPoolSpec, device: torch.device, shm_epoch: int | None = None,
+                 mirror: Callable[[list[tuple[int, int]]], None] | None = None):
         self.spec = spec
         self.device = device
+        self.mirror = mirror
         self.shm_path: Path | None = None
         if shm_epoch is not None:
             if device.type != "cpu":
@@ -100,6 +107,8 @@ class KVPool:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks (all layers, K and V) src -> dst: copy-on-write of n > 1 forks."""
         if pairs:
+            if self.mirror is not None:
+                self.mirror(pairs)
             src = torch.tensor([s for s, _ in pairs], device=self.device)
             dst = torch.tensor([d for _, d in pairs], device=self.device)
             self.tensor[dst] = self.tensor[src]

@@ -8,6 +8,9 @@
 A prompt is a string (needs a tokenizer) or {"prompt_token_ids": [...]}; as in vLLM, a dict
 prompt may add "cache_salt": "<secret>" so its prefix-cache blocks are shared only with
 prompts of the same salt.
+
+`LLM(model, tensor_parallel_size=2)` splits the model over two processes (this one and one
+it starts; `engine/parallel.py`); `llm.close()` or `with LLM(...) as llm:` stops the other.
 """
 
 from __future__ import annotations
@@ -67,6 +70,17 @@ class LLM:
     @property
     def tokenizer(self):
         return self.parts.tokenizer
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (`tensor_parallel_size` > 1); idempotent.
+        They also stop when this object is collected or the interpreter exits."""
+        self.parts.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

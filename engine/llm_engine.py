@@ -23,7 +23,7 @@ from pdserve.common.params import SamplingParams
 from pdserve.common.prefix import check_cache_salt
 from pdserve.common.step_rates import StepRates
 from pdserve.common.wire import Logprob, TokenRow
-from pdserve.engine.model_runner import SeqChunk
+from pdserve.engine.model_runner import EngineDeadError, SeqChunk
 from pdserve.engine.sampler import SampleResult, SampleRow, to_device
 from pdserve.engine.scheduler import PromptTooLongError, Role, Scheduler  # noqa: F401 - re-exported
 from pdserve.engine.sequence import Request, Sequence, SequenceStatus
@@ -176,6 +176,8 @@ class LLMEngine:
         try:
             draws, results = self._forward(batch)
             self._failed_steps = 0
+        except EngineDeadError:
+            raise  # no request's fault (a tensor-parallel rank died): nothing to contain
         except Exception as e:  # noqa: BLE001 - contained below, or re-raised
             batch = self._isolate(batch, e)
             draws, results = self._forward(batch) if batch else ([], [])
@@ -385,6 +387,8 @@ class LLMEngine:
         for req, part in parts.items():
             try:
                 self._forward(part)
+            except EngineDeadError:
+                raise
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 culprits[req] = f"{type(e).__name__}: {e}"
         self._failed_steps = self._failed_steps + 1 if len(culprits) == len(parts) else 0

@@ -391,6 +391,22 @@ class ModelConfig:
             raise ModelConfigError("config.json", f"{config_path}: invalid JSON: {e}") from e
         return cls.from_dict(raw, source=str(config_path))
 
+    def tensor_parallel_problem(self, size: int) -> str | None:
+        """Why this model cannot be split over `size` tensor-parallel ranks, or None. Each
+        rank holds whole attention and KV heads (its own KV pool) and an equal slice of the
+        MLP; the vocabulary is padded to a multiple of `size`, so it never refuses."""
+        if size == 1:
+            return None
+        for name, value in (("num_key_value_heads", self.num_key_value_heads),
+                            ("num_attention_heads", self.num_attention_heads),
+                            ("intermediate_size", self.intermediate_size)):
+            if value % size:
+                return (f"tensor_parallel_size {size} does not divide the model's {name} "
+                        f"({value}): every rank must hold the same number of whole "
+                        f"{'heads' if 'heads' in name else 'MLP columns'}; pick a size that "
+                        f"divides {value}")
+        return None
+
 
 def resolve_max_model_len(cfg: ModelConfig, requested: int | None) -> tuple[int, str | None]:
     """Pick the serving context length; return it and a note when it was capped.

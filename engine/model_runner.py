@@ -22,18 +22,31 @@ The graph holds the derivation above too. A batch is padded up to its bucket wit
 write nowhere (slot -1) and attend to one token of block 0; their outputs are dropped. The
 graphs read static input buffers and the attention kernels are sized for max_model_len, so
 a replay never depends on the batch.
+
+Tensor parallel: the runner is the boundary. Rank 0's `execute` sends the step to the other
+ranks (`leader`, `engine/parallel.py`), which run the same `execute` on their shards, graphs
+included; the model's collectives pair up inside.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.engine.kv_pool import KVPool
 from pdserve.engine.model import AttentionMetadata, CausalLM
 from pdserve.kernels.ops import KernelOps
+
+if TYPE_CHECKING:
+    from pdserve.engine.parallel import TPLeader
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can run no more steps (a tensor-parallel rank died): no request is to
+    blame, so the step loop's containment lets it through."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,14 @@ class ModelRunner:
     """Runs forwards of one model over one KV pool. Not thread-safe; one step at a time."""
 
     def __init__(self, model: CausalLM, pool: KVPool, ops: KernelOps, *,
-                 max_num_seqs: int | None = None, max_model_len: int | None = None):
+                 max_num_seqs: int | None = None, max_model_len: int | None = None,
+                 leader: TPLeader | None = None):
         """`max_num_seqs` and `max_model_len` size the persistent decode tables; without them
-        (or for a larger step) decode steps build their tables per step, as prefills do."""
+        (or for a larger step) decode steps build their tables per step, as prefills do.
+        `leader` (tensor parallelism, rank 0): every `execute` is sent to the other ranks
+        first, which run the same `execute` on their shards (`engine/parallel.py`)."""
         self.model = model
+        self.leader = leader
         self.pool = pool
         self.ops = ops
         self.device = pool.device
@@ -204,12 +221,22 @@ class ModelRunner:
         `input_ids`: a decode step's tokens as a device tensor (one per chunk, in order),
         used instead of the chunks' token ids: an asynchronous step feeds the previous step's
         sampled tokens back without reading them on the host. Nothing here waits for the
-        device: the logits are ready when the stream reaches them."""
+        device: the logits are ready when the stream reaches them.
+
+        Tensor parallel: rank 0 sends the step to the other ranks first; there only rank 0's
+        logits are whole (the others get their vocabulary slice, unused)."""
         if not chunks:
             raise ValueError("execute needs at least one chunk")
         is_decode = all(len(c.token_ids) == 1 for c in chunks)
         if input_ids is not None and not (is_decode and input_ids.shape == (len(chunks),)):
             raise ValueError("input_ids replace the tokens of a decode step: one per chunk")
+        if self.leader is not None:
+            with self.leader.step(chunks, input_ids):
+                return self._execute(chunks, input_ids, is_decode)
+        return self._execute(chunks, input_ids, is_decode)
+
+    def _execute(self, chunks: Sequence[SeqChunk], input_ids: torch.Tensor | None,
+                 is_decode: bool) -> torch.Tensor:
         if is_decode and all(c.num_logits == 1 for c in chunks):
             hidden = self._decode(chunks, input_ids)
             if hidden is not None:

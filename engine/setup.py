@@ -2,8 +2,12 @@
 KV pool (sized from a memory budget), block manager, model runner, tokenizer.
 
 Refuses to start with a message naming the option when the pieces cannot fit: a
-max_model_len above the config's, or a KV pool that cannot hold one sequence of
-max_model_len (an explicit max_model_len is refused; a defaulted one is capped and logged).
+max_model_len above the config's, a KV pool that cannot hold one sequence of max_model_len
+(an explicit max_model_len is refused; a defaulted one is capped and logged), or a
+--tensor-parallel-size that does not divide the heads or the MLP.
+
+Tensor parallel (`engine/parallel.py`): `prepare` and `build_shard` are what every rank
+runs alike; `build_engine` is rank 0 (it starts the others before building its shard).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pdserve.engine.loader import init_dummy, load_safetensors
 from pdserve.engine.model import CausalLM
 from pdserve.engine.model_config import ModelConfig, resolve_max_model_len
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.parallel import TPGroup, TPLeader
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.tokenizer import Tokenizer, load_tokenizer
 from pdserve.kernels.ops import get_ops
@@ -51,6 +56,12 @@ class EngineParts:
     runner: ModelRunner
     sampler: Sampler
     tokenizer: Tokenizer | None
+    tp: TPLeader | None = None  # tensor parallel: the other ranks, stopped by close()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (idempotent; nothing to do without them)."""
+        if self.tp is not None:
+            self.tp.close()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -81,20 +92,23 @@ def resolve_dtype(spec: str, model_config: ModelConfig, device: torch.device) ->
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
-def set_torch_threads(num: int | None) -> int:
-    """Bound intra-op threads so several processes can share a small machine."""
+def set_torch_threads(num: int | None, share: int = 1) -> int:
+    """Bound intra-op threads so several processes can share a small machine. Unset: the
+    cores this process may use, split between `share` processes (tensor-parallel ranks)."""
     if num is None:
-        num = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        num = (cores or 1) // share
     torch.set_num_threads(max(1, int(num or 1)))
     return torch.get_num_threads()
 
 
 def build_model(model_config: ModelConfig, cfg: EngineConfig, model_path: str,
                 device: torch.device, dtype: torch.dtype, max_positions: int,
-                progress: bool = True) -> CausalLM:
-    """Allocate the model on `device` without initialising it, then load or draw weights."""
+                progress: bool = True, tp: TPGroup | None = None) -> CausalLM:
+    """Allocate the model (this rank's shard under `tp`) on `device` without initialising
+    it, then load or draw weights."""
     with torch.device("meta"):
-        model = CausalLM(model_config, max_positions)
+        model = CausalLM(model_config, max_positions, tp)
     # cast on the meta device first: an 8B model never exists in fp32 on the GPU
     model = model.to(dtype).to_empty(device=device)
     model.post_init(max_positions)
@@ -106,12 +120,14 @@ def build_model(model_config: ModelConfig, cfg: EngineConfig, model_path: str,
 
 
 def plan_kv_blocks(cfg: EngineConfig, model_config: ModelConfig, device: torch.device,
-                   dtype: torch.dtype, max_model_len: int) -> int:
-    """Number of KV blocks: the override, else the memory budget / bytes per block."""
+                   dtype: torch.dtype, max_model_len: int, tp_size: int = 1) -> int:
+    """Number of KV blocks: the override, else the memory budget / bytes per block (a
+    tensor-parallel rank's blocks hold its 1/tp_size of the KV heads)."""
     if cfg.num_gpu_blocks_override is not None:
         return cfg.num_gpu_blocks_override
     per_block = bytes_per_block(model_config.num_hidden_layers, cfg.block_size,
-                                model_config.num_key_value_heads, model_config.head_dim, dtype)
+                                model_config.num_key_value_heads // tp_size,
+                                model_config.head_dim, dtype)
     if cfg.kv_cache_memory_bytes is not None:
         budget = cfg.kv_cache_memory_bytes
     elif device.type == "cuda":
@@ -161,27 +177,60 @@ def _activation_reserve(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype) 
     return 2 * t * per_token + logits + (256 << 20)
 
 
-def build_engine(cfg: EngineConfig, progress: bool = True,
-                 pool_shm_epoch: int | None = None) -> EngineParts:
-    """Everything an engine needs, or an EngineSetupError naming what to change.
-    `pool_shm_epoch` puts a CPU pool in a /dev/shm file (P, for the shm transport)."""
-    set_torch_threads(cfg.torch_threads)
+@dataclass(frozen=True)
+class RankSetup:
+    """What every tensor-parallel rank derives from the config alike (rank 0 and followers)."""
+
+    config: EngineConfig
+    model_path: str
+    model_config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    max_model_len_note: str | None
+
+
+def prepare(cfg: EngineConfig, device: str | None = None) -> RankSetup:
+    """Threads, model config, device (`device` overrides cfg.device: a follower's GPU),
+    dtype and max_model_len; EngineSetupError when the model cannot be split as asked."""
+    tp = cfg.tensor_parallel_size
+    set_torch_threads(cfg.torch_threads, share=tp)
     model_path = cfg.model if cfg.model is not None else str(builtin_model_path())
     model_config = ModelConfig.from_pretrained(model_path)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, model_config, device)
+    problem = model_config.tensor_parallel_problem(tp)
+    if problem:
+        raise EngineSetupError(f"--tensor-parallel-size: {problem}")
+    dev = resolve_device(device or cfg.device)
+    if tp > 1 and device is None and dev.type == "cuda" \
+            and dev.index + tp > torch.cuda.device_count():
+        raise EngineSetupError(
+            f"--tensor-parallel-size {tp} from {dev} needs GPUs {dev.index}..{dev.index + tp - 1}"
+            f" but there are {torch.cuda.device_count()}")
+    dtype = resolve_dtype(cfg.dtype, model_config, dev)
     max_model_len, note = resolve_max_model_len(model_config, cfg.max_model_len)
-    if note:
-        logger.warning(note)
-    tokenizer = None
-    if not cfg.skip_tokenizer_init:
-        tokenizer = load_tokenizer(cfg.tokenizer or model_path)
-        if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
-            raise EngineSetupError(
-                f"tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
-                f"{model_config.vocab_size}: wrong --tokenizer?")
-    model = build_model(model_config, cfg, model_path, device, dtype, max_model_len, progress)
-    num_blocks = plan_kv_blocks(cfg, model_config, device, dtype, max_model_len)
+    return RankSetup(cfg, model_path, model_config, dev, dtype, max_model_len, note)
+
+
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """Each rank's device: the CPU for all, or consecutive GPUs from rank 0's."""
+    if device.type != "cuda":
+        return [device] * size
+    return [torch.device("cuda", device.index + r) for r in range(size)]
+
+
+def build_shard(s: RankSetup, progress: bool = True, tp: TPGroup | None = None,
+                leader: TPLeader | None = None, pool_shm_epoch: int | None = None
+                ) -> tuple[CausalLM, KVPool, ModelRunner, int]:
+    """One rank's model (its shard under `tp`), KV pool (its KV heads), runner and the
+    max_model_len the pool allows. Every rank of a group calls it at once: the block count
+    is agreed on (the smallest), and CUDA graph capture runs the model's collectives."""
+    cfg, mc = s.config, s.model_config
+    size = tp.size if tp is not None else 1
+    model = build_model(mc, cfg, s.model_path, s.device, s.dtype, s.max_model_len, progress, tp)
+    num_blocks = plan_kv_blocks(cfg, mc, s.device, s.dtype, s.max_model_len, size)
+    if tp is not None:
+        num_blocks = tp.min_int(num_blocks)  # one block manager: the same ids on every rank
+    max_model_len = s.max_model_len
     capacity = num_blocks * cfg.block_size
     if capacity < max_model_len:
         if cfg.max_model_len is not None or capacity < cfg.block_size:
@@ -189,28 +238,67 @@ def build_engine(cfg: EngineConfig, progress: bool = True,
                 f"the KV pool holds {capacity} tokens ({num_blocks} blocks of {cfg.block_size}) "
                 f"but max_model_len is {max_model_len}: lower --max-model-len or give the pool "
                 "more memory (--kv-cache-memory-bytes / --gpu-memory-utilization)")
-        logger.warning("max_model_len capped from %d to %d: the KV pool holds %d tokens",
-                       max_model_len, capacity, capacity)
+        if tp is None or tp.rank == 0:
+            logger.warning("max_model_len capped from %d to %d: the KV pool holds %d tokens",
+                           max_model_len, capacity, capacity)
         max_model_len = capacity
-    spec = KVPoolSpec(num_blocks, model_config.num_hidden_layers, cfg.block_size,
-                      model_config.num_key_value_heads, model_config.head_dim, dtype)
-    pool = KVPool(spec, device, shm_epoch=pool_shm_epoch if device.type == "cpu" else None)
-    ops = get_ops(cfg.kernel_backend, device.type)
+    spec = KVPoolSpec(num_blocks, mc.num_hidden_layers, cfg.block_size,
+                      mc.num_key_value_heads // size, mc.head_dim, s.dtype)
+    pool = KVPool(spec, s.device, shm_epoch=pool_shm_epoch if s.device.type == "cpu" else None,
+                  mirror=leader.send_copies if leader is not None else None)
+    ops = get_ops(cfg.kernel_backend, s.device.type)
     runner = ModelRunner(model, pool, ops, max_num_seqs=min(cfg.max_num_seqs, 512),
-                         max_model_len=max_model_len)
-    if device.type == "cuda" and not cfg.enforce_eager:
+                         max_model_len=max_model_len, leader=leader)
+    if s.device.type == "cuda" and not cfg.enforce_eager:
         t0 = time.monotonic()
         runner.capture_decode_graphs(cfg.max_num_seqs, max_model_len)
         logger.info("captured %d decode CUDA graphs in %.1f s", len(runner.graphs),
                     time.monotonic() - t0)
-    logger.info("engine: %s on %s in %s, max_model_len %d, ops %s", model_config.architecture,
-                device, str(dtype).removeprefix("torch."), max_model_len, ops.name)
+    return model, pool, runner, max_model_len
+
+
+def build_engine(cfg: EngineConfig, progress: bool = True,
+                 pool_shm_epoch: int | None = None) -> EngineParts:
+    """Everything an engine needs, or an EngineSetupError naming what to change.
+    `pool_shm_epoch` puts a CPU pool in a /dev/shm file (P, for the shm transport).
+    With tensor_parallel_size N > 1 this process is rank 0 and starts the other N - 1
+    (`engine/parallel.py`); `EngineParts.close()` stops them."""
+    s = prepare(cfg)
+    if s.max_model_len_note:
+        logger.warning(s.max_model_len_note)
+    model_config = s.model_config
+    tokenizer = None
+    if not cfg.skip_tokenizer_init:
+        tokenizer = load_tokenizer(cfg.tokenizer or s.model_path)
+        if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+            raise EngineSetupError(
+                f"tokenizer has {len(tokenizer)} tokens but config.json vocab_size is "
+                f"{model_config.vocab_size}: wrong --tokenizer?")
+    leader = None
+    if cfg.tensor_parallel_size > 1:
+        leader = TPLeader.start(cfg, rank_devices(s.device, cfg.tensor_parallel_size))
+    try:
+        model, pool, runner, max_model_len = build_shard(
+            s, progress, leader.group if leader else None, leader, pool_shm_epoch)
+    except BaseException as e:
+        if leader is None:
+            raise
+        dead = leader.exited()
+        leader.close()
+        if dead and not isinstance(e, UserError):
+            raise EngineSetupError(f"tensor parallelism: {dead} while the engine started "
+                                   "(its log is above)") from e
+        raise
+    logger.info("engine: %s on %s in %s, max_model_len %d, ops %s%s", model_config.architecture,
+                s.device, str(s.dtype).removeprefix("torch."), max_model_len, runner.ops.name,
+                f", tensor parallel over {cfg.tensor_parallel_size} ranks" if leader else "")
     return EngineParts(
-        config=cfg, model_path=model_path, model_config=model_config, device=device, dtype=dtype,
-        max_model_len=max_model_len, model=model, pool=pool,
-        block_manager=BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching),
-        runner=runner, sampler=Sampler(_race_for(device), logprobs_mode=cfg.logprobs_mode),
-        tokenizer=tokenizer,
+        config=cfg, model_path=s.model_path, model_config=model_config, device=s.device,
+        dtype=s.dtype, max_model_len=max_model_len, model=model, pool=pool,
+        block_manager=BlockManager(pool.spec.num_blocks, cfg.block_size,
+                                   cfg.enable_prefix_caching),
+        runner=runner, sampler=Sampler(_race_for(s.device), logprobs_mode=cfg.logprobs_mode),
+        tokenizer=tokenizer, tp=leader,
     )
 
 

@@ -19,6 +19,7 @@ from pdserve.kernels.attention import (
     prefill_attention,
     prefill_attention_ref,
 )
+from pdserve.kernels.gemv import linear_fused, linear_skinny_ref
 from pdserve.kernels.kv_cache import write_kv, write_kv_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
 from pdserve.kernels.rotary import rotary, rotary_ref
@@ -38,6 +39,9 @@ class KernelOps:
     prefill_attention: Callable
     decode_attention: Callable
     silu_and_mul: Callable
+    # a linear layer with its prologue fused ("none" | "norm": residual add + RMSNorm |
+    # "silu": SiLU-and-mul): (y, new residual or None); see kernels/gemv.py
+    linear: Callable
 
 
 TORCH_OPS = KernelOps(
@@ -49,6 +53,7 @@ TORCH_OPS = KernelOps(
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
     silu_and_mul=silu_and_mul_ref,
+    linear=linear_skinny_ref,
 )
 
 TRITON_OPS = KernelOps(
@@ -60,6 +65,7 @@ TRITON_OPS = KernelOps(
     prefill_attention=prefill_attention,
     decode_attention=decode_attention,
     silu_and_mul=silu_and_mul,
+    linear=linear_fused,
 )
 
 BACKENDS = ("auto", "torch", "triton")

@@ -81,10 +81,11 @@ def run_generate(argv: Sequence[str]) -> int:
     from pdserve import LLM, SamplingParams
 
     engine_kwargs = {f: getattr(cfg, f) for f in EngineConfig.__dataclass_fields__ if f != "model"}
-    llm = LLM(cfg.model, **engine_kwargs)
-    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                            ignore_eos=cfg.ignore_eos, seed=cfg.seed)
-    for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
+    with LLM(cfg.model, **engine_kwargs) as llm:  # closing stops tensor-parallel ranks
+        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                ignore_eos=cfg.ignore_eos, seed=cfg.seed)
+        outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    for out in outs:
         o = out.outputs[0]
         if cfg.json_output:
             print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
@@ -123,6 +124,7 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
             argv += ["--role", role]
         cfg = build_config(WorkerConfig, argv, prog=f"pdserve {role or 'worker'}",
                            description=WORKER_HELP)
+        _refuse_tensor_parallel(cfg.tensor_parallel_size)
         # refused here, before the engine (and torch) loads: the error comes at once
         problem = start_problem(cfg.internal_token, cfg.insecure_no_token, who="a worker")
         if problem:
@@ -147,6 +149,17 @@ WORKER_HELP = ("Run one engine worker: prefill (P), decode (D) or both. It serve
                "over a ZMQ data path (--data-port), moves KV between P and D (D listens on "
                "--kv-port), and answers operators on HTTP --port: /health /load /info /metrics.")
 
+TP_NOT_YET = ("tensor parallelism is not yet available for P/D workers (pdserve serve, "
+              "prefill, decode, worker); `pdserve generate` and LLM(tensor_parallel_size=N) "
+              "have it. Give each worker its own GPU instead")
+
+
+def _refuse_tensor_parallel(size: int) -> None:
+    """Before the engine loads: P/D workers do not shard a model yet (issue 23's next part)."""
+    if size != 1:
+        raise ConfigError(f"--tensor-parallel-size {size}: {TP_NOT_YET}", "tensor_parallel_size")
+
+
 def run_serve_cmd(argv: Sequence[str]) -> int:
     from pdserve.serve import ServeConfig, run_serve
     from pdserve.vllm_args import translate
@@ -158,7 +171,8 @@ def run_serve_cmd(argv: Sequence[str]) -> int:
         "unless told otherwise) and serves it at http://127.0.0.1:8000/v1. MODEL (a local "
         "checkpoint folder) may come first, as in `vllm serve MODEL`; vLLM options pdserve has "
         "no use for are ignored with a warning, --tensor-parallel-size and the other parallel "
-        "sizes are accepted at 1."))
+        "sizes are accepted at 1 (tensor parallelism: `pdserve generate` only, for now)."))
+    _refuse_tensor_parallel(cfg.tensor_parallel_size)
     _setup_logging(cfg.log_level)
     if dropped:
         logging.getLogger("pdserve.serve").warning(

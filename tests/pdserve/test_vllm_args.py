@@ -45,7 +45,7 @@ def test_serve_options_and_unknown_ones_pass_through() -> None:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--tensor-parallel-size", "2"], "does not shard a model across GPUs"),
+    (["--tensor-parallel-size", "2"], "not yet available for P/D workers"),
     (["--pipeline-parallel-size=4"], "does not shard"),
     (["--data-parallel-size", "2"], "--num-prefill / --num-decode"),
     (["--quantization", "awq"], "unquantized checkpoints only"),
