@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                    help="torch's BLAS back end for the GEMMs (preferred_blas_library)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -242,6 +244,9 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
 
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    results["blas"] = args.blas
     results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
     results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()
