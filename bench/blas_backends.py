@@ -16,58 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_gpu as sg  # noqa: E402 - the same-run copy and matmul rates
+from gemv_sweep import graph_time  # noqa: E402 - one CUDA graph timer
+
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096),
           ("down", 4096, 14336), ("lm_head", 128256, 4096)]
-
-
-def rate_copy(dev: torch.device) -> float:
-    a = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 20 / (time.perf_counter() - t)
-
-
-def rate_matmul(dev: torch.device) -> float:
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        a @ a
-    torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * 20 / (time.perf_counter() - t)
-
-
-def graph_us(fn, calls: int, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps / calls * 1e6
 
 
 def main() -> None:
@@ -77,7 +37,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    copy, mm = rate_copy(dev), rate_matmul(dev)
+    copy, mm = sg.copy_rate(dev, 1 << 27), sg.matmul_rate(dev, 8192)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "copy_bytes_per_s": copy, "matmul_flops_per_s": mm, "cases": []}
     path = Path(args.out) / "blas_backends.json"
@@ -97,7 +57,7 @@ def main() -> None:
                     for w in ws:
                         F.linear(x, w)
 
-                us = graph_us(run, layers)
+                us = graph_time(run) / layers * 1e6
                 y = F.linear(x, ws[0]).float()
                 if ref is None:
                     ref = y

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serving_gpu as sg  # noqa: E402 - the same-run copy rate
 
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.gemv import linear_skinny, linear_skinny_ref
@@ -31,21 +35,9 @@ CONFIGS = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256)
            for w in (4, 8) for s in (3, 4)]
 
 
-def copy_rate(device: torch.device) -> float:
-    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 20 / (time.perf_counter() - t)  # read + write bytes/s
-
-
 def graph_time(fn, reps: int = 20) -> float:
-    """Seconds per replay of a graph of fn()."""
+    """Seconds per replay of a CUDA graph of fn() (captured after two warm-up calls on a
+    side stream)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -75,7 +67,7 @@ def main() -> None:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     torch.manual_seed(0)
-    rate = copy_rate(dev)
+    rate = sg.copy_rate(dev, 1 << 27)  # read + write bytes/s
     out = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": rate,
            "torch": torch.__version__, "cases": []}
     path = Path(args.out) / "gemv_sweep.json"
