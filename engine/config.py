@@ -91,8 +91,9 @@ class EngineConfig:
     tensor_parallel_size: int = option(
         1, check=_positive, help="Split the model over N ranks, one process each (this one "
         "is rank 0; NCCL over N GPUs from --device on, gloo on the CPU): each holds its own "
-        "attention and KV heads, MLP slice and vocabulary slice, and its own KV pool. The "
-        "offline engine and `pdserve generate` only, for now (not yet P/D workers).")
+        "attention and KV heads, MLP slice and vocabulary slice, and its KV heads of the "
+        "pool. P/D workers (serve, prefill, decode, worker): on the CPU only for now, their "
+        "ranks sharing one /dev/shm pool, so P and D of any two sizes exchange KV.")
     torch_threads: int | None = option(None, check=_positive,
                                        help="torch intra-op threads (default: the cores this "
                                        "process may use, split between tensor-parallel ranks).")

@@ -4,6 +4,12 @@ Layout (DESIGN.md §2): [num_blocks, num_layers, 2 (K, V), block_size, num_kv_he
 One block holds every layer's K and V of `block_size` tokens in one contiguous span, so the
 KV transfer moves a prompt as a few large copies. The block manager hands out block *ids*;
 kv_transfer borrows this tensor and never allocates.
+
+Tensor parallelism in a P/D worker (CPU): the pool is one /dev/shm file in this layout with
+every KV head (the tp=1 layout, what kv_transfer moves), made by rank 0 and mapped by the
+other ranks (`KVPool.attach`); each rank's attention sees only its heads, a strided view
+(`KVPool.head_shard`). So a transfer is the same between any two TP sizes, and rank 0's
+transports reach every rank's heads without a copy between ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -112,6 +118,39 @@ class KVPool:
             src = torch.tensor([s for s, _ in pairs], device=self.device)
             dst = torch.tensor([d for _, d in pairs], device=self.device)
             self.tensor[dst] = self.tensor[src]
+
+    @classmethod
+    def over(cls, tensor: torch.Tensor, spec: KVPoolSpec,
+             mirror: Callable[[list[tuple[int, int]]], None] | None = None) -> KVPool:
+        """A pool over memory someone else owns (a mapped file, a head slice of another
+        pool); `close()` leaves that memory alone."""
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(f"tensor {tuple(tensor.shape)} {tensor.dtype} is not a pool of "
+                             f"shape {spec.shape} {spec.dtype}")
+        pool = cls.__new__(cls)
+        pool.spec, pool.device, pool.mirror, pool.shm_path = spec, tensor.device, mirror, None
+        pool.tensor = tensor
+        return pool
+
+    @classmethod
+    def attach(cls, path: str | Path, spec: KVPoolSpec) -> KVPool:
+        """Map another process's pool file (read-write; tensor-parallel ranks 1..N-1 map
+        rank 0's). The owner unlinks it; the mapping stays valid until dropped."""
+        numel = math.prod(spec.shape)
+        size = os.path.getsize(path)
+        if size != numel * spec.dtype.itemsize:
+            raise ValueError(f"{path}: {size} bytes, not a pool of shape {spec.shape} {spec.dtype}")
+        flat = torch.from_file(str(path), shared=True, size=numel, dtype=spec.dtype)
+        return cls.over(flat.view(spec.shape), spec)
+
+    def head_shard(self, start: int, end: int,
+                   mirror: Callable[[list[tuple[int, int]]], None] | None = None) -> KVPool:
+        """KV heads [start, end) of this pool as a pool of their own: a strided view of the
+        same memory, [num_blocks, num_layers, 2, block_size, end - start, head_dim]."""
+        if not 0 <= start < end <= self.spec.num_kv_heads:
+            raise ValueError(f"KV heads [{start}, {end}) outside [0, {self.spec.num_kv_heads})")
+        return KVPool.over(self.tensor[:, :, :, :, start:end],
+                           replace(self.spec, num_kv_heads=end - start), mirror)
 
     @property
     def num_slots(self) -> int:

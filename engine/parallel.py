@@ -155,6 +155,12 @@ def _status(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
     """Close the followers' pipes (they exit at EOF); kill those still there after `grace` s."""
     for p in procs:
@@ -185,6 +191,7 @@ class TPLeader:
         # block tables sent: id(list) -> (the list, entries sent); see _Tables
         self._sent: dict[int, tuple[Sequence[int], int]] = {}
         self._max_tables = max_tables
+        self._pidfds: list[int] | None = None  # exit_fds
         self._finalizer = weakref.finalize(self, _stop, procs, 5.0)
 
     @classmethod
@@ -215,6 +222,20 @@ class TPLeader:
         dead = [f"rank {r} (pid {p.pid}) {_status(p.returncode)}"
                 for r, p in enumerate(self.procs, start=1) if p.poll() is not None]
         return "; ".join(dead) or None
+
+    def exit_fds(self) -> list[int]:
+        """File descriptors that become readable when a follower exits (pidfds; none where
+        the kernel lacks them): a worker's idle poll watches them, so a dead rank takes its
+        worker down at once, not at the next request's step. Closed with the leader."""
+        if self._pidfds is None:
+            self._pidfds = []
+            for p in self.procs:
+                try:
+                    self._pidfds.append(os.pidfd_open(p.pid))
+                except (AttributeError, OSError):  # no pidfds (or gone and reaped): per step
+                    break
+            weakref.finalize(self, _close_fds, self._pidfds)
+        return list(self._pidfds)
 
     def check(self) -> None:
         """Raise the group's TensorParallelError if it failed or a follower is gone."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -244,10 +244,13 @@ def build_shard(s: RankSetup, progress: bool = True, tp: TPGroup | None = None,
         max_model_len = capacity
     spec = KVPoolSpec(num_blocks, mc.num_hidden_layers, cfg.block_size,
                       mc.num_key_value_heads // size, mc.head_dim, s.dtype)
-    pool = KVPool(spec, s.device, shm_epoch=pool_shm_epoch if s.device.type == "cpu" else None,
-                  mirror=leader.send_copies if leader is not None else None)
+    if tp is None:
+        pool = rank_pool = KVPool(spec, s.device,
+                                  shm_epoch=pool_shm_epoch if s.device.type == "cpu" else None)
+    else:
+        pool, rank_pool = _tp_pools(spec, s.device, tp, leader, pool_shm_epoch)
     ops = get_ops(cfg.kernel_backend, s.device.type)
-    runner = ModelRunner(model, pool, ops, max_num_seqs=min(cfg.max_num_seqs, 512),
+    runner = ModelRunner(model, rank_pool, ops, max_num_seqs=min(cfg.max_num_seqs, 512),
                          max_model_len=max_model_len, leader=leader)
     if s.device.type == "cuda" and not cfg.enforce_eager:
         t0 = time.monotonic()
@@ -257,13 +260,46 @@ def build_shard(s: RankSetup, progress: bool = True, tp: TPGroup | None = None,
     return model, pool, runner, max_model_len
 
 
+SHARED_POOL_KEY = "kv_pool_file"  # rank 0 -> the others, in the group's store: path or ""
+
+
+def _tp_pools(spec: KVPoolSpec, device: torch.device, tp: TPGroup, leader: TPLeader | None,
+              shm_epoch: int | None) -> tuple[KVPool, KVPool]:
+    """(the engine's pool, this rank's pool) under tensor parallelism. With `shm_epoch` (rank
+    0 of a P/D worker, CPU) the pool is one /dev/shm file holding every KV head in the tp=1
+    layout: rank 0 makes it and puts its path in the store, the others map it, and each
+    rank's attention gets a view of its heads (`KVPool.head_shard`); the engine's pool is
+    the whole file (what kv_transfer moves and the compat record describes), and a fork's
+    block copy on rank 0 copies every rank's heads at once. Without it (offline engines, or
+    GPUs) each rank allocates its own heads and rank 0 mirrors fork copies down the pipe."""
+    full_spec = replace(spec, num_kv_heads=spec.num_kv_heads * tp.size)
+    if tp.rank == 0:
+        full = KVPool(full_spec, device, shm_epoch=shm_epoch) if shm_epoch is not None else None
+        tp.store.set(SHARED_POOL_KEY, str(full.shm_path) if full is not None else "")
+    else:  # rank 0 set it after the block count was agreed (min_int above)
+        path = tp.store.get(SHARED_POOL_KEY).decode()
+        full = KVPool.attach(path, full_spec) if path else None
+    if full is None:
+        pool = KVPool(spec, device, mirror=leader.send_copies if leader is not None else None)
+        return pool, pool
+    # rank r's KV heads are the r-th slice: the column-parallel qkv_proj's order (model.py)
+    start = tp.rank * spec.num_kv_heads
+    return full, full.head_shard(start, start + spec.num_kv_heads)
+
+
 def build_engine(cfg: EngineConfig, progress: bool = True,
                  pool_shm_epoch: int | None = None) -> EngineParts:
     """Everything an engine needs, or an EngineSetupError naming what to change.
     `pool_shm_epoch` puts a CPU pool in a /dev/shm file (P, for the shm transport).
     With tensor_parallel_size N > 1 this process is rank 0 and starts the other N - 1
-    (`engine/parallel.py`); `EngineParts.close()` stops them."""
+    (`engine/parallel.py`); `EngineParts.close()` stops them. Both together (a P/D worker)
+    make one pool file of every rank's heads (`_tp_pools`): CPU only for now."""
     s = prepare(cfg)
+    if cfg.tensor_parallel_size > 1 and pool_shm_epoch is not None and s.device.type != "cpu":
+        raise EngineSetupError(
+            f"--tensor-parallel-size {cfg.tensor_parallel_size} on {s.device}: P/D workers shard "
+            "a model on the CPU only for now (moving the KV of GPU shards, cuda_ipc or tcp, is "
+            "not built yet); `pdserve generate` and LLM(tensor_parallel_size=N) run on GPUs")
     if s.max_model_len_note:
         logger.warning(s.max_model_len_note)
     model_config = s.model_config

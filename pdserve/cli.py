@@ -124,7 +124,6 @@ def run_worker_role(role: str | None) -> Callable[[Sequence[str]], int]:
             argv += ["--role", role]
         cfg = build_config(WorkerConfig, argv, prog=f"pdserve {role or 'worker'}",
                            description=WORKER_HELP)
-        _refuse_tensor_parallel(cfg.tensor_parallel_size)
         # refused here, before the engine (and torch) loads: the error comes at once
         problem = start_problem(cfg.internal_token, cfg.insecure_no_token, who="a worker")
         if problem:
@@ -149,17 +148,6 @@ WORKER_HELP = ("Run one engine worker: prefill (P), decode (D) or both. It serve
                "over a ZMQ data path (--data-port), moves KV between P and D (D listens on "
                "--kv-port), and answers operators on HTTP --port: /health /load /info /metrics.")
 
-TP_NOT_YET = ("tensor parallelism is not yet available for P/D workers (pdserve serve, "
-              "prefill, decode, worker); `pdserve generate` and LLM(tensor_parallel_size=N) "
-              "have it. Give each worker its own GPU instead")
-
-
-def _refuse_tensor_parallel(size: int) -> None:
-    """Before the engine loads: P/D workers do not shard a model yet (issue 23's next part)."""
-    if size != 1:
-        raise ConfigError(f"--tensor-parallel-size {size}: {TP_NOT_YET}", "tensor_parallel_size")
-
-
 def run_serve_cmd(argv: Sequence[str]) -> int:
     from pdserve.serve import ServeConfig, run_serve
     from pdserve.vllm_args import translate
@@ -170,9 +158,8 @@ def run_serve_cmd(argv: Sequence[str]) -> int:
         "running workers; with none it starts a local cluster (1 P + 1 D on the built-in model "
         "unless told otherwise) and serves it at http://127.0.0.1:8000/v1. MODEL (a local "
         "checkpoint folder) may come first, as in `vllm serve MODEL`; vLLM options pdserve has "
-        "no use for are ignored with a warning, --tensor-parallel-size and the other parallel "
-        "sizes are accepted at 1 (tensor parallelism: `pdserve generate` only, for now)."))
-    _refuse_tensor_parallel(cfg.tensor_parallel_size)
+        "no use for are ignored with a warning, the other parallel sizes than "
+        "--tensor-parallel-size are accepted at 1."))
     _setup_logging(cfg.log_level)
     if dropped:
         logging.getLogger("pdserve.serve").warning(

@@ -85,8 +85,8 @@ VLLM_DROPPED: dict[str, str] = {
 # vLLM options that are no-ops at 1 and refused otherwise (workers do not shard a model yet)
 # ({local_devices} and {num_engines}: the option names of the form the user configures)
 VLLM_ONLY_ONE: dict[str, str] = {
-    "tensor-parallel-size": "tensor parallelism is not yet available for P/D workers (only "
-    "`pdserve generate` has it); give each worker its own GPU ({local_devices}) instead",
+    "tensor-parallel-size": "P/D workers shard a model on the CPU only for now (`pdserve "
+    "generate` on GPUs too); give each worker its own GPU ({local_devices}) instead",
     "pipeline-parallel-size": "pdserve does not shard a model across GPUs",
     "data-parallel-size": "use {num_engines} for more engines",
 }

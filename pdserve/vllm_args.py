@@ -4,8 +4,8 @@
 - A first word that is not an option is the model (`--model`), as in `vllm serve MODEL`.
 - vLLM options pdserve has no equivalent for are dropped with one warning naming each and
   why (pdserve/sagemaker.py's tables, shared with the SageMaker form); the parallel sizes
-  are accepted at 1 and refused otherwise with the reason (tensor parallelism is not yet
-  there for P/D workers, only `pdserve generate`); `--quantization` only as none.
+  are accepted at 1 and refused otherwise with the reason, except `--tensor-parallel-size`,
+  which is serve's own (its workers shard on the CPU); `--quantization` only as none.
 - `--disable-uvicorn-access-log` is `--no-access-log`, `--disable-log-stats` is
   `--stats-interval 0`; vLLM's bare switch `--async-scheduling` is `--async-scheduling on`.
 - Every `pdserve serve` option keeps its meaning: a name serve knows is never dropped.
@@ -51,9 +51,10 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
             out += [word, "on"]  # vLLM's switch; serve's option takes auto/on/off
             i += 1
             continue
-        # a parallel size is checked here even where serve has the option (tensor parallel)
+        # a parallel size is checked here even where serve has the option, except
+        # --tensor-parallel-size: serve's own (CPU workers shard; GPU ones refuse at start)
         if not name or ((name in known or (name.startswith("no-") and name[3:] in known))
-                        and name not in VLLM_ONLY_ONE):
+                        and (name not in VLLM_ONLY_ONE or name == "tensor-parallel-size")):
             out.append(word)
             i += 1
             continue

@@ -25,13 +25,16 @@ def run_worker(cfg: WorkerConfig) -> int:
     sweep_stale()
     if cfg.role == "prefill":
         cfg = replace(cfg, enforce_eager=True)  # P never decodes: no decode graphs to capture
-    # P's CPU pool lives in /dev/shm so a D on this host can pull from it directly
-    parts = build_engine(cfg, pool_shm_epoch=new_epoch() if cfg.role == "prefill" else None)
+    # P's CPU pool lives in /dev/shm so a D on this host can pull from it directly; under
+    # tensor parallelism every role's does: the ranks share it, each with its KV heads
+    shm = cfg.role == "prefill" or cfg.tensor_parallel_size > 1
+    parts = build_engine(cfg, pool_shm_epoch=new_epoch() if shm else None)
     loop_cls = {"prefill": PrefillLoop, "decode": DecodeLoop, "both": BothLoop}[cfg.role]
     try:
         loop = loop_cls(cfg, parts)
     except Exception:
         parts.pool.close()
+        parts.close()
         raise
     server, thread = serve_ops_in_thread(loop)  # /health says why it is not ready yet
     try:

@@ -189,8 +189,10 @@ class WorkerLoop:
         return None
 
     def close(self) -> None:
-        """Release endpoints and the pool (the loop has ended)."""
+        """Release endpoints and the pool (the loop has ended); stop the other
+        tensor-parallel ranks."""
         self.parts.pool.close()
+        self.parts.close()
 
     # ---- shared --------------------------------------------------------------------------
 
@@ -466,6 +468,9 @@ class WorkerLoop:
         poller.register(self.waker.fd, zmq.POLLIN)
         for fd in self.wake_fds():
             poller.register(fd, zmq.POLLIN)
+        rank_fds = self.parts.tp.exit_fds() if self.parts.tp is not None else []
+        for fd in rank_fds:  # a tensor-parallel rank exits: this worker is done
+            poller.register(fd, zmq.POLLIN)
         if self.turns_in is not None:
             poller.register(self.turns_in.fd, zmq.POLLIN)
         previous_fd = None
@@ -482,6 +487,9 @@ class WorkerLoop:
                 ready = dict(poller.poll(self._wait_ms()))
                 if self.waker.fd in ready:
                     self.waker.drain()
+                if any(fd in ready for fd in rank_fds):
+                    self._rank_died()
+                    break
                 if self.sock in ready:
                     self._receive()
                 if self.turns_in is not None and self.turns_in.fd in ready:
@@ -510,6 +518,18 @@ class WorkerLoop:
             if previous_fd is not None:
                 signal.set_wakeup_fd(previous_fd)
             self.shutdown()
+
+    def _rank_died(self) -> None:
+        """A tensor-parallel follower exited (its pidfd is readable): report dead and stop;
+        the worker exits non-zero and the proxy ejects it (`engine/parallel.py`)."""
+        try:
+            self.parts.tp.check()  # type: ignore[union-attr]
+            why = "a tensor-parallel rank exited"
+            logger.error("%s", why)
+        except Exception as e:  # noqa: BLE001 - TensorParallelError (logged), naming the rank
+            why = str(e)
+        self.dead_reason = f"engine step failed: {why}"
+        self.stop_event.set()
 
     def _totals(self) -> Totals:
         """This worker's token totals and queues, for its stats line."""

@@ -297,18 +297,6 @@ def test_a_bad_chunk_is_contained_and_the_ranks_stay_in_step(tiny_checkpoint):
         parts.close()
 
 
-@pytest.mark.parametrize("argv", [["prefill", "--insecure-no-token"], ["decode"], ["serve"],
-                                  ["worker", "--role", "both"], ["serve", "/m"]])
-def test_p_d_roles_refuse_it_for_now(argv, capsys):
-    """Refused before any engine loads, with the reason (P/D workers do not shard yet)."""
-    from pdserve.cli import main
-
-    assert main([*argv, "--tensor-parallel-size", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"pdserve {argv[0]}: error: --tensor-parallel-size 2: tensor "
-                          "parallelism is not yet available for P/D workers")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_over_nccl_equals_tp1_with_cuda_graphs(tiny_checkpoint):

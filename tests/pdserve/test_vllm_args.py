@@ -17,11 +17,17 @@ def test_positional_model_and_dropped_vllm_options() -> None:
         "--enable-chunked-prefill", "true", "--max-seq-len-to-capture=8192",
         "--quantization", "none", "--port", "9000", "--max-model-len", "4096",
         "--no-uvloop", "--disable-log-requests"])
-    assert args == ["--model", "/models/llama", "--port", "9000", "--max-model-len", "4096",
-                    "--no-uvloop"]
+    assert args == ["--model", "/models/llama", "--tensor-parallel-size", "1", "--port", "9000",
+                    "--max-model-len", "4096", "--no-uvloop"]
     assert dropped == [(f, VLLM_DROPPED[f[2:]]) for f in (
         "--trust-remote-code", "--enable-chunked-prefill", "--max-seq-len-to-capture",
         "--disable-log-requests")]
+
+
+def test_tensor_parallel_size_is_serves_own() -> None:
+    """Its workers shard on the CPU (GPU workers refuse it at start, with the reason)."""
+    assert translate(["m", "--tensor-parallel-size", "2"]) == (
+        ["--model", "m", "--tensor-parallel-size", "2"], [])
 
 
 def test_vllm_switches_serve_has_under_its_own_name() -> None:
@@ -45,7 +51,6 @@ def test_serve_options_and_unknown_ones_pass_through() -> None:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--tensor-parallel-size", "2"], "not yet available for P/D workers"),
     (["--pipeline-parallel-size=4"], "does not shard"),
     (["--data-parallel-size", "2"], "--num-prefill / --num-decode"),
     (["--quantization", "awq"], "unquantized checkpoints only"),
