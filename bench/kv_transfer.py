@@ -11,11 +11,15 @@ Per transport and size (1k, 4k, 16k tokens):
 - end to end: real P (a separate process, KVSender) and D (this process, KVReceiver): D
   reserves, P offers, until D's ARRIVED event: median latency and payload GB/s; "D-side" is
   D's own offer-received-to-done time. cuda_ipc on one GPU, across two GPUs, tcp (GPU pools
-  pushed by P through host memory), and shm on CPU pools (1k and 4k tokens only);
+  pushed by P through pinned host memory), and shm on CPU pools (1k and 4k tokens only);
+- tcp on CPU pools against the raw socket rate: rounds alternating a raw loopback
+  measurement over 1, 2, 4 and 8 connections (a plain sender process, `recv_into` one
+  buffer per connection) with one tcp transfer (`--tcp-connections` per P-D session);
+  tcp's median and its % of raw's best median (the issue-24 bar: >= 80%);
 - decode-step proxy: a fixed bf16 matmul loop on D's default stream, alone and while a
   pull loop runs on the transfer stream beside it.
 
-Usage: python bench/kv_transfer.py [--out DIR] [--quick]
+Usage: python bench/kv_transfer.py [--out DIR] [--quick] [--reps N] [--cpu-only tcp,...]
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def compat(dtype: torch.dtype):
 
 # ---- P: a separate process (CUDA IPC handles cannot be opened by their own process) -------
 
-def _p_main(conn, device: str, num_blocks: int, shm: bool) -> None:
+def _p_main(conn, device: str, num_blocks: int, shm: bool, tcp_connections: int | None) -> None:
     torch.set_num_threads(8)
     from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer import cuda_ipc
@@ -100,11 +104,15 @@ def _p_main(conn, device: str, num_blocks: int, shm: bool) -> None:
     pool.tensor.view(torch.int16).random_(-30000, 30000)  # finite bf16 bit patterns
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    ep = KVSender(pool, compat(dtype), name=f"P-{device}", transfer_timeout=120.0)
+    ep = KVSender(pool, compat(dtype), name=f"P-{device}", transfer_timeout=120.0,
+                  tcp_connections=tcp_connections)
     conn.send("ready")
     while True:
         ep.events()  # drained; D's side is what is timed
-        if not conn.poll(0.001):
+        # sleep until a command or an event, as a worker's loop does (polling every 1 ms
+        # took ~5% of this 2-core box from the transfer)
+        if not conn.poll(0):
+            select.select([conn.fileno(), ep.events_fd], [], [], 1.0)
             continue
         cmd, *args = conn.recv()
         if cmd == "stop":
@@ -123,10 +131,13 @@ def _p_main(conn, device: str, num_blocks: int, shm: bool) -> None:
 
 
 class P:
+    tcp_connections: int | None = None  # --tcp-connections (None: KVSender's default)
+
     def __init__(self, device: str, num_blocks: int, shm: bool = False):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_p_main, args=(child, device, num_blocks, shm), daemon=True)
+        self.proc = ctx.Process(target=_p_main, args=(child, device, num_blocks, shm,
+                                                      P.tcp_connections), daemon=True)
         self.proc.start()
         if not self.conn.poll(180) or self.conn.recv() != "ready":
             raise RuntimeError(f"P on {device} did not start")
@@ -220,6 +231,38 @@ def bench_kernel(info: dict, p_dev: int, d_dev: int, d_pool, tokens: list[int], 
         cuda_ipc.close_peer_pool(src)
 
 
+def transfer_once(rx, p: P, rid: str, src: list[int], dst: list[int]):
+    """Reserve on D, offer on P, wait for D's event: (ms from the offer, the event)."""
+    rx.reserve(rid, dst, 300.0)
+    t0 = time.perf_counter()
+    p.call("offer", rid, rx.address, src)
+    ev, give_up = None, time.monotonic() + 60
+    while ev is None:
+        for e in rx.events():
+            if e.rid == rid:
+                ev = e
+        if ev is None:
+            if time.monotonic() > give_up:
+                raise TimeoutError(f"{rid}: no event on D in 60 s")
+            # sleep until D's I/O thread announces an event, as a worker's loop does
+            # (a polling loop would take a core from the transfer on small hosts)
+            select.select([rx.events_fd], [], [], 0.1)
+    ms = (time.perf_counter() - t0) * 1e3
+    from pdserve.kv_transfer.states import EventKind
+
+    if ev.kind is not EventKind.ARRIVED:
+        raise RuntimeError(f"{rid}: {ev.kind.value} ({ev.reason})")
+    return ms, ev
+
+
+def bit_exact(rx, p: P, src: list[int], dst: list[int]) -> bool:
+    """D's blocks `dst` against P's own checksum of `src`."""
+    from pdserve.kv_transfer import cuda_ipc
+
+    got = cuda_ipc.checksum(rx.pool.tensor[torch.tensor(dst, device=rx.pool.device)])
+    return got == p.call("checksum", src)
+
+
 @section("e2e")
 def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int,
               cover: bool = False) -> None:
@@ -227,9 +270,6 @@ def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int,
     `cover`: untimed transfers first read every block of P's pool once (shm: D's mapping of
     P's file is then fully faulted in, as for a D that has pulled from this P for a while;
     without it the timed transfers still fault in the pages they read first)."""
-    from pdserve.kv_transfer import cuda_ipc
-    from pdserve.kv_transfer.states import EventKind
-
     rng = random.Random(2)
     block_bytes = rx.block_bytes
     for n_tok in tokens:
@@ -241,30 +281,12 @@ def bench_e2e(rx, p: P, where: str, tokens: list[int], reps: int, d_blocks: int,
         for i in range(-len(covering), reps + 1):  # i <= 0 warm up (handshake, compile)
             src = covering[i + len(covering)][:n] if i < 0 else rng.sample(range(p.num_blocks), n)
             dst = rng.sample(range(d_blocks), len(src))
-            rid = f"{where}-{n_tok}-{i}"
-            rx.reserve(rid, dst, 300.0)
-            t0 = time.perf_counter()
-            p.call("offer", rid, rx.address, src)
-            ev, give_up = None, time.monotonic() + 60
-            while ev is None:
-                for e in rx.events():
-                    if e.rid == rid:
-                        ev = e
-                if ev is None:
-                    if time.monotonic() > give_up:
-                        raise TimeoutError(f"{rid}: no event on D in 60 s")
-                    # sleep until D's I/O thread announces an event, as a worker's loop does
-                    # (a polling loop would take a core from the transfer on small hosts)
-                    select.select([rx.events_fd], [], [], 0.1)
-            t1 = time.perf_counter()
-            if ev.kind is not EventKind.ARRIVED:
-                raise RuntimeError(f"{rid}: {ev.kind.value} ({ev.reason})")
+            ms, ev = transfer_once(rx, p, f"{where}-{n_tok}-{i}", src, dst)
             if i > 0:
-                lat.append((t1 - t0) * 1e3)
+                lat.append(ms)
                 dside.append(ev.seconds * 1e3)
             if i == reps:  # check the last one's bytes against P's own checksum
-                got = cuda_ipc.checksum(rx.pool.tensor[torch.tensor(dst, device=rx.pool.device)])
-                exact = got == p.call("checksum", src)
+                exact = bit_exact(rx, p, src, dst)
         ms = statistics.median(lat)
         row(kind="e2e", transport=ev.transport, where=where, tokens=n_tok,
             mib=n * block_bytes / 2**20, e2e_ms=ms, e2e_gbs=n * block_bytes / ms / 1e6,
@@ -336,14 +358,15 @@ def bench_cpu_copy(tokens: list[int]) -> None:
 
 def table() -> None:
     log("\n| kind | transport | where | tokens | MiB | gather GB/s | copy GB/s | % of copy "
-        "| e2e ms | e2e GB/s | D-side ms | exact |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| e2e ms | e2e GB/s | % of raw | D-side ms | exact |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS["rows"]:
         def f(k, fmt="{:.1f}", r=r):
             return fmt.format(r[k]) if isinstance(r.get(k), float) else str(r.get(k, ""))
         log(f"| {r['kind']} | {r['transport']} | {r['where']} | {r['tokens']} "
             f"| {f('mib', '{:.0f}')} | {f('gather_gbs')} | {f('copy_gbs')} | {f('pct_of_copy')} "
-            f"| {f('e2e_ms', '{:.2f}')} | {f('e2e_gbs')} | {f('d_side_ms', '{:.2f}')} "
+            f"| {f('e2e_ms', '{:.2f}')} | {f('e2e_gbs')} | {f('pct_of_raw', '{:.0f}')} "
+            f"| {f('d_side_ms', '{:.2f}')} "
             f"| {r.get('bit_exact', '')} |")
     for d in RESULTS["decode"]:
         log(f"| decode proxy | {d['where']} | step {d['step_ms_alone']:.3f} ms alone, "
@@ -395,9 +418,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kv_bench"))
     ap.add_argument("--quick", action="store_true", help="small pools and sizes (smoke test)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tcp-connections", type=int, default=None,
+                    help="P's tcp data connections per D (default: KVSender's, min(4, cores))")
     ap.add_argument("--cpu-only", default="", help="comma-separated subset of copy,raw,shm,tcp:"
                     " only these CPU sections (and no GPU ones)")
     args = ap.parse_args()
+    P.tcp_connections = args.tcp_connections
     os.makedirs(args.out, exist_ok=True)
     OUT_PATH = os.path.join(args.out, "kv_transfer.json")
     logging_setup()
@@ -412,53 +438,98 @@ def main() -> None:
     if n_gpu and not only:
         bench_gpu(n_gpu, tokens, pool_blocks, args.reps)
     only = only or {"copy", "raw", "shm", "tcp"}
-    # CPU pools: shm (a /dev/shm file on P's side) at 1k and 4k tokens, tcp at 4k and 16k
-    # beside the same-run raw socket rate (loopback: this host's ceiling for any TCP plane)
+    # CPU pools: shm (a /dev/shm file on P's side) at 1k and 4k tokens; tcp at every size,
+    # in rounds alternating with the raw socket rate (loopback: this host's ceiling for any
+    # TCP plane), so that load from elsewhere on a shared host hits both alike
     shm_tokens = tokens[:2] if "shm" in only else []
-    tcp_tokens = tokens[1:] if "tcp" in only else []
-    cpu_blocks = max(shm_tokens + tcp_tokens + [BLOCK]) // BLOCK + 64
+    cpu_blocks = max(tokens) // BLOCK + 64
     if "copy" in only:
         bench_cpu_copy(tokens[:2])
-    if "raw" in only:
+    if "raw" in only and "tcp" not in only:
         bench_raw_tcp(tokens[1:])
-    if shm_tokens or tcp_tokens:
-        bench_cpu(shm_tokens, tcp_tokens, cpu_blocks, args.reps)
+    if shm_tokens:
+        bench_cpu(shm_tokens, cpu_blocks, args.reps)
+    if "tcp" in only:
+        bench_tcp_vs_raw(tokens, cpu_blocks, args.reps)
     table()
 
 
 @section("cpu_e2e")
-def bench_cpu(shm_tokens: list[int], tcp_tokens: list[int], blocks: int, reps: int) -> None:
+def bench_cpu(shm_tokens: list[int], blocks: int, reps: int) -> None:
     from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer.receiver import KVReceiver
 
     p = P("cpu", blocks, shm=True)
-    receivers = []
+    rx = None
     try:
         pool = KVPool(spec(blocks, torch.bfloat16), torch.device("cpu"))
-        for transport, tokens in (("shm", shm_tokens), ("tcp", tcp_tokens)):
-            if not tokens:
-                continue
-            rx = KVReceiver(pool, compat(torch.bfloat16), transports=(transport,),
-                            transfer_timeout=300)
-            receivers.append(rx)
-            bench_e2e(rx, p, "host (CPU pools)", tokens, reps, blocks)
-            if transport == "shm":  # again, D's mapping of P's whole pool faulted in first
-                bench_e2e(rx, p, "host (CPU pools), mapping warm", tokens, reps, blocks,
-                          cover=True)
+        rx = KVReceiver(pool, compat(torch.bfloat16), transports=("shm",), transfer_timeout=300)
+        bench_e2e(rx, p, "host (CPU pools)", shm_tokens, reps, blocks)
+        # again, D's mapping of P's whole pool faulted in first
+        bench_e2e(rx, p, "host (CPU pools), mapping warm", shm_tokens, reps, blocks, cover=True)
     finally:
-        for rx in receivers:
+        if rx is not None:
             rx.close()
         p.stop()
 
 
-def _raw_sender(port: int, sizes: list[int], go) -> None:
-    """Child process: one connection per size, sends that many bytes on each after `go`."""
+@section("tcp_vs_raw")
+def bench_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
+    """tcp between CPU pools (real P and D processes, random block ids) against the raw
+    socket rate, in rounds: each round measures raw over 1, 2, 4 and 8 connections once,
+    then one tcp transfer. Rows: raw's best median over the connection counts, and tcp's
+    median with its % of that (the last transfer checked bit-exact)."""
+    from pdserve.engine.kv_pool import KVPool
+    from pdserve.kv_transfer.receiver import KVReceiver
+    from pdserve.kv_transfer.tcp_send import default_connections
+
+    p, raw, rx = P("cpu", blocks), RawSender(), None
+    rng = random.Random(4)
+    try:
+        pool = KVPool(spec(blocks, torch.bfloat16), torch.device("cpu"))
+        rx = KVReceiver(pool, compat(torch.bfloat16), transports=("tcp",), transfer_timeout=300)
+        conns = P.tcp_connections or default_connections()
+        for n_tok in tokens:
+            n = n_tok // BLOCK
+            nbytes = n * rx.block_bytes
+            per: dict[int, list[float]] = {c: [] for c in (1, 2, 4, 8)}
+            lat, dside, exact = [], [], None
+            for i in range(rounds + 1):  # round 0 warms up (handshake, connections)
+                if i > 0:
+                    for c in per:
+                        per[c].append(raw_tcp_gbs(nbytes, c, raw))
+                src, dst = rng.sample(range(blocks), n), rng.sample(range(blocks), n)
+                ms, ev = transfer_once(rx, p, f"tcp-{n_tok}-{i}", src, dst)
+                if i > 0:
+                    lat.append(ms)
+                    dside.append(ev.seconds * 1e3)
+                if i == rounds:
+                    exact = bit_exact(rx, p, src, dst)
+            med = {c: statistics.median(v) / 1e9 for c, v in per.items()}
+            best = max(med.values())
+            row(kind="raw", transport="tcp socket", where="loopback", tokens=n_tok,
+                mib=nbytes / 2**20, copy_gbs=best,
+                per_connections=", ".join(f"{c}: {g:.2f}" for c, g in med.items()))
+            ms = statistics.median(lat)
+            row(kind="e2e", transport="tcp", where=f"host (CPU pools), {conns} connections",
+                tokens=n_tok, mib=nbytes / 2**20, e2e_ms=ms, e2e_gbs=nbytes / ms / 1e6,
+                pct_of_raw=100 * nbytes / ms / 1e6 / best, d_side_ms=statistics.median(dside),
+                reps=rounds, bit_exact=exact,
+                all_gbs=", ".join(f"{nbytes / t / 1e6:.2f}" for t in lat))
+    finally:
+        if rx is not None:
+            rx.close()
+        raw.stop()
+        p.stop()
+
+
+def _raw_sender(conn) -> None:
+    """Child process kept for the run: per measurement, one connection per size to the
+    port it is sent, then that many bytes on each after "go"."""
     import socket
     import threading
 
-    socks = [socket.create_connection(("127.0.0.1", port)) for _ in sizes]
     buf = memoryview(bytearray(8 << 20))
-    go.recv()
 
     def send(sock, n: int) -> None:
         while n > 0:
@@ -467,28 +538,45 @@ def _raw_sender(port: int, sizes: list[int], go) -> None:
             n -= k
         sock.close()
 
-    threads = [threading.Thread(target=send, args=(s, n)) for s, n in zip(socks, sizes)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    while (job := conn.recv()) is not None:
+        port, sizes = job
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in sizes]
+        conn.recv()  # go
+        threads = [threading.Thread(target=send, args=(s, n)) for s, n in zip(socks, sizes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        conn.send("done")
 
 
-def raw_tcp_gbs(nbytes: int, conns: int) -> float:
+class RawSender:
+    """The plain sender process of the raw measurements (spawned once, not per one)."""
+
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_raw_sender, args=(child,), daemon=True)
+        self.proc.start()
+
+    def stop(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+def raw_tcp_gbs(nbytes: int, conns: int, sender: RawSender) -> float:
     """Bytes/s of a plain sender process and a receiver (recv_into one buffer per
     connection, a thread each) moving `nbytes` over `conns` loopback connections."""
     import socket
     import threading
 
-    ctx = mp.get_context("spawn")
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(conns)
     sizes = [nbytes // conns + (1 if i < nbytes % conns else 0) for i in range(conns)]
-    go_rx, go_tx = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_raw_sender, args=(lsock.getsockname()[1], sizes, go_rx),
-                        daemon=True)
-    child.start()
+    sender.conn.send((lsock.getsockname()[1], sizes))
     socks = [lsock.accept()[0] for _ in sizes]
     lsock.close()
     bufs = [memoryview(bytearray(n)) for n in sizes]  # touched: no page faults in the run
@@ -504,13 +592,14 @@ def raw_tcp_gbs(nbytes: int, conns: int) -> float:
 
     threads = [threading.Thread(target=recv, args=(s, b)) for s, b in zip(socks, bufs)]
     t0 = time.perf_counter()
-    go_tx.send(True)
+    sender.conn.send("go")
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     dt = time.perf_counter() - t0
-    child.join(30)
+    if not sender.conn.poll(30) or sender.conn.recv() != "done":
+        raise RuntimeError("the raw sender did not finish")
     return nbytes / dt
 
 
@@ -519,16 +608,20 @@ def bench_raw_tcp(tokens: list[int]) -> None:
     """The same-run ceiling for a TCP data plane on this host: the best of 1/2/4/8
     connections (median of 3 each) moving the same bytes as a transfer of `tokens`."""
     block_bytes = LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 2
-    for n_tok in tokens:
-        nbytes = n_tok // BLOCK * block_bytes
-        best, per = 0.0, {}
-        for conns in (1, 2, 4, 8):
-            rate = statistics.median(raw_tcp_gbs(nbytes, conns) for _ in range(3))
-            per[conns] = rate / 1e9
-            best = max(best, rate)
-        row(kind="raw", transport="tcp socket", where="loopback", tokens=n_tok,
-            mib=nbytes / 2**20, copy_gbs=best / 1e9,
-            per_connections=", ".join(f"{c}: {g:.2f}" for c, g in per.items()))
+    sender = RawSender()
+    try:
+        for n_tok in tokens:
+            nbytes = n_tok // BLOCK * block_bytes
+            best, per = 0.0, {}
+            for conns in (1, 2, 4, 8):
+                rate = statistics.median(raw_tcp_gbs(nbytes, conns, sender) for _ in range(3))
+                per[conns] = rate / 1e9
+                best = max(best, rate)
+            row(kind="raw", transport="tcp socket", where="loopback", tokens=n_tok,
+                mib=nbytes / 2**20, copy_gbs=best / 1e9,
+                per_connections=", ".join(f"{c}: {g:.2f}" for c, g in per.items()))
+    finally:
+        sender.stop()
 
 
 def logging_setup() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from pdserve.common.prefix import PREFIX_HASH_FUNCTION
 
 # The cluster's wire protocol: the proxy <-> worker data path and the KV control plane.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: tcp KV moves over data sockets beside the ZMQ session (issue 24)
 
 
 def config_hash(raw: Mapping[str, Any]) -> str:

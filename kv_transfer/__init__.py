@@ -6,7 +6,9 @@ or P pushes over TCP); D confirms after its copy is complete; P frees. Every sta
 deadline, a cancel from either side frees both, and every message carries the sender's
 epoch so a restarted peer's stale state is dropped. See DESIGN.md §1, §2, §6.
 
-Modules: `protocol` (messages, compatibility record), `channel` (ZMQ sockets), `shm` (CPU
-pools in /dev/shm), `states` (the Enum state machines), `receiver` (D), `sender` (P),
-`metrics` (Prometheus).
+Modules: `protocol` (messages, compatibility record, the tcp data sockets' framing),
+`channel` (ZMQ sockets, data socket options), `shm` (CPU pools in /dev/shm), `states` (the
+Enum state machines), `receiver` (D), `sender` (P), `transports` (D's strategy per P),
+`tcp_recv` / `tcp_send` (the tcp data plane: D's data port and readers, P's connections and
+senders), `cuda_ipc` (GPU pools), `metrics` (Prometheus).
 """

@@ -1,4 +1,5 @@
-"""ZMQ plumbing shared by both sides: socket options, and the I/O thread that owns sockets.
+"""ZMQ plumbing shared by both sides: socket options (the tcp data sockets' too), and the
+I/O thread that owns sockets.
 
 ZMQ sockets are not thread-safe, so each endpoint (KVReceiver on D, KVSender on P) runs one
 I/O thread that owns all its sockets. The engine's step loop never blocks on it: it puts
@@ -9,8 +10,10 @@ event), so a transfer's end reaches the loop at once, not at its next timer.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +37,36 @@ def configure(sock: zmq.Socket, max_msg_bytes: int) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+
+
+SAME_HOST_SOCKET_BUFFER = 256 << 10
+
+
+def configure_data_socket(sock: socket.socket) -> None:
+    """Options of a connected tcp data socket (either end): no Nagle delay on the batch
+    headers; TCP keepalive, so a connection whose peer host vanished errors out in ~25 s
+    instead of blocking its thread for good; and, when both ends are on this host, small
+    send and receive buffers: the receiver's copy then reads what the sender's copy just
+    wrote while it is still in the CPU's caches (2-core box, 2 connections, 4k tokens:
+    ~4.4 -> 6.3-6.9 GB/s; 128-256 KiB best, 64 KiB and >= 1 MiB worse). Across hosts the
+    kernel's autotuning stays (the window must cover the bandwidth-delay product)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):  # Linux; elsewhere the system's keepalive defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if same_host(sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SAME_HOST_SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SAME_HOST_SOCKET_BUFFER)
+
+
+def same_host(sock: socket.socket) -> bool:
+    """Whether a connected socket's two ends are on this host (loopback, or one address)."""
+    try:
+        local, peer = sock.getsockname()[0], sock.getpeername()[0]
+        return local == peer or ipaddress.ip_address(peer).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 class IOThread:

@@ -10,6 +10,9 @@ Each P's transport is a strategy object chosen at handshake (`transports.py`: cu
 or tcp, best first; a failed better one is a downgrade, shown in `stats()`, never silent).
 An offer is checked against its reservation here, then the transport moves the blocks and
 ends the reservation through `done` or `fail`; DONE goes to P only once the data is in place.
+With tcp among the transports D also listens on a data port (`tcp_recv.DataPlane`, on the
+KV port's interface); whatever ends a reservation closes its tcp transfer first, which
+returns only once no reader writes into its blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pdserve.kv_transfer import protocol as proto
 from pdserve.kv_transfer.channel import IOThread, configure
 from pdserve.kv_transfer.protocol import MAX_CONTROL_BYTES, ProtocolError, decode, encode
 from pdserve.kv_transfer.states import EventKind, Reservation, ReservationState, TransferEvent
+from pdserve.kv_transfer.tcp_recv import DataPlane
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
@@ -71,7 +75,7 @@ class KVReceiver(IOThread):
         self.transports = transports
         self.block_bytes = pool.spec.bytes_per_block
         self.router = self.ctx.socket(zmq.ROUTER)
-        configure(self.router, max(MAX_CONTROL_BYTES, self.block_bytes) + 4096)
+        configure(self.router, MAX_CONTROL_BYTES + 4096)  # the KV itself never rides on it
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if port:
             self.router.bind(f"tcp://{host}:{port}")
@@ -84,8 +88,14 @@ class KVReceiver(IOThread):
         self._peers: dict[bytes, _Peer] = {}
         self._stats = {"peers": {}, "active": 0, "downgrades": {}, "num_downgrades": 0}
         # cuda_ipc pulls run on a stream of D's device; made here, used by the I/O thread
-        self._puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied) \
+        self.puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied) \
             if pool.device.type == "cuda" else None
+        # tcp: P's data connections land on this port (same interface as the router)
+        self.data = DataPlane(pool, host, on_complete=self._on_landed,
+                              on_failed=self._on_data_failed, on_lost=self._on_data_lost) \
+            if "tcp" in transports else None
+        if self.data is not None:
+            self.poller.register(self.data.fileno, zmq.POLLIN)
         self.start()
 
     # ---- API (any thread) ----------------------------------------------------------------
@@ -102,11 +112,13 @@ class KVReceiver(IOThread):
 
     def stats(self) -> dict:
         """A snapshot: peers (P name -> transport), active reservations, downgrades (P name
-        -> {from, to, reason}) with their count, and CUDA IPC mappings held open."""
+        -> {from, to, reason}) with their count, CUDA IPC mappings held open, and P's tcp
+        data connections open."""
         return {"peers": dict(self._stats["peers"]), "active": self._stats["active"],
                 "downgrades": dict(self._stats["downgrades"]),
                 "num_downgrades": self._stats["num_downgrades"],
-                "cuda_ipc_mappings": cuda_ipc.num_open_mappings()}
+                "cuda_ipc_mappings": cuda_ipc.num_open_mappings(),
+                "tcp_connections": self.data.num_connections() if self.data else 0}
 
     # ---- I/O thread: what transports call ------------------------------------------------
 
@@ -149,8 +161,10 @@ class KVReceiver(IOThread):
 
     def _finish(self, r: Reservation, state: ReservationState, reason: str = "",
                 notify_peer: bool = True) -> None:
-        if self._puller is not None:
-            self._puller.discard(r.rid)  # a copy into r's blocks has finished past here
+        if self.puller is not None:
+            self.puller.discard(r.rid)  # a copy into r's blocks has finished past here
+        if r.xid and self.data is not None:
+            self.data.close_transfer(r.xid)  # no tcp reader writes into r's blocks past here
         r.state, kind = state, _EVENT[state]
         self._res.pop(r.rid, None)
         peer = self._peers.get(r.peer) if r.peer is not None else None
@@ -174,7 +188,9 @@ class KVReceiver(IOThread):
         self._stats["active"] = len(self._res)
         metrics.RESERVATIONS_ACTIVE.set(len(self._res))
 
-    def handle(self, sock: zmq.Socket) -> None:
+    def handle(self, sock: zmq.Socket | int) -> None:
+        if self.data is not None and sock == self.data.fileno:
+            return self.data.accept()
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -184,7 +200,7 @@ class KVReceiver(IOThread):
             try:
                 if len(frames) < 2:
                     raise ProtocolError("a message needs a body")
-                self._dispatch(identity, decode(frames[1].bytes), frames[2:])
+                self._dispatch(identity, decode(frames[1].bytes))
             except HandshakeRequired as e:
                 metrics.UNAUTHENTICATED.inc()
                 self.send(identity, proto.Error(e=self.epoch, reason=str(e), code="handshake"))
@@ -193,7 +209,7 @@ class KVReceiver(IOThread):
                 flood.warning("malformed", "malformed message from %r: %s", identity, e)
                 self.send(identity, proto.Error(e=self.epoch, reason=str(e), code="malformed"))
 
-    def _dispatch(self, identity: bytes, msg: proto.KVMessage, rest: list) -> None:
+    def _dispatch(self, identity: bytes, msg: proto.KVMessage) -> None:
         if isinstance(msg, proto.Hello):
             return self._on_hello(identity, msg)
         peer = self._peers.get(identity)
@@ -205,13 +221,6 @@ class KVReceiver(IOThread):
             raise ProtocolError(f"{msg.__struct_config__.tag} without the session's key")
         if isinstance(msg, proto.Offer):
             self._on_offer(identity, msg)
-        elif isinstance(msg, proto.Data):
-            r = self._res.get(msg.rid)
-            if r is None or r.peer != identity or r.state is not ReservationState.PULLING:
-                return  # cancelled or expired meanwhile: drop the frame
-            if len(rest) != 1:
-                return self.fail(r, f"data frame {msg.i} for {r.rid} has no payload")
-            peer.transport.on_data(self, r, msg.i, rest[0].buffer)
         elif isinstance(msg, proto.Cancel):  # a P cancels only what it offered
             r = self._res.get(msg.rid)
             if self._early.get(msg.rid, (None,))[0] == identity:
@@ -244,8 +253,7 @@ class KVReceiver(IOThread):
                             msg.s, old.session)
                 return
             self._drop_peer(old_id, "P opened a new session (lost connection or restart)")
-        transport, downgrade = transports.choose(self.transports, msg.pool, self.pool,
-                                                 self._puller, msg.name)
+        transport, downgrade = transports.choose(self.transports, msg.pool, self, msg.name)
         old = self._peers.get(identity)  # the same incarnation shaking hands again
         if old is not None:
             old.transport.close()  # its mapping's reference; the new transport holds its own
@@ -254,7 +262,7 @@ class KVReceiver(IOThread):
         self._stats["peers"][msg.name] = transport.name
         self._stats["downgrades"].pop(msg.name, None)
         welcome = proto.Welcome(e=self.epoch, transport=transport.name,
-                                key=self._peers[identity].key)
+                                key=self._peers[identity].key, **transport.welcome())
         if downgrade is not None:
             self._stats["downgrades"][msg.name] = downgrade
             self._stats["num_downgrades"] += 1
@@ -299,10 +307,32 @@ class KVReceiver(IOThread):
         self.submit(lambda: self._copied(rid, serial))
 
     def _copied(self, rid: str, serial: int) -> None:
-        if self._puller is not None and self._puller.finished(rid, serial):
+        if self.puller is not None and self.puller.finished(rid, serial):
             r = self._res.get(rid)
             if r is not None and r.state is ReservationState.PULLING:
                 self.done(r)
+
+    # tcp readers' news (reader threads), acted on in the I/O thread
+    def _on_landed(self, xid: int, rid: str) -> None:
+        self.submit(lambda: self._tcp_end(xid, rid, ""))
+
+    def _on_data_failed(self, xid: int, rid: str, reason: str) -> None:
+        self.submit(lambda: self._tcp_end(xid, rid, reason))
+
+    def _on_data_lost(self, key: str, reason: str) -> None:
+        def lost() -> None:
+            for xid, rid in self.data.transfers_of(key) if self.data else []:
+                self._tcp_end(xid, rid, f"P's tcp data connection closed: {reason}")
+        self.submit(lost)
+
+    def _tcp_end(self, xid: int, rid: str, failure: str) -> None:
+        r = self._res.get(rid)
+        if r is None or r.xid != xid or r.state is not ReservationState.PULLING:
+            return  # ended meanwhile (cancel, deadline, another failure)
+        if failure:
+            self.fail(r, failure)
+        else:
+            self.done(r)
 
     def next_timeout_ms(self) -> int:
         if not self._res and not self._early:
@@ -327,9 +357,11 @@ class KVReceiver(IOThread):
                 self.send(identity, proto.Cancel(e=self.epoch, rid=rid, reason="no reservation on D"))
 
     def on_close(self) -> None:
-        if self._puller is not None:
-            self._puller.wait_all()
-            self._puller.close()
+        if self.puller is not None:
+            self.puller.wait_all()
+            self.puller.close()
         for identity in list(self._peers):
             self._drop_peer(identity, "D closing")
+        if self.data is not None:
+            self.data.close()
         self.router.close(0)

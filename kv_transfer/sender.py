@@ -11,13 +11,17 @@ and the session key every later message carries, or REFUSE with the reason, whic
 for `/health`). A socket monitor watches the connection: when it drops (D frozen past the
 heartbeat timeout, D restarted) the session ends and a new one starts at once, so the link
 heals and `stats()` says what it is, never "ready" over a dead connection. Offers already
-sent in the lost session keep their blocks until their deadline (D may still be reading
-them); offers still waiting for the handshake go out in the new session.
+sent in the lost session keep their blocks until their deadline over cuda_ipc and shm (D
+may still be reading them) and fail at once over tcp; offers still waiting for the
+handshake go out in the new session.
 
-Over tcp, P pushes each block as one zero-copy frame when D asks (SEND). Over cuda_ipc (a
-GPU pool; exported once, at construction) D pulls by itself and P only waits for DONE; each
-HELLO carries a canary checksum of blocks D reads back through its mapping. If D downgrades
-the transport, WELCOME says so and `stats()` shows it.
+Over tcp, WELCOME names D's data port: P opens a few plain connections to it (a
+`tcp_send.DataLink` per session) and pushes the blocks over them when D asks (SEND), with
+no copy from a CPU pool. An offer released while sender threads still read its blocks
+(cancel, deadline) waits in STOPPING until they let go; its event comes only then. Over
+cuda_ipc (a GPU pool; exported once, at construction) D pulls by itself and P only waits
+for DONE; each HELLO carries a canary checksum of blocks D reads back through its mapping.
+If D downgrades the transport, WELCOME says so and `stats()` shows it.
 """
 
 from __future__ import annotations
@@ -36,14 +40,23 @@ from pdserve.engine.kv_pool import KVPool, dtype_name
 from pdserve.kv_transfer import cuda_ipc, metrics
 from pdserve.kv_transfer import protocol as proto
 from pdserve.kv_transfer.channel import IOThread, configure
-from pdserve.kv_transfer.protocol import MAX_CONTROL_BYTES, ProtocolError, boot_id, decode, encode
+from pdserve.kv_transfer.protocol import (
+    DATA_VERSION,
+    MAX_CONTROL_BYTES,
+    ProtocolError,
+    boot_id,
+    decode,
+    encode,
+)
 from pdserve.kv_transfer.states import DestState, EventKind, OfferState, PendingOffer, TransferEvent
+from pdserve.kv_transfer.tcp_send import DataLink, default_connections
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
 
 HANDSHAKE_TIMEOUT_S = 10.0
 REFUSAL_MEMORY_S = 5.0  # after a refusal, new offers to that D fail fast for this long
+STOP_GRACE_S = 0.5  # a released offer's tcp sends still running this long: shut them down
 
 
 @dataclass(eq=False)
@@ -60,6 +73,7 @@ class _Dest:
     key: str = ""  # from Welcome
     reason: str = ""
     since: float = field(default_factory=time.monotonic)
+    data: DataLink | None = None  # tcp: the data connections
 
 
 class KVSender(IOThread):
@@ -67,7 +81,9 @@ class KVSender(IOThread):
 
     def __init__(self, pool: KVPool, compat: CompatRecord, *, name: str,
                  internal_token: str = "", transfer_timeout: float = 30.0,
-                 canary_block: int | None = None):
+                 canary_block: int | None = None, tcp_connections: int | None = None):
+        """`tcp_connections`: data connections per D session over tcp (default:
+        `tcp_send.default_connections()`, min(4, cores))."""
         super().__init__("kv-sender")
         self.pool = pool
         self.compat = compat
@@ -83,6 +99,9 @@ class KVSender(IOThread):
         self._sessions = 0  # sessions opened so far (numbers them: Hello.s)
         self._by_sock: dict[zmq.Socket, _Dest] = {}
         self._offers: dict[str, PendingOffer] = {}
+        # released offers whose tcp parts still run: (event kind, reason, grace end, link)
+        self._stopping: dict[PendingOffer, tuple[EventKind, str, float, DataLink | None]] = {}
+        self.tcp_connections = tcp_connections or default_connections()
         self._stats: dict[str, dict] = {}
         self._ipc: dict | None = None  # cuda_ipc registration of a GPU pool
         self._ipc_error = ""
@@ -128,7 +147,7 @@ class KVSender(IOThread):
 
     def _pool_registration(self, canary_blocks: list[int]) -> dict:
         reg = {"device": self.pool.device.type, "boot_id": boot_id(),
-               "block_bytes": self.block_bytes}
+               "block_bytes": self.block_bytes, "tcp_data": DATA_VERSION}
         if self._ipc is not None:
             try:  # blocks that stay unchanged until D has answered (see _dest)
                 canary = cuda_ipc.canary(self.pool, canary_blocks, self._canary_stream)
@@ -176,6 +195,8 @@ class KVSender(IOThread):
         return d
 
     def _close_dest(self, d: _Dest) -> None:
+        if d.data is not None:
+            d.data.close()
         self.poller.unregister(d.sock)
         self.poller.unregister(d.monitor)
         self._by_sock.pop(d.sock, None)
@@ -186,12 +207,18 @@ class KVSender(IOThread):
         d.monitor.close(0)
         d.sock.close(0)
 
-    def _session_lost(self, d: _Dest) -> None:
-        """The session's connection dropped (or D lost it): end it, start a new one at once."""
+    def _session_lost(self, d: _Dest, why: str = "") -> None:
+        """The session's connection dropped (or D lost it): end it, start a new one at once.
+        Its tcp offers fail now (only its senders read their blocks, and they stop)."""
         metrics.SESSIONS_LOST.inc()
-        logger.warning("lost the connection to D %s (transport %s): new session", d.address,
-                       d.transport or "none")
+        logger.warning("lost the connection to D %s (transport %s%s): new session", d.address,
+                       d.transport or "none", f": {why}" if why else "")
         self._close_dest(d)
+        if d.data is not None:
+            why = f"the session with D was lost mid-transfer ({why or 'connection dropped'})"
+            for offer in list(self._offers.values()):
+                if offer.address == d.address and offer.session == d.epoch:
+                    self._release(offer, EventKind.FAILED, why)
         self._dest(d.address)
         self._stats[d.address]["reason"] = "reconnecting: the previous session's connection " \
                                            "was lost"
@@ -231,8 +258,15 @@ class KVSender(IOThread):
         self._release(offer, EventKind.CANCELLED, reason)
 
     def _release(self, offer: PendingOffer, kind: EventKind, reason: str = "") -> None:
+        if self._offers.get(offer.rid) is offer:
+            del self._offers[offer.rid]
+        if offer.num_parts:  # tcp senders still read its blocks: the event waits for them
+            offer.state = OfferState.STOPPING
+            d = self._session_of(offer)
+            self._stopping[offer] = (kind, reason, time.monotonic() + STOP_GRACE_S,
+                                     d.data if d else None)
+            return
         offer.state = OfferState.RELEASED
-        self._offers.pop(offer.rid, None)
         d = self._dests.get(offer.address)
         transport = d.transport if d else ""
         ok = kind is EventKind.RELEASED
@@ -280,10 +314,15 @@ class KVSender(IOThread):
         if isinstance(msg, proto.Welcome):
             if d.state is not DestState.CONNECTING:
                 raise ProtocolError("a second welcome in one session")
+            if msg.transport == "tcp" and not (msg.data_port and msg.data_key):
+                return self._on_refuse(d, "D's tcp transport names no data port (another "
+                                          "pdserve version)")
             d.state, d.transport, d.peer_epoch = DestState.READY, msg.transport, msg.e
             d.key = msg.key
             self._stats[d.address] = {"state": "ready", "transport": d.transport, "reason": "",
                                       "session": self._stats[d.address].get("session")}
+            if msg.transport == "tcp":
+                d.data = self._open_data(d, msg)
             if msg.downgraded_from:  # D counted it; shown here for /health and /load
                 self._stats[d.address].update(downgraded_from=msg.downgraded_from,
                                               downgrade_reason=msg.downgrade_reason)
@@ -295,13 +334,7 @@ class KVSender(IOThread):
                     self._send_offer(d, offer)
             return
         if isinstance(msg, proto.Refuse):
-            d.state, d.reason, d.since = DestState.REFUSED, msg.reason, time.monotonic()
-            self._stats[d.address] = {"state": "refused", "transport": "", "reason": d.reason}
-            logger.error("D %s refused this P: %s", d.address, d.reason)
-            for offer in list(self._offers.values()):
-                if offer.address == d.address:
-                    self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
-            return
+            return self._on_refuse(d, msg.reason)
         if not isinstance(msg, proto.Done | proto.Cancel | proto.Send):
             raise ProtocolError(f"unexpected {msg.__struct_config__.tag} on P")
         offer = self._offers.get(msg.rid)
@@ -311,28 +344,63 @@ class KVSender(IOThread):
             self._release(offer, EventKind.RELEASED)
         elif isinstance(msg, proto.Cancel):
             self._release(offer, EventKind.CANCELLED, msg.reason)
-        else:
-            self._push(d, offer)
+        elif offer.state is OfferState.OFFERED:
+            self._push(d, offer, msg.x)
 
-    def _push(self, d: _Dest, offer: PendingOffer) -> None:
-        """tcp: one frame per block, zero-copy from the pool (CPU) or via a staging copy
-        (GPU pools are copied block by block to host memory first)."""
+    def _on_refuse(self, d: _Dest, reason: str) -> None:
+        d.state, d.reason, d.since = DestState.REFUSED, reason, time.monotonic()
+        self._stats[d.address] = {"state": "refused", "transport": "", "reason": d.reason}
+        logger.error("D %s refused this P: %s", d.address, d.reason)
+        for offer in list(self._offers.values()):
+            if offer.address == d.address:
+                self._release(offer, EventKind.FAILED, f"D refused: {d.reason}")
+
+    def _open_data(self, d: _Dest, msg: proto.Welcome) -> DataLink:
+        """tcp: the session's data connections, to D's data port at the host P reaches D at
+        (the address D advertised)."""
+        host = d.address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        link = DataLink(self.pool, host, msg.data_port, msg.data_key, self.tcp_connections,
+                        on_part_ended=lambda o: self.submit(lambda: self._part_ended(o)),
+                        on_lost=lambda lk, why: self.submit(lambda: self._data_lost(lk, why)))
+        self._stats[d.address]["data_connections"] = len(link.senders)
+        return link
+
+    def _push(self, d: _Dest, offer: PendingOffer, xid: int) -> None:
+        """tcp: D asked for the data (transfer id `xid`): one part per data connection."""
+        if d.data is None:
+            return self._release(offer, EventKind.FAILED, "D asked for tcp data in a session "
+                                                          "without data connections")
         offer.state = OfferState.SENDING
-        for i, b in enumerate(offer.block_ids):
-            block = self.pool.tensor[b]
-            if block.device.type != "cpu":
-                block = block.to("cpu", non_blocking=False)
-            payload = block.contiguous().view(-1).view(torch.uint8).numpy()
-            header = encode(proto.Data(e=d.epoch, rid=offer.rid, i=i, a=d.key))
-            d.sock.send_multipart([header, payload], copy=False)
+        offer.num_parts += d.data.push(offer, xid)
+
+    def _part_ended(self, offer: PendingOffer) -> None:
+        """(I/O thread) a sender finished, or gave up, one part of the offer."""
+        offer.num_parts -= 1
+        if offer.num_parts == 0 and offer in self._stopping:
+            kind, reason, _, _ = self._stopping.pop(offer)
+            self._release(offer, kind, reason)
+
+    def _data_lost(self, link: DataLink, why: str) -> None:
+        d = next((d for d in self._dests.values() if d.data is link), None)
+        if d is not None:
+            self._session_lost(d, f"data connection: {why}")
 
     def next_timeout_ms(self) -> int:
-        if not self._offers:
+        if not self._offers and not self._stopping:
             return 100
-        nearest = min(o.deadline for o in self._offers.values())
+        nearest = min([o.deadline for o in self._offers.values()]
+                      + [min(until, time.monotonic() + 1) for _, _, until, _ in
+                         self._stopping.values()])
         return max(1, min(100, int((nearest - time.monotonic()) * 1000) + 1))
 
     def tick(self, now: float) -> None:
+        for offer, (kind, reason, until, link) in list(self._stopping.items()):
+            if now >= until:  # a send blocked on D (frozen, full buffers): unblock it
+                logger.warning("offer %s released but its tcp sends still run after %.1f s: "
+                               "closing the data connections", offer.rid, STOP_GRACE_S)
+                self._stopping[offer] = (kind, reason, float("inf"), link)
+                if link is not None:
+                    link.kill()
         for offer in list(self._offers.values()):
             if now >= offer.deadline:
                 d = self._session_of(offer)

@@ -7,6 +7,8 @@ D (receiver), per reservation:
 P (sender), per D: CONNECTING --welcome--> READY, --refuse--> REFUSED; per offer:
     CONNECTING --welcome--> OFFERED --send (tcp)--> SENDING --done--> RELEASED
     any non-terminal --cancel / refuse / deadline--> RELEASED (with that outcome)
+    (tcp: SENDING -> STOPPING -> RELEASED while sender threads still read its blocks;
+    past a short grace their connections are shut down)
 Terminal states produce one `TransferEvent` for the owner (the scheduler), which frees or
 reuses the blocks: kv_transfer borrows block ids, it never allocates or frees them.
 """
@@ -39,6 +41,7 @@ class OfferState(enum.Enum):
     CONNECTING = "connecting"  # waiting for the handshake with D
     OFFERED = "offered"
     SENDING = "sending"
+    STOPPING = "stopping"  # tcp: released, its event held until no sender reads its blocks
     RELEASED = "released"
 
 
@@ -70,7 +73,7 @@ class Reservation:
     peer: bytes | None = None  # the ROUTER identity of the P that offered
     src_blocks: list[int] = field(default_factory=list)
     dst_blocks: list[int] = field(default_factory=list)  # the reserved blocks the offer fills
-    received: set[int] = field(default_factory=set)
+    xid: int = 0  # tcp: the transfer id of its data batches (0: none open)
     offered_at: float = 0.0
 
 
@@ -86,3 +89,4 @@ class PendingOffer:
     state: OfferState = OfferState.CONNECTING
     created: float = field(default_factory=time.monotonic)
     session: int = 0  # the epoch of the session it was sent in (0: not sent yet)
+    num_parts: int = 0  # tcp: parts queued or being sent by sender threads (they read blocks)

@@ -3,28 +3,31 @@
 `choose` tries D's transports best first (`--kv-transports`): `cuda_ipc` when both pools are
 on GPUs of this host (D maps P's pool once; each transfer is one gather launch on a stream
 of D's device), `shm` when P's pool is a /dev/shm file on this host (one gather), `tcp` (P
-pushes a frame per block). One that applies but fails to open (a refused IPC handle, a wrong
-canary, a failed attach) is a downgrade: logged, counted, returned for the receiver's stats.
+pushes the blocks over a few plain TCP connections per session, which D receives straight
+into the reserved blocks: `tcp_recv.py`, `tcp_send.py`). One that applies but fails to open
+(a refused IPC handle, a wrong canary, a failed attach, a P without data sockets) is a
+downgrade: logged, counted, returned for the receiver's stats.
 `start(rx, r)` moves reservation r's offered blocks into `r.dst_blocks` and ends it through
 `rx.done(r)` / `rx.fail(r, why)`, at once or later (cuda_ipc: when the copy's event completes
-in the receiver's tick; tcp: when the last frame arrived).
+in the receiver's tick; tcp: when a reader landed the last block).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pdserve.kv_transfer import cuda_ipc, metrics, shm
-from pdserve.kv_transfer.protocol import Send, boot_id
+from pdserve.kv_transfer.protocol import DATA_VERSION, Send, boot_id
 
 if TYPE_CHECKING:
-    from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.states import Reservation
+    from pdserve.kv_transfer.tcp_recv import DataPlane
 
 logger = logging.getLogger(__name__)
 
@@ -39,37 +42,59 @@ class Transport:
     name = "none"
 
     @classmethod
-    def open(cls, reg: dict[str, Any], pool: KVPool, puller: Any) -> Transport | None:
+    def open(cls, reg: dict[str, Any], rx: KVReceiver) -> Transport | None:
         """For P's pool registration `reg`: the transport, None if it does not apply here,
         or TransportError if it applies but cannot be opened."""
         return cls()
 
+    def welcome(self) -> dict[str, Any]:
+        """Fields of the Welcome that this transport adds (tcp: where the data goes)."""
+        return {}
+
     def start(self, rx: KVReceiver, r: Reservation) -> None:
         rx.fail(r, "this D accepts no KV transport (it recomputes prompts)")
-
-    def on_data(self, rx: KVReceiver, r: Reservation, i: int, payload: memoryview) -> None:
-        rx.fail(r, f"unexpected data frame over {self.name}")
 
     def close(self) -> None:
         """P is gone or shook hands again (its reservations ended first): drop any mapping."""
 
 
 class TcpPush(Transport):
-    """P pushes each block as one frame when D asks (Send); D copies it into place."""
+    """P pushes the blocks over its data connections when D asks (Send with a transfer id);
+    D's readers receive them straight into the reserved blocks (`tcp_recv.py`)."""
 
     name = "tcp"
 
-    def start(self, rx: KVReceiver, r: Reservation) -> None:
-        rx.send(r.peer, Send(e=rx.epoch, rid=r.rid))
+    def __init__(self, data: DataPlane, key: str):
+        self.data, self.key = data, key
 
-    def on_data(self, rx: KVReceiver, r: Reservation, i: int, payload: memoryview) -> None:
-        if not 0 <= i < len(r.src_blocks) or len(payload) != rx.block_bytes:
-            return rx.fail(r, f"bad data frame {i} for {r.rid}")
-        dst = rx.pool.tensor[r.dst_blocks[i]].view(-1).view(torch.uint8)
-        dst.copy_(torch.frombuffer(payload, dtype=torch.uint8))
-        r.received.add(i)
-        if len(r.received) == len(r.src_blocks):
-            rx.done(r)
+    @classmethod
+    def open(cls, reg: dict[str, Any], rx: KVReceiver) -> Transport | None:
+        if rx.data is None:
+            return None
+        if reg.get("tcp_data") != DATA_VERSION:
+            raise TransportError(f"P opens no tcp data sockets of version {DATA_VERSION} "
+                                 f"(it registered {reg.get('tcp_data')!r}: another pdserve "
+                                 "version)")
+        key = secrets.token_hex(16)  # what P's data connections must present
+        rx.data.add_session(key)
+        return cls(rx.data, key)
+
+    def welcome(self) -> dict[str, Any]:
+        return {"data_port": self.data.port, "data_key": self.key}
+
+    def start(self, rx: KVReceiver, r: Reservation) -> None:
+        dst = r.dst_blocks
+        if (dst and max(dst) >= rx.pool.tensor.shape[0]) or len(set(dst)) != len(dst):
+            return rx.fail(r, "reserved block ids are out of range or repeated")
+        if not dst:
+            return rx.done(r)
+        # the readers may write into dst from now on: the receiver closes the transfer
+        # (close_transfer) before r's blocks go back to the scheduler
+        r.xid = self.data.open_transfer(self.key, r.rid, dst)
+        rx.send(r.peer, Send(e=rx.epoch, rid=r.rid, x=r.xid))
+
+    def close(self) -> None:
+        self.data.drop_session(self.key)
 
 
 class ShmPull(Transport):
@@ -81,8 +106,8 @@ class ShmPull(Transport):
         self.src = src
 
     @classmethod
-    def open(cls, reg: dict[str, Any], pool: KVPool, puller: Any) -> Transport | None:
-        info = reg.get("shm")
+    def open(cls, reg: dict[str, Any], rx: KVReceiver) -> Transport | None:
+        info, pool = reg.get("shm"), rx.pool
         if not info or reg.get("boot_id") != boot_id() or pool.device.type != "cpu":
             return None
         try:
@@ -111,7 +136,8 @@ class CudaIpcPull(Transport):
         self.src, self.puller = src, puller
 
     @classmethod
-    def open(cls, reg: dict[str, Any], pool: KVPool, puller: Any) -> Transport | None:
+    def open(cls, reg: dict[str, Any], rx: KVReceiver) -> Transport | None:
+        pool, puller = rx.pool, rx.puller
         if puller is None or reg.get("device") != "cuda" or reg.get("boot_id") != boot_id():
             return None
         info = reg.get("cuda_ipc")
@@ -158,14 +184,14 @@ class CudaIpcPull(Transport):
 TRANSPORTS = {t.name: t for t in (CudaIpcPull, ShmPull, TcpPush)}
 
 
-def choose(names: tuple[str, ...], reg: dict[str, Any], pool: KVPool, puller: Any, peer: str
+def choose(names: tuple[str, ...], reg: dict[str, Any], rx: KVReceiver, peer: str
            ) -> tuple[Transport, dict | None]:
     """The first of `names` that applies and opens, and the downgrade record {from, to,
     reason} if a better one applied but failed (None otherwise)."""
     failed, chosen = None, Transport()
     for name in names:
         try:
-            t = TRANSPORTS[name].open(reg, pool, puller)
+            t = TRANSPORTS[name].open(reg, rx)
         except TransportError as e:
             failed = failed or (name, str(e))
             continue

@@ -5,6 +5,14 @@ P fills blocks with seeded random data and offers them; D reserves blocks and re
 arrived. Both free blocks exactly as a worker would: D on a failed, expired or cancelled
 reservation (and after the test reads what arrived), P on every terminal event.
 
+tcp options: P's `tcp_connections` (data connections per session); P's `stall_push`: True,
+P accepts D's SEND but never pushes; "mid_block", for requests whose id starts with
+"stall", P sends a batch header and half a block, then hangs until the connection is shut
+down (a P stalled or frozen mid-transfer). `batch_bytes` (P) and `staging_bytes` (both; GPU
+pools) shrink the batches and pinned buffers so that small test blocks span many of them.
+The "threads" command lists live thread names; "readers" the names of D's live tcp reader
+threads, and "readers_at" those alive when each request's event was drained.
+
 GPU options (tests/kv_transfer/test_cuda_ipc.py): `device` ("cuda:1") places the pool on a
 GPU; P's `poison_on_release` overwrites its blocks with NaN the moment D releases them;
 P's `corrupt_cuda_ipc` ("handle" or "canary") breaks its registration to force a downgrade.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -55,9 +64,14 @@ def _main(role: str, conn, opts: dict) -> None:
     torch.set_num_threads(1)
     from pdserve.engine.block_manager import BlockManager
     from pdserve.engine.kv_pool import KVPool, KVPoolSpec
+    from pdserve.kv_transfer import tcp_recv, tcp_send
     from pdserve.kv_transfer.protocol import new_epoch
     from pdserve.kv_transfer.states import EventKind
 
+    if "batch_bytes" in opts:
+        tcp_send.BATCH_BYTES = opts["batch_bytes"]
+    if "staging_bytes" in opts:
+        tcp_send.STAGING_BYTES = tcp_recv.STAGING_BYTES = opts["staging_bytes"]
     spec = KVPoolSpec(**SPEC, dtype=torch.float32)
     device = torch.device(opts.get("device", "cpu"))
     if device.type == "cuda":
@@ -67,6 +81,10 @@ def _main(role: str, conn, opts: dict) -> None:
     tables: dict[str, list[int]] = {}
     arrived: dict[str, float] = {}
     log: list[tuple[str, str, str]] = []
+    readers_at: dict[str, list[str]] = {}
+
+    def reader_ids() -> list[str]:  # thread names are unique (idents are reused)
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("kv-tcp-reader"))
     c = compat(**opts.get("compat", {}))
     if role == "D":
         from pdserve.kv_transfer.receiver import KVReceiver
@@ -78,9 +96,12 @@ def _main(role: str, conn, opts: dict) -> None:
         from pdserve.kv_transfer.sender import KVSender
 
         ep = KVSender(pool, c, name=opts.get("name", "P0"), internal_token=opts.get("token", "tok"),
-                      transfer_timeout=opts.get("transfer_timeout", 30.0))
-        if opts.get("stall_push"):
-            ep._push = lambda d, offer: None  # P hangs mid-transfer (tcp)
+                      transfer_timeout=opts.get("transfer_timeout", 30.0),
+                      tcp_connections=opts.get("tcp_connections"))
+        if opts.get("stall_push") == "mid_block":
+            _stall_mid_block()
+        elif opts.get("stall_push"):
+            ep._push = lambda d, offer, xid: None  # P hangs before pushing (tcp)
         if opts.get("corrupt_cuda_ipc") == "handle":
             ep._ipc = {**ep._ipc, "handle": bytes(64)}
         elif opts.get("corrupt_cuda_ipc") == "canary":
@@ -96,6 +117,7 @@ def _main(role: str, conn, opts: dict) -> None:
     def pump() -> None:
         for ev in ep.events():
             log.append((ev.rid, ev.kind.value, ev.reason))
+            readers_at[ev.rid] = reader_ids()
             if ev.kind is EventKind.ARRIVED:
                 arrived[ev.rid] = time.monotonic()
             elif ev.rid in tables:
@@ -158,6 +180,36 @@ def _main(role: str, conn, opts: dict) -> None:
             conn.send((bm.num_free_blocks, bm.num_blocks, len(tables)))
         elif cmd == "stats":
             conn.send(ep.stats())
+        elif cmd == "threads":
+            conn.send(sorted(t.name for t in threading.enumerate()))
+        elif cmd == "readers":
+            conn.send(reader_ids())
+        elif cmd == "readers_at":
+            conn.send(readers_at.get(args[0]))
+
+
+def _stall_mid_block() -> None:
+    """P's tcp senders, for requests whose id starts with "stall": the first batch's header
+    and half its first block, then nothing until the connection is shut down."""
+
+    from pdserve.kv_transfer import tcp_send
+
+    send_cpu = tcp_send._Sender._send_cpu
+
+    def stalled(self, part):
+        if not part.offer.rid.startswith("stall"):
+            return send_cpu(self, part)
+        bb = self.link.block_bytes
+        b = part.blocks[0]
+        self.sock.sendall(self._header(part, 0, len(part.blocks)))
+        self.sock.sendall(self.link.pool_bytes[b * bb:b * bb + bb // 2])
+        try:
+            self.sock.recv(1)  # returns once D (or P itself) shuts the connection down
+        except OSError:
+            pass
+        raise ConnectionError("stalled sender woken by a shutdown")
+
+    tcp_send._Sender._send_cpu = stalled
 
 
 @dataclass

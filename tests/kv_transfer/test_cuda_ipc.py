@@ -1,7 +1,8 @@
 """cuda_ipc between real P and D processes with pools on GPUs: bit-exact pulls on one GPU and
 across two, a restarted P remapped (the old mapping closed), P poisoning its blocks the
-moment D releases them never reaching D's copy, and a broken registration downgraded to
-tcp, loudly. All gpu-marked (tests/conftest.py skips them without CUDA)."""
+moment D releases them never reaching D's copy, tcp between GPU pools through pinned
+buffers, and a broken registration downgraded to tcp, loudly. All gpu-marked
+(tests/conftest.py skips them without CUDA)."""
 
 from __future__ import annotations
 
@@ -119,6 +120,21 @@ def test_cancels_racing_pulls_leak_nothing(procs):
     wait_for(lambda: d.call("drain") >= 0 and all_free(d) and all_free(p), timeout=30,
              interval=0.2)
     assert d.call("stats")["peers"] == {"P0": "cuda_ipc"}
+
+
+@pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)
+def test_tcp_between_gpu_pools_through_many_pinned_batches(procs, p_dev, d_dev):
+    """tcp with GPU pools on both sides: P gathers into pinned buffers on a copy stream, D
+    receives into pinned buffers and copies them into its pool. Buffers of 3 blocks, so
+    each transfer crosses many of them (both buffers of each connection in turn)."""
+    d = procs("D", device=d_dev, transports=["tcp"], staging_bytes=3 * 8192)
+    p = procs("P", device=p_dev, staging_bytes=3 * 8192, tcp_connections=2)
+    addr = d.call("address")
+    move(d, p, addr, {f"r{i}": random.Random(i).randrange(1, 200) for i in range(16)}, 300)
+    assert d.call("stats")["peers"] == {"P0": "tcp"}
+    assert d.call("stats")["tcp_connections"] == 2
+    wait_for(lambda: all_free(p))
+    assert all_free(d)
 
 
 @pytest.mark.parametrize("corrupt", ["handle", "canary"])

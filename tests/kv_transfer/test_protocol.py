@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -15,8 +16,11 @@ from pdserve.common.shm_files import SHM_DIR, SHM_PREFIX
 from pdserve.engine.kv_pool import KVPool, KVPoolSpec
 from pdserve.kv_transfer import shm
 from pdserve.kv_transfer.protocol import (
+    DATA_BATCH,
+    DATA_HELLO,
+    DATA_MAGIC,
+    DATA_VERSION,
     Cancel,
-    Data,
     Done,
     Error,
     Hello,
@@ -32,6 +36,26 @@ from pdserve.kv_transfer.receiver import KVReceiver
 from tests.kv_transfer.harness import SPEC, compat
 
 SPEC_BLOCK_BYTES = KVPoolSpec(**SPEC, dtype=torch.float32).bytes_per_block
+POOL_REG = {"tcp_data": DATA_VERSION}  # what a P's registration needs for tcp
+
+
+def data_connection(rx, key: str) -> socket.socket:
+    """A tcp data connection to D, past its hello (as P's senders open them)."""
+    sock = socket.create_connection(("127.0.0.1", rx.data.port), timeout=5)
+    sock.sendall(DATA_HELLO.pack(DATA_MAGIC, DATA_VERSION, key.encode(), 0))
+    return sock
+
+
+def push(sock: socket.socket, xid: int, first: int, blocks: list[bytes]) -> None:
+    sock.sendall(DATA_BATCH.pack(DATA_MAGIC, first, len(blocks), xid) + b"".join(blocks))
+
+
+def closed_by_d(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # D closed it with our bytes unread
+        return True
 
 
 @pytest.mark.parametrize("frame, needle", [
@@ -71,13 +95,14 @@ def test_d_answers_malformed_and_unknown_messages_and_keeps_serving():
         err = decode(sock.recv())
         assert isinstance(err, Error) and err.code == "handshake"
         sock.send(encode(Hello(e=1, v=PROTOCOL_VERSION, name="p", token="tok",
-                               compat=compat(head_dim=64).to_dict(), pool={})))
+                               compat=compat(head_dim=64).to_dict(), pool=POOL_REG)))
         refuse = decode(sock.recv())
         assert isinstance(refuse, Refuse) and "head_dim differs" in refuse.reason
         sock.send(encode(Hello(e=1, v=PROTOCOL_VERSION, name="p", token="tok",
-                               compat=compat().to_dict(), pool={})))
+                               compat=compat().to_dict(), pool=POOL_REG)))
         welcome = decode(sock.recv())
         assert isinstance(welcome, Welcome) and welcome.transport == "tcp"
+        assert welcome.data_port == rx.data.port and len(welcome.data_key) == 32
         assert len(welcome.key) == 32 and welcome.a == welcome.key
         # after the handshake every message must carry the session's key
         sock.send(encode(Offer(e=1, rid="r", blocks=[0], num_tokens=5, a="guess")))
@@ -91,16 +116,16 @@ def test_d_answers_malformed_and_unknown_messages_and_keeps_serving():
         rx.close()
 
 
-def _handshake(ctx, rx, name: str, epoch: int) -> tuple[zmq.Socket, str]:
+def _handshake(ctx, rx, name: str, epoch: int, pool=None) -> tuple[zmq.Socket, Welcome]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(rx.address)
     sock.send(encode(Hello(e=epoch, v=PROTOCOL_VERSION, name=name, token="tok",
-                           compat=compat().to_dict(), pool={})))
+                           compat=compat().to_dict(), pool=POOL_REG if pool is None else pool)))
     welcome = decode(sock.recv())
     assert isinstance(welcome, Welcome), welcome
-    return sock, welcome.key
+    return sock, welcome
 
 
 def _events(rx, rid, timeout=5.0):
@@ -122,8 +147,9 @@ def test_a_second_connection_cannot_cancel_anothers_offer():
     ctx = zmq.Context()
     socks = []
     try:
-        p1, key1 = _handshake(ctx, rx, "p1", 11)
-        intruder, key2 = _handshake(ctx, rx, "intruder", 22)
+        p1, w1 = _handshake(ctx, rx, "p1", 11)
+        intruder, w2 = _handshake(ctx, rx, "intruder", 22)
+        key1, key2 = w1.key, w2.key
         socks += [p1, intruder]
         assert key1 != key2
         rx.reserve("r", [3, 4], 10.0)  # not offered yet: no owner
@@ -140,15 +166,118 @@ def test_a_second_connection_cannot_cancel_anothers_offer():
         send = decode(p1.recv())
         assert isinstance(send, Send) and send.a == key1
         intruder.send(encode(Cancel(e=22, rid="r", reason="x", a=key2)))  # now P1's offer
-        for i in range(2):
-            p1.send_multipart([encode(Data(e=11, rid="r", i=i, a=key1)),
-                               bytes(SPEC_BLOCK_BYTES)])
+        data = data_connection(rx, w1.data_key)
+        socks.append(data)
+        push(data, send.x, 0, [bytes(SPEC_BLOCK_BYTES)] * 2)
         done = decode(p1.recv())
         assert isinstance(done, Done) and done.rid == "r" and done.a == key1
         assert _events(rx, "r") == ["arrived"]
     finally:
         for s in socks:
             s.close()
+        ctx.term()
+        rx.close()
+
+
+def _wait_events(rx, rid, timeout=5.0):
+    import time
+
+    end, seen = time.monotonic() + timeout, []
+    while time.monotonic() < end and not seen:
+        seen = [e for e in rx.events() if e.rid == rid]
+        time.sleep(0.02)
+    return seen
+
+
+def _wait(fn, timeout=5.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_tcp_data_connections_are_checked():
+    """D's data port: a connection with a wrong key is closed before it can write; one of
+    P1's connections writing into P2's transfer is closed (P1's transfer in flight fails,
+    P2's is untouched); a batch outside the offer or repeating a block fails its transfer
+    with the reason; the session's own blocks land bit-exact."""
+    pool = KVPool(KVPoolSpec(**SPEC, dtype=torch.float32), torch.device("cpu"))
+    rx = KVReceiver(pool, compat(), internal_token="tok", transports=("tcp",))
+    ctx = zmq.Context()
+    socks = []
+    bb = SPEC_BLOCK_BYTES
+
+    def offer(sock, w, epoch, rid, blocks):
+        rx.reserve(rid, blocks, 10.0)
+        sock.send(encode(Offer(e=epoch, rid=rid, blocks=[0] * len(blocks),
+                               num_tokens=16 * len(blocks), a=w.key)))
+        while not isinstance(send := decode(sock.recv()), Send):  # skip earlier Cancels
+            assert isinstance(send, Cancel), send
+        assert send.rid == rid and send.x
+        return send.x
+
+    def reason(rid):
+        (ev,) = [e for e in _wait_events(rx, rid)]
+        return ev.kind.value, ev.reason
+
+    try:
+        p1, w1 = _handshake(ctx, rx, "p1", 11)
+        p2, w2 = _handshake(ctx, rx, "p2", 22)
+        socks += [p1, p2]
+        stranger = data_connection(rx, "0" * 32)
+        socks.append(stranger)
+        assert closed_by_d(stranger)
+        x1 = offer(p1, w1, 11, "r1", [10, 11])
+        x2 = offer(p2, w2, 22, "r2", [20])
+        wrong = data_connection(rx, w1.data_key)
+        socks.append(wrong)
+        push(wrong, x2, 0, [b"\x07" * bb])  # P1 writing into P2's transfer
+        assert closed_by_d(wrong)
+        kind, why = reason("r1")
+        assert kind == "failed" and "another session" in why, why
+        assert not torch.any(pool.tensor[20].view(-1).view(torch.uint8) == 7)
+        x3 = offer(p1, w1, 11, "r3", [30, 31])
+        c1 = data_connection(rx, w1.data_key)
+        socks.append(c1)
+        push(c1, x3, 1, [b"\x01" * bb, b"\x02" * bb])  # index 2 of a 2-block offer
+        kind, why = reason("r3")
+        assert kind == "failed" and "outside the offer's 2 blocks" in why, why
+        x4 = offer(p1, w1, 11, "r4", [40, 41])
+        c2 = data_connection(rx, w1.data_key)
+        socks.append(c2)
+        push(c2, x4, 0, [b"\x03" * bb])
+        push(c2, x4, 0, [b"\x04" * bb])
+        kind, why = reason("r4")
+        assert kind == "failed" and "sent twice" in why, why
+        c3 = data_connection(rx, w2.data_key)
+        socks.append(c3)
+        blocks = [os.urandom(bb)]
+        push(c3, x2, 0, blocks)
+        assert reason("r2") == ("arrived", "")
+        assert pool.tensor[20].view(-1).view(torch.uint8).numpy().tobytes() == blocks[0]
+        assert x1 not in (x2, x3, x4)
+        _wait(lambda: rx.stats()["tcp_connections"] == 1)  # c3; D closed the others
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+        rx.close()
+
+
+def test_a_p_without_tcp_data_sockets_is_downgraded_with_the_reason():
+    """A P of an older version (no data sockets in its registration): D does not take its
+    KV over tcp and says why at handshake, never a transfer that times out."""
+    pool = KVPool(KVPoolSpec(**SPEC, dtype=torch.float32), torch.device("cpu"))
+    rx = KVReceiver(pool, compat(), internal_token="tok", transports=("tcp",))
+    ctx = zmq.Context()
+    try:
+        sock, welcome = _handshake(ctx, rx, "old", 5, pool={})
+        sock.close()
+        assert welcome.transport == "none" and welcome.downgraded_from == "tcp"
+        assert "tcp data sockets" in welcome.downgrade_reason
+    finally:
         ctx.term()
         rx.close()
 

@@ -1,5 +1,6 @@
 """KV transfer between real P and D processes (CPU pools): bit-exact moves over shm and tcp,
-and every fault ending with both pools all free."""
+and every fault ending with both pools all free (and, over tcp, no thread left behind).
+The tcp data plane's own faults are in test_tcp.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from tests.kv_transfer.harness import all_free, wait_for
 
 def kinds(p, rid):
     return [k for r, k, _ in p.call("log") if r == rid]
+
+
+def threads(p, prefix: str) -> int:
+    return sum(t.startswith(prefix) for t in p.call("threads"))
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
@@ -154,6 +159,10 @@ def test_200_transfers_racing_with_cancels_leak_nothing(procs):
              interval=0.2)
     outcomes = [k for _, k, _ in d.call("log")]
     assert outcomes.count("arrived") > 100  # most moved; cancels raced the rest
+    # tcp threads: one sender on P and one reader on D per data connection, none leaked
+    conns = p.call("stats")[addr]["data_connections"]
+    wait_for(lambda: threads(p, "kv-tcp-sender") == conns == threads(d, "kv-tcp-reader"))
+    assert d.call("stats")["tcp_connections"] == conns
 
 
 def test_a_d_frozen_past_the_heartbeat_timeout_gets_a_fresh_session(procs):
