@@ -8,6 +8,7 @@ none hangs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,6 +76,32 @@ def wait_for(pred, timeout: float, what: str):
         time.sleep(0.1)
 
 
+class Cluster:
+    """The workers and the proxy a test started: `cluster()` stops them however it ends."""
+
+    def __init__(self) -> None:
+        self.workers: list = []
+        self.proxy: subprocess.Popen | None = None
+
+    def worker(self, *args):
+        w = start_worker(*args)
+        self.workers.append(w)  # at once: a later start that fails still stops this one
+        return w
+
+
+@contextlib.contextmanager
+def cluster():
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        if c.proxy is not None:
+            c.proxy.terminate()
+            c.proxy.wait(20)
+        for w in c.workers:
+            w.stop()
+
+
 def gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -86,39 +113,25 @@ def gone(pid: int) -> bool:
 @pytest.mark.parametrize("p_tp, d_tp, transport", [
     (2, 1, "shm"), (2, 1, "tcp"), (1, 2, "shm"), (1, 2, "tcp"), (2, 2, "tcp")])
 def test_p_and_d_of_any_tp_sizes_equal_offline(tmp_path, reference, p_tp, d_tp, transport):
-    ws, proxy = [], None
-    try:
-        ws = [start_worker("prefill", tmp_path, "--tensor-parallel-size", str(p_tp)),
-              start_worker("decode", tmp_path, "--tensor-parallel-size", str(d_tp),
-                           "--kv-transports", transport)]
-        wait_healthy(ws)
-        assert len(children(ws[0].proc.pid)) == p_tp - 1  # the follower ranks
-        proxy, url, _ = start_proxy(tmp_path, [ws[0].http], [ws[1].http])
-        before = transfers(ws[1].http, transport)
+    with cluster() as c:
+        p = c.worker("prefill", tmp_path, "--tensor-parallel-size", str(p_tp))
+        d = c.worker("decode", tmp_path, "--tensor-parallel-size", str(d_tp),
+                     "--kv-transports", transport)
+        wait_healthy(c.workers)
+        assert len(children(p.proc.pid)) == p_tp - 1  # the follower ranks
+        c.proxy, url, _ = start_proxy(tmp_path, [p.http], [d.http])
+        before = transfers(d.http, transport)
         check_equal_offline(url, reference, first=10 * p_tp + d_tp)
-        wait_for(lambda: transfers(ws[1].http, transport) >= before + len(CASES), 10,
+        wait_for(lambda: transfers(d.http, transport) >= before + len(CASES), 10,
                  f"{len(CASES)} transfers over {transport}")
-    finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait(20)
-        for w in ws:
-            w.stop()
 
 
 def test_a_both_role_worker_with_tp2_equals_offline(tmp_path, reference):
-    ws, proxy = [], None
-    try:
-        ws = [start_worker("both", tmp_path, "--tensor-parallel-size", "2")]
-        wait_healthy(ws)
-        proxy, url, _ = start_proxy(tmp_path, [], [], "--worker", ws[0].http)
+    with cluster() as c:
+        w = c.worker("both", tmp_path, "--tensor-parallel-size", "2")
+        wait_healthy(c.workers)
+        c.proxy, url, _ = start_proxy(tmp_path, [], [], "--worker", w.http)
         check_equal_offline(url, reference, first=30)
-    finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait(20)
-        for w in ws:
-            w.stop()
 
 
 def test_local_cluster_with_tp2_workers_equals_offline(tmp_path, reference):
@@ -164,14 +177,12 @@ def test_a_killed_follower_takes_its_worker_down_and_the_proxy_ejects_it(tmp_pat
                                                                          busy):
     """Busy: the kill lands while requests stream (D's next step raises). Idle: no step
     comes, and D's poll sees the rank's exit (a pidfd) all the same."""
-    ws, proxy = [], None
-    try:
-        ws = [start_worker("prefill", tmp_path),
-              start_worker("decode", tmp_path, "--tensor-parallel-size", "2"),
-              start_worker("decode", tmp_path)]
-        wait_healthy(ws)
-        victim = ws[1]
-        proxy, url, log = start_proxy(tmp_path, [ws[0].http], [ws[1].http, ws[2].http])
+    with cluster() as c:
+        p = c.worker("prefill", tmp_path)
+        victim = c.worker("decode", tmp_path, "--tensor-parallel-size", "2")
+        other = c.worker("decode", tmp_path)
+        wait_healthy(c.workers)
+        c.proxy, url, log = start_proxy(tmp_path, [p.http], [victim.http, other.http])
         wait_for(lambda: len([w for w in httpx.get(url + "/health", timeout=5).json()["workers"]
                               if w["healthy"]]) == 3, 30, "three workers admitted")
         [follower] = children(victim.proc.pid)
@@ -211,9 +222,3 @@ def test_a_killed_follower_takes_its_worker_down_and_the_proxy_ejects_it(tmp_pat
                 assert got == want.outputs[0].token_ids
         check_equal_offline(url, reference, first=60)  # the cluster serves on without it
         assert "Traceback" not in log.read_text()
-    finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait(20)
-        for w in ws:
-            w.stop()
