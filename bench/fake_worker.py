@@ -396,7 +396,8 @@ class StepModelWorker(FakeWorker):
     def info(self) -> dict[str, Any]:
         info = {**super().info(), "num_kv_blocks": self.capacity // KV_BLOCK,
                 "limits": {"max_num_seqs": self.args.max_num_seqs,
-                           "max_num_batched_tokens": self.args.max_num_batched_tokens}}
+                           "max_num_batched_tokens": self.args.max_num_batched_tokens,
+                           "mixed_step_tokens": self.args.mixed_step_tokens}}
         if self.role != "prefill":  # takes a P's KV (nothing listens: the transfer is modelled)
             info["kv_address"] = f"tcp://{self.args.host}:{self.args.port + 2}"
         if self.role == "both":  # prefills for a D too (flexible roles)

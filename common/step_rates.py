@@ -19,6 +19,9 @@ class StepRates:
         self.prefill_tokens_per_s: float | None = None
         self.decode_step_s: float | None = None
         self.decode_batch: float | None = None
+        # the marginal rate in mixed steps only (prompt chunks beside decodes): what a
+        # prompt costs the streams of a worker that decodes (proxy/placement.py)
+        self.mixed_prefill_tokens_per_s: float | None = None
 
     @classmethod
     def _mix(cls, old: float | None, new: float) -> float:
@@ -36,6 +39,8 @@ class StepRates:
             spent = seconds
             if decodes and self.decode_step_s is not None:
                 spent = max(seconds - self.decode_step_s, 0.1 * seconds)
+                self.mixed_prefill_tokens_per_s = self._mix(self.mixed_prefill_tokens_per_s,
+                                                            prefill_tokens / spent)
             self.prefill_tokens_per_s = self._mix(self.prefill_tokens_per_s,
                                                   prefill_tokens / spent)
         else:
@@ -49,6 +54,8 @@ class StepRates:
         out = {}
         if self.prefill_tokens_per_s is not None:
             out["prefill_tokens_per_s"] = round(self.prefill_tokens_per_s, 1)
+        if self.mixed_prefill_tokens_per_s is not None:
+            out["mixed_prefill_tokens_per_s"] = round(self.mixed_prefill_tokens_per_s, 1)
         if self.decode_step_s is not None:
             out["decode_step_ms"] = round(self.decode_step_s * 1e3, 3)
             out["decode_batch"] = round(self.decode_batch or 0.0, 2)

@@ -140,14 +140,18 @@ class StreamingLoop(WorkerLoop):
         s, bm = self.engine.scheduler, self.engine.bm
         # prompt tokens still to compute here (skipped-P prompts, recomputes), beyond the one
         # token a decoding sequence runs per step
-        pending = 0
+        pending = decoding = 0
         for q in (*s.waiting, *s.running):
             left = q.num_tokens - q.num_computed_tokens
             if left > 1:
                 pending += left
+        for q in s.running:
+            decoding += q.num_tokens - q.num_computed_tokens <= 1
         return {"role": self.role.value, "kv_cache_usage_perc": bm.usage,
                 "num_free_blocks": bm.num_free_blocks,
                 "num_requests_running": len(s.running),
+                # of those, the ones decoding (a prompt chunk beside them is a mixed step)
+                "num_requests_decoding": decoding,
                 "num_requests_waiting": len(s.waiting), "num_preemptions": s.num_preemptions,
                 "pending_prefill_tokens": pending, **self.engine.rates.as_load()}
 

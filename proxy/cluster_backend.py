@@ -9,9 +9,8 @@ choices, avoiding P->D links whose circuit breaker is open); a prompt shorter th
 (with `placement="slo"`, proxy/placement.py's estimates choose between P and D instead, per
 request, once both sides have measured their steps);
 without P/D pairs, a both-role worker serves it (with P's, both-role workers are D's too:
-they take a P's KV as D's do; with `placement="slo"` they are P's for one another too, and
-the estimates pair two of them only when prefilling on the other meets the SLOs and the D
-itself would not: flexible roles); a request that ends at its first token
+they take a P's KV as D's do; with `placement="slo"` they are P's for one another too:
+flexible roles, where D and P are chosen together, `_place_flexible`); a request that ends at its first token
 (max_tokens 1) goes to P alone when there is one -> stream the rows as `ChoiceDelta`s.
 Failures: before the first token, retry on other workers (up to `max_retries`); a D that
 dies mid-stream has each unfinished choice re-submitted (prompt + output so far) to another
@@ -82,6 +81,7 @@ class ClusterBackend:
         self._max_model_len = 0
         self._vocab_size = 0
         self._rng = random.Random()
+        self._held_p: set[str] = set()  # --placement slo: both-role workers in P's role
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
         self._pairs: dict[str, tuple[str, str]] = {}  # rid -> (P url, D url) awaiting TRANSFER
         self.admission = Admission(max_queued_requests, max_queue_delay)
@@ -219,7 +219,13 @@ class ClusterBackend:
             p_best: Worker | None = None
             chosen: placement.Estimate | None = None
             prefills = [p for p in usable["prefill"] + flexible if p is not d]
-            if self.placement == "slo" and prefills:
+            if self.placement == "slo" and len(flexible) > 1 and not usable["prefill"] \
+                    and all(w.role == "both" for w in ds):
+                # a pool of both-role workers: choose D and P together
+                opt = self._place_flexible(flexible, ds, d, len(ids), hashes, bs)
+                if opt is not None:
+                    chosen, p_best, d, use_p = opt.est, opt.p, opt.d, opt.p is not None
+            elif self.placement == "slo" and prefills:
                 chosen, p_best = self._place(prefills, d, len(ids), hashes, bs)
                 if chosen is not None:
                     use_p = chosen.route == "pd"
@@ -289,6 +295,59 @@ class ClusterBackend:
         if chosen is None:
             return None, None
         return chosen, (p_best if chosen.route == "pd" else None)
+
+    def _place_flexible(self, flexible: list[Worker], ds: list[Worker], preferred: Worker,
+                        num_tokens: int, hashes: list[int], block_size: int
+                        ) -> placement.Option | None:
+        """--placement slo over both-role workers: every D with room, prefilling itself or
+        fed by each other worker (links not broken), judged together
+        (`placement.decide_flexible`); None while a worker has not measured its steps."""
+        def todo(w: Worker) -> int:
+            return max(1, num_tokens - w.cached_blocks(hashes) * block_size)
+
+        def budget(w: Worker) -> int:  # the step budget its next prompt chunks get
+            limits = w.info.get("limits", {})
+            full = int(limits.get("max_num_batched_tokens", 2048))
+            if placement.streams(w.load):
+                return min(full, int(limits.get("mixed_step_tokens") or full))
+            return full
+
+        backlog = max(0, self._queued_tokens - num_tokens)  # as in _place
+        as_p: dict[str, placement.Estimate | None] = {
+            p.url: placement.on_shared_p(p.load, p.link.in_flight()[1] + backlog, todo(p),
+                                         budget(p)) for p in flexible}
+        options: list[placement.Option] = []
+        for d in ds:
+            limits = d.info.get("limits", {})
+            mixed = int(limits.get("mixed_step_tokens") or
+                        limits.get("max_num_batched_tokens", 2048))
+            gap = placement.mixed_gap_s(d.load, mixed)
+            step_ms = d.load.get("decode_step_ms")
+            streams = placement.streams(d.load)
+            step_s = None if step_ms is None else step_ms / 1e3
+            sustains = gap is None or gap <= placement.SUSTAIN_FRACTION * self.slo.itl_s
+            whole = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d))
+            if whole is None:
+                return None
+            options.append(placement.Option(whole, d, None, streams, step_s, sustains))
+            for p in flexible:
+                est = as_p[p.url]
+                if p is d or not self._link_open(p, d):
+                    continue
+                if est is None:
+                    return None
+                options.append(placement.Option(est, d, p, streams, step_s, sustains))
+        # a worker chosen to prefill for another keeps P's role (no new decodes) until a
+        # worker collocates again: its streams drain and its steps become prompt-only
+        # (without this, both workers kept taking decodes and prompt chunks alike)
+        opt = placement.decide_flexible(
+            [o for o in options if o.d.url not in self._held_p] or options, self.slo, preferred)
+        if opt is not None:
+            if opt.p is not None:
+                self._held_p.add(opt.p.url)
+            elif opt.sustains:
+                self._held_p.clear()
+        return opt
 
     @staticmethod
     def _release(route: tuple[str, Worker, Worker | None], rid: str) -> None:

@@ -25,6 +25,11 @@ first token costs one request, a long step every stream on that worker), else th
 TTFT. A both-role P (flexible roles) is used when it meets the SLOs and D itself does not
 (two collocated workers are the better layout until D's own steps break the bounds), and
 when neither meets them, if fewer running streams would see its prefill steps than D's.
+Over a pool of both-role workers only (no dedicated P), D and P are chosen together
+(`decide_flexible`, called by `ClusterBackend._place_flexible`): collocate while a full
+prompt chunk beside a worker's streams keeps their gap within `SUSTAIN_FRACTION` of the ITL
+bound, else P/D onto the D running the most streams, and the proxy keeps a worker it chose
+as P out of D's role until a worker collocates again (docs/design-changes.md, session 12).
 Without measurements on both sides (a worker that has not run a step since it started; a D
 that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -37,6 +42,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# a worker collocates (takes whole requests beside its streams) while a full prompt chunk
+# beside them keeps their gap within this fraction of the ITL bound: its streams, and their
+# contexts, grow between one decision and the next (measured on the step-model simulator:
+# at 1.0 both workers filled with streams before their mixed steps broke the bound, and the
+# pool took seconds to drain one into P's role)
+SUSTAIN_FRACTION = 0.85
 TRANSFER_S = 0.005  # the P->D KV handoff's typical cost on one host (BENCHMARKS.md, issue 15)
 
 
@@ -74,12 +85,31 @@ def on_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     return Estimate("pd", (queued + prompt_tokens) / rate + transfer_s, None)
 
 
+def streams(load: dict[str, Any]) -> int:
+    """The streams decoding on a worker (what a prompt chunk beside them slows down): its
+    report's `num_requests_decoding`, else (older workers) every running request."""
+    n = load.get("num_requests_decoding")
+    return int(load.get("num_requests_running", 0) if n is None else n)
+
+
+def _rate(load: dict[str, Any], beside_decodes: bool,
+          fallback_rate: float | None = None) -> float | None:
+    """The prompt tokens/s to expect: in a step beside running decodes, the marginal rate
+    measured in such steps (`mixed_prefill_tokens_per_s`: on our engine a mixed step costs
+    more than its parts), else (or until measured) the rate over every prefilling step."""
+    rate = load.get("prefill_tokens_per_s") or fallback_rate
+    if beside_decodes:
+        rate = load.get("mixed_prefill_tokens_per_s") or rate
+    return rate
+
+
 def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
          step_budget: int, fallback_rate: float | None = None) -> Estimate | None:
     """TTFT if D prefills the prompt itself, and the gap its running decodes see meanwhile.
     `fallback_rate`: the prefill rate to assume while D has measured none (a D behind P's
     only decodes; the caller passes a P's, the same model on like hardware)."""
-    rate = load.get("prefill_tokens_per_s") or fallback_rate
+    running = streams(load)
+    rate = _rate(load, running > 0, fallback_rate)
     step_ms = load.get("decode_step_ms")
     if not rate or step_ms is None:
         return None
@@ -88,8 +118,17 @@ def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     chunk = min(step_budget, work)
     step_s = step_ms / 1e3 + chunk / rate
     steps = max(1, math.ceil(work / step_budget))
-    running = load.get("num_requests_running", 0)
     return Estimate("skip_p", steps * step_s, step_s if running else None, running)
+
+
+def mixed_gap_s(load: dict[str, Any], mixed_budget: int) -> float | None:
+    """The inter-token gap a worker's streams would see in a step that also runs a full
+    chunk of prompt (`mixed_budget` tokens): its decode step plus that chunk at the marginal
+    rate of its mixed steps. None until measured."""
+    rate, step_ms = _rate(load, True), load.get("decode_step_ms")
+    if not rate or step_ms is None:
+        return None
+    return step_ms / 1e3 + mixed_budget / rate
 
 
 def on_shared_p(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
@@ -131,3 +170,59 @@ def decide(p_est: Estimate | None, d_est: Estimate | None, slo: SLO,
     if len(itl_ok) == 1:
         return itl_ok[0]
     return min((p_est, d_est), key=lambda e: (e.ttft_s, e.route != "pd"))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to serve a request over workers that all take both roles (flexible roles):
+    `p` prefills it for `d` (route "pd"), or `d` prefills it itself (`p` None, "skip_p")."""
+
+    est: Estimate
+    d: Any
+    p: Any | None
+    d_streams: int  # the streams running on D
+    d_step_s: float | None  # D's decode step (measured): the gap its streams see
+    sustains: bool  # D's steps would keep its streams' gap within the ITL bound with a
+    # prompt chunk beside them (mixed steps cheap enough to collocate; True until measured)
+
+
+def decide_flexible(options: list[Option], slo: SLO, preferred: Any) -> Option | None:
+    """Placement over a pool of both-role workers, choosing D and P together (the proxy's
+    pick by load alone names the idlest worker D, which spreads decodes over every worker and
+    puts prompt chunks into every worker's steps). In order:
+
+    1. D prefills it itself, within the SLOs, on a worker whose mixed steps keep the ITL
+       bound (`sustains`) or that runs no stream (nothing to hurt yet) — only while no
+       worker decodes that could take it (else 2): collocated serving while it is the cheaper
+       layout; the load-preferred worker first, then by headroom.
+    2. P/D within the SLOs onto a D whose decode step keeps the ITL bound: the D with the
+       most streams (decodes gather on one worker, prompts on the others: a disaggregated
+       pair forms under load, where mixed steps cost more than the ITL bound allows).
+    3. D prefills it itself within the SLOs (any worker).
+    4. None meets them: P/D from the worker running the fewest streams to the one running the
+       most (its steps clean while it decodes; the P's streams drain), else the old rule.
+    """
+    if not options:
+        return None
+    itl_ok = [o for o in options
+              if o.est.route == "pd" and (o.d_step_s is None or o.d_step_s <= slo.itl_s)]
+    meets_pd = [o for o in itl_ok if o.est.meets(slo)]
+    whole_ok = [o for o in options if o.est.route == "skip_p" and o.est.meets(slo)]
+    decoding = [o for o in meets_pd if o.d_streams > 0]
+    collocate = [o for o in whole_ok if o.sustains or (o.d_streams == 0 and not decoding)]
+    if collocate:
+        return max(collocate, key=lambda o: (o.d is preferred, o.est.headroom(slo)))
+    if meets_pd:
+        return max(meets_pd, key=lambda o: (o.d_streams, o.est.headroom(slo)))
+    if whole_ok:
+        return max(whole_ok, key=lambda o: (o.d is preferred, o.est.headroom(slo)))
+    # a late first token costs this request, a long step every stream of the worker that
+    # runs it: the soonest first token among the placements whose steps keep the ITL bound
+    keep = [o for o in options if (o.est.itl_s is None or o.est.itl_s <= slo.itl_s)
+            and (o.est.route != "pd" or o in itl_ok)]
+    if keep:
+        return min(keep, key=lambda o: (o.est.ttft_s, o.est.route != "pd"))
+    pd = itl_ok or [o for o in options if o.est.route == "pd"]
+    if pd:
+        return min(pd, key=lambda o: (o.est.streams, -o.d_streams, o.est.ttft_s))
+    return min(options, key=lambda o: o.est.ttft_s)

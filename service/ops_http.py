@@ -65,6 +65,7 @@ def create_ops_app(loop: WorkerLoop) -> FastAPI:
             # what the proxy's admission counts as room (proxy/registry.py Worker.has_room)
             "limits": {"max_num_seqs": p.config.max_num_seqs,
                        "max_num_batched_tokens": p.config.max_num_batched_tokens,
+                       "mixed_step_tokens": p.config.mixed_step_tokens,
                        "max_queued_requests": loop.cfg.max_queued_requests},
         })
 

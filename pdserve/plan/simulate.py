@@ -133,7 +133,8 @@ class _Node:
         self.step_s = 0.0  # the running step's duration
         self.timer_at: float | None = None
         info: dict[str, Any] = {"limits": {"max_num_seqs": spec.max_num_seqs,
-                                           "max_num_batched_tokens": spec.max_num_batched_tokens}}
+                                           "max_num_batched_tokens": spec.max_num_batched_tokens,
+                                           "mixed_step_tokens": spec.mixed_step_tokens}}
         if spec.role != "prefill":
             info["kv_address"] = f"sim://{name}/kv"
         if spec.role == "both":

@@ -222,6 +222,7 @@ def engine_load(e: StepEngine, role: str, capacity: int, rates: StepRates) -> di
     waiting = len(e.waiting) + len(e.reserved) + sum(not j.p for j in e.timed.values())
     load: dict[str, Any] = {
         "role": role, "num_requests_running": len(e.running), "num_requests_waiting": waiting,
+        "num_requests_decoding": sum(j.done >= j.prefill for j in e.running.values()),
         "pending_prefill_tokens": e.pending_prefill_tokens(),
         "kv_cache_usage_perc": min(1.0, held / capacity),
         "num_free_blocks": max(0, capacity - held) // KV_BLOCK, **rates.as_load()}

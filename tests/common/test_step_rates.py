@@ -46,3 +46,18 @@ def test_a_mixed_step_charges_its_prompt_only_what_it_took_beyond_a_decode_step(
     r2.observe(0, 32, 0.030)
     r2.observe(16, 33, 0.031, decodes=32)
     assert r2.prefill_tokens_per_s == pytest.approx(16 / 0.0031)
+
+
+def test_the_mixed_rate_is_measured_in_mixed_steps_only() -> None:
+    """`mixed_prefill_tokens_per_s`: what a prompt chunk costs beside running decodes (on our
+    engine more than its share of a prompt-only step), apart from the rate over every
+    prefilling step; the placement prices a worker's streams by it."""
+    r = StepRates()
+    r.observe(2048, 1, 0.040)  # prompt only: not a mixed step
+    assert r.mixed_prefill_tokens_per_s is None and "mixed_prefill_tokens_per_s" not in r.as_load()
+    r.observe(0, 32, 0.010)
+    r.observe(512, 33, 0.030, decodes=32)  # 20 ms beyond the 10 ms decode step
+    assert r.mixed_prefill_tokens_per_s == pytest.approx(512 / 0.020)
+    assert r.as_load()["mixed_prefill_tokens_per_s"] == pytest.approx(25_600.0)
+    # the all-steps rate mixes both
+    assert r.prefill_tokens_per_s == pytest.approx(51_200 + StepRates.ALPHA * (25_600 - 51_200))

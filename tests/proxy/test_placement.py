@@ -190,9 +190,10 @@ def test_a_both_role_p_prefills_beside_its_own_decodes() -> None:
 
 def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     """Flexible roles: two both-role workers under --placement slo. Each serves a request
-    whole unless prefilling it on the other meets the SLOs while this one's steps would
-    break its streams' ITL bound: then P/D between them. Without --placement slo (or
-    measurements) they never pair."""
+    whole while that meets the SLOs and its steps can take a full prompt chunk beside its
+    streams within the ITL bound; otherwise P/D between them, and the worker chosen as P
+    keeps that role (no new decodes) until a worker collocates again. Without --placement
+    slo (or measurements) they never pair."""
     a = worker("http://a", "both", {})
     b = worker("http://b", "both", {})
     flexible = ClusterBackend(StubRegistry([a, b]), None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
@@ -210,15 +211,88 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     assert route is not None and route[0] == "pd" and route[1] is a and route[2] is b, route
     flexible._release(route, rec.request_id)
     assert route_of(fixed, 4000) == "both"
-    # a short prompt fits in one of b's steps within the ITL bound: b serves it whole
-    assert route_of(flexible, 32) == "both"
-    # both run decodes alike: neither meets the bound, served whole
+    # a short prompt would fit one of b's steps, but b's steps cannot take a full chunk
+    # beside its streams (6 ms + 2,048 tokens > 25 ms): a keeps P's role, b decodes
+    assert route_of(flexible, 32) == "pd"
+    # both run decodes alike, nothing meets the SLOs: a stays P (its streams drain), b D
     a.link.load = b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
                                  "num_requests_running": 10}
-    assert route_of(flexible, 4000) == "both"
+    route = flexible._route(rec, set(), [])
+    assert route is not None and route[0] == "pd" and route[1] is a and route[2] is b, route
+    flexible._release(route, rec.request_id)
+    assert route_of(fixed, 4000) == "both"  # without placement: served whole
     # a worker the request must avoid (a retry) is not its P either
     a.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}  # type: ignore[union-attr]
     b.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
                    "num_requests_running": 20}
     route = flexible._route(rec, {"http://a"}, [])
     assert route is not None and route[0] == "both" and route[1] is b, route
+    flexible._release(route, rec.request_id)
+    # mixed steps cheap again (512-token chunks fit beside b's streams): the pool
+    # collocates, a's P role ends and, idler, it takes the next request whole
+    for w in (a, b):
+        w.info["limits"]["max_num_batched_tokens"] = 512
+    assert route_of(flexible, 300) == "both" and not flexible._held_p
+    short = RequestRecord("s", list(range(5, 305)), SamplingParams(max_tokens=16, seed=1))
+    route = flexible._route(short, set(), [])
+    assert route is not None and route[0] == "both" and route[1] is a, route
+
+
+def _opt(route: str, d: str, p: str | None, ttft: float, itl: float | None, p_streams: int,
+         d_streams: int, d_step: float = 0.008, sustains: bool = False) -> placement.Option:
+    return placement.Option(Estimate(route, ttft, itl, p_streams if route == "pd" else d_streams),
+                            d, p, d_streams, d_step, sustains)
+
+
+def test_flexible_decisions_collocate_while_cheap_and_pair_up_when_not() -> None:
+    """`decide_flexible` over both-role workers a and b (synthetic estimates)."""
+    slo = STRICT
+    # cheap mixed steps: whole, on the load-preferred worker first
+    cheap = [_opt("skip_p", "a", None, 0.05, 0.015, 0, 12, sustains=True),
+             _opt("skip_p", "b", None, 0.04, 0.014, 0, 10, sustains=True),
+             _opt("pd", "a", "b", 0.03, 0.014, 10, 12, sustains=True)]
+    assert placement.decide_flexible(cheap, slo, "a") is cheap[0]
+    assert placement.decide_flexible(cheap, slo, "b") is cheap[1]
+    # a decodes, b idle, mixed steps too dear for a's streams: b prefills for a (decodes
+    # gather on a) rather than b taking the request whole
+    dear = [_opt("skip_p", "a", None, 0.05, 0.031, 0, 30),
+            _opt("skip_p", "b", None, 0.02, None, 0, 0),
+            _opt("pd", "a", "b", 0.03, None, 0, 30),
+            _opt("pd", "b", "a", 0.06, 0.031, 30, 0)]
+    assert placement.decide_flexible(dear, slo, "b") is dear[2]
+    # nobody decodes yet: whole on the preferred one
+    cold = [_opt("skip_p", "a", None, 0.02, None, 0, 0), _opt("skip_p", "b", None, 0.02, None, 0, 0),
+            _opt("pd", "a", "b", 0.03, None, 0, 0), _opt("pd", "b", "a", 0.03, None, 0, 0)]
+    assert placement.decide_flexible(cold, slo, "b") is cold[1]
+    # nothing meets the SLOs; a placement whose steps keep the ITL bound wins, soonest first
+    late = [_opt("skip_p", "a", None, 3.0, 0.020, 0, 5),
+            _opt("pd", "a", "b", 9.0, 0.030, 40, 5),
+            _opt("skip_p", "b", None, 1.5, 0.040, 0, 40)]
+    assert placement.decide_flexible(late, slo, "a") is late[0]
+    # and when none does: P/D from the worker with the fewest streams to the one with most
+    stuck = [_opt("skip_p", "a", None, 3.0, 0.05, 0, 50),
+             _opt("skip_p", "b", None, 3.0, 0.05, 0, 20),
+             _opt("pd", "a", "b", 4.0, 0.05, 20, 50),
+             _opt("pd", "b", "a", 2.0, 0.05, 50, 20)]
+    assert placement.decide_flexible(stuck, slo, "b") is stuck[2]
+    # a D whose decode step is already over the bound takes no more decodes
+    stuck[2] = _opt("pd", "a", "b", 4.0, 0.05, 20, 50, d_step=0.030)
+    assert placement.decide_flexible(stuck, slo, "b") is stuck[3]
+    assert placement.decide_flexible([], slo, "a") is None
+
+
+def test_a_worker_reports_its_decoding_streams_apart_from_its_prefills() -> None:
+    """`num_requests_decoding` is what a prompt chunk would slow down; a worker running only
+    prompt chunks has none."""
+    assert placement.streams({"num_requests_running": 7, "num_requests_decoding": 2}) == 2
+    assert placement.streams({"num_requests_running": 7}) == 7  # older workers
+    prefilling = {"prefill_tokens_per_s": RATE, "mixed_prefill_tokens_per_s": RATE / 4,
+                  "decode_step_ms": 6.0, "num_requests_running": 3, "num_requests_decoding": 0}
+    est = placement.on_d(prefilling, 0, 4000, 2048)
+    assert est is not None and est.itl_s is None and est.streams == 0
+    decoding = {**prefilling, "num_requests_decoding": 3}
+    est = placement.on_d(decoding, 0, 512, 512)
+    # beside decodes, a chunk costs what mixed steps measured
+    assert est is not None and est.itl_s == pytest.approx(0.006 + 512 / (RATE / 4))
+    assert placement.mixed_gap_s(decoding, 512) == pytest.approx(est.itl_s)
+    assert placement.mixed_gap_s({"num_requests_running": 1}, 512) is None

@@ -136,6 +136,7 @@ def test_64_concurrent_requests_equal_offline(cluster, reference, d_name, early)
         assert load["prefill_tokens_per_s"] > 0
     assert cluster["P"].load()["prefill_tokens_per_s"] > 0
     assert load["pending_prefill_tokens"] == 0  # nothing left to compute
+    assert load["num_requests_decoding"] == load["num_requests_running"] == 0
     if d_name == "Dsmall":
         assert load["num_preemptions"] > 0
     if d_name == "Dsmall" and early:  # offers came while D had no room to reserve yet
