@@ -5,6 +5,7 @@
 # Usage (repo root, on the lent machine; the run tool's carry: [".whl"]):
 #   bash bench/gpu_kv_transfer.sh            # after `bash scripts/gpu_wheels.sh fetch` here
 #   SKIP_TESTS=1 BENCH_TIMEOUT=240 bash bench/gpu_kv_transfer.sh   # the benchmark alone
+#   BENCH_ARGS="--gpu-tcp --reps 5" bash bench/gpu_kv_transfer.sh   # tcp (GPU pools) vs raw
 set -e; eval "$(bash scripts/gpu_wheels.sh install)"
 set +e -uo pipefail  # the benchmark runs even if a test fails
 cd "$(dirname "$0")/.."
@@ -58,5 +59,7 @@ if [ "${SKIP_TESTS:-0}" = 0 ]; then
   echo "gpu tests: rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
 fi
 
-timeout "${BENCH_TIMEOUT:-300}" python3 bench/kv_transfer.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+# shellcheck disable=SC2086  # BENCH_ARGS: arguments, word-split (e.g. "--gpu-tcp --reps 5")
+timeout "${BENCH_TIMEOUT:-300}" python3 bench/kv_transfer.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
+  | tee "$OUT/bench.log"
 echo "bench: rc=${PIPESTATUS[0]}"

@@ -420,6 +420,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tcp-connections", type=int, default=None,
                     help="P's tcp data connections per D (default: KVSender's, min(4, cores))")
+    ap.add_argument("--gpu-tcp", action="store_true",
+                    help="only tcp between GPU pools against the raw socket rate")
     ap.add_argument("--cpu-only", default="", help="comma-separated subset of copy,raw,shm,tcp:"
                     " only these CPU sections (and no GPU ones)")
     args = ap.parse_args()
@@ -435,6 +437,10 @@ def main() -> None:
         "block_mib": 2, "bytes_counted": "payload once (not read + written)"}
     save()
     only = set(filter(None, args.cpu_only.split(",")))
+    if args.gpu_tcp:
+        bench_gpu_tcp_vs_raw(tokens, max(tokens) // BLOCK + 64, args.reps)
+        table()
+        return
     if n_gpu and not only:
         bench_gpu(n_gpu, tokens, pool_blocks, args.reps)
     only = only or {"copy", "raw", "shm", "tcp"}
@@ -479,14 +485,26 @@ def bench_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
     socket rate, in rounds: each round measures raw over 1, 2, 4 and 8 connections once,
     then one tcp transfer. Rows: raw's best median over the connection counts, and tcp's
     median with its % of that (the last transfer checked bit-exact)."""
+    _tcp_vs_raw(tokens, blocks, rounds, "cpu")
+
+
+@section("gpu_tcp_vs_raw")
+def bench_gpu_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
+    """The same between GPU pools on one GPU over loopback (`--gpu-tcp`): P stages its
+    blocks through pinned host buffers, D scatters them back with H2D copies."""
+    _tcp_vs_raw(tokens, blocks, rounds, "cuda:0")
+
+
+def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> None:
     from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.tcp_send import default_connections
 
-    p, raw, rx = P("cpu", blocks), RawSender(), None
+    p, raw, rx = P(device, blocks), RawSender(), None
     rng = random.Random(4)
+    pools = "CPU pools" if device == "cpu" else "GPU pools"
     try:
-        pool = KVPool(spec(blocks, torch.bfloat16), torch.device("cpu"))
+        pool = KVPool(spec(blocks, torch.bfloat16), torch.device(device))
         rx = KVReceiver(pool, compat(torch.bfloat16), transports=("tcp",), transfer_timeout=300)
         conns = P.tcp_connections or default_connections()
         for n_tok in tokens:
@@ -511,7 +529,7 @@ def bench_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
                 mib=nbytes / 2**20, copy_gbs=best,
                 per_connections=", ".join(f"{c}: {g:.2f}" for c, g in med.items()))
             ms = statistics.median(lat)
-            row(kind="e2e", transport="tcp", where=f"host (CPU pools), {conns} connections",
+            row(kind="e2e", transport="tcp", where=f"host ({pools}), {conns} connections",
                 tokens=n_tok, mib=nbytes / 2**20, e2e_ms=ms, e2e_gbs=nbytes / ms / 1e6,
                 pct_of_raw=100 * nbytes / ms / 1e6 / best, d_side_ms=statistics.median(dside),
                 reps=rounds, bit_exact=exact,

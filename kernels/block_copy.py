@@ -51,6 +51,26 @@ def _gather_blocks_kernel(
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
+@triton.jit
+def _gather_blocks_bounded_kernel(
+    src_ptr, dst_ptr, src_ids_ptr, dst_ids_ptr,
+    stride_src, stride_dst, words_per_block, tiles_per_block, total_tiles,
+    TILE: tl.constexpr, EVEN: tl.constexpr,
+):
+    # a fixed number of programs (at most that many SMs busy), each striding over every
+    # (block pair, tile) of the copy: a pull that leaves the rest of the GPU to decode
+    for t in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
+        i = t // tiles_per_block
+        src = src_ptr + tl.load(src_ids_ptr + i).to(tl.int64) * stride_src
+        dst = dst_ptr + tl.load(dst_ids_ptr + i).to(tl.int64) * stride_dst
+        offs = (t % tiles_per_block) * TILE + tl.arange(0, TILE)
+        if EVEN:
+            tl.store(dst + offs, tl.load(src + offs))
+        else:
+            mask = offs < words_per_block
+            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
 def _word_view(pool: torch.Tensor, word: torch.dtype) -> torch.Tensor:
     """[num_blocks, words] view of a pool whose blocks are contiguous spans."""
     span = pool[0].numel()
@@ -70,10 +90,12 @@ def _pick_word(src: torch.Tensor, dst: torch.Tensor) -> torch.dtype:
 
 def gather_blocks(
     src_pool: torch.Tensor, src_block_ids: torch.Tensor, dst_pool: torch.Tensor,
-    dst_block_ids: torch.Tensor,
+    dst_block_ids: torch.Tensor, max_programs: int | None = None,
 ) -> None:
     """Triton `gather_blocks_ref` (same contract), one launch for all blocks. Both pools
-    are on the launching device (a peer's memory is mapped into it) and ids on it too."""
+    are on the launching device (a peer's memory is mapped into it) and ids on it too.
+    `max_programs`: at most that many programs (so SMs) move the blocks, each looping over
+    its share of tiles (a bounded pull, issue 24); None: a grid over every block and tile."""
     check_device(src_pool, src_block_ids, dst_pool, dst_block_ids)
     check_index("src_block_ids", src_block_ids, 1)
     check_index("dst_block_ids", dst_block_ids, 1)
@@ -97,6 +119,16 @@ def gather_blocks(
     if interpreting():
         tile = min(tile, 1024)
     num_tiles = triton.cdiv(words, tile)
+    if max_programs is not None:
+        if max_programs < 1:
+            raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+        even = words % tile == 0
+        total = num * num_tiles
+        _gather_blocks_bounded_kernel[(min(max_programs, total),)](
+            src, dst, src_block_ids, dst_block_ids, src.stride(0), dst.stride(0), words,
+            num_tiles, total, TILE=tile, EVEN=even, num_warps=8,
+        )
+        return
     tiles_per_program = min(4, num_tiles)
     grid = (num, triton.cdiv(num_tiles, tiles_per_program))
     even = words % tile == 0 and num_tiles % tiles_per_program == 0

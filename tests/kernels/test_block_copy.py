@@ -42,6 +42,26 @@ def test_gather_between_pools(device, layout, dtype, request):
 
 
 @pytest.mark.parametrize("device", PLACES)
+@pytest.mark.parametrize("programs", [1, 3, 1000])
+@pytest.mark.parametrize("layout,dtype", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4]], ids=str)
+def test_a_bounded_gather_copies_every_tile_with_few_programs(device, programs, layout, dtype,
+                                                              request):
+    """`max_programs`: a fixed grid whose programs stride over every (block, tile), so a
+    pull can be held to a few SMs; the same bytes as the full grid's, whatever the count."""
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    src = pool(9, layout, dtype, device, gen)
+    dst = torch.full((11, *layout), float("nan"), dtype=dtype, device=device)
+    src_ids = torch.randperm(9, generator=gen)[:7].int().to(device)
+    dst_ids = torch.randperm(11, generator=gen)[:7].int().to(device)
+    want = dst.clone()
+    gather_blocks_ref(src, src_ids, want, dst_ids)
+    gather_blocks(src, src_ids, dst, dst_ids, max_programs=programs)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    with pytest.raises(ValueError, match="max_programs"):
+        gather_blocks(src, src_ids, dst, dst_ids, max_programs=0)
+
+
+@pytest.mark.parametrize("device", PLACES)
 def test_gather_within_one_pool_and_int32_ids(device, request):
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     layout, dtype = LAYOUTS[0]

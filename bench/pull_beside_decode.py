@@ -1,0 +1,292 @@
+"""What a same-GPU KV pull costs a real decode step, by pull method and stream priority
+(issue 24: "a real decode step (batch 32) beside back-to-back 16k-token same-GPU pulls <= 15%
+slower than alone; the pull alone >= 85% of copy").
+
+The engine: pdserve's, Llama-3-8B shapes, dummy bf16 weights (bench/serving_gpu.py's
+config), `--batch` requests of `--ctx` tokens decoding, timed per `engine.step()` (each step
+returns once its tokens reached the host). The pull: `--tokens` tokens of KV (2 MiB blocks
+of 16 tokens, random scattered ids) between two pools of the same GPU, i.e. the HBM traffic
+of a cuda_ipc pull on one GPU. Methods:
+
+- `gather`: `gather_blocks`, one launch over every block and tile (today's pull), on a
+  stream of default priority, the engine on the default stream (today's worker);
+- `gather+prio`: the same with the engine on a high-priority stream, the pull on the
+  lowest;
+- `bounded-K`: `gather_blocks(max_programs=K)`: K programs (at most K SMs) stride over
+  every tile, low priority, the engine high;
+- `memcpy`: one `copy_` (cudaMemcpyAsync device to device) per run of consecutive blocks,
+  low priority, the engine high.
+
+Per method: the pull alone (ms, GB/s of payload, % of the same-run copy of one contiguous
+tensor of that size), then the decode step alone and beside back-to-back pulls
+launched by a thread during the timed steps (median ms, slowdown %). JSON to
+OUT/pull_beside_decode.json as it goes; a table last. `--tiny`: the tiny test shapes on any device (a smoke test of
+this script; on CPU no streams).
+
+Usage: python bench/pull_beside_decode.py [--out DIR] [--batch 32] [--ctx 1024]
+       [--tokens 16384] [--methods gather,gather+prio,bounded-16,memcpy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving_gpu import LLAMA3_8B, TINY  # noqa: E402
+
+BLOCK = 16
+RESULTS: dict = {"methods": [], "errors": []}
+OUT: Path | None = None
+
+
+def save() -> None:
+    if OUT is not None:
+        OUT.write_text(json.dumps(RESULTS, indent=1))
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def runs_of(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of runs where both ids advance by one."""
+    out: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((s, d, 1))
+    return out
+
+
+class Pull:
+    """One method's pull of `ids` (src, dst block ids) between `src` and `dst` pools."""
+
+    def __init__(self, method: str, src: torch.Tensor, dst: torch.Tensor, ids: tuple[list[int],
+                 list[int]], dev: torch.device):
+        self.method, self.src, self.dst = method, src, dst
+        self.s = torch.tensor(ids[0], dtype=torch.int32, device=dev)
+        self.d = torch.tensor(ids[1], dtype=torch.int32, device=dev)
+        self.runs = runs_of(*ids)
+        self.programs = int(method.split("-")[1]) if method.startswith("bounded-") else None
+
+    def __call__(self) -> None:
+        from pdserve.kernels.block_copy import gather_blocks
+
+        if self.method == "memcpy":
+            for s, d, n in self.runs:
+                self.dst[d:d + n].copy_(self.src[s:s + n], non_blocking=True)
+        else:
+            gather_blocks(self.src, self.s, self.dst, self.d, max_programs=self.programs)
+
+
+class PullLoop:
+    """A thread pulling back to back on `stream` until `stop()`: it launches a pull, then
+    waits for the one before it (so two are in flight), counting them."""
+
+    def __init__(self, pull: Pull, stream, on):
+        import threading
+
+        self.pull, self.stream, self.on = pull, stream, on
+        self.count = 0
+        self.started = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        prev = None
+        while not self._stop.is_set():
+            with self.on(self.stream):
+                self.pull()
+            ev = None
+            if self.stream is not None:
+                ev = torch.cuda.Event()
+                ev.record(self.stream)
+            self.started.set()
+            if prev is not None:
+                prev.synchronize()
+            prev = ev
+            self.count += 1
+        if prev is not None:
+            prev.synchronize()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn, dev: torch.device, reps: int) -> float:
+    """Median seconds of fn() to completion."""
+    out = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--methods", default="gather,gather+prio,bounded-8,bounded-16,bounded-32,"
+                    "memcpy")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    OUT = Path(args.out) / "pull_beside_decode.json"
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = TINY if args.tiny else LLAMA3_8B
+    RESULTS.update(device=torch.cuda.get_device_name(dev) if cuda else "cpu",
+                   torch=torch.__version__, batch=args.batch, ctx=args.ctx, tokens=args.tokens,
+                   shapes="tiny" if args.tiny else "llama3-8b")
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.setup import build_engine
+
+    # the two pools of the pull first (the engine's pool is sized explicitly, beside them)
+    layers, kv_heads = model_cfg["num_hidden_layers"], model_cfg["num_key_value_heads"]
+    head_dim = model_cfg["hidden_size"] // model_cfg["num_attention_heads"]
+    n = max(1, args.tokens // BLOCK)
+    blocks = n + 64
+    shape = (blocks, layers, 2, BLOCK, kv_heads, head_dim)
+    src = torch.empty(shape, dtype=torch.bfloat16, device=dev)
+    src.view(torch.int16).random_(-30000, 30000)
+    dst = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
+    rng = random.Random(7)
+    ids = (rng.sample(range(blocks), n), rng.sample(range(blocks), n))
+    nbytes = n * src[0].numel() * src.element_size()
+    RESULTS["pull_mib"] = nbytes / 2**20
+    flat_a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
+    flat_b = torch.empty_like(flat_a)
+    copy_s = timed(lambda a=flat_a, b=flat_b: b.copy_(a), dev, args.reps + 2)
+    RESULTS["copy_ms"], RESULTS["copy_gbs"] = copy_s * 1e3, nbytes / copy_s / 1e9
+    del flat_a, flat_b
+    save()
+
+    cfg_dir = Path(tempfile.mkdtemp())
+    (cfg_dir / "config.json").write_text(json.dumps(model_cfg))
+    need = args.batch * (args.ctx + args.steps * 4 + 64) * layers * 2 * kv_heads * head_dim * 2
+    parts = build_engine(EngineConfig(
+        model=str(cfg_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+        device=args.device, max_model_len=args.ctx + 512, max_num_seqs=max(args.batch, 8),
+        max_num_batched_tokens=8192, enable_prefix_caching=False,
+        kv_cache_memory_bytes=int(need * 1.5) + (64 << 20)), progress=False)
+    engine = LLMEngine(parts)
+    vocab = model_cfg["vocab_size"]
+    high = torch.cuda.Stream(dev, priority=-100) if cuda else None  # clamped to the highest
+    low = torch.cuda.Stream(dev, priority=100) if cuda else None  # clamped to the lowest
+    plain = torch.cuda.Stream(dev) if cuda else None
+    RESULTS["stream_priorities"] = torch.cuda.Stream.priority_range() if cuda else None
+
+    def on(stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    from pdserve import SamplingParams
+
+    def decode_steps(engine_stream, pull: Pull | None, pull_stream) -> list[float]:
+        """`args.steps` timed steps of `args.batch` decoding requests; with `pull`, a thread
+        pulls back to back on `pull_stream` meanwhile (two pulls in flight at most, as the
+        receiver's I/O thread would launch them)."""
+        gen = torch.Generator().manual_seed(0)
+        sp = SamplingParams(temperature=0, max_tokens=args.steps + 16, ignore_eos=True)
+        with on(engine_stream):
+            if engine_stream is not None:
+                engine_stream.wait_stream(torch.cuda.default_stream(dev))
+            reqs = [engine.add_request(torch.randint(5, vocab - 1, (args.ctx,),
+                                                     generator=gen).tolist(), sp)
+                    for _ in range(args.batch)]
+            while any(not r.seqs or not r.seqs[0].output_token_ids for r in reqs):
+                engine.step()
+            for _ in range(5):
+                engine.step()
+            sync(dev)
+            loop = PullLoop(pull, pull_stream, on) if pull is not None else None
+            if loop is not None:
+                loop.started.wait(60)
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - t0)
+            if loop is not None:
+                loop.stop()
+                RESULTS.setdefault("pulls_during_steps", {})[pull.method] = loop.count
+            for r in reqs:
+                engine.abort(r)
+            while engine.has_unfinished():
+                engine.step()
+            sync(dev)
+        return times
+
+    for method in args.methods.split(","):
+        try:
+            pull = Pull(method, src, dst, ids, dev)
+            prio = method != "gather"
+            pull_stream = low if prio else plain
+            engine_stream = high if prio else None
+            with on(pull_stream):
+                pull()  # compile / warm
+            alone = timed(lambda s=pull_stream, f=pull: _on_call(on, s, f), dev, args.reps)
+            base = decode_steps(engine_stream, None, None)
+            step_s = statistics.median(base)
+            beside = decode_steps(engine_stream, pull, pull_stream)
+            pulls = RESULTS["pulls_during_steps"][method]
+            # the bytes the pull wrote are the source's
+            exact = bool(torch.equal(dst[pull.d.long()].view(torch.int16),
+                                     src[pull.s.long()].view(torch.int16)))
+            rec = dict(method=method, pull_ms=alone * 1e3, pull_gbs=nbytes / alone / 1e9,
+                       pct_of_copy=100 * RESULTS["copy_ms"] / 1e3 / alone,
+                       step_ms_alone=step_s * 1e3,
+                       step_ms_beside=statistics.median(beside) * 1e3,
+                       slowdown_pct=100 * (statistics.median(beside) / step_s - 1),
+                       pulls_during_steps=pulls, exact=exact, runs=len(pull.runs))
+            RESULTS["methods"].append(rec)
+            print(json.dumps(rec), flush=True)
+            dst.zero_()
+        except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
+            import traceback
+
+            traceback.print_exc()
+            RESULTS["errors"].append({"method": method, "error": f"{type(e).__name__}: {e}"})
+        save()
+    print(f"\n{RESULTS['device']}, {RESULTS['shapes']}, batch {args.batch} x {args.ctx} ctx; "
+          f"pull {args.tokens} tokens = {RESULTS['pull_mib']:.0f} MiB; same-run copy "
+          f"{RESULTS['copy_gbs']:.0f} GB/s")
+    print("| method | pull ms | GB/s | % of copy | step alone ms | step beside ms | slowdown |")
+    print("|---|---|---|---|---|---|---|")
+    for r in RESULTS["methods"]:
+        print(f"| {r['method']} | {r['pull_ms']:.2f} | {r['pull_gbs']:.0f} | "
+              f"{r['pct_of_copy']:.0f}% | {r['step_ms_alone']:.2f} | {r['step_ms_beside']:.2f} | "
+              f"{r['slowdown_pct']:+.1f}% |")
+
+
+def _on_call(on, stream, fn) -> None:
+    with on(stream):
+        fn()
+
+
+if __name__ == "__main__":
+    main()
