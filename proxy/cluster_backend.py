@@ -347,6 +347,7 @@ class ClusterBackend:
                 self._held_p.add(opt.p.url)
             elif opt.sustains:
                 self._held_p.clear()
+            metrics.PLACEMENT_P_ROLE.set(len(self._held_p))
         return opt
 
     @staticmethod

@@ -43,6 +43,10 @@ PLACEMENTS = Counter("pdserve_proxy_placement_decisions",
 PLACEMENT_TTFT = FastHistogram("pdserve_proxy_placement_ttft_estimate_seconds",
                                "The estimated TTFT of each placement chosen by the estimates",
                                _LAT)
+PLACEMENT_P_ROLE = Gauge("pdserve_proxy_placement_prefill_role_workers",
+                         "Both-role workers that --placement slo holds in P's role (they "
+                         "prefill for others and take no new decodes) until the pool "
+                         "collocates again")
 REJECTED = Counter("pdserve_proxy_rejected_requests", "Requests answered 429 (overloaded)",
                    ["reason"])
 QUEUED = Gauge("pdserve_proxy_queued_requests", "Requests waiting for a worker with room")

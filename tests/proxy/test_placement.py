@@ -11,7 +11,7 @@ import pytest
 
 from pdserve.common.params import SamplingParams
 from pdserve.common.wire import RequestRecord
-from pdserve.proxy import placement
+from pdserve.proxy import metrics, placement
 from pdserve.proxy.cluster_backend import ClusterBackend
 from pdserve.proxy.placement import SLO, Estimate
 from pdserve.proxy.registry import Registry, Worker
@@ -210,6 +210,7 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     route = flexible._route(rec, set(), [])
     assert route is not None and route[0] == "pd" and route[1] is a and route[2] is b, route
     flexible._release(route, rec.request_id)
+    assert flexible._held_p == {"http://a"} and metrics.PLACEMENT_P_ROLE._value.get() == 1
     assert route_of(fixed, 4000) == "both"
     # a short prompt would fit one of b's steps, but b's steps cannot take a full chunk
     # beside its streams (6 ms + 2,048 tokens > 25 ms): a keeps P's role, b decodes
@@ -233,6 +234,7 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     for w in (a, b):
         w.info["limits"]["max_num_batched_tokens"] = 512
     assert route_of(flexible, 300) == "both" and not flexible._held_p
+    assert metrics.PLACEMENT_P_ROLE._value.get() == 0
     short = RequestRecord("s", list(range(5, 305)), SamplingParams(max_tokens=16, seed=1))
     route = flexible._route(short, set(), [])
     assert route is not None and route[0] == "both" and route[1] is a, route
