@@ -20,8 +20,8 @@ of a cuda_ipc pull on one GPU. Methods:
 Per method: the pull alone (ms, GB/s of payload, % of the same-run copy of one contiguous
 tensor of that size), then the decode step alone and beside back-to-back pulls
 launched by a thread during the timed steps (median ms, slowdown %). JSON to
-OUT/pull_beside_decode.json as it goes; a table last. `--tiny`: the tiny test shapes on any device (a smoke test of
-this script; on CPU no streams).
+OUT/pull_beside_decode.json as it goes; a table last. `--tiny`: the tiny test shapes on
+any device (a smoke test of this script; on CPU no streams).
 
 Usage: python bench/pull_beside_decode.py [--out DIR] [--batch 32] [--ctx 1024]
        [--tokens 16384] [--methods gather,gather+prio,bounded-16,memcpy]

@@ -164,7 +164,8 @@ class DecodeLoop(StreamingLoop):
         self.receiver = KVReceiver(parts.pool, self.compat, host=cfg.host,
                                    port=cfg.kv_address_port, internal_token=cfg.internal_token or "",
                                    transfer_timeout=cfg.transfer_timeout,
-                                   transports=tuple(cfg.kv_transports))
+                                   transports=tuple(cfg.kv_transports),
+                                   data_port=cfg.kv_data_port)
         self.kv_address = f"tcp://{cfg.public_host}:{cfg.kv_address_port}"
         self.queue: deque[_DReq] = deque()
         self.num_fallbacks = 0
@@ -306,7 +307,12 @@ class DecodeLoop(StreamingLoop):
                 "kv_transports": self.receiver.stats()["peers"]}
 
     def info(self) -> dict[str, Any]:
-        return {"kv_address": self.kv_address, "kv_transports": self.receiver.stats()["peers"]}
+        stats = self.receiver.stats()
+        data = self.receiver.data
+        # tcp: the data port P's connections land on (--kv-data-port), and how many are open
+        return {"kv_address": self.kv_address, "kv_transports": stats["peers"],
+                "kv_data_port": data.port if data is not None else None,
+                "kv_tcp_connections": stats["tcp_connections"]}
 
     def close(self) -> None:
         self.receiver.close()

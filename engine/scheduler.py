@@ -11,7 +11,9 @@ Algorithm of `schedule()` (one forward per step):
 1. Running sequences, oldest first, each schedule their pending tokens (the next prefill
    chunk, or the one token sampled last step) within the step's token budget
    (max_num_batched_tokens; mixed_step_tokens instead, if set, when a running sequence is
-   past its prompt, i.e. decodes in this step); if a sequence
+   past its prompt, i.e. decodes in this step, unless a prompt this engine prefills for
+   another worker waits: a worker the proxy put in P's role prefills at full speed while
+   its last streams drain, issue 21); if a sequence
    needs a block and none is free, the newest running sequence is preempted (blocks freed,
    recomputed later from its tokens so far) until it fits.
 2. Waiting sequences join, first come first served, while the token budget, max_num_seqs and
@@ -167,7 +169,10 @@ class Scheduler:
         """What runs next: (sequence, tokens to compute) in order, running ones first."""
         budget = self.max_num_batched_tokens
         if self.mixed_step_tokens is not None and any(
-                seq.num_computed_tokens >= seq.num_prompt_tokens for seq in self.running):
+                seq.num_computed_tokens >= seq.num_prompt_tokens for seq in self.running) \
+                and not any(seq.request.prefill_only
+                            and seq.num_computed_tokens < seq.num_prompt_tokens
+                            for seq in (*self.running, *self.waiting)):
             budget = self.mixed_step_tokens  # a stream decodes in this step: keep it short
         batch: list[tuple[Sequence, int]] = []
         for seq in list(self.running):

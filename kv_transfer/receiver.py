@@ -65,7 +65,7 @@ class KVReceiver(IOThread):
 
     def __init__(self, pool: KVPool, compat: CompatRecord, *, host: str = "127.0.0.1",
                  port: int = 0, internal_token: str = "", transfer_timeout: float = 30.0,
-                 transports: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")):
+                 transports: tuple[str, ...] = ("cuda_ipc", "shm", "tcp"), data_port: int = 0):
         super().__init__("kv-receiver")
         self.pool = pool
         self.compat = compat
@@ -92,7 +92,8 @@ class KVReceiver(IOThread):
             if pool.device.type == "cuda" else None
         # tcp: P's data connections land on this port (same interface as the router)
         self.data = DataPlane(pool, host, on_complete=self._on_landed,
-                              on_failed=self._on_data_failed, on_lost=self._on_data_lost) \
+                              on_failed=self._on_data_failed, on_lost=self._on_data_lost,
+                              port=data_port) \
             if "tcp" in transports else None
         if self.data is not None:
             self.poller.register(self.data.fileno, zmq.POLLIN)

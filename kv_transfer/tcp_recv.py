@@ -1,9 +1,10 @@
 """D's tcp data plane: P's data connections, received straight into the reserved blocks.
 
-D listens on one data port (the KV port's interface, an ephemeral port that Welcome tells
-P). P opens a few connections per session (`tcp_send.py`), each proving itself with the
-session's data key in its first bytes; a reader thread per connection then takes batches
-(a DATA_BATCH header, then whole blocks) and `recv_into`s each block's bytes:
+D listens on one data port (the KV port's interface; `--kv-data-port`, by default a free
+port; Welcome tells P which). P opens a few connections per session (`tcp_send.py`,
+`--kv-tcp-connections`), each proving itself with the session's data key in its first
+bytes; a reader thread per connection then takes batches (a DATA_BATCH header, then whole
+blocks) and `recv_into`s each block's bytes:
 - CPU pool: straight into the block's memory (a memoryview of the pool), so the kernel's
   copy out of the socket is the only one, as for a raw socket;
 - GPU pool: into one of two pinned staging buffers of the connection, then one
@@ -116,11 +117,11 @@ class DataPlane:
 
     def __init__(self, pool: KVPool, host: str, on_complete: Callable[[int, str], None],
                  on_failed: Callable[[int, str, str], None],
-                 on_lost: Callable[[str, str], None]):
+                 on_lost: Callable[[str, str], None], port: int = 0):
         self.pool = pool
         self.block_bytes = pool.spec.bytes_per_block
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, 0), family=family, backlog=64)
+        self.listener = socket.create_server((host, port), family=family, backlog=64)
         self.listener.setblocking(False)
         self.fileno = self.listener.fileno()
         self.port = self.listener.getsockname()[1]

@@ -322,21 +322,19 @@ class ClusterBackend:
             mixed = int(limits.get("mixed_step_tokens") or
                         limits.get("max_num_batched_tokens", 2048))
             gap = placement.mixed_gap_s(d.load, mixed)
-            step_ms = d.load.get("decode_step_ms")
             streams = placement.streams(d.load)
-            step_s = None if step_ms is None else step_ms / 1e3
             sustains = gap is None or gap <= placement.SUSTAIN_FRACTION * self.slo.itl_s
             whole = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d))
             if whole is None:
                 return None
-            options.append(placement.Option(whole, d, None, streams, step_s, sustains))
+            options.append(placement.Option(whole, d, None, streams, sustains))
             for p in flexible:
                 est = as_p[p.url]
                 if p is d or not self._link_open(p, d):
                     continue
                 if est is None:
                     return None
-                options.append(placement.Option(est, d, p, streams, step_s, sustains))
+                options.append(placement.Option(est, d, p, streams, sustains))
         # a worker chosen to prefill for another keeps P's role (no new decodes) until a
         # worker collocates again: its streams drain and its steps become prompt-only
         # (without this, both workers kept taking decodes and prompt chunks alike)

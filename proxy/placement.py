@@ -181,7 +181,6 @@ class Option:
     d: Any
     p: Any | None
     d_streams: int  # the streams running on D
-    d_step_s: float | None  # D's decode step (measured): the gap its streams see
     sustains: bool  # D's steps would keep its streams' gap within the ITL bound with a
     # prompt chunk beside them (mixed steps cheap enough to collocate; True until measured)
 
@@ -195,18 +194,19 @@ def decide_flexible(options: list[Option], slo: SLO, preferred: Any) -> Option |
        bound (`sustains`) or that runs no stream (nothing to hurt yet) — only while no
        worker decodes that could take it (else 2): collocated serving while it is the cheaper
        layout; the load-preferred worker first, then by headroom.
-    2. P/D within the SLOs onto a D whose decode step keeps the ITL bound: the D with the
-       most streams (decodes gather on one worker, prompts on the others: a disaggregated
-       pair forms under load, where mixed steps cost more than the ITL bound allows).
+    2. P/D within the SLOs, onto the D with the most streams (decodes gather on one worker,
+       prompts on the others: a disaggregated pair forms under load, where mixed steps cost
+       more than the ITL bound allows).
     3. D prefills it itself within the SLOs (any worker).
-    4. None meets them: P/D from the worker running the fewest streams to the one running the
-       most (its steps clean while it decodes; the P's streams drain), else the old rule.
+    4. None meets them: the soonest first token among the placements whose steps keep the
+       ITL bound (a late first token costs one request, a long step every stream beside
+       it), else P/D from the worker running the fewest streams to the one running the most
+       (its steps clean while it decodes; the P's streams drain).
     """
     if not options:
         return None
-    itl_ok = [o for o in options
-              if o.est.route == "pd" and (o.d_step_s is None or o.d_step_s <= slo.itl_s)]
-    meets_pd = [o for o in itl_ok if o.est.meets(slo)]
+    pds = [o for o in options if o.est.route == "pd"]
+    meets_pd = [o for o in pds if o.est.meets(slo)]
     whole_ok = [o for o in options if o.est.route == "skip_p" and o.est.meets(slo)]
     decoding = [o for o in meets_pd if o.d_streams > 0]
     collocate = [o for o in whole_ok if o.sustains or (o.d_streams == 0 and not decoding)]
@@ -218,11 +218,9 @@ def decide_flexible(options: list[Option], slo: SLO, preferred: Any) -> Option |
         return max(whole_ok, key=lambda o: (o.d is preferred, o.est.headroom(slo)))
     # a late first token costs this request, a long step every stream of the worker that
     # runs it: the soonest first token among the placements whose steps keep the ITL bound
-    keep = [o for o in options if (o.est.itl_s is None or o.est.itl_s <= slo.itl_s)
-            and (o.est.route != "pd" or o in itl_ok)]
+    keep = [o for o in options if o.est.itl_s is None or o.est.itl_s <= slo.itl_s]
     if keep:
         return min(keep, key=lambda o: (o.est.ttft_s, o.est.route != "pd"))
-    pd = itl_ok or [o for o in options if o.est.route == "pd"]
-    if pd:
-        return min(pd, key=lambda o: (o.est.streams, -o.d_streams, o.est.ttft_s))
+    if pds:
+        return min(pds, key=lambda o: (o.est.streams, -o.d_streams, o.est.ttft_s))
     return min(options, key=lambda o: o.est.ttft_s)

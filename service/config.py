@@ -30,6 +30,17 @@ class WorkerConfig(EngineConfig):
                                    "port + 1).")
     kv_port: int | None = option(None, check=_port, help="D's (and a both-role worker's) "
                                  "KV-transfer port (default: port + 2).")
+    kv_data_port: int = option(0, check=lambda v: None if 0 <= v <= 65535 else
+                               "must be a port number (0: any free port)",
+                               help="D's (and a both-role worker's) tcp KV data port: P's "
+                               "data connections carry the KV bytes there, beside the KV "
+                               "port's control session. 0: a free port, told to each P in "
+                               "the handshake; set it where a firewall opens only known "
+                               "ports.")
+    kv_tcp_connections: int | None = option(
+        None, check=lambda v: None if v is None or 1 <= v <= 64 else "must be 1..64",
+        help="P's (and a both-role worker's) tcp data connections per D it sends KV to "
+        "(default: min(4, CPU cores)); one connection rarely fills a fast NIC.")
     advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
                                         "(default: --host). 'auto': the address this "
                                         "machine's host name resolves to (a container's own "

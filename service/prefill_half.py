@@ -98,7 +98,8 @@ class PrefillHalf:
         self.sender = KVSender(loop.parts.pool, loop.compat, name=cfg.worker_name,
                                internal_token=cfg.internal_token or "",
                                transfer_timeout=cfg.transfer_timeout,
-                               canary_block=self._canary_block())
+                               canary_block=self._canary_block(),
+                               tcp_connections=cfg.kv_tcp_connections)
         self._ready: list[PReq] = []  # READY, in order
         self._waiter: _EventWaiter | None = None  # made on the first late KV write
         self._watched: torch.cuda.Event | None = None  # the event the waiter waits for

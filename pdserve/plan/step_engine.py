@@ -4,7 +4,7 @@ simulated time, so the two agree by construction on everything but the clock.
 
 Each step: every decoding sequence gets one token, then prompt chunks fill the rest of the
 step's token budget (`max_num_batched_tokens`; `mixed_step_tokens` when a stream decodes in
-the step) - requests already running first, then new ones up to `max_num_seqs`, in arrival
+the step, unless a prompt prefilled for a D waits: as engine/scheduler.py) - requests already running first, then new ones up to `max_num_seqs`, in arrival
 order; a prompt whose last chunk ran gets its next token at the step's end. Its time is what
 the step model (pdserve/plan/step_model.py) gives for those chunks and decodes. A job
 prefilled for a D (a P's, or a both-role worker's acting as P) ends at its first token, then
@@ -128,7 +128,8 @@ class StepEngine:
 
     def schedule(self) -> StepPlan | None:
         budget = self.budget
-        if any(j.done >= j.prefill for j in self.running.values()):
+        if any(j.done >= j.prefill for j in self.running.values()) and not any(
+                j.p for j in (*self.waiting, *self.running.values()) if j.done < j.prefill):
             budget = self.mixed_budget  # a stream decodes in this step (engine/scheduler.py)
         decodes: list[Job] = []
         chunks: list[tuple[Job, int, int]] = []

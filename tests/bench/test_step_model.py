@@ -120,6 +120,13 @@ def test_the_mixed_step_budget_applies_only_while_a_stream_decodes() -> None:
     p = e.schedule()  # a decodes: 1 + 19
     assert [j.rid for j in p.decodes] == ["a"] and [(j.rid, n) for j, n, _ in p.chunks] == \
         [("b", 19)]
+    # a prompt prefilled for another worker (P's role) waits: full chunks beside "a"
+    x = job("x", 300, 2)
+    x.p = True
+    e.add(x)
+    e.complete(p, 0.0)
+    p = e.schedule()
+    assert [j.rid for j in p.decodes] == ["a"] and sum(n for _, n, _ in p.chunks) == 99
 
 
 @pytest.mark.timeout(30)

@@ -687,9 +687,11 @@ def test_a_mixed_pool_runs_p_d_from_a_p_to_a_both_role_worker(cluster, reference
 
 def test_two_both_role_workers_pair_up_through_the_proxy(cluster, reference):
     """Flexible roles through `pdserve serve --placement slo` (issue 21): two both-role
-    workers, an ITL bound no running stream can meet (0.01 ms), so a prompt whose decode
-    worker has a stream running is prefilled on the other, idle one and its KV handed over.
-    The proxy pairs them one way, then the other; every output equals the offline engine's."""
+    workers, an ITL bound no running stream can meet (0.01 ms), so a prompt arriving while
+    one worker runs a stream is prefilled on the other, idle one and its KV handed over; that
+    worker then keeps P's role (the proxy's gauge says so) and the next pair goes the same
+    way. Every output equals the offline engine's. (A both-role worker acting as P for one
+    request and D for another in one run: tests/workers/test_pd_workers.py.)"""
     import threading
 
     tmp = cluster["tmp"]
@@ -772,17 +774,25 @@ def test_two_both_role_workers_pair_up_through_the_proxy(cluster, reference):
                               r'role="both"\} (\S+)', w.get("/metrics").text)
                 return float(m.group(1)) if m else 0.0
 
+            def held() -> float:
+                text = httpx.get(url + "/metrics", timeout=10).text
+                return float(re.search(r"^pdserve_proxy_placement_prefill_role_workers (\S+)",
+                                       text, re.M).group(1))
+
+            before = [transferred(w) for w in ws]
+            pd0 = routes().get("pd", 0)
             base = prompt_ids(900, 96)
             pair(base)
-            assert routes().get("pd") == 1, routes()
-            first_p = [w for w in ws if transferred(w) == 1]
-            assert len(first_p) == 1
-            # the other way: the prompt that worker prefilled (its prefix cache, as the
-            # proxy remembers it) brings the next long stream there; the next prompt over
-            # it is prefilled on the other worker
+            assert routes().get("pd", 0) == pd0 + 1, routes()
+            moved = [transferred(w) - b for w, b in zip(ws, before)]
+            assert sorted(moved) == [0, 1], moved
+            # the worker that prefilled for the other keeps P's role: the proxy sends it no
+            # decodes until the pool collocates again (never, under this bound), so the next
+            # long stream runs on the other worker and the next prompt pairs the same way
+            assert held() == 1
             pair(base + prompt_ids(800 + len(base), 40))
-            assert routes().get("pd") == 2, routes()
-            assert all(transferred(w) == 1 for w in ws), [transferred(w) for w in ws]
+            assert routes().get("pd", 0) == pd0 + 2, routes()
+            assert [transferred(w) - b for w, b in zip(ws, before)] == [2 * m for m in moved]
         for w in ws:  # nothing held once the streams ended
             load = w.load()
             assert load["blocks_awaiting_transfer"] == 0 and load["num_reserved_blocks"] == 0

@@ -7,6 +7,7 @@ engine's, token for token."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -89,12 +90,17 @@ def two_hosts(tmp_path_factory):
         d_bind = d_addr = "127.0.0.3"
         prefix = []
     ws, proxy = [], None
+    with socket.socket() as s:  # D's tcp KV data port, fixed (--kv-data-port)
+        s.bind((d_bind, 0))
+        data_port = s.getsockname()[1]
     try:
-        ws = [start("prefill", tmp, p_bind, p_addr, prefix),
-              start("decode", tmp, d_bind, d_addr, [], "--kv-transports", "tcp")]
+        ws = [start("prefill", tmp, p_bind, p_addr, prefix, "--kv-tcp-connections", "2"),
+              start("decode", tmp, d_bind, d_addr, [], "--kv-transports", "tcp",
+                    "--kv-data-port", str(data_port))]
         wait_healthy(ws)
         proxy, url, log = start_proxy(tmp, [ws[0].http], [ws[1].http])
-        yield {"P": ws[0], "D": ws[1], "url": url, "namespaced": namespaced, "log": log}
+        yield {"P": ws[0], "D": ws[1], "url": url, "namespaced": namespaced, "log": log,
+               "data": (d_bind, data_port)}
     finally:
         if proxy is not None:
             proxy.terminate()
@@ -138,3 +144,8 @@ def test_p_and_d_on_two_hosts_move_kv_over_tcp_and_match_offline(two_hosts):
     while transfers(d, "tcp") < before + 3 and time.monotonic() < end:
         time.sleep(0.2)
     assert transfers(d, "tcp") >= before + 3  # every prompt's KV crossed over TCP
+    # D's data plane holds the port it was given, and P opened the two connections it was told
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(two_hosts["data"])
+    info = d.get("/info").json()
+    assert info["kv_data_port"] == two_hosts["data"][1] and info["kv_tcp_connections"] == 2, info

@@ -78,6 +78,21 @@ def test_mixed_step_tokens_bound_only_the_steps_that_decode():
     ran, rows = run(sched)
     assert ran == [(101, 1, 1), (19, 19, 0)] and rows[0].finish_reason == "length"  # "a" ends
     assert run(sched)[0] == [(38, 62, 1)]  # no stream decodes now: the full budget again
+
+
+def test_a_prompt_prefilled_for_another_worker_keeps_the_full_budget_beside_streams():
+    """A both-role engine prefilling for another worker (`prefill_only`: the proxy put it in
+    P's role) runs its prompt chunks with the full budget even while its own last streams
+    decode; its own prompts alone keep to the mixed budget."""
+    sched = make_scheduler(max_num_batched_tokens=64, mixed_step_tokens=20)
+    add(sched, [2] * 10, params(n_out=5), rid="a")
+    run(sched)  # "a" prefilled: it decodes from now on
+    add(sched, [3] * 100, params(n_out=3), rid="own")
+    assert run(sched)[0] == [(10, 1, 1), (0, 19, 0)]  # its own prompt: 20 tokens in all
+    p = Request("for-d", [4] * 100, params(n_out=3), seed=0, prefill_only=True)
+    sched.add(p)
+    ran, _ = run(sched)
+    assert ran[0] == (11, 1, 1) and sum(n for _, n, _ in ran) == 64, ran  # the full budget
     assert make_scheduler(max_num_batched_tokens=64, mixed_step_tokens=500) \
         .mixed_step_tokens == 64  # capped at --max-num-batched-tokens
 

@@ -5,7 +5,8 @@ P fills blocks with seeded random data and offers them; D reserves blocks and re
 arrived. Both free blocks exactly as a worker would: D on a failed, expired or cancelled
 reservation (and after the test reads what arrived), P on every terminal event.
 
-tcp options: P's `tcp_connections` (data connections per session); P's `stall_push`: True,
+tcp options: P's `tcp_connections` (data connections per session); D's `data_port` (its
+data plane's port; the "data_port" command says which it listens on); P's `stall_push`: True,
 P accepts D's SEND but never pushes; "mid_block", for requests whose id starts with
 "stall", P sends a batch header and half a block, then hangs until the connection is shut
 down (a P stalled or frozen mid-transfer). `batch_bytes` (P) and `staging_bytes` (both; GPU
@@ -91,7 +92,8 @@ def _main(role: str, conn, opts: dict) -> None:
 
         ep = KVReceiver(pool, c, internal_token=opts.get("token", "tok"),
                         transfer_timeout=opts.get("transfer_timeout", 30.0),
-                        transports=tuple(opts.get("transports", ("shm", "tcp"))))
+                        transports=tuple(opts.get("transports", ("shm", "tcp"))),
+                        data_port=opts.get("data_port", 0))
     else:
         from pdserve.kv_transfer.sender import KVSender
 
@@ -137,6 +139,8 @@ def _main(role: str, conn, opts: dict) -> None:
             return
         if cmd == "address":
             conn.send(getattr(ep, "address", None))
+        elif cmd == "data_port":  # D: the port its tcp data plane listens on
+            conn.send(ep.data.port if getattr(ep, "data", None) else None)
         elif cmd == "reserve":  # D: rid, num_tokens, timeout
             rid, num_tokens, timeout = args
             table = bm.allocate([0] * num_tokens).block_table

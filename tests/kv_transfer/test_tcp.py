@@ -57,6 +57,24 @@ def test_blocks_move_bit_exact_over_several_connections_in_many_batches(procs, c
     assert all_free(d)
 
 
+def test_d_listens_for_kv_data_on_the_port_it_is_given(procs):
+    """`--kv-data-port`: D's data plane binds that port (where a firewall opens only known
+    ports) and P's connections land there; by default a free port, told in the handshake."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = procs("D", transports=["tcp"], data_port=port)
+    assert d.call("data_port") == port
+    p = procs("P", tcp_connections=2)
+    move(d, p, d.call("address"), {"a": 40, "b": 7}, 7)
+    assert d.call("stats")["tcp_connections"] == 2
+    other = procs("D", transports=["tcp"])
+    assert other.call("data_port") not in (None, 0, port)
+    wait_for(lambda: all_free(p))
+
+
 def test_d_cancel_while_p_stalls_mid_block_stops_the_reader_before_freeing(procs):
     """P sends half a block and hangs. D cancels: its reader is inside the reserved blocks,
     so D closes that connection and joins the reader before CANCELLED frees them (the

@@ -241,9 +241,9 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
 
 
 def _opt(route: str, d: str, p: str | None, ttft: float, itl: float | None, p_streams: int,
-         d_streams: int, d_step: float = 0.008, sustains: bool = False) -> placement.Option:
+         d_streams: int, sustains: bool = False) -> placement.Option:
     return placement.Option(Estimate(route, ttft, itl, p_streams if route == "pd" else d_streams),
-                            d, p, d_streams, d_step, sustains)
+                            d, p, d_streams, sustains)
 
 
 def test_flexible_decisions_collocate_while_cheap_and_pair_up_when_not() -> None:
@@ -277,9 +277,6 @@ def test_flexible_decisions_collocate_while_cheap_and_pair_up_when_not() -> None
              _opt("pd", "a", "b", 4.0, 0.05, 20, 50),
              _opt("pd", "b", "a", 2.0, 0.05, 50, 20)]
     assert placement.decide_flexible(stuck, slo, "b") is stuck[2]
-    # a D whose decode step is already over the bound takes no more decodes
-    stuck[2] = _opt("pd", "a", "b", 4.0, 0.05, 20, 50, d_step=0.030)
-    assert placement.decide_flexible(stuck, slo, "b") is stuck[3]
     assert placement.decide_flexible([], slo, "a") is None
 
 
