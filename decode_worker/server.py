@@ -165,10 +165,16 @@ class DecodeLoop(StreamingLoop):
                                    port=cfg.kv_address_port, internal_token=cfg.internal_token or "",
                                    transfer_timeout=cfg.transfer_timeout,
                                    transports=tuple(cfg.kv_transports),
-                                   data_port=cfg.kv_data_port)
+                                   data_port=cfg.kv_data_port, busy=self._engine_busy,
+                                   pull_programs=cfg.kv_pull_programs)
         self.kv_address = f"tcp://{cfg.public_host}:{cfg.kv_address_port}"
         self.queue: deque[_DReq] = deque()
         self.num_fallbacks = 0
+
+    def _engine_busy(self) -> bool:
+        """(the KV receiver's I/O thread) whether the engine runs steps now: a read of the
+        scheduler's running list from another thread, a hint for how wide a pull may go."""
+        return bool(self.engine.scheduler.running)
 
     def on_message(self, identity: bytes, msg: wire.DataMessage) -> None:
         if isinstance(msg, wire.Generate):  # the proxy skipped P (short or cached prompt)

@@ -262,9 +262,10 @@ def num_open_mappings() -> int:
         return len(_OPENED)
 
 
-def read_blocks(src: torch.Tensor, block_ids: list[int], stream: torch.cuda.Stream) -> torch.Tensor:
+def read_blocks(src: torch.Tensor, block_ids: list[int], stream: torch.cuda.Stream,
+                max_programs: int | None = None) -> torch.Tensor:
     """Copy whole blocks of a (mapped) pool into a fresh tensor on its device with the
-    gather kernel, synchronously on `stream` (handshake-time use only)."""
+    gather kernel, synchronously on `stream` (handshake-time use and warm-up only)."""
     from pdserve.kernels.block_copy import gather_blocks
 
     dev = src.device
@@ -273,7 +274,7 @@ def read_blocks(src: torch.Tensor, block_ids: list[int], stream: torch.cuda.Stre
         # int32 ids, as the pulls use: one compiled kernel for both
         src_ids = torch.tensor(block_ids, dtype=torch.int32, device=dev)
         dst_ids = torch.arange(len(block_ids), dtype=torch.int32, device=dev)
-        gather_blocks(src, src_ids, out, dst_ids)
+        gather_blocks(src, src_ids, out, dst_ids, max_programs=max_programs)
         stream.synchronize()
     return out
 
@@ -318,10 +319,18 @@ class Puller:
     which the scheduler may reuse the blocks."""
 
     def __init__(self, device: torch.device, pool: torch.Tensor | None = None,
-                 on_done: Callable[[str, int], None] | None = None):
+                 on_done: Callable[[str, int], None] | None = None,
+                 busy: Callable[[], bool] | None = None, busy_programs: int = 0):
+        """`busy()`: whether D's engine is running steps; while it is, a copy runs on at most
+        `busy_programs` programs of the gather (so SMs: a full-grid gather's small blocks
+        keep a decode step's kernels from finding whole SMs free: +3,100% step time beside
+        back-to-back 16k-token pulls on an H100, +12% with 16 programs, BENCHMARKS.md).
+        0: the full grid always."""
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.on_done = on_done
+        self.busy, self.busy_programs = busy, busy_programs
+        self.bounded_copies = 0  # copies run on busy_programs (D's engine was busy)
         self._pending: dict[str, _Pending] = {}
         self._serials = itertools.count(1)
         self._waits: queue.SimpleQueue = queue.SimpleQueue()
@@ -335,6 +344,8 @@ class Puller:
         if pool is not None:  # compile the gather now, not inside a P's handshake
             try:
                 read_blocks(pool, [0], self.stream)
+                if busy_programs:
+                    read_blocks(pool, [0], self.stream, busy_programs)
             except Exception as e:  # noqa: BLE001 - the handshake will report it
                 logger.warning("gather kernel warm-up on %s failed: %s", device, e)
 
@@ -353,7 +364,10 @@ class Puller:
             pad = [0] * (-n % 4)
             ids = torch.tensor([src_ids + pad, dst_ids + pad], dtype=torch.int32).pin_memory()
             ids = ids.to(self.device, non_blocking=True)
-            gather_blocks(src_pool, ids[0, :n], dst_pool, ids[1, :n])
+            bounded = self.busy_programs and self.busy is not None and self.busy()
+            gather_blocks(src_pool, ids[0, :n], dst_pool, ids[1, :n],
+                          max_programs=self.busy_programs if bounded else None)
+            self.bounded_copies += bool(bounded)
             event = torch.cuda.Event()
             event.record(self.stream)
         serial = next(self._serials)

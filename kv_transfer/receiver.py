@@ -21,6 +21,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -65,7 +66,8 @@ class KVReceiver(IOThread):
 
     def __init__(self, pool: KVPool, compat: CompatRecord, *, host: str = "127.0.0.1",
                  port: int = 0, internal_token: str = "", transfer_timeout: float = 30.0,
-                 transports: tuple[str, ...] = ("cuda_ipc", "shm", "tcp"), data_port: int = 0):
+                 transports: tuple[str, ...] = ("cuda_ipc", "shm", "tcp"), data_port: int = 0,
+                 busy: Callable[[], bool] | None = None, pull_programs: int = 0):
         super().__init__("kv-receiver")
         self.pool = pool
         self.compat = compat
@@ -88,7 +90,10 @@ class KVReceiver(IOThread):
         self._peers: dict[bytes, _Peer] = {}
         self._stats = {"peers": {}, "active": 0, "downgrades": {}, "num_downgrades": 0}
         # cuda_ipc pulls run on a stream of D's device; made here, used by the I/O thread
-        self.puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied) \
+        # (`busy`/`pull_programs`: while D's engine runs steps, a pull uses at most that many
+        # SMs' worth of programs: cuda_ipc.Puller)
+        self.puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied,
+                                      busy=busy, busy_programs=pull_programs) \
             if pool.device.type == "cuda" else None
         # tcp: P's data connections land on this port (same interface as the router)
         self.data = DataPlane(pool, host, on_complete=self._on_landed,

@@ -83,7 +83,7 @@ class KVSender(IOThread):
                  internal_token: str = "", transfer_timeout: float = 30.0,
                  canary_block: int | None = None, tcp_connections: int | None = None):
         """`tcp_connections`: data connections per D session over tcp (default:
-        `tcp_send.default_connections()`, min(4, cores))."""
+        `tcp_send.default_connections()`, min(8, cores))."""
         super().__init__("kv-sender")
         self.pool = pool
         self.compat = compat

@@ -55,9 +55,10 @@ STAGING_BYTES = 8 << 20  # GPU pools: each of a connection's two pinned buffers
 
 
 def default_connections() -> int:
-    """Data connections per D session when not configured: up to 4, at most one per core
-    (each moves about one core's memcpy worth; on 2 cores 2 and 4 measured alike)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Data connections per D session when not configured: up to 8, at most one per core
+    (each moves about one core's memcpy worth; on 2 cores 2 and 4 measured alike; on a
+    16-core H100 host loopback moved 14.4 GB/s over 4 connections and 22.3 over 8)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def sendmsg_all(sock: socket.socket, bufs: list[Any]) -> None:

@@ -4,10 +4,11 @@ simulated time, so the two agree by construction on everything but the clock.
 
 Each step: every decoding sequence gets one token, then prompt chunks fill the rest of the
 step's token budget (`max_num_batched_tokens`; `mixed_step_tokens` when a stream decodes in
-the step, unless a prompt prefilled for a D waits: as engine/scheduler.py) - requests already running first, then new ones up to `max_num_seqs`, in arrival
-order; a prompt whose last chunk ran gets its next token at the step's end. Its time is what
-the step model (pdserve/plan/step_model.py) gives for those chunks and decodes. A job
-prefilled for a D (a P's, or a both-role worker's acting as P) ends at its first token, then
+the step, unless a prompt prefilled for a D waits: as engine/scheduler.py) - requests
+already running first, then new ones up to `max_num_seqs`, in arrival order; a prompt
+whose last chunk ran gets its next token at the step's end. Its time is what the step model
+(pdserve/plan/step_model.py) gives for those chunks and decodes. A job prefilled
+for a D (a P's, or a both-role worker's acting as P) ends at its first token, then
 holds its KV for the modelled transfer; a D's joined job decodes once its KV is in (one
 modelled transfer after the Join). No preemption: the KV pool is reported, not enforced.
 

@@ -15,7 +15,8 @@ The "threads" command lists live thread names; "readers" the names of D's live t
 threads, and "readers_at" those alive when each request's event was drained.
 
 GPU options (tests/kv_transfer/test_cuda_ipc.py): `device` ("cuda:1") places the pool on a
-GPU; P's `poison_on_release` overwrites its blocks with NaN the moment D releases them;
+GPU; D's `busy` (its engine "runs steps" throughout) with `pull_programs` bounds its pulls;
+P's `poison_on_release` overwrites its blocks with NaN the moment D releases them;
 P's `corrupt_cuda_ipc` ("handle" or "canary") breaks its registration to force a downgrade.
 """
 
@@ -93,7 +94,9 @@ def _main(role: str, conn, opts: dict) -> None:
         ep = KVReceiver(pool, c, internal_token=opts.get("token", "tok"),
                         transfer_timeout=opts.get("transfer_timeout", 30.0),
                         transports=tuple(opts.get("transports", ("shm", "tcp"))),
-                        data_port=opts.get("data_port", 0))
+                        data_port=opts.get("data_port", 0),
+                        busy=(lambda: True) if opts.get("busy") else None,
+                        pull_programs=opts.get("pull_programs", 0))
     else:
         from pdserve.kv_transfer.sender import KVSender
 
@@ -141,6 +144,8 @@ def _main(role: str, conn, opts: dict) -> None:
             conn.send(getattr(ep, "address", None))
         elif cmd == "data_port":  # D: the port its tcp data plane listens on
             conn.send(ep.data.port if getattr(ep, "data", None) else None)
+        elif cmd == "bounded_copies":  # D: cuda_ipc copies run on `pull_programs` programs
+            conn.send(ep.puller.bounded_copies if getattr(ep, "puller", None) else None)
         elif cmd == "reserve":  # D: rid, num_tokens, timeout
             rid, num_tokens, timeout = args
             table = bm.allocate([0] * num_tokens).block_table

@@ -52,6 +52,19 @@ def test_32_concurrent_requests_move_bit_exact(procs, p_dev, d_dev):
     assert all_free(d)
 
 
+def test_pulls_beside_a_busy_engine_run_on_few_programs_bit_exact(procs):
+    """`--kv-pull-programs`: while D's engine runs steps, each cuda_ipc copy runs on that
+    many programs of the gather (a bounded grid striding over every tile), same bytes."""
+    d = procs("D", device="cuda:0", transports=IPC, busy=True, pull_programs=3)
+    p = procs("P", device="cuda:0")
+    move(d, p, d.call("address"), {f"r{i}": random.Random(i).randrange(1, 200)
+                                    for i in range(12)}, 2000)
+    assert d.call("stats")["peers"] == {"P0": "cuda_ipc"}
+    assert d.call("bounded_copies") == 12
+    wait_for(lambda: all_free(p))
+    assert all_free(d)
+
+
 def test_restarted_p_is_remapped_and_the_old_mapping_closed(procs):
     d = procs("D", device="cuda:0", transports=IPC)
     addr = d.call("address")
