@@ -12,6 +12,7 @@ start=$(date +%s)
 BENCH_ARGS="--gpu-tcp --reps ${REPS:-5}" BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} OUT="$OUT" \
   bash bench/gpu_kv_transfer.sh
 echo "== pulls beside a decode step (+$(( $(date +%s) - start )) s)"
+eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>&1  # msgspec, zmq: pdserve's imports
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "${PULL_TIMEOUT:-200}" \
   python3 bench/pull_beside_decode.py --out "$OUT" 2>&1 | tee "$OUT/pull.log" | tail -12
 left=$(( ${DEADLINE_S:-570} - ($(date +%s) - start) ))
