@@ -324,7 +324,7 @@ class Puller:
         """`busy()`: whether D's engine is running steps; while it is, a copy runs on at most
         `busy_programs` programs of the gather (so SMs: a full-grid gather's small blocks
         keep a decode step's kernels from finding whole SMs free: +3,100% step time beside
-        back-to-back 16k-token pulls on an H100, +12% with 16 programs, BENCHMARKS.md).
+        back-to-back 16k-token pulls on an H100, +11..13% with 8 programs, BENCHMARKS.md).
         0: the full grid always."""
         self.device = device
         self.stream = torch.cuda.Stream(device=device)

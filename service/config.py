@@ -41,13 +41,14 @@ class WorkerConfig(EngineConfig):
         None, check=lambda v: None if v is None or 1 <= v <= 64 else "must be 1..64",
         help="P's (and a both-role worker's) tcp data connections per D it sends KV to "
         "(default: min(8, CPU cores)); one connection rarely fills a fast NIC.")
-    kv_pull_programs: int = option(16, check=lambda v: None if v >= 0 else "must be >= 0",
+    kv_pull_programs: int = option(8, check=lambda v: None if v >= 0 else "must be >= 0",
                                    help="D (GPU, cuda_ipc): while its engine runs steps, a "
                                    "KV pull's copy kernel runs on at most this many programs "
                                    "(so SMs), leaving the rest to decode (beside a decode "
-                                   "step a full-grid copy made it 30x slower on an H100; 16 "
-                                   "programs: 1.12x, the pull at 0.38 of copy speed). An "
-                                   "idle D pulls on the whole GPU. 0: the whole GPU always.")
+                                   "step a full-grid copy made it 32x slower on an H100; 8 "
+                                   "programs: 1.11-1.13x, the pull at 0.21 of copy speed). "
+                                   "An idle D pulls on the whole GPU. 0: the whole GPU "
+                                   "always.")
     advertise_host: str | None = option(None, help="Host name peers use to reach this worker "
                                         "(default: --host). 'auto': the address this "
                                         "machine's host name resolves to (a container's own "
