@@ -54,6 +54,17 @@ AFFINITY_SLACK = 2.0  # a cached prefix wins unless its worker is this much busi
 NO_WORKER_WAIT_S = 10.0  # with no worker able to serve, how long a request waits for one
 
 
+def _chunk_budget(w: Worker, beside_streams: bool | None = None) -> int:
+    """The prompt tokens a worker's next step takes (its /info limits): the full step budget,
+    or `mixed_step_tokens` when the step also decodes its streams (`beside_streams`; None:
+    whether its load report says streams decode now)."""
+    limits = w.info.get("limits", {})
+    full = int(limits.get("max_num_batched_tokens", 2048))
+    if beside_streams is None:
+        beside_streams = placement.streams(w.load) > 0
+    return min(full, int(limits.get("mixed_step_tokens") or full)) if beside_streams else full
+
+
 class ClusterBackend:
     """See the module docstring. `await start()` before serving; `await close()` after."""
 
@@ -270,13 +281,11 @@ class ClusterBackend:
         def todo(w: Worker) -> int:  # tokens to compute: the cached prefix is not
             return max(1, num_tokens - w.cached_blocks(hashes) * block_size)
 
+        budget = _chunk_budget
         # the prompts waiting here for a route count as P's queue: admission lets none
         # overtake, so a P-bound backlog delays every request behind the first; charging
         # it to P sends prompts to D while P cannot clear it within the SLO
         backlog = max(0, self._queued_tokens - num_tokens)
-
-        def budget(w: Worker) -> int:
-            return int(w.info.get("limits", {}).get("max_num_batched_tokens", 2048))
 
         def on_p(p: Worker) -> placement.Estimate | None:
             routed = p.link.in_flight()[1] + backlog
@@ -305,23 +314,14 @@ class ClusterBackend:
         def todo(w: Worker) -> int:
             return max(1, num_tokens - w.cached_blocks(hashes) * block_size)
 
-        def budget(w: Worker) -> int:  # the step budget its next prompt chunks get
-            limits = w.info.get("limits", {})
-            full = int(limits.get("max_num_batched_tokens", 2048))
-            if placement.streams(w.load):
-                return min(full, int(limits.get("mixed_step_tokens") or full))
-            return full
-
+        budget = _chunk_budget
         backlog = max(0, self._queued_tokens - num_tokens)  # as in _place
         as_p: dict[str, placement.Estimate | None] = {
             p.url: placement.on_shared_p(p.load, p.link.in_flight()[1] + backlog, todo(p),
                                          budget(p)) for p in flexible}
         options: list[placement.Option] = []
         for d in ds:
-            limits = d.info.get("limits", {})
-            mixed = int(limits.get("mixed_step_tokens") or
-                        limits.get("max_num_batched_tokens", 2048))
-            gap = placement.mixed_gap_s(d.load, mixed)
+            gap = placement.mixed_gap_s(d.load, _chunk_budget(d, beside_streams=True))
             streams = placement.streams(d.load)
             sustains = gap is None or gap <= placement.SUSTAIN_FRACTION * self.slo.itl_s
             whole = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d))
@@ -338,6 +338,7 @@ class ClusterBackend:
         # a worker chosen to prefill for another keeps P's role (no new decodes) until a
         # worker collocates again: its streams drain and its steps become prompt-only
         # (without this, both workers kept taking decodes and prompt chunks alike)
+        self._held_p &= {w.url for w in flexible}  # workers gone from the pool are not held
         opt = placement.decide_flexible(
             [o for o in options if o.d.url not in self._held_p] or options, self.slo, preferred)
         if opt is not None:

@@ -295,3 +295,23 @@ def test_a_worker_reports_its_decoding_streams_apart_from_its_prefills() -> None
     assert est is not None and est.itl_s == pytest.approx(0.006 + 512 / (RATE / 4))
     assert placement.mixed_gap_s(decoding, 512) == pytest.approx(est.itl_s)
     assert placement.mixed_gap_s({"num_requests_running": 1}, 512) is None
+
+
+def test_a_worker_gone_from_the_pool_is_no_longer_held_in_p_role() -> None:
+    """The P-role hold names workers by URL: one that leaves the pool (ejected, scaled down)
+    drops out of it at the next flexible decision."""
+    a, b, c = (worker(f"http://{n}", "both", {}) for n in "abc")
+    reg = StubRegistry([a, b, c])
+    flexible = ClusterBackend(reg, None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
+    a.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0}  # type: ignore[union-attr]
+    for w in (b, c):
+        w.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
+                       "num_requests_running": 20}
+    route = flexible._route(RequestRecord("r", list(range(5, 4005)),
+                                          SamplingParams(max_tokens=16, seed=1)), set(), [])
+    assert route is not None and route[0] == "pd" and route[1] is a, route
+    flexible._release(route, "r")
+    assert flexible._held_p == {"http://a"}
+    reg.workers.remove(a)
+    route_of(flexible, 4000)  # b and c alike: one of them becomes P
+    assert "http://a" not in flexible._held_p and len(flexible._held_p) == 1
