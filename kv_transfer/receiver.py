@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from pdserve.common import UserError
 from pdserve.common.compat import PROTOCOL_VERSION, CompatRecord
 from pdserve.common.logs import Throttled
 from pdserve.engine.kv_pool import KVPool
@@ -79,10 +80,22 @@ class KVReceiver(IOThread):
         self.router = self.ctx.socket(zmq.ROUTER)
         configure(self.router, MAX_CONTROL_BYTES + 4096)  # the KV itself never rides on it
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if port:
-            self.router.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.router.bind_to_random_port(f"tcp://{host}")
+        try:
+            if port:
+                self.router.bind(f"tcp://{host}:{port}")
+            else:
+                port = self.router.bind_to_random_port(f"tcp://{host}")
+            # tcp: P's data connections land on this port (same interface as the router)
+            self.data = DataPlane(pool, host, on_complete=self._on_landed,
+                                  on_failed=self._on_data_failed, on_lost=self._on_data_lost,
+                                  port=data_port) \
+                if "tcp" in transports else None
+        except (zmq.ZMQError, OSError) as e:
+            self.ctx.destroy(linger=0)  # nothing started yet: no thread, no socket left
+            self._events_waker.close()
+            what = (f"the KV port {host}:{port} (--kv-port)" if isinstance(e, zmq.ZMQError)
+                    else f"the tcp KV data port {host}:{data_port} (--kv-data-port)")
+            raise UserError(f"cannot listen on {what}: {e}") from e
         self.address = f"tcp://{host}:{port}"
         self.poller.register(self.router, zmq.POLLIN)
         self._res: dict[str, Reservation] = {}
@@ -95,11 +108,6 @@ class KVReceiver(IOThread):
         self.puller = cuda_ipc.Puller(pool.device, pool.tensor, on_done=self._on_copied,
                                       busy=busy, busy_programs=pull_programs) \
             if pool.device.type == "cuda" else None
-        # tcp: P's data connections land on this port (same interface as the router)
-        self.data = DataPlane(pool, host, on_complete=self._on_landed,
-                              on_failed=self._on_data_failed, on_lost=self._on_data_lost,
-                              port=data_port) \
-            if "tcp" in transports else None
         if self.data is not None:
             self.poller.register(self.data.fileno, zmq.POLLIN)
         self.start()

@@ -274,3 +274,16 @@ def all_free(p: Proc) -> bool:
     """Every block of the process's pool is free and it holds no request."""
     free, total, held = p.call("free")
     return free == total and held == 0
+
+
+def move(d: Proc, p: Proc, addr: str, lengths: dict[str, int], seed: int = 0) -> None:
+    """Reserve on D, fill and offer on P, wait for every arrival, compare digests."""
+    want = {}
+    for i, (rid, n) in enumerate(lengths.items()):
+        d.call("reserve", rid, n, 30.0)
+        want[rid] = p.call("fill", rid, n, seed + i)
+    for rid, n in lengths.items():
+        p.call("offer", rid, addr, n, 30.0)
+    wait_for(lambda: set(want) <= set(d.call("arrived")), timeout=30)
+    for rid, digest in want.items():
+        assert d.call("read", rid) == digest, rid

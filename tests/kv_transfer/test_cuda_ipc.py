@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tests.kv_transfer.harness import all_free, wait_for
+from tests.kv_transfer.harness import all_free, move, wait_for
 
 pytestmark = pytest.mark.gpu
 
@@ -20,21 +20,6 @@ needs_two_gpus = pytest.mark.skipif(
 GPU_PAIRS = [pytest.param("cuda:0", "cuda:0", id="same-gpu"),
              pytest.param("cuda:0", "cuda:1", id="cross-gpu", marks=needs_two_gpus)]
 IPC = ["cuda_ipc", "tcp"]
-
-
-
-
-def move(d, p, addr, lengths: dict[str, int], seed: int = 0) -> None:
-    """Reserve on D, fill and offer on P, wait for every arrival, compare digests."""
-    want = {}
-    for i, (rid, n) in enumerate(lengths.items()):
-        d.call("reserve", rid, n, 30.0)
-        want[rid] = p.call("fill", rid, n, seed + i)
-    for rid, n in lengths.items():
-        p.call("offer", rid, addr, n, 30.0)
-    wait_for(lambda: set(want) <= set(d.call("arrived")), timeout=30)
-    for rid, digest in want.items():
-        assert d.call("read", rid) == digest, rid
 
 
 @pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.kv_transfer.harness import all_free, wait_for
+from tests.kv_transfer.harness import all_free, move, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,18 +28,6 @@ def num_threads(p, name: str) -> int:
 
 def readers(d) -> int:
     return num_threads(d, "kv-tcp-reader")
-
-
-def move(d, p, addr, lengths: dict[str, int], seed: int = 0) -> None:
-    want = {}
-    for i, (rid, n) in enumerate(lengths.items()):
-        d.call("reserve", rid, n, 30.0)
-        want[rid] = p.call("fill", rid, n, seed + i)
-    for rid, n in lengths.items():
-        p.call("offer", rid, addr, n, 30.0)
-    wait_for(lambda: set(want) <= set(d.call("arrived")), timeout=30)
-    for rid, digest in want.items():
-        assert d.call("read", rid) == digest, rid
 
 
 @pytest.mark.parametrize("conns", [1, 3])
@@ -152,3 +140,35 @@ def test_p_cancel_while_its_sender_is_stuck_holds_the_blocks_until_it_lets_go(pr
              timeout=5)
     move(d, p, addr, {"after": 50}, 3)
     wait_for(lambda: all_free(p) and all_free(d), timeout=5)
+
+
+def test_a_data_port_in_use_is_a_clear_error_and_leaves_nothing_open():
+    """`--kv-data-port` (or `--kv-port`) taken by another process: the receiver says which
+    port and option in one line (UserError: the command line prints it without a
+    traceback) and closes what it had opened, no thread started."""
+    import os
+    import socket
+    import threading
+
+    import torch
+
+    from pdserve.common import UserError
+    from pdserve.engine.kv_pool import KVPool, KVPoolSpec
+    from pdserve.kv_transfer.receiver import KVReceiver
+    from tests.kv_transfer.harness import SPEC, compat
+
+    pool = KVPool(KVPoolSpec(**SPEC, dtype=torch.float32), torch.device("cpu"))
+    holder = socket.create_server(("127.0.0.1", 0))
+    taken = holder.getsockname()[1]
+    try:
+        fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+        with pytest.raises(UserError, match=f"--kv-data-port.*{taken}|{taken}.*--kv-data-port"):
+            KVReceiver(pool, compat(), transports=("tcp",), data_port=taken)
+        with pytest.raises(UserError, match="--kv-port"):
+            KVReceiver(pool, compat(), transports=("tcp",), port=taken)
+        assert len(os.listdir("/proc/self/fd")) == fds and threading.active_count() == threads
+        rx = KVReceiver(pool, compat(), transports=("tcp",))  # a free port still works
+        rx.close()
+    finally:
+        holder.close()
+        pool.close()
