@@ -19,7 +19,12 @@ Per transport and size (1k, 4k, 16k tokens):
 - decode-step proxy: a fixed bf16 matmul loop on D's default stream, alone and while a
   pull loop runs on the transfer stream beside it.
 
+With --gpu-tcp only tcp between GPU pools; `--staging 3x4,2x8` repeats it per pinned staging
+config (depth x MiB), `--raw-cold` adds the raw rate of senders that each send their own
+whole buffer (no cache holds it) over tcp's connection count.
+
 Usage: python bench/kv_transfer.py [--out DIR] [--quick] [--reps N] [--cpu-only tcp,...]
+       [--gpu-tcp [--staging 3x4,...]] [--raw-cold] [--tokens 4096,16384]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 LAYERS, BLOCK, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
 TOKENS = [1024, 4096, 16384]
 RESULTS: dict = {"rows": [], "decode": [], "errors": [], "env": {}}
+RAW_COLD = False  # --raw-cold: also raw over tcp's connection count, each from its own bytes
 OUT_PATH = ""
 
 
@@ -88,8 +94,10 @@ def compat(dtype: torch.dtype):
 
 # ---- P: a separate process (CUDA IPC handles cannot be opened by their own process) -------
 
-def _p_main(conn, device: str, num_blocks: int, shm: bool, tcp_connections: int | None) -> None:
+def _p_main(conn, device: str, num_blocks: int, shm: bool, tcp_connections: int | None,
+            staging_cfg: tuple[int, int] | None = None) -> None:
     torch.set_num_threads(8)
+    set_staging(staging_cfg)
     from pdserve.engine.kv_pool import KVPool
     from pdserve.kv_transfer import cuda_ipc
     from pdserve.kv_transfer.protocol import new_epoch
@@ -130,14 +138,25 @@ def _p_main(conn, device: str, num_blocks: int, shm: bool, tcp_connections: int 
             conn.send(cuda_ipc.checksum(pool.tensor[torch.tensor(args[0], device=dev)]))
 
 
+def set_staging(cfg: tuple[int, int] | None) -> None:
+    """(pinned buffer bytes, buffers per connection) of the tcp plane's GPU staging, in
+    this process (None: the defaults)."""
+    from pdserve.kv_transfer import staging
+
+    if cfg is not None:
+        staging.STAGING_BYTES, staging.STAGING_DEPTH = cfg
+
+
 class P:
     tcp_connections: int | None = None  # --tcp-connections (None: KVSender's default)
+    staging: tuple[int, int] | None = None  # --staging (None: the defaults)
 
     def __init__(self, device: str, num_blocks: int, shm: bool = False):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_p_main, args=(child, device, num_blocks, shm,
-                                                      P.tcp_connections), daemon=True)
+                                                      P.tcp_connections, P.staging),
+                                daemon=True)
         self.proc.start()
         if not self.conn.poll(180) or self.conn.recv() != "ready":
             raise RuntimeError(f"P on {device} did not start")
@@ -413,7 +432,7 @@ def bench_gpu(n_gpu: int, tokens: list[int], pool_blocks: int, reps: int) -> Non
 
 
 def main() -> None:
-    global OUT_PATH
+    global OUT_PATH, RAW_COLD
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/kv_bench"))
     ap.add_argument("--quick", action="store_true", help="small pools and sizes (smoke test)")
@@ -424,12 +443,23 @@ def main() -> None:
                     help="only tcp between GPU pools against the raw socket rate")
     ap.add_argument("--cpu-only", default="", help="comma-separated subset of copy,raw,shm,tcp:"
                     " only these CPU sections (and no GPU ones)")
+    ap.add_argument("--staging", default="",
+                    help="GPU tcp: comma-separated pinned staging configs DEPTHxMIB (e.g. "
+                    "3x4,2x8): the --gpu-tcp section once per config (default: the plane's)")
+    ap.add_argument("--raw-cold", action="store_true",
+                    help="tcp sections: also the raw rate over tcp's connection count with "
+                    "each connection sending its own buffer of its whole size")
+    ap.add_argument("--tokens", default="", help="comma-separated sizes (default 1024,4096,"
+                    "16384)")
     args = ap.parse_args()
+    RAW_COLD = args.raw_cold
     P.tcp_connections = args.tcp_connections
     os.makedirs(args.out, exist_ok=True)
     OUT_PATH = os.path.join(args.out, "kv_transfer.json")
     logging_setup()
     tokens = [64, 256] if args.quick else TOKENS
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.split(",")]
     pool_blocks = 64 if args.quick else 2048
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     RESULTS["env"] = {"torch": torch.__version__, "gpus": [
@@ -438,7 +468,12 @@ def main() -> None:
     save()
     only = set(filter(None, args.cpu_only.split(",")))
     if args.gpu_tcp:
-        bench_gpu_tcp_vs_raw(tokens, max(tokens) // BLOCK + 64, args.reps)
+        configs = [(int(float(mib) * 2**20), int(depth)) for depth, mib in
+                   (c.split("x") for c in args.staging.split(",") if c)]
+        if configs:
+            bench_gpu_tcp_sweep(tokens, max(tokens) // BLOCK + 64, args.reps, configs)
+        else:
+            bench_gpu_tcp_vs_raw(tokens, max(tokens) // BLOCK + 64, args.reps)
         table()
         return
     if n_gpu and not only:
@@ -488,6 +523,16 @@ def bench_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
     _tcp_vs_raw(tokens, blocks, rounds, "cpu")
 
 
+def bench_gpu_tcp_sweep(tokens: list[int], blocks: int, rounds: int,
+                        configs: list[tuple[int, int]]) -> None:
+    """bench_gpu_tcp_vs_raw once per staging config (P restarted, D's receiver anew)."""
+    for cfg in configs:
+        P.staging = cfg
+        set_staging(cfg)
+        log(f"staging: {cfg[1]} x {cfg[0] / 2**20:g} MiB pinned buffers per connection")
+        bench_gpu_tcp_vs_raw(tokens, blocks, rounds)
+
+
 @section("gpu_tcp_vs_raw")
 def bench_gpu_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
     """The same between GPU pools on one GPU over loopback (`--gpu-tcp`): P stages its
@@ -497,6 +542,7 @@ def bench_gpu_tcp_vs_raw(tokens: list[int], blocks: int, rounds: int) -> None:
 
 def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> None:
     from pdserve.engine.kv_pool import KVPool
+    from pdserve.kv_transfer import staging
     from pdserve.kv_transfer.receiver import KVReceiver
     from pdserve.kv_transfer.tcp_send import default_connections
 
@@ -511,11 +557,14 @@ def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> Non
             n = n_tok // BLOCK
             nbytes = n * rx.block_bytes
             per: dict[int, list[float]] = {c: [] for c in (1, 2, 4, 8)}
+            cold: list[float] = []
             lat, dside, exact = [], [], None
             for i in range(rounds + 1):  # round 0 warms up (handshake, connections)
                 if i > 0:
                     for c in per:
                         per[c].append(raw_tcp_gbs(nbytes, c, raw))
+                    if RAW_COLD:
+                        cold.append(raw_tcp_gbs(nbytes, conns, raw, cold=True))
                 src, dst = rng.sample(range(blocks), n), rng.sample(range(blocks), n)
                 ms, ev = transfer_once(rx, p, f"tcp-{n_tok}-{i}", src, dst)
                 if i > 0:
@@ -528,7 +577,14 @@ def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> Non
             row(kind="raw", transport="tcp socket", where="loopback", tokens=n_tok,
                 mib=nbytes / 2**20, copy_gbs=best,
                 per_connections=", ".join(f"{c}: {g:.2f}" for c, g in med.items()))
+            if cold:
+                row(kind="raw", transport="tcp socket", tokens=n_tok, mib=nbytes / 2**20,
+                    where=f"loopback, {conns} connections, each sending its own bytes",
+                    copy_gbs=statistics.median(cold) / 1e9)
             ms = statistics.median(lat)
+            if device != "cpu":
+                pools += f", staging {staging.STAGING_DEPTH} x " \
+                         f"{staging.STAGING_BYTES / 2**20:g} MiB"
             row(kind="e2e", transport="tcp", where=f"host ({pools}), {conns} connections",
                 tokens=n_tok, mib=nbytes / 2**20, e2e_ms=ms, e2e_gbs=nbytes / ms / 1e6,
                 pct_of_raw=100 * nbytes / ms / 1e6 / best, d_side_ms=statistics.median(dside),
@@ -543,24 +599,36 @@ def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> Non
 
 def _raw_sender(conn) -> None:
     """Child process kept for the run: per measurement, one connection per size to the
-    port it is sent, then that many bytes on each after "go"."""
+    port it is sent, then that many bytes on each after "go": from one 8 MiB buffer that
+    every connection sends again and again (it stays in the host's caches), or with
+    `cold`, each connection from its own buffer of its whole size (as a transfer's bytes,
+    which no cache holds)."""
     import socket
     import threading
 
-    buf = memoryview(bytearray(8 << 20))
+    warm = memoryview(bytearray(8 << 20))
 
-    def send(sock, n: int) -> None:
-        while n > 0:
-            k = min(n, len(buf))
-            sock.sendall(buf[:k])
-            n -= k
+    def send(sock, n: int, buf) -> None:
+        off = 0
+        while off < n:
+            k = min(n - off, len(buf) - off % len(buf))
+            sock.sendall(buf[off % len(buf):off % len(buf) + k])
+            off += k
         sock.close()
 
     while (job := conn.recv()) is not None:
-        port, sizes = job
+        port, sizes, cold = job
+        bufs = [warm] * len(sizes)
+        if cold:
+            bufs = []
+            for n in sizes:
+                b = bytearray(n)
+                b[::4096] = b"\x01" * len(range(0, n, 4096))  # every page its own
+                bufs.append(memoryview(b))
         socks = [socket.create_connection(("127.0.0.1", port)) for _ in sizes]
         conn.recv()  # go
-        threads = [threading.Thread(target=send, args=(s, n)) for s, n in zip(socks, sizes)]
+        threads = [threading.Thread(target=send, args=(s, n, b))
+                   for s, n, b in zip(socks, sizes, bufs)]
         for t in threads:
             t.start()
         for t in threads:
@@ -584,7 +652,7 @@ class RawSender:
             self.proc.kill()
 
 
-def raw_tcp_gbs(nbytes: int, conns: int, sender: RawSender) -> float:
+def raw_tcp_gbs(nbytes: int, conns: int, sender: RawSender, cold: bool = False) -> float:
     """Bytes/s of a plain sender process and a receiver (recv_into one buffer per
     connection, a thread each) moving `nbytes` over `conns` loopback connections."""
     import socket
@@ -594,7 +662,7 @@ def raw_tcp_gbs(nbytes: int, conns: int, sender: RawSender) -> float:
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(conns)
     sizes = [nbytes // conns + (1 if i < nbytes % conns else 0) for i in range(conns)]
-    sender.conn.send((lsock.getsockname()[1], sizes))
+    sender.conn.send((lsock.getsockname()[1], sizes, cold))
     socks = [lsock.accept()[0] for _ in sizes]
     lsock.close()
     bufs = [memoryview(bytearray(n)) for n in sizes]  # touched: no page faults in the run

@@ -7,9 +7,9 @@ bytes; a reader thread per connection then takes batches (a DATA_BATCH header, t
 blocks) and `recv_into`s each block's bytes:
 - CPU pool: straight into the block's memory (a memoryview of the pool), so the kernel's
   copy out of the socket is the only one, as for a raw socket;
-- GPU pool: into one of two pinned staging buffers of the connection, then one
-  non-blocking host-to-device copy per block on the connection's stream, which overlaps
-  the next receive (pinned memory: 2 x STAGING_BYTES per connection).
+- GPU pool: chunk by chunk into the connection's ring of pinned buffers (`staging.py`),
+  each chunk then copied to its blocks' bytes on the connection's stream while the next
+  ones are received (pinned memory: STAGING_DEPTH x STAGING_BYTES per connection).
 
 A transfer, called from the receiver's I/O thread except where said:
 `open_transfer` (before Send goes to P) makes an Inbound; readers claim its batches under
@@ -46,6 +46,7 @@ from pdserve.kv_transfer.protocol import (
     DATA_VERSION,
     MAX_DATA_CONNECTIONS,
 )
+from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_bytes
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
@@ -54,7 +55,6 @@ STALL_GRACE_S = 0.2  # a reader inside an ended transfer's batch this long is sh
 HELLO_TIMEOUT_S = 5.0
 JOIN_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 256  # handshaking or serving; more are closed at once
-STAGING_BYTES = 8 << 20  # GPU pools: each of a connection's two pinned buffers
 SCRATCH_BYTES = 1 << 20  # where batches of an ended transfer are drained
 
 
@@ -80,7 +80,7 @@ class _Conn:
     thread: threading.Thread | None = None
     key: str = ""  # its session's data key, once its hello is read
     why_stopped: str = ""  # set when D shuts it down itself
-    staging: Any = None  # GPU pools: _Staging, made on first use
+    staging: StagingRing | None = None  # GPU pools: made on first use
 
 
 @dataclass(eq=False)
@@ -96,18 +96,6 @@ class _Inbound:
     closed: bool = False
     busy: set[_Conn] = field(default_factory=set)  # readers inside one of its batches
     events: list[Any] = field(default_factory=list)  # GPU: its host-to-device copies
-
-
-class _Staging:
-    """A connection's two pinned buffers, their last copies' events, and its stream."""
-
-    def __init__(self, device: torch.device, nbytes: int):
-        torch.cuda.set_device(device)  # pinned memory and events in this device's context
-        self.stream = torch.cuda.Stream(device=device)
-        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        self.views = [memoryview(b.numpy()) for b in self.bufs]
-        self.events: list[Any] = [None, None]
-        self.next = 0
 
 
 class DataPlane:
@@ -342,33 +330,26 @@ class DataPlane:
         return True
 
     def _land_gpu(self, c: _Conn, t: _Inbound, first: int, count: int) -> bool:
-        """Receive into pinned buffers (two, alternating), each then copied to t's blocks on
-        the connection's stream while the next is received."""
+        """Receive the batch chunk by chunk into the connection's pinned ring, each chunk
+        then copied to t's blocks on the ring's stream while the next ones arrive."""
         bb = self.block_bytes
         if c.staging is None:
-            c.staging = _Staging(self.pool.device, max(STAGING_BYTES, bb))
-        st = c.staging
-        per = max(1, st.bufs[0].numel() // bb)  # blocks per buffer
-        flat = self.pool.tensor.view(self.pool.tensor.shape[0], -1).view(torch.uint8)
-        for j in range(first, first + count, per):
-            n = min(per, first + count - j)
+            c.staging = StagingRing(self.pool.device)
+        ring = c.staging
+        flat = pool_bytes(self.pool.tensor)
+        left = count * bb
+        for pieces in chunks(byte_runs(t.dst[first:first + count], bb), ring.nbytes):
             if t.closed:
                 self._release_early(c, t)
-                self._discard(c, (first + count - j) * bb)
+                self._discard(c, left)
                 return False
-            k = st.next
-            st.next ^= 1
-            if st.events[k] is not None:
-                st.events[k].synchronize()  # its previous copy has read the buffer
-            recv_exact(c.sock, st.views[k][:n * bb])
-            with torch.cuda.stream(st.stream):
-                for i in range(n):  # [block bytes] pinned -> the block's row of D's pool
-                    flat[t.dst[j + i]].copy_(st.bufs[k][i * bb:(i + 1) * bb], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(st.stream)
-            st.events[k] = ev
+            n = sum(m for _, m in pieces)
+            k = ring.take()  # its last chunk's copy has read the buffer
+            recv_exact(c.sock, ring.views[k][:n])
+            ev = ring.copy(k, pieces, flat, to_device=True)
             with self._cond:
                 t.events.append(ev)
+            left -= n
         return True
 
     def _discard(self, c: _Conn, nbytes: int) -> None:

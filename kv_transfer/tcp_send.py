@@ -8,9 +8,9 @@ connection; a part goes out as batches (a DATA_BATCH header, then up to BATCH_BY
 whole blocks):
 - CPU pool: one `sendmsg` per batch of memoryviews of the pool's blocks (no copy in user
   space: the kernel's copy into the socket is the only one);
-- GPU pool: each batch is gathered into one of the connection's two pinned buffers on its
-  copy stream while the previous batch is on the wire; the pinned budget is two buffers of
-  STAGING_BYTES per connection.
+- GPU pool: the batch's bytes are gathered chunk by chunk into the connection's ring of
+  pinned buffers on its copy stream (`staging.py`), up to depth - 1 chunks ahead of the one
+  on the wire; the pinned budget is STAGING_DEPTH x STAGING_BYTES per connection.
 
 Why several connections: one TCP stream is bound by one core's copy (4.6 GB/s on the
 16-core GPU host, where 8 connections moved 21-23 GB/s; BENCHMARKS.md, issue 24).
@@ -44,14 +44,14 @@ from pdserve.kv_transfer.protocol import (
     DATA_VERSION,
     MAX_DATA_CONNECTIONS,
 )
+from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_bytes
 from pdserve.kv_transfer.states import OfferState, PendingOffer
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
-BATCH_BYTES = 8 << 20  # CPU pools: bytes per sendmsg (a cancelled part stops between them)
+BATCH_BYTES = 8 << 20  # bytes per batch (a cancelled part stops between them); CPU: a sendmsg
 MAX_IOV = 512  # buffers per sendmsg (Linux allows 1024)
-STAGING_BYTES = 8 << 20  # GPU pools: each of a connection's two pinned buffers
 
 
 def default_connections() -> int:
@@ -73,17 +73,6 @@ def sendmsg_all(sock: socket.socket, bufs: list[Any]) -> None:
             bufs[i] = memoryview(bufs[i])[n:]
 
 
-def runs(ids: list[int]) -> list[tuple[int, int]]:
-    """(first id, length) of the runs of consecutive ids."""
-    out: list[tuple[int, int]] = []
-    for b in ids:
-        if out and out[-1][0] + out[-1][1] == b:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
-
-
 @dataclass(eq=False)
 class _Part:
     offer: PendingOffer
@@ -101,7 +90,7 @@ class _Sender:
         self.sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._staging: tuple[Any, list[Any], list[Any]] | None = None  # GPU: stream, bufs, events
+        self._staging: StagingRing | None = None  # GPU pools: made on first use
         self.thread = threading.Thread(target=self._run, name=f"kv-tcp-sender-{index}",
                                        daemon=True)
 
@@ -168,49 +157,46 @@ class _Sender:
                 return  # released (cancelled, timed out): D drains what it has
             ids = part.blocks[start:start + per]
             bufs: list[Any] = [self._header(part, start, len(ids))]
-            bufs += [pool[b * bb:(b + n) * bb] for b, n in runs(ids)]  # views: no copy
+            bufs += [pool[o:o + n] for o, n in byte_runs(ids, bb)]  # views: no copy
             sendmsg_all(sock, bufs)
 
     def _send_gpu(self, part: _Part) -> None:
-        """Gather batch i+1 into one pinned buffer (copy stream) while batch i is sent from
-        the other."""
+        """Send the part's batches chunk by chunk out of the pinned ring, gathering the
+        next depth - 1 chunks on the copy stream meanwhile. A released offer stops at a
+        batch boundary (D is never left inside a batch)."""
         link, bb = self.link, self.link.block_bytes
         if self._staging is None:
-            nbytes = max(STAGING_BYTES, bb)
-            self._staging = (torch.cuda.Stream(device=link.pool.device),
-                             [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                              for _ in range(2)], [None, None])
-        stream, bufs, events = self._staging
-        per = max(1, bufs[0].numel() // bb)
-        flat = link.pool.tensor.view(link.pool.tensor.shape[0], -1).view(torch.uint8)
-        batches = [(s, part.blocks[s:s + per]) for s in range(0, len(part.blocks), per)]
+            self._staging = StagingRing(link.pool.device)
+        ring = self._staging
+        flat = pool_bytes(link.pool.tensor)
+        per = max(1, BATCH_BYTES // bb)
+        work: list[tuple[bytes | None, list[tuple[int, int]]]] = []  # (batch header, pieces)
+        for start in range(0, len(part.blocks), per):
+            ids = part.blocks[start:start + per]
+            for j, pieces in enumerate(chunks(byte_runs(ids, bb), ring.nbytes)):
+                work.append((self._header(part, start, len(ids)) if j == 0 else None, pieces))
+        ahead = ring.depth - 1
+        taken: list[int] = []  # ring buffer of each chunk gathered so far
 
         def gather(i: int) -> None:
-            k = i % 2
-            if events[k] is not None:
-                events[k].synchronize()  # (sent already: sendmsg returned)
-            with torch.cuda.stream(stream):
-                off = 0
-                for b, n in runs(batches[i][1]):  # [n blocks' bytes] pool -> pinned
-                    bufs[k][off:off + n * bb].copy_(flat[b:b + n].view(-1), non_blocking=True)
-                    off += n * bb
-                events[k] = torch.cuda.Event()
-                events[k].record(stream)
+            k = ring.take()  # its last chunk was sent already (sendmsg returned)
+            ring.copy(k, work[i][1], flat, to_device=False)
+            taken.append(k)
 
         try:
-            gather(0)
-            for i, (start, ids) in enumerate(batches):
-                if part.offer.state is not OfferState.SENDING:
+            for i in range(min(ahead, len(work))):
+                gather(i)
+            for i, (header, pieces) in enumerate(work):
+                if header is not None and part.offer.state is not OfferState.SENDING:
                     return
-                if i + 1 < len(batches):
-                    gather(i + 1)
-                events[i % 2].synchronize()
-                view = memoryview(bufs[i % 2].numpy())[:len(ids) * bb]
-                sendmsg_all(self.sock, [self._header(part, start, len(ids)), view])
+                if i + ahead < len(work):
+                    gather(i + ahead)
+                k = taken[i]
+                ring.events[k].synchronize()
+                view = ring.views[k][:sum(n for _, n in pieces)]
+                sendmsg_all(self.sock, [header, view] if header is not None else [view])
         finally:  # no copy of ours reads the offer's blocks once the part has ended
-            for ev in events:
-                if ev is not None:
-                    ev.synchronize()
+            ring.wait()
 
 
 class DataLink:

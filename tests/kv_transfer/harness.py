@@ -10,7 +10,8 @@ data plane's port; the "data_port" command says which it listens on); P's `stall
 P accepts D's SEND but never pushes; "mid_block", for requests whose id starts with
 "stall", P sends a batch header and half a block, then hangs until the connection is shut
 down (a P stalled or frozen mid-transfer). `batch_bytes` (P) and `staging_bytes` (both; GPU
-pools) shrink the batches and pinned buffers so that small test blocks span many of them.
+pools) shrink the batches and pinned buffers so that small test blocks span many of them;
+`staging_depth` (both) sets the pinned buffers per connection.
 The "threads" command lists live thread names; "readers" the names of D's live tcp reader
 threads, and "readers_at" those alive when each request's event was drained.
 
@@ -66,14 +67,16 @@ def _main(role: str, conn, opts: dict) -> None:
     torch.set_num_threads(1)
     from pdserve.engine.block_manager import BlockManager
     from pdserve.engine.kv_pool import KVPool, KVPoolSpec
-    from pdserve.kv_transfer import tcp_recv, tcp_send
+    from pdserve.kv_transfer import staging, tcp_send
     from pdserve.kv_transfer.protocol import new_epoch
     from pdserve.kv_transfer.states import EventKind
 
     if "batch_bytes" in opts:
         tcp_send.BATCH_BYTES = opts["batch_bytes"]
     if "staging_bytes" in opts:
-        tcp_send.STAGING_BYTES = tcp_recv.STAGING_BYTES = opts["staging_bytes"]
+        staging.STAGING_BYTES = opts["staging_bytes"]
+    if "staging_depth" in opts:
+        staging.STAGING_DEPTH = opts["staging_depth"]
     spec = KVPoolSpec(**SPEC, dtype=torch.float32)
     device = torch.device(opts.get("device", "cpu"))
     if device.type == "cuda":

@@ -122,11 +122,13 @@ def test_cancels_racing_pulls_leak_nothing(procs):
 
 @pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)
 def test_tcp_between_gpu_pools_through_many_pinned_batches(procs, p_dev, d_dev):
-    """tcp with GPU pools on both sides: P gathers into pinned buffers on a copy stream, D
-    receives into pinned buffers and copies them into its pool. Buffers of 3 blocks, so
-    each transfer crosses many of them (both buffers of each connection in turn)."""
-    d = procs("D", device=d_dev, transports=["tcp"], staging_bytes=3 * 8192)
-    p = procs("P", device=p_dev, staging_bytes=3 * 8192, tcp_connections=2)
+    """tcp with GPU pools on both sides: P gathers into a ring of pinned buffers on a copy
+    stream, D receives into its ring and copies each chunk into its pool. Buffers of 2.4
+    blocks, so chunks end inside blocks and each transfer goes round each ring many
+    times."""
+    opts = dict(staging_bytes=int(2.4 * 8192), staging_depth=3)
+    d = procs("D", device=d_dev, transports=["tcp"], **opts)
+    p = procs("P", device=p_dev, tcp_connections=2, **opts)
     addr = d.call("address")
     move(d, p, addr, {f"r{i}": random.Random(i).randrange(1, 200) for i in range(16)}, 300)
     assert d.call("stats")["peers"] == {"P0": "tcp"}
