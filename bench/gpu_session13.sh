@@ -17,6 +17,7 @@ BENCH_ARGS="--gpu-tcp --tokens ${TCP_TOKENS:-4096,16384} --reps ${REPS:-3} --raw
   --staging $staging" BENCH_TIMEOUT=${BENCH_TIMEOUT:-330} OUT="$OUT" \
   bash bench/gpu_kv_transfer.sh
 eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>&1  # msgspec, zmq: pdserve's imports
+[ "${PULLS:-1}" = 0 ] && pull_tokens=""
 for tok in $pull_tokens; do
   echo "== $tok-token pulls beside a decode step (+$(( $(date +%s) - start )) s)"
   PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout "${PULL_TIMEOUT:-150}" \

@@ -9,15 +9,16 @@ chunks ahead of the one on the wire (P: device to host while it sends; D: host t
 while it receives the next). Pinned memory per connection and side: depth x nbytes.
 
 Small buffers stay in the host's caches between the DMA and the socket copy (each byte is
-touched by both); large ones cost fewer Python calls per byte. The defaults are the best of
-a sweep on the H100 host (BENCHMARKS.md, issue 24, session 13).
+touched by both); each chunk costs a few driver calls (`cuda_driver.py`: a torch `copy_`
+per chunk held the GIL long enough to cap 8 connections at 1 MiB chunks near 7 GB/s). The
+defaults are the best of a sweep on the H100 host (BENCHMARKS.md, issue 24, session 13).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+
+from pdserve.kv_transfer import cuda_driver
 
 STAGING_BYTES = 4 << 20  # each pinned buffer
 STAGING_DEPTH = 3  # buffers per connection
@@ -51,18 +52,23 @@ def chunks(pieces: list[tuple[int, int]], size: int) -> list[list[tuple[int, int
 
 
 class StagingRing:
-    """`depth` pinned buffers of `nbytes`, the events of their last copies, and a copy
-    stream on `device`. `take()` gives the next buffer once its last copy is done."""
+    """`depth` pinned buffers of `nbytes`, an event per buffer marking its last copies done,
+    and a copy stream on `device`, for the one thread that calls it (its connection's).
+    `take()` gives the next buffer once its last copies are done."""
 
     def __init__(self, device: torch.device, nbytes: int = 0, depth: int = 0):
-        torch.cuda.set_device(device)  # pinned memory and events in this device's context
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_device(index)  # pinned memory in this device's context
+        cuda_driver.make_current(index)  # and the driver calls of this thread
         self.nbytes = nbytes or STAGING_BYTES
         depth = max(2, depth or STAGING_DEPTH)
         self.stream = torch.cuda.Stream(device=device)
+        self._handle = self.stream.cuda_stream
         self.bufs = [torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
                      for _ in range(depth)]
+        self._ptrs = [b.data_ptr() for b in self.bufs]
         self.views = [memoryview(b.numpy()) for b in self.bufs]
-        self.events: list[Any] = [None] * depth
+        self.events = [cuda_driver.Event(index) for _ in range(depth)]
         self._next = 0
 
     @property
@@ -70,39 +76,36 @@ class StagingRing:
         return len(self.bufs)
 
     def take(self) -> int:
-        """The next buffer's index, once its last copy has finished."""
+        """The next buffer's index, once its last copies have finished."""
         k = self._next
         self._next = (k + 1) % len(self.bufs)
-        if self.events[k] is not None:
-            self.events[k].synchronize()
+        self.events[k].synchronize()
         return k
 
-    def copy(self, k: int, pieces: list[tuple[int, int]], flat: torch.Tensor,
-             to_device: bool) -> Any:
+    def copy(self, k: int, pieces: list[tuple[int, int]], base: int, to_device: bool
+             ) -> cuda_driver.Event:
         """Launch the copies between buffer k (its first bytes, in order) and `pieces` of
-        `flat` (the pool's bytes) on the stream: into the pool if `to_device`, else out of
-        it. Returns the event that marks them done (also kept as the buffer's)."""
-        buf = self.bufs[k]
-        with torch.cuda.stream(self.stream):
-            off = 0
-            for p, n in pieces:
-                if to_device:
-                    flat[p:p + n].copy_(buf[off:off + n], non_blocking=True)
-                else:
-                    buf[off:off + n].copy_(flat[p:p + n], non_blocking=True)
-                off += n
-            ev = torch.cuda.Event()
-            ev.record(self.stream)
-        self.events[k] = ev
-        return ev
+        the GPU memory at address `base` (the pool's) on the stream: into the pool if
+        `to_device`, else out of it. Returns buffer k's event, recorded after them (it
+        is recorded again when the buffer is next used)."""
+        host = self._ptrs[k]
+        for p, n in pieces:
+            if to_device:
+                cuda_driver.copy_to_device(base + p, host, n, self._handle)
+            else:
+                cuda_driver.copy_to_host(host, base + p, n, self._handle)
+            host += n
+        self.events[k].record(self._handle)
+        return self.events[k]
 
     def wait(self) -> None:
         """Every copy launched so far has finished."""
         for ev in self.events:
-            if ev is not None:
-                ev.synchronize()
+            ev.synchronize()
 
 
-def pool_bytes(pool_tensor: torch.Tensor) -> torch.Tensor:
-    """The pool as one flat byte tensor (offsets of `byte_runs` index it)."""
-    return pool_tensor.view(-1).view(torch.uint8)
+def pool_address(pool_tensor: torch.Tensor) -> int:
+    """The GPU address of the pool's first byte (offsets of `byte_runs` are from it)."""
+    if not pool_tensor.is_contiguous():
+        raise ValueError("the KV pool must be one contiguous allocation")
+    return pool_tensor.data_ptr()

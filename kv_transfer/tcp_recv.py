@@ -46,7 +46,7 @@ from pdserve.kv_transfer.protocol import (
     DATA_VERSION,
     MAX_DATA_CONNECTIONS,
 )
-from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_bytes
+from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_address
 
 logger = logging.getLogger(__name__)
 flood = Throttled(logger)
@@ -252,6 +252,11 @@ class DataPlane:
                 self._conns.discard(c)
                 self._sessions.get(c.key, set()).discard(c)
             c.sock.close()
+            if c.staging is not None:  # its pinned buffers outlive no copy of ours
+                try:
+                    c.staging.wait()
+                except RuntimeError:
+                    logger.exception("data connection from %s: waiting for its copies", c.peer)
             if c.key:
                 logger.info("data connection from %s closed: %s", c.peer, reason)
                 self._on_lost(c.key, reason)
@@ -336,7 +341,7 @@ class DataPlane:
         if c.staging is None:
             c.staging = StagingRing(self.pool.device)
         ring = c.staging
-        flat = pool_bytes(self.pool.tensor)
+        base = pool_address(self.pool.tensor)
         left = count * bb
         for pieces in chunks(byte_runs(t.dst[first:first + count], bb), ring.nbytes):
             if t.closed:
@@ -346,9 +351,10 @@ class DataPlane:
             n = sum(m for _, m in pieces)
             k = ring.take()  # its last chunk's copy has read the buffer
             recv_exact(c.sock, ring.views[k][:n])
-            ev = ring.copy(k, pieces, flat, to_device=True)
-            with self._cond:
-                t.events.append(ev)
+            ev = ring.copy(k, pieces, base, to_device=True)
+            with self._cond:  # (an event recorded again later waits for more, never less)
+                if ev not in t.events:
+                    t.events.append(ev)
             left -= n
         return True
 

@@ -44,7 +44,7 @@ from pdserve.kv_transfer.protocol import (
     DATA_VERSION,
     MAX_DATA_CONNECTIONS,
 )
-from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_bytes
+from pdserve.kv_transfer.staging import StagingRing, byte_runs, chunks, pool_address
 from pdserve.kv_transfer.states import OfferState, PendingOffer
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class _Sender:
         if self._staging is None:
             self._staging = StagingRing(link.pool.device)
         ring = self._staging
-        flat = pool_bytes(link.pool.tensor)
+        base = pool_address(link.pool.tensor)
         per = max(1, BATCH_BYTES // bb)
         work: list[tuple[bytes | None, list[tuple[int, int]]]] = []  # (batch header, pieces)
         for start in range(0, len(part.blocks), per):
@@ -180,7 +180,7 @@ class _Sender:
 
         def gather(i: int) -> None:
             k = ring.take()  # its last chunk was sent already (sendmsg returned)
-            ring.copy(k, work[i][1], flat, to_device=False)
+            ring.copy(k, work[i][1], base, to_device=False)
             taken.append(k)
 
         try:
