@@ -582,10 +582,9 @@ def _tcp_vs_raw(tokens: list[int], blocks: int, rounds: int, device: str) -> Non
                     where=f"loopback, {conns} connections, each sending its own bytes",
                     copy_gbs=statistics.median(cold) / 1e9)
             ms = statistics.median(lat)
-            if device != "cpu":
-                pools += f", staging {staging.STAGING_DEPTH} x " \
-                         f"{staging.STAGING_BYTES / 2**20:g} MiB"
-            row(kind="e2e", transport="tcp", where=f"host ({pools}), {conns} connections",
+            where = pools if device == "cpu" else f"{pools}, staging {staging.STAGING_DEPTH} " \
+                f"x {staging.STAGING_BYTES / 2**20:g} MiB"
+            row(kind="e2e", transport="tcp", where=f"host ({where}), {conns} connections",
                 tokens=n_tok, mib=nbytes / 2**20, e2e_ms=ms, e2e_gbs=nbytes / ms / 1e6,
                 pct_of_raw=100 * nbytes / ms / 1e6 / best, d_side_ms=statistics.median(dside),
                 reps=rounds, bit_exact=exact,
