@@ -8,10 +8,12 @@ size is free of the block size. With `depth` buffers, a connection copies up to 
 chunks ahead of the one on the wire (P: device to host while it sends; D: host to device
 while it receives the next). Pinned memory per connection and side: depth x nbytes.
 
-Small buffers stay in the host's caches between the DMA and the socket copy (each byte is
-touched by both); each chunk costs a few driver calls (`cuda_driver.py`: a torch `copy_`
-per chunk held the GIL long enough to cap 8 connections at 1 MiB chunks near 7 GB/s). The
-defaults are the best of a sweep on the H100 host (BENCHMARKS.md, issue 24, session 13).
+Each chunk costs a few driver calls (`cuda_driver.py`; a torch `copy_` per chunk held the
+GIL long enough to cap 8 connections near 5-7 GB/s at 1 MiB chunks), and still ~15 us of
+the driver's time per call with 8 threads launching: small chunks (1-2 MiB, which would stay
+in the host's caches between the DMA and the socket copy) lose to that. The default, two
+8 MiB buffers, was the best of 1-16 MiB x 2-4 buffers on an H200 host (BENCHMARKS.md,
+issue 24, session 13: 95% / 109% of the raw socket rate at 4k / 16k tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 
 from pdserve.kv_transfer import cuda_driver
 
-STAGING_BYTES = 4 << 20  # each pinned buffer
-STAGING_DEPTH = 3  # buffers per connection
+STAGING_BYTES = 8 << 20  # each pinned buffer
+STAGING_DEPTH = 2  # buffers per connection
 
 
 def byte_runs(ids: list[int], block_bytes: int) -> list[tuple[int, int]]:

@@ -36,19 +36,21 @@ that it predicts far from them. In particular every decode point has the same co
 not grow with context (sampling) are folded into it. `kv_bytes_per_token` (for modelled KV
 transfers) comes from the same JSON: the roofline's KV milliseconds at the measured copy rate.
 
-Fitted on bench/data/h200_llama3_8b_steps.json (one H200, Llama-3-8B shapes, bf16; computed
-by `python bench/step_model.py fit`, stored in pdserve/plan/models/h200_llama3_8b.json):
+First fitted on bench/data/h200_llama3_8b_steps.json (one H200, bench/serving_gpu.py, session
+6): floor 5.202 ms, 21.81 us/token, 50.84 ns per KV token, 1.236 ns per pair, residuals
+within 0.2%. The built-in H200 fit (pdserve/plan/models/h200_llama3_8b.json) is now the one
+of bench/data/h200_llama3_8b_mixed.json (bench/mixed_steps.py on one H200, session 13: the
+same five pure points, then the mixed ones below):
 
-    floor_s 5.202 ms, token_s 21.81 us (45.9k tokens/s), kv_token_s 50.84 ns (128 KiB per
-    token: 2.58 TB/s, 62% of the measured 4.16 TB/s copy rate), pair_s 1.236 ns
-    (4 x hidden x layers FLOPs per pair: 424 TFLOP/s, 54% of the measured matmul rate)
+    floor_s 4.686 ms, token_s 22.13 us (45.2k tokens/s), kv_token_s 41.19 ns (128 KiB per
+    token: 3.18 TB/s, 77% of the measured 4.15 TB/s copy rate), pair_s 1.152 ns
 
     point           measured   model    residual
-    prefill_8x1k    183.89 ms  183.85   -0.02%
-    prefill_1x8k    220.12 ms  220.13   +0.00%
-    decode_b1         5.249 ms   5.257  +0.15%
-    decode_b32        6.972 ms   6.959  -0.20%
-    decode_b256      19.619 ms  19.633  +0.07%
+    prefill_8x1k    186.15 ms  186.09   -0.03%
+    prefill_1x8k    219.91 ms  219.92   +0.00%
+    decode_b1         4.721 ms   4.731  +0.20%
+    decode_b32        6.125 ms   6.109  -0.25%
+    decode_b256      17.033 ms  17.048  +0.09%
 
 (decode b=256 is on the compute side of the max(): 256 x token_s = 5.58 ms > floor_s.)
 
@@ -71,7 +73,10 @@ and `mixed_kv_token_s` per decode KV token in such a step. On that H100
 bench/data/h100_llama3_8b_mixed.json --out ...`): floor 6.50 ms, 23.2 us/token, 62.0 ns per
 decode KV token, 1.12 ns per pair; mixed 4.76 ms + 193.7 ns per decode KV token (3x a
 decode step's own); the mixed residuals drop to mean |5.1%|, worst -16.7% (B=1, n=256).
-The H200 fit above has no mixed points (zero terms): its mixed steps are too cheap.
+On the H200 (the built-in fit): mixed 5.32 ms + 202.9 ns per decode KV token, mixed
+residuals -23% (B=1, n=256), the rest within -4..+11%. (Until session 13 the H200 fit had
+no mixed terms because its mixed steps had never been measured, and the planner took them
+for cheap; they cost as much as the H100's.)
 """
 
 from __future__ import annotations

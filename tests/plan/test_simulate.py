@@ -4,6 +4,8 @@ ends and nothing is left held; runs are reproducible."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,22 +98,31 @@ def test_placement_over_both_role_workers_pairs_them_under_load() -> None:
 
 
 @pytest.mark.parametrize("fit, rate, best_fixed, collocated, route", [
-    # mixed steps priced as our engine runs them (H100 fit): 1 P + 1 D is the best fixed
-    # layout at its knee, the tuned collocated pair far behind; placement pairs the workers
+    # mixed steps priced as our engine runs them (the H100 and H200 fits): 1 P + 1 D is the
+    # best fixed layout at the collocated pair's knee, which is far behind; placement pairs
+    # the workers
     ("h100-llama3-8b", 32.0, "1p1d", "both-256", "pd"),
-    # mixed steps at the pure form's price (H200 fit): collocation is the best layout and
-    # placement keeps to it
-    ("h200-llama3-8b", 60.0, "both-512", "both-512", "both"),
+    ("h200-llama3-8b", 40.0, "1p1d", "both-256", "pd"),
+    # mixed steps at the pure form's price (the H200 fit without its mixed terms):
+    # collocation is the best layout and placement keeps to it
+    ("h200-pure", 60.0, "both-512", "both-512", "both"),
 ])
 def test_placement_over_both_role_workers_follows_the_cheaper_layout(
-        fit: str, rate: float, best_fixed: str, collocated: str, route: str) -> None:
+        fit: str, rate: float, best_fixed: str, collocated: str, route: str,
+        tmp_path: Path) -> None:
     """Issue 21 in simulated time (the proxy's real routing, step-model engines, the
     ShareGPT-like mix, 15 s of Poisson arrivals at the best fixed layout's knee): placement
     over two both-role workers keeps >= 0.95 x the best fixed layout's strict attainment,
     and under costly mixed steps >= 1.3 x the tuned collocated pair's, by converging to a
     P and a D (most requests paired)."""
     from pdserve.plan import planner
+    from pdserve.plan.step_model import load
 
+    if fit == "h200-pure":
+        pure = replace(load(planner.MODELS_DIR / planner.BUILT_IN_MODELS["h200-llama3-8b"]),
+                       mixed_s=0.0, mixed_kv_token_s=0.0)
+        fit = str(tmp_path / "h200_pure.json")
+        Path(fit).write_text(json.dumps(pure.to_json()))
     cfg = planner.PlanConfig(step_model=fit, window=15.0,
                              workload=str(Path(__file__).parents[2] / "bench" / "data"
                                           / "sharegpt_like.json"))
