@@ -68,7 +68,10 @@ def _check(rc: int, what: str) -> None:
 
 
 def make_current(index: int) -> None:
-    """Make GPU `index`'s primary context (the one torch uses) current in this thread."""
+    """Make GPU `index`'s primary context (the one torch uses) current in this thread. Each
+    call retains the context once and nothing releases it: it lives as long as the process
+    (torch holds it too); one call per thread that copies or waits (the data connections'
+    threads and D's I/O thread), so the count only grows with connections made."""
     lib = _load()
     dev, ctx = ctypes.c_int(), ctypes.c_void_p()
     _check(lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")

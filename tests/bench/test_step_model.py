@@ -340,7 +340,7 @@ def test_the_mixed_step_terms_fit_the_measured_mixed_steps() -> None:
     """bench/data/h100_llama3_8b_mixed.json (one H100: pure and mixed steps in one run): the
     fit's mixed terms bring the mixed residuals from a mean |36%| to under 6% and leave the
     pure points as they were; the committed H100 model is that fit; a model without the
-    terms (the H200 one) prices a mixed step by the pure form alone."""
+    terms prices a mixed step by the pure form alone; the H200 fit's terms are close to it."""
     data = json.loads((ROOT / "bench" / "data" / "h100_llama3_8b_mixed.json").read_text())
     full = StepModel.fit(data)
     pure = StepModel.fit({k: v for k, v in data.items() if k != "mixed"})
@@ -360,5 +360,7 @@ def test_the_mixed_step_terms_fit_the_measured_mixed_steps() -> None:
     assert full.step_s(0, 32, 1000) == pure.step_s(0, 32, 1000)
     assert full.batch_s([(256, 0)], [1000] * 32) == pytest.approx(
         pure.batch_s([(256, 0)], [1000] * 32) + full.mixed_s + full.mixed_kv_token_s * 32000)
+    # the H200 fit (mixed steps measured there too) prices them about as the H100's does
     h200 = load(FITTED)
-    assert h200.mixed_s == h200.mixed_kv_token_s == 0.0
+    assert h200.mixed_s == pytest.approx(full.mixed_s, rel=0.25)
+    assert h200.mixed_kv_token_s == pytest.approx(full.mixed_kv_token_s, rel=0.25)
