@@ -102,9 +102,15 @@ def test_p_poisoning_its_blocks_on_release_never_reaches_d(procs, p_dev, d_dev):
     assert released == set(lengths)
 
 
-def test_cancels_racing_pulls_leak_nothing(procs):
-    d = procs("D", device="cuda:0", transports=IPC, transfer_timeout=5.0)
-    p = procs("P", device="cuda:0", transfer_timeout=5.0)
+@pytest.mark.parametrize("transport", ["cuda_ipc", "tcp"])
+def test_cancels_racing_pulls_leak_nothing(procs, transport):
+    """Cancels from either side racing transfers between GPU pools: every block freed on
+    both sides. tcp: through rings of 3 pinned buffers of 2.4 blocks, so a cancel lands
+    inside a batch, between chunks (D drains the rest, P stops at a batch boundary)."""
+    ring = dict(staging_bytes=int(2.4 * 8192), staging_depth=3) if transport == "tcp" else {}
+    d = procs("D", device="cuda:0", transports=IPC if transport == "cuda_ipc" else ["tcp"],
+              transfer_timeout=5.0, **ring)
+    p = procs("P", device="cuda:0", transfer_timeout=5.0, **ring)
     addr = d.call("address")
     rng = random.Random(5)
     for i in range(40):
@@ -117,7 +123,7 @@ def test_cancels_racing_pulls_leak_nothing(procs):
             (d if rng.random() < 0.5 else p).call("cancel", f"r{i}")
     wait_for(lambda: d.call("drain") >= 0 and all_free(d) and all_free(p), timeout=30,
              interval=0.2)
-    assert d.call("stats")["peers"] == {"P0": "cuda_ipc"}
+    assert d.call("stats")["peers"] == {"P0": transport}
 
 
 @pytest.mark.parametrize("p_dev,d_dev", GPU_PAIRS)
