@@ -438,7 +438,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small pools and sizes (smoke test)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tcp-connections", type=int, default=None,
-                    help="P's tcp data connections per D (default: KVSender's, min(4, cores))")
+                    help="P's tcp data connections per D (default: KVSender's, min(8, cores))")
     ap.add_argument("--gpu-tcp", action="store_true",
                     help="only tcp between GPU pools against the raw socket rate")
     ap.add_argument("--cpu-only", default="", help="comma-separated subset of copy,raw,shm,tcp:"
