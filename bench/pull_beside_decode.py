@@ -17,6 +17,11 @@ of a cuda_ipc pull on one GPU. Methods:
 - `memcpy`: one `copy_` (cudaMemcpyAsync device to device) per run of consecutive blocks,
   low priority, the engine high.
 
+`--alone-configs 'stream=1;waves=4'`: further full-grid cuts (kernels/block_copy.py
+GatherConfig specs, `;`-separated) measured alone only. For every pull measured alone also:
+the host time of the launching call (µs until it returns, no sync) and the device time
+between CUDA events around it, which split a pull's fixed cost into host and GPU parts.
+
 Per method: the pull alone (ms, GB/s of payload, % of the same-run copy of one contiguous
 tensor of that size), then the decode step alone and beside back-to-back pulls
 launched by a thread during the timed steps (median ms, slowdown %). JSON to
@@ -25,6 +30,7 @@ any device (a smoke test of this script; on CPU no streams).
 
 Usage: python bench/pull_beside_decode.py [--out DIR] [--batch 32] [--ctx 1024]
        [--tokens 16384] [--methods gather,gather+prio,bounded-16,memcpy]
+       [--alone-configs 'stream=1;waves=4,stream=1']
 """
 
 from __future__ import annotations
@@ -81,15 +87,18 @@ class Pull:
         self.d = torch.tensor(ids[1], dtype=torch.int32, device=dev)
         self.runs = runs_of(*ids)
         self.programs = int(method.split("-")[1]) if method.startswith("bounded-") else None
+        from pdserve.kernels.block_copy import BlockGather, GatherConfig
+
+        # as D's Puller does: the pools' checks and views once, a launch per pull
+        spec = method.split(":", 1)[1] if method.startswith("full:") else ""
+        self.gather = BlockGather(src, dst, GatherConfig.parse(spec))
 
     def __call__(self) -> None:
-        from pdserve.kernels.block_copy import gather_blocks
-
         if self.method == "memcpy":
             for s, d, n in self.runs:
                 self.dst[d:d + n].copy_(self.src[s:s + n], non_blocking=True)
         else:
-            gather_blocks(self.src, self.s, self.dst, self.d, max_programs=self.programs)
+            self.gather(self.s, self.d, max_programs=self.programs)
 
 
 class PullLoop:
@@ -128,6 +137,25 @@ class PullLoop:
         self._thread.join()
 
 
+def split_cost(fn, dev: torch.device, reps: int) -> tuple[float, float]:
+    """(median host µs of fn() until it returns, median device ms between CUDA events
+    around it); (nan, nan) off CUDA."""
+    if dev.type != "cuda":
+        return float("nan"), float("nan")
+    host, device = [], []
+    for _ in range(reps):
+        sync(dev)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e6)
+        b.record()
+        b.synchronize()
+        device.append(a.elapsed_time(b))
+    return statistics.median(host), statistics.median(device)
+
+
 def timed(fn, dev: torch.device, reps: int) -> float:
     """Median seconds of fn() to completion."""
     out = []
@@ -153,6 +181,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--methods", default="gather,gather+prio,bounded-8,bounded-16,bounded-32,"
                     "memcpy")
+    ap.add_argument("--alone-configs", default="",
+                    help="';'-separated GatherConfig specs of full-grid pulls measured alone")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -183,8 +213,31 @@ def main() -> None:
     flat_b = torch.empty_like(flat_a)
     copy_s = timed(lambda a=flat_a, b=flat_b: b.copy_(a), dev, args.reps + 2)
     RESULTS["copy_ms"], RESULTS["copy_gbs"] = copy_s * 1e3, nbytes / copy_s / 1e9
+    RESULTS["copy_host_us"], RESULTS["copy_device_ms"] = split_cost(
+        lambda a=flat_a, b=flat_b: b.copy_(a), dev, args.reps + 2)
     del flat_a, flat_b
     save()
+
+    # further full-grid cuts, alone only (the same measure as every method's "pull alone")
+    RESULTS["alone"] = []
+    for spec in filter(None, args.alone_configs.split(";")):
+        try:
+            pull = Pull("full:" + spec, src, dst, ids, dev)
+            pull()  # compile / warm
+            alone = timed(pull, dev, args.reps)
+            host_us, device_ms = split_cost(pull, dev, args.reps)
+            exact = bool(torch.equal(dst[pull.d.long()].view(torch.int16),
+                                     src[pull.s.long()].view(torch.int16)))
+            rec = dict(config=spec, pull_ms=alone * 1e3, pull_gbs=nbytes / alone / 1e9,
+                       pct_of_copy=100 * RESULTS["copy_ms"] / 1e3 / alone, host_us=host_us,
+                       device_ms=device_ms, exact=exact)
+            RESULTS["alone"].append(rec)
+            print(json.dumps(rec), flush=True)
+            dst.zero_()
+        except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
+            RESULTS["errors"].append({"config": spec, "error": f"{type(e).__name__}: {e}"})
+            print(f"config {spec}: {type(e).__name__}: {e}", flush=True)
+        save()
 
     cfg_dir = Path(tempfile.mkdtemp())
     (cfg_dir / "config.json").write_text(json.dumps(model_cfg))
@@ -250,6 +303,8 @@ def main() -> None:
             with on(pull_stream):
                 pull()  # compile / warm
             alone = timed(lambda s=pull_stream, f=pull: _on_call(on, s, f), dev, args.reps)
+            host_us, device_ms = split_cost(lambda s=pull_stream, f=pull: _on_call(on, s, f),
+                                            dev, args.reps)
             base = decode_steps(engine_stream, None, None)
             step_s = statistics.median(base)
             beside = decode_steps(engine_stream, pull, pull_stream)
@@ -259,7 +314,7 @@ def main() -> None:
                                      src[pull.s.long()].view(torch.int16)))
             rec = dict(method=method, pull_ms=alone * 1e3, pull_gbs=nbytes / alone / 1e9,
                        pct_of_copy=100 * RESULTS["copy_ms"] / 1e3 / alone,
-                       step_ms_alone=step_s * 1e3,
+                       host_us=host_us, device_ms=device_ms, step_ms_alone=step_s * 1e3,
                        step_ms_beside=statistics.median(beside) * 1e3,
                        slowdown_pct=100 * (statistics.median(beside) / step_s - 1),
                        pulls_during_steps=pulls, exact=exact, runs=len(pull.runs))
@@ -275,11 +330,20 @@ def main() -> None:
     print(f"\n{RESULTS['device']}, {RESULTS['shapes']}, batch {args.batch} x {args.ctx} ctx; "
           f"pull {args.tokens} tokens = {RESULTS['pull_mib']:.0f} MiB; same-run copy "
           f"{RESULTS['copy_gbs']:.0f} GB/s")
-    print("| method | pull ms | GB/s | % of copy | step alone ms | step beside ms | slowdown |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"copy: host {RESULTS['copy_host_us']:.0f} µs, device {RESULTS['copy_device_ms']:.3f} ms")
+    if RESULTS["alone"]:
+        print("| full-grid config | pull ms | GB/s | % of copy | host µs | device ms |")
+        print("|---|---|---|---|---|---|")
+        for r in RESULTS["alone"]:
+            print(f"| {r['config']} | {r['pull_ms']:.3f} | {r['pull_gbs']:.0f} | "
+                  f"{r['pct_of_copy']:.0f}% | {r['host_us']:.0f} | {r['device_ms']:.3f} |")
+    print("| method | pull ms | GB/s | % of copy | host µs | device ms | step alone ms | "
+          "step beside ms | slowdown |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS["methods"]:
-        print(f"| {r['method']} | {r['pull_ms']:.2f} | {r['pull_gbs']:.0f} | "
-              f"{r['pct_of_copy']:.0f}% | {r['step_ms_alone']:.2f} | {r['step_ms_beside']:.2f} | "
+        print(f"| {r['method']} | {r['pull_ms']:.3f} | {r['pull_gbs']:.0f} | "
+              f"{r['pct_of_copy']:.0f}% | {r['host_us']:.0f} | {r['device_ms']:.3f} | "
+              f"{r['step_ms_alone']:.2f} | {r['step_ms_beside']:.2f} | "
               f"{r['slowdown_pct']:+.1f}% |")
 
 
