@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -65,6 +66,14 @@ def _chunk_budget(w: Worker, beside_streams: bool | None = None) -> int:
     return min(full, int(limits.get("mixed_step_tokens") or full)) if beside_streams else full
 
 
+# a both-role worker keeps P's role until the pool went this many TTFT bounds without pairing
+# two workers: the first mixed steps at a small batch look affordable even where the pool's
+# load will make them dear (pdserve plan's simulator, H200 fit, 58 req/s: releasing at once
+# spread the early streams over both workers, and the one that took P's role again kept
+# mixing their decodes into its prefill steps for their whole outputs)
+HOLD_TTFTS = 2.0
+
+
 class ClusterBackend:
     """See the module docstring. `await start()` before serving; `await close()` after."""
 
@@ -93,6 +102,8 @@ class ClusterBackend:
         self._vocab_size = 0
         self._rng = random.Random()
         self._held_p: set[str] = set()  # --placement slo: both-role workers in P's role
+        self._last_pd = -math.inf  # when a flexible placement last paired two workers
+        self.clock = time.monotonic  # (pdserve plan's simulator runs its own)
         self._breakers: dict[tuple[str, str], tuple[int, float]] = {}
         self._pairs: dict[str, tuple[str, str]] = {}  # rid -> (P url, D url) awaiting TRANSFER
         self.admission = Admission(max_queued_requests, max_queue_delay)
@@ -236,6 +247,10 @@ class ClusterBackend:
                 opt = self._place_flexible(flexible, ds, d, len(ids), hashes, bs)
                 if opt is not None:
                     chosen, p_best, d, use_p = opt.est, opt.p, opt.d, opt.p is not None
+                elif not short and not mostly_cached and (pair := self._unmeasured_pair(
+                        flexible, ds)) is not None:
+                    p_best, d = pair
+                    use_p = True
             elif self.placement == "slo" and prefills:
                 chosen, p_best = self._place(prefills, d, len(ids), hashes, bs)
                 if chosen is not None:
@@ -316,15 +331,18 @@ class ClusterBackend:
 
         budget = _chunk_budget
         backlog = max(0, self._queued_tokens - num_tokens)  # as in _place
+        loads = placement.borrowed_loads({w.url: w.load for w in flexible})
         as_p: dict[str, placement.Estimate | None] = {
-            p.url: placement.on_shared_p(p.load, p.link.in_flight()[1] + backlog, todo(p),
-                                         budget(p)) for p in flexible}
+            p.url: placement.on_shared_p(loads[p.url], p.link.in_flight()[1] + backlog,
+                                         todo(p), budget(p)) for p in flexible}
         options: list[placement.Option] = []
         for d in ds:
-            gap = placement.mixed_gap_s(d.load, _chunk_budget(d, beside_streams=True))
-            streams = placement.streams(d.load)
+            load = loads.get(d.url, d.load)
+            gap = placement.mixed_gap_s(load, _chunk_budget(d, beside_streams=True))
+            # its streams, and the requests on their way that the report does not count yet
+            streams = placement.streams(load) + d.link.in_flight()[0]
             sustains = gap is None or gap <= placement.SUSTAIN_FRACTION * self.slo.itl_s
-            whole = placement.on_d(d.load, d.link.in_flight()[1], todo(d), budget(d))
+            whole = placement.on_d(load, d.link.in_flight()[1], todo(d), budget(d))
             if whole is None:
                 return None
             options.append(placement.Option(whole, d, None, streams, sustains))
@@ -339,15 +357,45 @@ class ClusterBackend:
         # worker collocates again: its streams drain and its steps become prompt-only
         # (without this, both workers kept taking decodes and prompt chunks alike)
         self._held_p &= {w.url for w in flexible}  # workers gone from the pool are not held
+        # until some worker has run a mixed step, nobody knows what collocating costs:
+        # whole requests gather on one worker (which measures it) and the others stay
+        # clean for P's role should it prove costly
+        pack = all(w.load.get("mixed_prefill_tokens_per_s") is None for w in flexible)
         opt = placement.decide_flexible(
-            [o for o in options if o.d.url not in self._held_p] or options, self.slo, preferred)
+            [o for o in options if o.d.url not in self._held_p] or options, self.slo, preferred,
+            pack)
         if opt is not None:
+            now = self.clock()
             if opt.p is not None:
                 self._held_p.add(opt.p.url)
-            elif opt.sustains:
+                self._last_pd = now
+            elif opt.sustains and not pack and now - self._last_pd >= HOLD_TTFTS * self.slo.ttft_s:
                 self._held_p.clear()
             metrics.PLACEMENT_P_ROLE.set(len(self._held_p))
         return opt
+
+    def _unmeasured_pair(self, flexible: list[Worker], ds: list[Worker]
+                         ) -> tuple[Worker, Worker] | None:
+        """(P, D) for a flexible pool that has measured nothing yet: disaggregated from the
+        first request, the worker running the fewest streams prefilling (and held in P's
+        role) for the one running the most, so no worker collects streams that would later
+        turn every step of its P's role into a mixed one (on the step-model simulator the
+        first second's requests spread over both workers cost the pool's P ~10% of its
+        rate for as long as their outputs ran). The first steps measure both sides; None
+        when no P has room or no other D is there (the caller's rule then applies)."""
+        def running(w: Worker) -> int:
+            return placement.streams(w.load) + w.link.in_flight()[0]
+
+        ps = [w for w in flexible if w.has_room()]
+        if not ps:
+            return None
+        p = min(ps, key=lambda w: (w.url not in self._held_p, running(w), w.url))
+        others = [w for w in ds if w is not p and self._link_open(p, w)]
+        if not others:
+            return None
+        self._held_p.add(p.url)
+        self._last_pd = self.clock()
+        return p, max(others, key=lambda w: (running(w), w.url))
 
     @staticmethod
     def _release(route: tuple[str, Worker, Worker | None], rid: str) -> None:

@@ -121,6 +121,22 @@ def on_d(load: dict[str, Any], routed_tokens: int, prompt_tokens: int,
     return Estimate("skip_p", steps * step_s, step_s if running else None, running)
 
 
+RATE_KEYS = ("prefill_tokens_per_s", "mixed_prefill_tokens_per_s", "decode_step_ms")
+
+
+def borrowed_loads(loads: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """The loads of a pool of both-role workers (one model on like GPUs), each rate a worker
+    has not measured yet taken from a worker that has: a worker that never ran such a step
+    (the idle one of a pair, a P that never decoded, a D that never prefilled) is judged by
+    its peers' costs instead of leaving every estimate out until it happens to run one."""
+    known = {k: ld[k] for ld in loads.values() for k in RATE_KEYS if ld.get(k) is not None}
+    out = {}
+    for key, load in loads.items():
+        missing = {k: v for k, v in known.items() if load.get(k) is None}
+        out[key] = {**load, **missing} if missing else load
+    return out
+
+
 def mixed_gap_s(load: dict[str, Any], mixed_budget: int) -> float | None:
     """The inter-token gap a worker's streams would see in a step that also runs a full
     chunk of prompt (`mixed_budget` tokens): its decode step plus that chunk at the marginal
@@ -185,7 +201,8 @@ class Option:
     # prompt chunk beside them (mixed steps cheap enough to collocate; True until measured)
 
 
-def decide_flexible(options: list[Option], slo: SLO, preferred: Any) -> Option | None:
+def decide_flexible(options: list[Option], slo: SLO, preferred: Any,
+                    pack: bool = False) -> Option | None:
     """Placement over a pool of both-role workers, choosing D and P together (the proxy's
     pick by load alone names the idlest worker D, which spreads decodes over every worker and
     puts prompt chunks into every worker's steps). In order:
@@ -211,14 +228,18 @@ def decide_flexible(options: list[Option], slo: SLO, preferred: Any) -> Option |
     decoding = [o for o in meets_pd if o.d_streams > 0]
     collocate = [o for o in whole_ok if o.sustains or (o.d_streams == 0 and not decoding)]
     if collocate:
+        if pack:  # onto the worker already decoding the most: the others stay clean
+            return max(collocate, key=lambda o: (o.d_streams, o.d is preferred,
+                                                 o.est.headroom(slo)))
         return max(collocate, key=lambda o: (o.d is preferred, o.est.headroom(slo)))
     if meets_pd:
         return max(meets_pd, key=lambda o: (o.d_streams, o.est.headroom(slo)))
-    if whole_ok:
-        return max(whole_ok, key=lambda o: (o.d is preferred, o.est.headroom(slo)))
     # a late first token costs this request, a long step every stream of the worker that
     # runs it: the soonest first token among the placements whose steps keep the ITL bound
-    keep = [o for o in options if o.est.itl_s is None or o.est.itl_s <= slo.itl_s]
+    # (a whole request beside streams only where a full chunk beside them does: a short
+    # prompt's estimate misses what a mixed step costs beyond its tokens)
+    keep = [o for o in options if (o.est.itl_s is None or o.est.itl_s <= slo.itl_s)
+            and (o.est.route == "pd" or o.sustains or o.d_streams == 0)]
     if keep:
         return min(keep, key=lambda o: (o.est.ttft_s, o.est.route != "pd"))
     if pds:

@@ -189,6 +189,7 @@ class Simulation:
                                       placement=layout.placement, slo=layout.slo,
                                       max_queue_delay=max_queue_delay)
         self.backend._rng = random.Random(seed)
+        self.backend.clock = lambda: self.now
         self.max_queue_delay = max_queue_delay
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._tie = itertools.count()

@@ -12,7 +12,7 @@ import pytest
 from pdserve.common.params import SamplingParams
 from pdserve.common.wire import RequestRecord
 from pdserve.proxy import metrics, placement
-from pdserve.proxy.cluster_backend import ClusterBackend
+from pdserve.proxy.cluster_backend import HOLD_TTFTS, ClusterBackend
 from pdserve.proxy.placement import SLO, Estimate
 from pdserve.proxy.registry import Registry, Worker
 
@@ -189,17 +189,28 @@ def test_a_both_role_p_prefills_beside_its_own_decodes() -> None:
 
 
 def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
-    """Flexible roles: two both-role workers under --placement slo. Each serves a request
-    whole while that meets the SLOs and its steps can take a full prompt chunk beside its
-    streams within the ITL bound; otherwise P/D between them, and the worker chosen as P
-    keeps that role (no new decodes) until a worker collocates again. Without --placement
-    slo (or measurements) they never pair."""
+    """Flexible roles: two both-role workers under --placement slo. Before anything is
+    measured they pair up (one prefills for the other, held in P's role: no worker collects
+    streams that would later make every step of a P mixed). Each serves a request whole
+    while that meets the SLOs and its steps can take a full prompt chunk beside its streams
+    within the ITL bound; otherwise P/D between them, and the worker chosen as P keeps that
+    role (no new decodes) until a worker collocates where mixed steps were measured to
+    pay. Without --placement slo they never pair."""
     a = worker("http://a", "both", {})
     b = worker("http://b", "both", {})
     flexible = ClusterBackend(StubRegistry([a, b]), None, "m", placement="slo", slo=STRICT)  # type: ignore[arg-type]
     fixed = ClusterBackend(StubRegistry([a, b]), None, "m")  # type: ignore[arg-type]
     assert flexible.registry.flexible_roles and not fixed.registry.flexible_roles
-    assert route_of(flexible, 4000) == route_of(fixed, 4000) == "both"  # nothing measured
+    now = [100.0]
+    flexible.clock = lambda: now[0]
+    assert route_of(fixed, 4000) == "both"
+    # nothing measured: a (first by name, both idle) prefills for b and keeps P's role
+    rec = RequestRecord("r0", list(range(5, 4005)), SamplingParams(max_tokens=16, seed=1))
+    route = flexible._route(rec, set(), [])
+    assert route is not None and route[0] == "pd" and route[1] is a and route[2] is b, route
+    flexible._release(route, rec.request_id)
+    assert flexible._held_p == {"http://a"}
+    assert route_of(flexible, 8) == "both"  # too short to pair: served whole
     # a has no decodes but a queue of prompts (the busier by score: the decodes go to b);
     # b runs 20 streams, which a 4,000-token prompt's chunks (57 ms steps) would stall
     a.link.load = {"prefill_tokens_per_s": RATE, "decode_step_ms": 6.0,  # type: ignore[union-attr]
@@ -229,10 +240,20 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     route = flexible._route(rec, {"http://a"}, [])
     assert route is not None and route[0] == "both" and route[1] is b, route
     flexible._release(route, rec.request_id)
-    # mixed steps cheap again (512-token chunks fit beside b's streams): the pool
-    # collocates, a's P role ends and, idler, it takes the next request whole
+    # mixed steps cheap again (512-token chunks fit beside b's streams): until a mixed step
+    # was measured, whole requests gather on b (it runs the most streams) and a stays P
     for w in (a, b):
         w.info["limits"]["max_num_batched_tokens"] = 512
+    route = flexible._route(rec, set(), [])
+    assert route is not None and route[0] == "both" and route[1] is b, route
+    flexible._release(route, rec.request_id)
+    assert flexible._held_p == {"http://a"}
+    # measured (b's mixed steps keep its streams' bound): the pool collocates, and once it
+    # went HOLD_TTFTS TTFT bounds without pairing, a's P role ends and, idler, it takes the
+    # next request whole
+    b.link.load = {**b.link.load, "mixed_prefill_tokens_per_s": RATE}  # type: ignore[union-attr]
+    assert route_of(flexible, 300) == "both" and flexible._held_p == {"http://a"}
+    now[0] += HOLD_TTFTS * STRICT.ttft_s
     assert route_of(flexible, 300) == "both" and not flexible._held_p
     assert metrics.PLACEMENT_P_ROLE._value.get() == 0
     short = RequestRecord("s", list(range(5, 305)), SamplingParams(max_tokens=16, seed=1))
@@ -266,11 +287,23 @@ def test_flexible_decisions_collocate_while_cheap_and_pair_up_when_not() -> None
     cold = [_opt("skip_p", "a", None, 0.02, None, 0, 0), _opt("skip_p", "b", None, 0.02, None, 0, 0),
             _opt("pd", "a", "b", 0.03, None, 0, 0), _opt("pd", "b", "a", 0.03, None, 0, 0)]
     assert placement.decide_flexible(cold, slo, "b") is cold[1]
+    # until mixed steps were measured (pack): whole onto the worker running the most
+    # streams, whatever the load prefers, so the other stays clean for P's role
+    assert placement.decide_flexible(cheap, slo, "b", pack=True) is cheap[0]
     # nothing meets the SLOs; a placement whose steps keep the ITL bound wins, soonest first
-    late = [_opt("skip_p", "a", None, 3.0, 0.020, 0, 5),
+    late = [_opt("skip_p", "a", None, 3.0, 0.020, 0, 5, sustains=True),
             _opt("pd", "a", "b", 9.0, 0.030, 40, 5),
             _opt("skip_p", "b", None, 1.5, 0.040, 0, 40)]
     assert placement.decide_flexible(late, slo, "a") is late[0]
+    # a whole request beside streams keeps the bound only where a full chunk would: a short
+    # prompt's own estimate (20 ms) misses what a mixed step costs beyond its tokens
+    late[0] = _opt("skip_p", "a", None, 3.0, 0.020, 0, 5, sustains=False)
+    assert placement.decide_flexible(late, slo, "a") is late[1]
+    # within the SLOs but not sustainable beside a's streams, and no P/D meets them: no
+    # longer whole beside the streams (P/D, the soonest whose steps keep the bound)
+    within = [_opt("skip_p", "a", None, 0.5, 0.020, 0, 5),
+              _opt("pd", "a", "b", 1.2, None, 0, 5)]
+    assert placement.decide_flexible(within, slo, "a") is within[1]
     # and when none does: P/D from the worker with the fewest streams to the one with most
     stuck = [_opt("skip_p", "a", None, 3.0, 0.05, 0, 50),
              _opt("skip_p", "b", None, 3.0, 0.05, 0, 20),
