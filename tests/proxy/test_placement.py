@@ -240,10 +240,10 @@ def test_two_both_role_workers_pair_up_only_when_it_pays() -> None:
     route = flexible._route(rec, {"http://a"}, [])
     assert route is not None and route[0] == "both" and route[1] is b, route
     flexible._release(route, rec.request_id)
-    # mixed steps cheap again (512-token chunks fit beside b's streams): until a mixed step
+    # mixed steps cheap again (256-token chunks fit beside b's streams): until a mixed step
     # was measured, whole requests gather on b (it runs the most streams) and a stays P
     for w in (a, b):
-        w.info["limits"]["max_num_batched_tokens"] = 512
+        w.info["limits"]["max_num_batched_tokens"] = 256
     route = flexible._route(rec, set(), [])
     assert route is not None and route[0] == "both" and route[1] is b, route
     flexible._release(route, rec.request_id)
