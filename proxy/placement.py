@@ -29,7 +29,11 @@ Over a pool of both-role workers only (no dedicated P), D and P are chosen toget
 (`decide_flexible`, called by `ClusterBackend._place_flexible`): collocate while a full
 prompt chunk beside a worker's streams keeps their gap within `SUSTAIN_FRACTION` of the ITL
 bound, else P/D onto the D running the most streams, and the proxy keeps a worker it chose
-as P out of D's role until a worker collocates again (docs/design-changes.md, session 12).
+as P out of D's role until the pool collocates, where mixed steps were measured to keep the
+bound, for `HOLD_TTFTS` TTFT bounds without pairing (docs/design-changes.md, sessions 12
+and 14). A worker's rates it has not measured are its peers' (`borrowed_loads`); before
+anyone measured anything the pool pairs from the first request, and until someone ran a
+mixed step whole requests gather on one worker: the other stays clean for P's role.
 Without measurements on both sides (a worker that has not run a step since it started; a D
 that never prefilled borrows a P's rate), `decide` returns None and the caller
 keeps its rule by prompt length. Nothing here blocks or talks to a worker: pure functions
@@ -213,15 +217,22 @@ def decide_flexible(options: list[Option], slo: SLO, preferred: Any,
     1. D prefills it itself, within the SLOs, on a worker whose mixed steps keep the ITL
        bound (`sustains`) or that runs no stream (nothing to hurt yet) — only while no
        worker decodes that could take it (else 2): collocated serving while it is the cheaper
-       layout; the load-preferred worker first, then by headroom.
+       layout; the load-preferred worker first, then by headroom. `pack` (no mixed step
+       measured anywhere yet): the worker running the most streams first instead, so the
+       others stay clean for P's role should mixed steps prove dear.
     2. P/D within the SLOs, onto the D with the most streams (decodes gather on one worker,
        prompts on the others: a disaggregated pair forms under load, where mixed steps cost
        more than the ITL bound allows).
-    3. D prefills it itself within the SLOs (any worker).
-    4. None meets them: the soonest first token among the placements whose steps keep the
+    3. None meets them: the soonest first token among the placements whose steps keep the
        ITL bound (a late first token costs one request, a long step every stream beside
-       it), else P/D from the worker running the fewest streams to the one running the most
+       it) — whole beside streams only where a full chunk would keep it (`sustains`: a
+       short prompt's own estimate misses what a mixed step costs beyond its tokens) —
+       else P/D from the worker running the fewest streams to the one running the most
        (its steps clean while it decodes; the P's streams drain).
+
+    (Session 14 dropped a rule between 2 and 3, "D prefills it itself within the SLOs on any
+    worker": it put short prompts beside a D's hundreds of streams, whose mixed steps then
+    broke the bound for all of them: docs/design-changes.md.)
     """
     if not options:
         return None
