@@ -239,6 +239,10 @@ def main() -> None:
             print(f"config {spec}: {type(e).__name__}: {e}", flush=True)
         save()
 
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods:  # --methods '': the pulls alone only, no engine
+        report(args)
+        return
     cfg_dir = Path(tempfile.mkdtemp())
     (cfg_dir / "config.json").write_text(json.dumps(model_cfg))
     need = args.batch * (args.ctx + args.steps * 4 + 64) * layers * 2 * kv_heads * head_dim * 2
@@ -294,7 +298,7 @@ def main() -> None:
             sync(dev)
         return times
 
-    for method in args.methods.split(","):
+    for method in methods:
         try:
             pull = Pull(method, src, dst, ids, dev)
             prio = method != "gather"
@@ -327,6 +331,10 @@ def main() -> None:
             traceback.print_exc()
             RESULTS["errors"].append({"method": method, "error": f"{type(e).__name__}: {e}"})
         save()
+    report(args)
+
+
+def report(args: argparse.Namespace) -> None:
     print(f"\n{RESULTS['device']}, {RESULTS['shapes']}, batch {args.batch} x {args.ctx} ctx; "
           f"pull {args.tokens} tokens = {RESULTS['pull_mib']:.0f} MiB; same-run copy "
           f"{RESULTS['copy_gbs']:.0f} GB/s")
