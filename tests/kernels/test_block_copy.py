@@ -46,13 +46,9 @@ def test_gather_between_pools(device, layout, dtype, request):
     assert not dst[dst_ids].isnan().any()
 
 
-@pytest.mark.parametrize("device", PLACES)
-@pytest.mark.parametrize("programs", [1, 3, 1000])
-@pytest.mark.parametrize("layout,dtype", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4]], ids=str)
-def test_a_bounded_gather_copies_every_tile_with_few_programs(device, programs, layout, dtype,
-                                                              request):
-    """`max_programs`: a fixed grid whose programs stride over every (block, tile), so a
-    pull can be held to a few SMs; the same bytes as the full grid's, whatever the count."""
+def gather_7_of_9(request, device, layout, dtype, **kw):
+    """7 of 9 random blocks into 7 of 11 NaN-poisoned ones with `gather_blocks(**kw)`,
+    checked bit-exact against the reference; returns (src, src_ids, dst, dst_ids)."""
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     src = pool(9, layout, dtype, device, gen)
     dst = torch.full((11, *layout), float("nan"), dtype=dtype, device=device)
@@ -60,8 +56,20 @@ def test_a_bounded_gather_copies_every_tile_with_few_programs(device, programs, 
     dst_ids = torch.randperm(11, generator=gen)[:7].int().to(device)
     want = dst.clone()
     gather_blocks_ref(src, src_ids, want, dst_ids)
-    gather_blocks(src, src_ids, dst, dst_ids, max_programs=programs)
+    gather_blocks(src, src_ids, dst, dst_ids, **kw)
     assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    return src, src_ids, dst, dst_ids
+
+
+@pytest.mark.parametrize("device", PLACES)
+@pytest.mark.parametrize("programs", [1, 3, 1000])
+@pytest.mark.parametrize("layout,dtype", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[4]], ids=str)
+def test_a_bounded_gather_copies_every_tile_with_few_programs(device, programs, layout, dtype,
+                                                              request):
+    """`max_programs`: a fixed grid whose programs stride over every (block, tile), so a
+    pull can be held to a few SMs; the same bytes as the full grid's, whatever the count."""
+    src, src_ids, dst, dst_ids = gather_7_of_9(request, device, layout, dtype,
+                                               max_programs=programs)
     with pytest.raises(ValueError, match="max_programs"):
         gather_blocks(src, src_ids, dst, dst_ids, max_programs=0)
 
@@ -97,15 +105,7 @@ CONFIGS = ["", "stream=1", "tile=16384,tpp=8,warps=4", "tile=65536,tpp=1,stream=
 def test_every_grid_config_copies_the_same_bytes(device, spec, layout, dtype, request):
     """The full grid's cut (tile, steps per program, warps), the streaming cache hints and
     the persistent grid change how the bytes move, never which: bit-exact for each."""
-    gen = torch.Generator().manual_seed(seed_for(request.node.name))
-    src = pool(9, layout, dtype, device, gen)
-    dst = torch.full((11, *layout), float("nan"), dtype=dtype, device=device)
-    src_ids = torch.randperm(9, generator=gen)[:7].int().to(device)
-    dst_ids = torch.randperm(11, generator=gen)[:7].int().to(device)
-    want = dst.clone()
-    gather_blocks_ref(src, src_ids, want, dst_ids)
-    gather_blocks(src, src_ids, dst, dst_ids, config=GatherConfig.parse(spec))
-    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    gather_7_of_9(request, device, layout, dtype, config=GatherConfig.parse(spec))
 
 
 @pytest.mark.parametrize("device", PLACES)
