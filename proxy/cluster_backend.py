@@ -74,6 +74,11 @@ def _chunk_budget(w: Worker, beside_streams: bool | None = None) -> int:
 HOLD_TTFTS = 2.0
 
 
+def _running(w: Worker, load: dict[str, Any]) -> int:
+    """A worker's streams, and the requests on their way that its report does not count."""
+    return placement.streams(load) + w.link.in_flight()[0]
+
+
 class ClusterBackend:
     """See the module docstring. `await start()` before serving; `await close()` after."""
 
@@ -339,8 +344,7 @@ class ClusterBackend:
         for d in ds:
             load = loads.get(d.url, d.load)
             gap = placement.mixed_gap_s(load, _chunk_budget(d, beside_streams=True))
-            # its streams, and the requests on their way that the report does not count yet
-            streams = placement.streams(load) + d.link.in_flight()[0]
+            streams = _running(d, load)
             sustains = gap is None or gap <= placement.SUSTAIN_FRACTION * self.slo.itl_s
             whole = placement.on_d(load, d.link.in_flight()[1], todo(d), budget(d))
             if whole is None:
@@ -354,7 +358,8 @@ class ClusterBackend:
                     return None
                 options.append(placement.Option(est, d, p, streams, sustains))
         # a worker chosen to prefill for another keeps P's role (no new decodes) until a
-        # worker collocates again: its streams drain and its steps become prompt-only
+        # worker collocates again (measured to pay, HOLD_TTFTS after the last pairing): its
+        # streams drain and its steps become prompt-only
         # (without this, both workers kept taking decodes and prompt chunks alike)
         self._held_p &= {w.url for w in flexible}  # workers gone from the pool are not held
         # until some worker has run a mixed step, nobody knows what collocating costs:
@@ -384,7 +389,7 @@ class ClusterBackend:
         rate for as long as their outputs ran). The first steps measure both sides; None
         when no P has room or no other D is there (the caller's rule then applies)."""
         def running(w: Worker) -> int:
-            return placement.streams(w.load) + w.link.in_flight()[0]
+            return _running(w, w.load)
 
         ps = [w for w in flexible if w.has_room()]
         if not ps:
@@ -395,6 +400,7 @@ class ClusterBackend:
             return None
         self._held_p.add(p.url)
         self._last_pd = self.clock()
+        metrics.PLACEMENT_P_ROLE.set(len(self._held_p))
         return p, max(others, key=lambda w: (running(w), w.url))
 
     @staticmethod
