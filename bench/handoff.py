@@ -41,7 +41,9 @@ Modes (each one cluster, started here and stopped at the end, `--min-pd-prompt-t
   `pdserve serve` starts a private MPS daemon for them: --mps auto), gpu-pd-timeslice the
   same with `--mps off` (the two processes take turns on the GPU in time slices),
   gpu-both one `pdserve worker --role both` behind `pdserve serve --worker URL`; each with
-  `--gpu-kv-bytes` of KV. 4,000-token prompts, 64 output tokens, Poisson 2 req/s.
+  `--gpu-kv-bytes` of KV. 4,000-token prompts, 64 output tokens, Poisson 2 req/s. `--gpu 0,1`:
+  P on GPU 0 and D on GPU 1 (KV over cuda_ipc across GPUs) vs two both-role workers, one per
+  GPU, serving whole requests (the proxy's default --placement threshold).
 `--rate`, `--prompt-len`, `--output-len` override the mode's workload (rate 0: sequential).
 
 Also per mode: launch -> ready seconds ("ready_s"; cold-start numbers on GPU), the TTFT of
@@ -469,6 +471,14 @@ def wait_ready(cluster: Cluster, want: str, timeout: float) -> dict:
                        f"{last}); logs in {cluster.log_dir}")
 
 
+def gpu_list(spec: str) -> list[str]:
+    """--gpu '0' or '0,1': the GPU indices of the gpu modes, in order."""
+    gpus = [g.strip() for g in spec.split(",") if g.strip()]
+    if not gpus or not all(g.isdigit() for g in gpus):
+        raise SystemExit(f"--gpu: GPU indices separated by commas, e.g. 0 or 0,1; got {spec!r}")
+    return gpus
+
+
 def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) -> str:
     """Start `mode`'s processes; what /health's `serves` must say once they are up."""
     py = sys.executable
@@ -509,20 +519,23 @@ def launch(mode: str, args: argparse.Namespace, cluster: Cluster, work: Path) ->
     engine = ["--model", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
               "--skip-tokenizer-init", "--max-model-len", str(args.gpu_max_model_len),
               "--kv-cache-memory-bytes", str(args.gpu_kv_bytes)]
+    gpus = gpu_list(args.gpu)
     if mode in ("gpu-pd", "gpu-pd-timeslice"):
         env.pop("PDSERVE_INTERNAL_TOKEN", None)
         mps = ["--mps", "off"] if mode == "gpu-pd-timeslice" else []
         cluster.start("proxy", [*serve, *engine, "--num-prefill", "1", "--num-decode", "1",
-                                "--local-devices", str(args.gpu), str(args.gpu),
+                                "--local-devices", gpus[0], gpus[-1],
                                 "--worker-base-port", str(free_port(6)), *mps], env)
         return "prefill/decode"
     env["PDSERVE_INTERNAL_TOKEN"] = secrets.token_hex(16)  # in the environment, not argv
-    wp = free_port(3)
-    cluster.start("both-worker", [py, "-m", "pdserve", "worker", "--role", "both", *engine,
-                                  "--port", str(wp), "--device", str(args.gpu),
-                                  *args.worker_arg], env)
-    cluster.start("proxy", [*serve, "--model", str(model), "--skip-tokenizer-init",
-                            "--worker", f"http://127.0.0.1:{wp}"], env)
+    urls = []
+    for i, gpu in enumerate(gpus):  # one both-role worker per listed GPU
+        wp = free_port(3)
+        urls += ["--worker", f"http://127.0.0.1:{wp}"]
+        cluster.start(f"both-worker-{i}" if len(gpus) > 1 else "both-worker",
+                      [py, "-m", "pdserve", "worker", "--role", "both", *engine, "--port",
+                       str(wp), "--device", gpu, *args.worker_arg], env)
+    cluster.start("proxy", [*serve, "--model", str(model), "--skip-tokenizer-init", *urls], env)
     return "both-role"
 
 
@@ -697,7 +710,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settle-s", type=float, default=1.0, help="wait before the idle window")
     ap.add_argument("--request-timeout", type=float, default=120.0)
     ap.add_argument("--ready-timeout", type=float, default=900.0)
-    ap.add_argument("--gpu", default="0", help="GPU index of the gpu modes")
+    ap.add_argument("--gpu", default="0", help="GPU index of the gpu modes; two (0,1): "
+                    "gpu-pd puts P on the first and D on the second, gpu-both runs one "
+                    "both-role worker on each (issue 25's two-GPU comparison)")
     ap.add_argument("--gpu-kv-bytes", type=int, default=8 << 30,
                     help="KV pool of each GPU worker (8 GiB: 64k tokens of Llama-3-8B)")
     ap.add_argument("--gpu-max-model-len", type=int, default=8192)

@@ -23,8 +23,10 @@ With --gpu-tcp only tcp between GPU pools; `--staging 3x4,2x8` repeats it per pi
 config (depth x MiB), `--raw-cold` adds the raw rate of senders that each send their own
 whole buffer (no cache holds it) over tcp's connection count.
 
+`--kernel-only`: only the kernel rows (the same GPU, and GPU0->GPU1 where there are two).
+
 Usage: python bench/kv_transfer.py [--out DIR] [--quick] [--reps N] [--cpu-only tcp,...]
-       [--gpu-tcp [--staging 3x4,...]] [--raw-cold] [--tokens 4096,16384]
+       [--gpu-tcp [--staging 3x4,...]] [--raw-cold] [--tokens 4096,16384] [--kernel-only]
 """
 
 from __future__ import annotations
@@ -394,6 +396,23 @@ def table() -> None:
         log(f"| ERROR | {e['section']} | {e['error'][:200]} |")
 
 
+@section("gpu_kernels")
+def bench_gpu_kernels(n_gpu: int, tokens: list[int], pool_blocks: int) -> None:
+    """`bench_kernel` alone: the same GPU, then GPU0->GPU1 where there are two (issue 25)."""
+    from pdserve.engine.kv_pool import KVPool
+
+    p = P("cuda:0", pool_blocks)
+    try:
+        info = p.call("info")
+        for d_dev in sorted({0, 1 if n_gpu >= 2 else 0}):
+            pool = KVPool(spec(pool_blocks, torch.bfloat16), torch.device("cuda", d_dev))
+            bench_kernel(info, 0, d_dev, pool, tokens, 20)
+            del pool
+            torch.cuda.empty_cache()
+    finally:
+        p.stop()
+
+
 @section("gpu")
 def bench_gpu(n_gpu: int, tokens: list[int], pool_blocks: int, reps: int) -> None:
     import triton
@@ -449,6 +468,9 @@ def main() -> None:
     ap.add_argument("--raw-cold", action="store_true",
                     help="tcp sections: also the raw rate over tcp's connection count with "
                     "each connection sending its own buffer of its whole size")
+    ap.add_argument("--kernel-only", action="store_true",
+                    help="only the gather kernel through the IPC mapping vs the same-run copy "
+                    "(same GPU, and GPU0->GPU1 where there are two)")
     ap.add_argument("--tokens", default="", help="comma-separated sizes (default 1024,4096,"
                     "16384)")
     args = ap.parse_args()
@@ -474,6 +496,10 @@ def main() -> None:
             bench_gpu_tcp_sweep(tokens, max(tokens) // BLOCK + 64, args.reps, configs)
         else:
             bench_gpu_tcp_vs_raw(tokens, max(tokens) // BLOCK + 64, args.reps)
+        table()
+        return
+    if n_gpu and args.kernel_only:
+        bench_gpu_kernels(n_gpu, tokens, pool_blocks)
         table()
         return
     if n_gpu and not only:

@@ -17,6 +17,10 @@ of a cuda_ipc pull on one GPU. Methods:
 - `memcpy`: one `copy_` (cudaMemcpyAsync device to device) per run of consecutive blocks,
   low priority, the engine high.
 
+`--src-device cuda:0` (with `--device cuda:1`): the source pool on another GPU, as a cuda_ipc
+pull across GPUs reads P's pool over NVLink/PCIe (issue 25; the gather runs on D's GPU, the
+reference copy is the same-run copy of one contiguous tensor between the two GPUs).
+
 `--alone-configs 'stream=1;waves=4'`: further full-grid cuts (kernels/block_copy.py
 GatherConfig specs, `;`-separated) measured alone only. For every pull measured alone also:
 the host time of the launching call (µs until it returns, no sync) and the device time
@@ -30,6 +34,7 @@ any device (a smoke test of this script; on CPU no streams).
 
 Usage: python bench/pull_beside_decode.py [--out DIR] [--batch 32] [--ctx 1024]
        [--tokens 16384] [--methods gather,gather+prio,bounded-16,memcpy]
+       [--src-device cuda:0 --device cuda:1]
        [--alone-configs 'stream=1;waves=4,stream=1']
 """
 
@@ -137,6 +142,35 @@ class PullLoop:
         self._thread.join()
 
 
+def peer_view(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """`t` (on another GPU) as a tensor on `dev` over the same memory, peer access on: what
+    D's `cuda_ipc.open_peer_pool` hands the gather, without a second process."""
+    import cupy as cp
+
+    with cp.cuda.Device(dev.index):
+        if not cp.cuda.runtime.deviceCanAccessPeer(dev.index, t.device.index):
+            raise RuntimeError(f"GPU {dev.index} cannot access peer GPU {t.device.index}")
+        try:
+            cp.cuda.runtime.deviceEnablePeerAccess(t.device.index)
+        except cp.cuda.runtime.CUDARuntimeError as e:  # already enabled (by torch's copies)
+            if "PeerAccessAlreadyEnabled" not in str(e):
+                raise
+        nbytes = t.numel() * t.element_size()
+        mem = cp.cuda.UnownedMemory(t.data_ptr(), nbytes, t, device_id=dev.index)
+        arr = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+        flat = torch.from_dlpack(arr)
+    if flat.device != dev or flat.data_ptr() != t.data_ptr():
+        raise RuntimeError(f"DLPack wrapped {t.device} memory as {flat.device}")
+    return flat.view(t.dtype).view(t.shape)
+
+
+def same_bytes(dst: torch.Tensor, d: torch.Tensor, src: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether dst's blocks d hold src's blocks s bit for bit (compared on dst's device)."""
+    got = dst[d.long()].view(torch.int16)
+    want = src[s.to(src.device).long()].view(torch.int16).to(dst.device)
+    return bool(torch.equal(got, want))
+
+
 def split_cost(fn, dev: torch.device, reps: int) -> tuple[float, float]:
     """(median host µs of fn() until it returns, median device ms between CUDA events
     around it); (nan, nan) off CUDA."""
@@ -173,6 +207,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--src-device", default=None,
+                    help="the pulled pool's device (default: --device): another GPU for a "
+                    "cross-GPU pull")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=1024)
@@ -185,13 +222,21 @@ def main() -> None:
                     help="';'-separated GatherConfig specs of full-grid pulls measured alone")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    src_dev = torch.device(args.src_device) if args.src_device else dev
+    if src_dev.type == "cuda" and src_dev.index is None:
+        src_dev = torch.device("cuda", 0)
     cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(dev)  # the engine, the pull's launches and its streams: D's GPU
     OUT = Path(args.out) / "pull_beside_decode.json"
     OUT.parent.mkdir(parents=True, exist_ok=True)
     model_cfg = TINY if args.tiny else LLAMA3_8B
     RESULTS.update(device=torch.cuda.get_device_name(dev) if cuda else "cpu",
                    torch=torch.__version__, batch=args.batch, ctx=args.ctx, tokens=args.tokens,
-                   shapes="tiny" if args.tiny else "llama3-8b")
+                   shapes="tiny" if args.tiny else "llama3-8b", dst_device=str(dev),
+                   src_device=str(src_dev), cross_gpu=src_dev != dev)
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.setup import build_engine
@@ -202,15 +247,17 @@ def main() -> None:
     n = max(1, args.tokens // BLOCK)
     blocks = n + 64
     shape = (blocks, layers, 2, BLOCK, kv_heads, head_dim)
-    src = torch.empty(shape, dtype=torch.bfloat16, device=dev)
+    src = torch.empty(shape, dtype=torch.bfloat16, device=src_dev)
     src.view(torch.int16).random_(-30000, 30000)
+    if src_dev != dev:
+        src = peer_view(src, dev)  # D reads P's pool in place, as through a cuda_ipc mapping
     dst = torch.zeros(shape, dtype=torch.bfloat16, device=dev)
     rng = random.Random(7)
     ids = (rng.sample(range(blocks), n), rng.sample(range(blocks), n))
     nbytes = n * src[0].numel() * src.element_size()
     RESULTS["pull_mib"] = nbytes / 2**20
-    flat_a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
-    flat_b = torch.empty_like(flat_a)
+    flat_a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=src_dev)
+    flat_b = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)
     copy_s = timed(lambda a=flat_a, b=flat_b: b.copy_(a), dev, args.reps + 2)
     RESULTS["copy_ms"], RESULTS["copy_gbs"] = copy_s * 1e3, nbytes / copy_s / 1e9
     RESULTS["copy_host_us"], RESULTS["copy_device_ms"] = split_cost(
@@ -226,8 +273,7 @@ def main() -> None:
             pull()  # compile / warm
             alone = timed(pull, dev, args.reps)
             host_us, device_ms = split_cost(pull, dev, args.reps)
-            exact = bool(torch.equal(dst[pull.d.long()].view(torch.int16),
-                                     src[pull.s.long()].view(torch.int16)))
+            exact = same_bytes(dst, pull.d, src, pull.s)
             rec = dict(config=spec, pull_ms=alone * 1e3, pull_gbs=nbytes / alone / 1e9,
                        pct_of_copy=100 * RESULTS["copy_ms"] / 1e3 / alone, host_us=host_us,
                        device_ms=device_ms, exact=exact)
@@ -314,8 +360,7 @@ def main() -> None:
             beside = decode_steps(engine_stream, pull, pull_stream)
             pulls = RESULTS["pulls_during_steps"][method]
             # the bytes the pull wrote are the source's
-            exact = bool(torch.equal(dst[pull.d.long()].view(torch.int16),
-                                     src[pull.s.long()].view(torch.int16)))
+            exact = same_bytes(dst, pull.d, src, pull.s)
             rec = dict(method=method, pull_ms=alone * 1e3, pull_gbs=nbytes / alone / 1e9,
                        pct_of_copy=100 * RESULTS["copy_ms"] / 1e3 / alone,
                        host_us=host_us, device_ms=device_ms, step_ms_alone=step_s * 1e3,
@@ -335,7 +380,9 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    print(f"\n{RESULTS['device']}, {RESULTS['shapes']}, batch {args.batch} x {args.ctx} ctx; "
+    where = (f"{RESULTS['src_device']} -> {RESULTS['dst_device']}" if RESULTS["cross_gpu"]
+             else "same GPU")
+    print(f"\n{RESULTS['device']}, {where}, {RESULTS['shapes']}, batch {args.batch} x {args.ctx} ctx; "
           f"pull {args.tokens} tokens = {RESULTS['pull_mib']:.0f} MiB; same-run copy "
           f"{RESULTS['copy_gbs']:.0f} GB/s")
     print(f"copy: host {RESULTS['copy_host_us']:.0f} µs, device {RESULTS['copy_device_ms']:.3f} ms")
