@@ -18,6 +18,16 @@ of rate x --window requests. SLOs, in unscaled milliseconds (scaled here): stric
 ≤ 1 s and the request's own p99 inter-token gap ≤ 25 ms; loose = TTFT ≤ 2 s and TPOT ≤ 50
 ms (the issue's definitions). Goodput = the offered rate × the fraction of requests meeting
 the SLO. Writes JSON per layout under --out and prints a table last.
+
+Real engines (issue 26): `--gpus 0,1` (or 0,1,2,3) runs each layout's workers as `pdserve
+worker` processes, one per listed GPU, Llama-3-8B shapes with dummy bf16 weights and token-id
+prompts (`--gpu-max-model-len`, default 8,192, holds the mix's longest prompt + output,
+6,179 tokens, so clipping the mix to max_model_len - output_len removes nothing), at time
+scale 1. Layout names then count workers: kPmD (k + m = GPUs: 1p1d, 1p3d, 2p2d, 3p1d),
+[N]both-B and [N]flex-B[-loose] (N both-role workers, default one per GPU). With --plan
+every point also gets `pdserve plan`'s prediction (its simulator on the same layout, rate,
+requests and SLOs; --plan-model names the step model: a built-in fit or a JSON) and the
+difference as a fraction of the offered rate; `--png DIR` draws goodput vs rate per SLO.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +74,25 @@ class Cluster:
         self.fakes[name] = f"http://127.0.0.1:{port}"
         return self.fakes[name]
 
+    def engine(self, name: str, role: str, gpu: str, budget: int, args: argparse.Namespace,
+               mixed: int | None = None) -> str:
+        """A real worker on GPU `gpu`: Llama-3-8B shapes, dummy bf16 weights (--gpus)."""
+        model = self.out.parent / "llama-3-8b"
+        if not (model / "config.json").exists():
+            from serving_gpu import LLAMA3_8B  # bench/ is this script's folder
+
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+        port = free_port(3)  # HTTP, data path, KV
+        self.start(name, "-m", "pdserve", "worker", "--role", role, "--port", str(port),
+                   "--model", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
+                   "--skip-tokenizer-init", "--max-model-len", str(args.gpu_max_model_len),
+                   "--kv-cache-memory-bytes", str(args.gpu_kv_bytes), "--device", gpu,
+                   "--max-num-batched-tokens", str(budget),
+                   *(["--mixed-step-tokens", str(mixed)] if mixed else []))
+        self.fakes[name] = f"http://127.0.0.1:{port}"
+        return self.fakes[name]
+
     def overruns(self) -> dict[str, dict[str, float]]:
         """Each fake's steps and their mean host time beyond the model (its load report)."""
         out = {}
@@ -72,12 +102,12 @@ class Cluster:
                          "step_overrun_ms": load.get("fake_step_overrun_ms", 0.0)}
         return out
 
-    def proxy(self, ready: str, *args: str) -> str:
+    def proxy(self, ready: str, *args: str, timeout: float = 120.0) -> str:
         """Start the proxy; its URL once /health says it serves `ready`."""
         port = free_port()
         self.start("proxy", "-m", "pdserve", "serve", "--port", str(port), *args)
         url = f"http://127.0.0.1:{port}"
-        end = time.monotonic() + 120
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:
                 r = httpx.get(url + "/health", timeout=2)
@@ -107,6 +137,90 @@ def goodput(requests: list[dict], rate: float, scale: float) -> dict[str, float]
     return {"strict": strict, "loose": loose, "strict_frac": strict_frac,
             "loose_frac": loose_frac}
 
+_PD = re.compile(r"^(\d+)p(\d+)d(-slo(?:-loose)?)?$")
+_BOTH = re.compile(r"^(\d+)?(both|flex)-(\d+)(?:m(\d+))?(-loose)?$")
+
+
+def start_layout(c: Cluster, name: str, args: argparse.Namespace) -> str:
+    """Start layout `name`'s workers and proxy; the proxy's URL once it serves them.
+    Fakes (no --gpus): 1p1d[-slo[-loose]], 2both-N, flex-N[-loose] (two workers). Real engines
+    (--gpus): one worker per GPU, kPmD[-slo[-loose]] and [N]both-N / [N]flex-N[-loose]."""
+    scale = args.time_scale
+    gpus = args.gpu_list
+    count = len(gpus) if gpus else 2
+
+    def worker(wname: str, role: str, i: int, budget: int, mixed: int | None = None) -> str:
+        if gpus:
+            return c.engine(wname, role, gpus[i], budget, args, mixed)
+        return c.fake(wname, role, scale, budget, mixed)
+
+    def slo_args(loose: bool) -> list[str]:
+        ttft, itl = (2000, 50) if loose else (1000, 25)
+        return ["--placement", "slo", "--slo-ttft-ms", str(ttft * scale),
+                "--slo-itl-ms", str(itl * scale)]
+
+    ready_s = 1800.0 if gpus else 120.0  # real engines: weights, CUDA graphs, Triton compiles
+    tokenless = ["--skip-tokenizer-init"] if gpus else []
+    if m := _PD.match(name):
+        k, d = int(m[1]), int(m[2])
+        if k + d != count:
+            raise SystemExit(f"{name}: {k + d} workers, but {count} GPUs/workers here")
+        urls = [arg for i in range(k)
+                for arg in ("--prefill", worker(f"P{i}" if k > 1 else "P", "prefill", i, 2048))]
+        urls += [arg for i in range(d)
+                 for arg in ("--decode", worker(f"D{i}" if d > 1 else "D", "decode", k + i,
+                                                2048))]
+        extra = slo_args(m[3] == "-slo-loose") if m[3] else []
+        return c.proxy(f"{k} P + {d} D", *urls, *tokenless, *extra, timeout=ready_s)
+    if m := _BOTH.match(name):
+        # N both-role workers with B-token chunks (B may be "2048m512": 2,048-token steps
+        # alone, 512 when a stream decodes); flex: the same under --placement slo (flexible
+        # roles: they prefill for each other when it pays)
+        n = int(m[1] or count)
+        if n != count:
+            raise SystemExit(f"{name}: {n} workers, but {count} GPUs/workers here")
+        budget, mixed = int(m[3]), int(m[4]) if m[4] else None
+        urls = [arg for i in range(n) for arg in
+                ("--worker", worker(chr(ord("A") + i), "both", i, budget, mixed))]
+        extra = slo_args(bool(m[5])) if m[2] == "flex" else []
+        return c.proxy(f"{n} both-role", *urls, *tokenless, *extra, timeout=ready_s)
+    raise SystemExit(f"unknown layout {name!r}")
+
+
+def predict(name: str, rows: list[dict], args: argparse.Namespace) -> None:
+    """`pdserve plan`'s goodput at each measured point (its simulator: same layout, rate,
+    requests, SLOs and time scale; the mean over --sim-seeds seeds of the proxy's random
+    choices), into each row with the error as a fraction of the offered rate."""
+    from plan_check import check_point  # bench/ is this script's folder
+
+    for row in rows:
+        sim = check_point((args.plan_model, name, args.time_scale, row["rate"], 0.0,
+                           args.window, args.num_prompts, args))
+        row["plan_strict"], row["plan_loose"] = sim["sim_strict"], sim["sim_loose"]
+        for slo in ("strict", "loose"):
+            row[f"plan_error_{slo}"] = abs(sim[f"sim_{slo}"] - row[f"goodput_{slo}"]) / row["rate"]
+        print(f"  {name} @ {row['rate']:g}: plan strict {sim['sim_strict']:.2f} (measured "
+              f"{row['goodput_strict']:.2f}), loose {sim['sim_loose']:.2f} (measured "
+              f"{row['goodput_loose']:.2f})", flush=True)
+
+
+def write_svgs(results: list[dict], out: Path, title: str) -> None:
+    """goodput_strict.svg and goodput_loose.svg: measured lines per layout (and with --plan
+    the plan's predictions, dashed names "... (plan)")."""
+    from pdserve.plan.planner import goodput_svg
+
+    out.mkdir(parents=True, exist_ok=True)
+    for slo in ("strict", "loose"):
+        lines: dict[str, list[dict]] = {}
+        for res in results:
+            lines[res["layout"]] = [{"rate": r["rate"], "goodput": r[f"goodput_{slo}"]}
+                                    for r in res["rows"]]
+            if res["rows"] and f"plan_{slo}" in res["rows"][0]:
+                lines[res["layout"] + " (plan)"] = [
+                    {"rate": r["rate"], "goodput": r[f"plan_{slo}"]} for r in res["rows"]]
+        if any(lines.values()):
+            (out / f"goodput_{slo}.svg").write_text(goodput_svg(lines, f"{title}, {slo} SLO"))
+
 
 def run_layout(name: str, args: argparse.Namespace) -> dict:
     out = args.out / name
@@ -114,23 +228,7 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
     c = Cluster(out, args.model)
     scale = args.time_scale
     try:
-        if name.startswith("1p1d"):
-            p = c.fake("P", "prefill", scale, 2048)
-            d = c.fake("D", "decode", scale, 2048)
-            slo = {"1p1d-slo": (1000, 25), "1p1d-slo-loose": (2000, 50)}.get(name)
-            extra = ["--placement", "slo", "--slo-ttft-ms", str(slo[0] * scale),
-                     "--slo-itl-ms", str(slo[1] * scale)] if slo else []
-            url = c.proxy("1 P + 1 D", "--prefill", p, "--decode", d, *extra)
-        else:  # 2both-N: two both-role workers, N-token chunks; flex-N[-loose]: the same
-            # under --placement slo (flexible roles: they prefill for each other when it pays)
-            # (N may be "2048m512": 2,048-token steps alone, 512 when a stream decodes)
-            budget, _, mixed = name.split("-")[1].partition("m")
-            a = c.fake("A", "both", scale, int(budget), int(mixed) if mixed else None)
-            b = c.fake("B", "both", scale, int(budget), int(mixed) if mixed else None)
-            slo = (2000, 50) if name.endswith("-loose") else (1000, 25)
-            extra = ["--placement", "slo", "--slo-ttft-ms", str(slo[0] * scale),
-                     "--slo-itl-ms", str(slo[1] * scale)] if name.startswith("flex") else []
-            url = c.proxy("2 both-role", "--worker", a, "--worker", b, *extra)
+        url = start_layout(c, name, args)
         lengths = ["--workload", str(args.workload)] if args.workload else [
             "--input-len-dist", "sharegpt", "--input-len", str(args.input_len),
             "--output-len", str(args.output_len)]
@@ -153,6 +251,8 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
                          "loose_frac": g["loose_frac"]})
             print(f"  {name} @ {rate:g} req/s ({n} requests): strict {g['strict_frac']:.1%}, "
                   f"loose {g['loose_frac']:.1%}", flush=True)
+        if args.plan:
+            predict(name, rows, args)
         metrics = httpx.get(url + "/metrics", timeout=10).text
         fakes = c.overruns()
     finally:
@@ -162,7 +262,8 @@ def run_layout(name: str, args: argparse.Namespace) -> dict:
                                "pdserve_proxy_placement_decisions_total{"))]
     data = {"layout": name, "rows": rows, "routes": routes, "fakes": fakes,
             "time_scale": scale, "window": args.window, "num_prompts": args.num_prompts,
-            "model": str(args.model)}
+            "model": str(args.model), "gpus": args.gpu_list or None,
+            "plan_model": args.plan_model if args.plan else None}
     (out / "summary.json").write_text(json.dumps(data, indent=1))
     return data
 
@@ -187,7 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--both-budgets", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--layouts", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=Path("/tmp/pdserve-placement-goodput"))
+    ap.add_argument("--gpus", default="", help="real engines, one worker per GPU (e.g. 0,1): "
+                    "Llama-3-8B shapes, dummy bf16 weights; the time scale is then 1")
+    ap.add_argument("--gpu-kv-bytes", type=int, default=16 << 30, help="each real worker's KV")
+    ap.add_argument("--gpu-max-model-len", type=int, default=8192)
+    ap.add_argument("--plan", action="store_true", help="pdserve plan's prediction per point")
+    ap.add_argument("--plan-model", default="h200-llama3-8b",
+                    help="the plan's step model: a built-in fit or a fitted model's JSON")
+    ap.add_argument("--sim-seeds", type=int, default=4, help="--plan: seeds averaged")
     args = ap.parse_args(argv)
+    args.gpu_list = [g for g in args.gpus.split(",") if g]
+    if args.gpu_list:
+        args.time_scale = 1.0
     layouts = args.layouts or ["1p1d", "1p1d-slo", "1p1d-slo-loose",
                                *(f"2both-{b}" for b in args.both_budgets)]
     results = []
@@ -204,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {res['layout']} | " + " | ".join(cells) + " |")
     for res in results:
         print(res["layout"], "; ".join(res["routes"]))
+    if args.plan:
+        print("\npdserve plan's prediction, strict / loose (error: |plan - measured| / rate):")
+        for res in results:
+            for x in res["rows"]:
+                print(f"| {res['layout']} | {x['rate']:g} | {x['plan_strict']:.2f} / "
+                      f"{x['plan_loose']:.2f} | {x['plan_error_strict']:.1%} / "
+                      f"{x['plan_error_loose']:.1%} |")
+    write_svgs(results, args.out, "placement goodput" + (f", GPUs {args.gpus}" if args.gpus
+                                                          else ", fake engines"))
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -45,12 +46,22 @@ def model_for(path: Path, given: str | None) -> str:
     raise SystemExit(f"{path}: name the step model (--model)")
 
 
+def layout_workers(layout: str) -> int:
+    """The workers (= GPUs) a layout name counts: kPmD -> k + m, Nboth-B / Nflex-B -> N, and
+    2 where the name gives no count (the fakes' two-worker layouts)."""
+    if m := re.match(r"^(\d+)p(\d+)d", layout):
+        return int(m[1]) + int(m[2])
+    if m := re.match(r"^(\d+)(both|flex)-", layout):
+        return int(m[1])
+    return 2
+
+
 def check_point(job: tuple[str, str, float, float, float, float, int, argparse.Namespace]
                 ) -> dict[str, Any]:
     """The simulated goodput of one point: the mean over --sim-seeds seeds of the proxy's
     random choices (the real proxy's are unseeded: each fake run draws its own)."""
     model, layout, s, rate, overhead_ms, window, num_prompts, args = job
-    cfg = PlanConfig(gpus=2, step_model=model, workload=args.workload, window=window,
+    cfg = PlanConfig(gpus=layout_workers(layout), step_model=model, workload=args.workload, window=window,
                      num_prompts=num_prompts, time_scale=s, seed=0, jobs=1)
     strict, loose, each = 0.0, 0.0, []
     for seed in range(args.sim_seeds):
