@@ -12,6 +12,12 @@
 - transformers' `generate` on the same shapes and dummy weights, batch 1 and 32 (sdpa; per
   step = (time for 1 + N new tokens - time for 1) / N), in the same run.
 
+`--tensor-parallel-size N` (issue 27): the engine over N GPUs (one process per rank, NCCL);
+the rooflines then take N GPUs' copy and matmul rates (each rank reads 1/N of the weights and
+KV and does 1/N of the FLOPs) plus the step's all-reduces (two per layer, of [rows, hidden]
+bf16) at their time measured in the same run by N processes of their own
+(`allreduce_ms`: the median of back-to-back calls, CUDA events on rank 0).
+
 Writes JSON (`serving_gpu.json` under --out) after every point; prints a table last. Never
 asserts. `--tiny` runs the tiny test model on whatever device is given (a smoke test: CPU in
 CI), with fewer steps.
@@ -85,11 +91,77 @@ def shapes(cfg: dict) -> dict[str, int]:
 
 
 def decode_roofline(sh: dict, batch: int, mean_ctx: float, copy_bps: float,
-                    matmul_fps: float) -> dict[str, float]:
-    weight_bytes = 2 * (sh["gemm_params"] + sh["norm_params"] + batch * sh["hidden"])
-    gemm_s = max(weight_bytes / copy_bps, 2 * batch * sh["gemm_params"] / matmul_fps)
-    kv_s = batch * mean_ctx * sh["kv_bytes_per_token"] / copy_bps
-    return {"gemm_ms": gemm_s * 1e3, "kv_ms": kv_s * 1e3, "roofline_ms": (gemm_s + kv_s) * 1e3}
+                    matmul_fps: float, tp: int = 1, allreduce_ms: float = 0.0
+                    ) -> dict[str, float]:
+    """One decode step's floor on one GPU, or on `tp` GPUs (each rank: 1/tp of the GEMM
+    weights, FLOPs and KV; norms and the batch's embedding rows whole) plus `allreduce_ms`,
+    the step's all-reduces at their measured time."""
+    weight_bytes = 2 * (sh["gemm_params"] / tp + sh["norm_params"] + batch * sh["hidden"])
+    gemm_s = max(weight_bytes / copy_bps, 2 * batch * sh["gemm_params"] / tp / matmul_fps)
+    kv_s = batch * mean_ctx * sh["kv_bytes_per_token"] / tp / copy_bps
+    return {"gemm_ms": gemm_s * 1e3, "kv_ms": kv_s * 1e3, "allreduce_ms": allreduce_ms,
+            "roofline_ms": (gemm_s + kv_s) * 1e3 + allreduce_ms}
+
+
+def ar_note(r: dict) -> str:
+    return f" + all-reduce {r['allreduce_ms']:.2f}" if r.get("allreduce_ms") else ""
+
+
+def _allreduce_rank(rank: int, size: int, port: int, rows: list[int], hidden: int, calls: int,
+                    backend: str, out) -> None:
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)
+    try:
+        res = {}
+        for n in rows:
+            x = torch.ones(n, hidden, dtype=torch.bfloat16, device=dev)
+            for _ in range(5):
+                dist.all_reduce(x)
+            times = []
+            for _ in range(5):
+                sync(dev)
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    dist.all_reduce(x)
+                sync(dev)
+                times.append((time.perf_counter() - t0) / calls)
+            res[n] = statistics.median(times) * 1e3
+        if rank == 0:
+            out.put(res)
+    finally:
+        dist.destroy_process_group()
+
+
+def allreduce_ms(size: int, rows: list[int], hidden: int, cuda: bool, calls: int = 64
+                 ) -> dict[int, float]:
+    """ms per all-reduce of [n, hidden] bf16 over `size` processes (NCCL on GPUs 0..size-1,
+    gloo on CPU), for each n of `rows`: back-to-back calls, as a step's layers issue them."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, size, port, rows, hidden, calls,
+                                                       "nccl" if cuda else "gloo", q))
+             for r in range(size)]
+    for pr in procs:
+        pr.start()
+    try:
+        return q.get(timeout=300)
+    finally:
+        for pr in procs:
+            pr.join(60)
+            if pr.is_alive():
+                pr.kill()
 
 
 def decode_run(engine, batch: int, ctx: int, steps: int, seed: int, vocab: int) -> list[float]:
@@ -229,6 +301,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="ranks (GPUs --device.. on): the engine sharded over them")
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch's BLAS back end for the GEMMs (preferred_blas_library)")
     args = ap.parse_args()
@@ -239,7 +313,9 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                      "torch": torch.__version__, "steps": args.steps, "runs": args.runs,
-                     "ctx": args.ctx, "shapes": "tiny" if args.tiny else "llama3-8b"}
+                     "ctx": args.ctx, "shapes": "tiny" if args.tiny else "llama3-8b",
+                     "tensor_parallel_size": args.tensor_parallel_size}
+    tp = args.tensor_parallel_size
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))
@@ -250,6 +326,11 @@ def main() -> None:
     results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
     results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()
+    ar = {n: 0.0 for n in (*batches, 8192)}
+    if tp > 1:  # the all-reduces' own time, before the engine's ranks hold the GPUs
+        ar = allreduce_ms(tp, sorted({*batches, 8192}), model_cfg["hidden_size"], cuda)
+        results["allreduce_ms"] = {str(k): v for k, v in ar.items()}
+        save()
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.model_runner import SeqChunk
@@ -263,9 +344,12 @@ def main() -> None:
                                       skip_tokenizer_init=True, device=args.device,
                                       max_model_len=min(8192, model_cfg["max_position_embeddings"]),
                                       max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                      enable_prefix_caching=False, **extra), progress=False)
+                                      enable_prefix_caching=False,
+                                      tensor_parallel_size=tp, **extra), progress=False)
     results["build_s"] = time.perf_counter() - t0
-    nparams = sum(p.numel() for p in parts.model.parameters())
+    # rank 0's shard under tensor parallelism: every projection, the embedding and the head
+    # are split N ways (the norms, a rounding error here, are whole on every rank)
+    nparams = sum(p.numel() for p in parts.model.parameters()) * tp
     results["params"] = nparams
     results["num_blocks"] = parts.block_manager.num_blocks
     save()
@@ -294,7 +378,9 @@ def main() -> None:
         tokens = batch * length
         c = model_cfg
         attn_flops = (c["num_hidden_layers"] * 4 * c["hidden_size"] * batch * length * length / 2)
-        floor = (2 * nparams * tokens + attn_flops) / (results["matmul_TFLOPs"] * 1e12)
+        floor = (2 * nparams * tokens + attn_flops) / tp / (results["matmul_TFLOPs"] * 1e12)
+        if tp > 1:  # two all-reduces per layer of [tokens, hidden]
+            floor += 2 * c["num_hidden_layers"] * ar[8192] * tokens / 8192 / 1e3
         results[f"prefill_{name}"] = {"seconds": dt, "tokens_per_s": tokens / dt,
                                       "roofline_s": floor, "pct_of_roofline": floor / dt}
         save()
@@ -308,7 +394,8 @@ def main() -> None:
         step_ms = statistics.median(statistics.median(r) for r in runs) * 1e3
         mean_ctx = args.ctx + 1 + 5 + (args.steps - 1) / 2  # KV read by the timed steps
         roof = decode_roofline(sh, batch, mean_ctx, results["copy_TBps"] * 1e12,
-                               results["matmul_TFLOPs"] * 1e12)
+                               results["matmul_TFLOPs"] * 1e12, tp,
+                               2 * sh["layers"] * ar[batch])
         results[f"decode_b{batch}"] = {
             "step_ms": step_ms, "run_medians_ms": [statistics.median(r) * 1e3 for r in runs],
             **roof, "pct_of_roofline": roof["roofline_ms"] / step_ms,
@@ -333,7 +420,11 @@ def main() -> None:
             save()
 
     print(f"\n{results['device']}, torch {results['torch']}: copy {results['copy_TBps']:.2f} "
-          f"TB/s (r+w), matmul {results['matmul_TFLOPs']:.0f} TFLOP/s; JSON {out}")
+          f"TB/s (r+w), matmul {results['matmul_TFLOPs']:.0f} TFLOP/s"
+          f"{f', tensor parallel {tp}' if tp > 1 else ''}; JSON {out}")
+    if tp > 1:
+        print("   all-reduce ms per call: " + ", ".join(f"{k} rows {v:.3f}"
+                                                       for k, v in sorted(ar.items())))
     for b in batches:
         r = results[f"decode_b{b}"]
         prof = r.get("profile")
@@ -357,7 +448,8 @@ def main() -> None:
         hf = results.get(f"transformers_b{b}_step_ms")
         hf = f"{hf:.2f} ms" if isinstance(hf, float) else (hf or "")
         print(f"| decode b={b}, ctx {args.ctx}+ (engine.step) | {r['step_ms']:.2f} ms/step | "
-              f"{r['roofline_ms']:.2f} ms (GEMM {r['gemm_ms']:.2f} + KV {r['kv_ms']:.2f}) | "
+              f"{r['roofline_ms']:.2f} ms (GEMM {r['gemm_ms']:.2f} + KV {r['kv_ms']:.2f}"
+              f"{ar_note(r)}) | "
               f"{100 * r['pct_of_roofline']:.0f}% | {hf} |")
 
 
