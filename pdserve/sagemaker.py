@@ -18,8 +18,10 @@ this module does the same for pdserve so that such a setup moves over unchanged:
   (`--trust-remote-code`, `--disable-log-requests`, `--disable-log-stats`, `--swap-space`,
   ...: see `VLLM_DROPPED`; any other unknown name is dropped as "not a pdserve option").
   Which options are shared is read from `ServeConfig` itself, so an option pdserve gains
-  (e.g. `--enforce-eager`) is passed on from then on. Options whose silent loss would
-  change what is served are refused: `--tensor-parallel-size`, `--pipeline-parallel-size`,
+  (e.g. `--enforce-eager`) is passed on from then on: `SM_VLLM_TENSOR_PARALLEL_SIZE=2` is
+  `--tensor-parallel-size 2`, each local worker sharded over 2 ranks (CPU workers; a GPU P/D
+  worker refuses tp > 1 at start with the reason, as `pdserve serve` does). Options whose
+  silent loss would change what is served are refused: `--pipeline-parallel-size`,
   `--data-parallel-size` unless 1 (then they are no-ops) and `--quantization` unless
   empty/none.
 - `--host 0.0.0.0 --port 8080` come first (`$SAGEMAKER_BIND_TO_PORT` replaces 8080 where
@@ -82,15 +84,16 @@ VLLM_DROPPED: dict[str, str] = {
     "disable-fastapi-docs": "the proxy serves no API docs",
     "max-log-len": "pdserve does not log request contents",
 }
-# vLLM options that are no-ops at 1 and refused otherwise (workers do not shard a model yet)
-# ({local_devices} and {num_engines}: the option names of the form the user configures)
+# vLLM options that are no-ops at 1 and refused otherwise ({local_devices}, {num_engines},
+# {tensor_parallel}: the option names of the form the user configures). --tensor-parallel-size is not one:
+# serve has it (ServeConfig), so it passes through as any shared option does.
 VLLM_ONLY_ONE: dict[str, str] = {
-    "tensor-parallel-size": "P/D workers shard a model on the CPU only for now (`pdserve "
-    "generate` on GPUs too); give each worker its own GPU ({local_devices}) instead",
-    "pipeline-parallel-size": "pdserve does not shard a model across GPUs",
+    "pipeline-parallel-size": "pdserve does not shard a model by layers; use "
+    "{tensor_parallel} (ranks over heads), or give each worker its own GPU ({local_devices})",
     "data-parallel-size": "use {num_engines} for more engines",
 }
 SM_NAMES = {"local_devices": "SM_PDSERVE_LOCAL_DEVICES",
+            "tensor_parallel": "SM_VLLM_TENSOR_PARALLEL_SIZE",
             "num_engines": "SM_PDSERVE_NUM_PREFILL / SM_PDSERVE_NUM_DECODE"}
 # vLLM options refused unless empty or "none": dropping them would load the model wrongly
 VLLM_ONLY_NONE: dict[str, str] = {

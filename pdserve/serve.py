@@ -149,7 +149,11 @@ class ServeConfig(EngineConfig):
         "path, KV). Default: the first block of free ports from 8100 up (printed at "
         "start).")
     local_devices: list[str] = option(default_factory=list, help="Local cluster: devices for "
-                                      "the workers in order P..., D... (cycled).")
+                                      "the workers in order P..., D... (cycled). With "
+                                      "--tensor-parallel-size N each worker takes the next N "
+                                      "(its ranks, on consecutive GPUs): --local-devices 0 1 2 "
+                                      "3 --tensor-parallel-size 2 puts P on GPUs 0-1 and D on "
+                                      "2-3.")
     mps: str = option("auto", choices=("auto", "on", "off"),
                       help="Local cluster: CUDA MPS for workers that share a GPU. auto: start "
                       "a private MPS daemon when two or more local workers share a GPU and "
@@ -263,10 +267,31 @@ def _worker_cmd(cfg: ServeConfig, role: str, port: int, device: str | None,
 
 
 def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
-    """(role, --device or None for the config's own) of each local worker, in start order."""
+    """(role, --device or None for the config's own) of each local worker, in start order.
+    Under tensor parallelism (N ranks) --local-devices is read N entries per worker (cycled):
+    a worker's ranks run on its --device and the GPUs after it (engine/setup.py
+    rank_devices), so each group must be one GPU and the next N - 1, or all the CPU."""
     roles = ["prefill"] * cfg.num_prefill + ["decode"] * cfg.num_decode
-    return [(role, cfg.local_devices[i % len(cfg.local_devices)] if cfg.local_devices else None)
-            for i, role in enumerate(roles)]
+    if not cfg.local_devices:
+        return [(role, None) for role in roles]
+    tp = cfg.tensor_parallel_size
+    devs = cfg.local_devices
+    if len(devs) % tp:
+        raise ConfigError(f"--local-devices lists {len(devs)} devices: with "
+                          f"--tensor-parallel-size {tp} give {tp} per worker (each worker's "
+                          "ranks)", "local_devices")
+    groups = [devs[i:i + tp] for i in range(0, len(devs), tp)]
+    for group in groups:
+        if tp == 1 or all(d == "cpu" for d in group):
+            continue
+        first = mps.gpu_index(group[0], True)
+        if first is None or [mps.gpu_index(d, True) for d in group] != list(
+                range(first, first + tp)):
+            want = " ".join(str((first or 0) + r) for r in range(tp))
+            raise ConfigError(f"--local-devices {' '.join(group)}: one worker's {tp} "
+                              f"tensor-parallel ranks run on consecutive GPUs from its first "
+                              f"(e.g. {want}), or all on cpu", "local_devices")
+    return [(role, groups[i % len(groups)][0]) for i, role in enumerate(roles)]
 
 
 def gpu_memory_shares(cfg: ServeConfig, local: list[tuple[str, str | None]],

@@ -5,7 +5,7 @@
 - vLLM options pdserve has no equivalent for are dropped with one warning naming each and
   why (pdserve/sagemaker.py's tables, shared with the SageMaker form); the parallel sizes
   are accepted at 1 and refused otherwise with the reason, except `--tensor-parallel-size`,
-  which is serve's own (its workers shard on the CPU); `--quantization` only as none.
+  which is serve's own (each worker sharded over its ranks); `--quantization` only as none.
 - `--disable-uvicorn-access-log` is `--no-access-log`, `--disable-log-stats` is
   `--stats-interval 0`; vLLM's bare switch `--async-scheduling` is `--async-scheduling on`.
 - Every `pdserve serve` option keeps its meaning: a name serve knows is never dropped.
@@ -51,10 +51,10 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
             out += [word, "on"]  # vLLM's switch; serve's option takes auto/on/off
             i += 1
             continue
-        # a parallel size is checked here even where serve has the option, except
-        # --tensor-parallel-size: serve's own (CPU workers shard; GPU ones refuse at start)
+        # a parallel size is checked here even where serve has the option
+        # (--tensor-parallel-size is serve's own, not one of them)
         if not name or ((name in known or (name.startswith("no-") and name[3:] in known))
-                        and (name not in VLLM_ONLY_ONE or name == "tensor-parallel-size")):
+                        and name not in VLLM_ONLY_ONE):
             out.append(word)
             i += 1
             continue
@@ -72,6 +72,7 @@ def translate(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
         if name in VLLM_ONLY_ONE:
             if value is None or value.strip() != "1":
                 why = VLLM_ONLY_ONE[name].format(local_devices="--local-devices",
+                                                 tensor_parallel="--tensor-parallel-size",
                                                  num_engines="--num-prefill / --num-decode")
                 raise ConfigError(f"--{name} {value or ''}".rstrip() + f": {why}", name)
             continue  # 1 is what pdserve does anyway

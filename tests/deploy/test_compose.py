@@ -215,3 +215,15 @@ def test_localize_rewrites_hosts_and_ports_only() -> None:
                     host="127.0.0.3")["PDSERVE_ADVERTISE_HOST"] == "127.0.0.3"
     assert localize(proxy, "proxy-cpu", ports, names={"decode-cpu": "decode-cpu"})[
         "PDSERVE_DISCOVER"] == "prefill=127.0.0.1:20000,decode=decode-cpu:21000"
+
+
+@pytest.mark.parametrize("size", [None, "2"])
+def test_cpu_workers_take_the_tensor_parallel_size_from_the_env_file(size: str | None) -> None:
+    variables = {**VARIABLES, **({"PDSERVE_TENSOR_PARALLEL_SIZE": size} if size else {})}
+    services = load_compose(variables)["services"]
+    for name in ("prefill-cpu", "decode-cpu"):
+        svc = services[name]
+        cfg = check_env(*role_config(command(svc)), environment(svc))
+        assert cfg.tensor_parallel_size == int(size or 1)
+    for name in ("prefill", "decode"):  # GPU workers: one GPU each (they do not shard yet)
+        assert "PDSERVE_TENSOR_PARALLEL_SIZE" not in environment(services[name])

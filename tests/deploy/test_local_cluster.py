@@ -148,7 +148,7 @@ def test_sagemaker_form_serves_ping_and_invocations(tmp_path: Path, cache_dir: P
         "SM_PDSERVE_MIN_PD_PROMPT_TOKENS": "0",
         "SM_VLLM_MAX_NUM_SEQS": "8",  # a vLLM name pdserve shares
         "SM_VLLM_DISABLE_LOG_STATS": "",  # a vLLM-only flag: dropped with a warning
-        "SM_VLLM_TENSOR_PARALLEL_SIZE": "1",  # accepted as a no-op
+        "SM_VLLM_TENSOR_PARALLEL_SIZE": "1",  # --tensor-parallel-size 1: one rank each
     }
     # TMPDIR: where `pdserve serve` puts its local cluster's logs
     env = clean_base_env({"PDSERVE_CACHE_DIR": str(cache_dir), "TMPDIR": str(tmp_path)}, sm_env)

@@ -137,12 +137,27 @@ def test_no_warning_when_nothing_is_dropped(caplog: pytest.LogCaptureFixture) ->
     assert not caplog.records
 
 
-@pytest.mark.parametrize("name", ["TENSOR_PARALLEL_SIZE", "PIPELINE_PARALLEL_SIZE",
-                                  "DATA_PARALLEL_SIZE"])
+@pytest.mark.parametrize("name", ["PIPELINE_PARALLEL_SIZE", "DATA_PARALLEL_SIZE"])
 def test_parallel_sizes_are_a_no_op_at_1_and_refused_otherwise(name: str) -> None:
     assert sagemaker_args({f"SM_VLLM_{name}": "1"}) == DEFAULTS
     with pytest.raises(ConfigError, match=f"SM_VLLM_{name}='2'"):
         sagemaker_args({f"SM_VLLM_{name}": "2"})
+
+
+def test_pipeline_parallel_refusal_points_at_tensor_parallel_in_sagemaker_words() -> None:
+    with pytest.raises(ConfigError, match="SM_VLLM_TENSOR_PARALLEL_SIZE.*SM_PDSERVE_LOCAL_DEV"):
+        sagemaker_args({"SM_VLLM_PIPELINE_PARALLEL_SIZE": "2"})
+
+
+def test_tensor_parallel_size_is_honoured() -> None:
+    # serve's own option: each local worker is sharded over that many ranks
+    args = sagemaker_args({"SM_VLLM_TENSOR_PARALLEL_SIZE": "2"})
+    assert args == DEFAULTS + ["--tensor-parallel-size", "2"]
+    assert build(args).tensor_parallel_size == 2
+    assert build(sagemaker_args({"SM_PDSERVE_TENSOR_PARALLEL_SIZE": "2"})).tensor_parallel_size == 2
+    # a value serve refuses is refused naming its option
+    with pytest.raises(ConfigError, match="tensor"):
+        build(sagemaker_args({"SM_VLLM_TENSOR_PARALLEL_SIZE": "zero"}))
 
 
 def test_quantization_is_refused_unless_none() -> None:
@@ -190,8 +205,8 @@ def test_dry_run_prints_the_serve_command_with_secrets_masked() -> None:
 
 def test_a_refused_option_exits_2_with_one_line() -> None:
     out = subprocess.run([sys.executable, "-m", "pdserve", "sagemaker", "--dry-run"],
-                         env={"PATH": "/usr/bin:/bin", "SM_VLLM_TENSOR_PARALLEL_SIZE": "4"},
+                         env={"PATH": "/usr/bin:/bin", "SM_VLLM_PIPELINE_PARALLEL_SIZE": "4"},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith(
-        "pdserve sagemaker: error: SM_VLLM_TENSOR_PARALLEL_SIZE='4'")
+        "pdserve sagemaker: error: SM_VLLM_PIPELINE_PARALLEL_SIZE='4'")
