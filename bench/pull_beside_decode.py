@@ -95,8 +95,9 @@ class Pull:
         from pdserve.kernels.block_copy import BlockGather, GatherConfig
 
         # as D's Puller does: the pools' checks and views once, a launch per pull
+        # (the engine's own cut, DEFAULT_GATHER, unless a --alone-configs spec names another)
         spec = method.split(":", 1)[1] if method.startswith("full:") else ""
-        self.gather = BlockGather(src, dst, GatherConfig.parse(spec))
+        self.gather = BlockGather(src, dst, GatherConfig.parse(spec) if spec else None)
 
     def __call__(self) -> None:
         if self.method == "memcpy":
