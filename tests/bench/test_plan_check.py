@@ -43,3 +43,12 @@ def test_each_summary_is_simulated_at_its_own_scale(tmp_path):
     bad = summary(tmp_path / "bad.json", 0.0, time_scale=8.0)
     r = check(bad, out=tmp_path / "bad_out.json")
     assert r.returncode == 1 and "100.0%" in r.stdout
+
+
+def test_layout_names_count_their_workers():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plan_check import layout_workers
+
+    assert [layout_workers(n) for n in ("1p1d", "1p1d-slo", "1p3d", "3p1d", "4both-256",
+                                        "4flex-2048m512", "2both-512", "flex-512",
+                                        "both-2048m512")] == [2, 2, 4, 4, 4, 4, 2, 2, 2]
