@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One device call (session 15): issue 24's pulls with the engine's default gather
-# (DEFAULT_GATHER) at 4k and 16k tokens, beside a real decode step (batch 32) and alone,
-# then a dry run of issue 25's two-GPU script's steps 1-2 on this GPU (STEPS_25, "" = none).
+# One device call (session 15), in order of need, each step under its own time limit:
+#   1. issue 24's pulls alone (no engine) at 4k and 16k tokens: the default gather and its
+#      GatherConfig cuts (CONFIGS), each against the same-run copy, with its host/device split;
+#   2. the gpu-marked cuda_ipc and block-copy tests (compiled kernels; the tcp racing-cancel
+#      test among them);
+#   3. a dry run of issue 25's two-GPU script, steps 1-2 (STEPS_25; "" = skip) on this GPU.
 # Usage (repo root, on the lent machine; carry [".whl"]): bash bench/gpu_session15.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
+el() { echo "+$(( $(date +%s) - start )) s"; }
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader \
   | tee "$OUT/gpu.txt"
@@ -14,17 +18,26 @@ eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>"$OUT/wheels.log" || {
   echo "wheels failed"; tail -5 "$OUT/wheels.log"; exit 1; }
 timeout 90 python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/pip.log" 2>&1 \
   || echo "pip install -e failed (pip.log)"
-python3 -c "from pdserve.kernels.block_copy import DEFAULT_GATHER as d; print('DEFAULT_GATHER', d)" \
-  | tee "$OUT/default_gather.txt"
+CONFIGS=${CONFIGS:-"stream=1;tpp=8,stream=1;tpp=2,stream=1;tile=16384,tpp=8,warps=4,stream=1;\
+tile=65536,tpp=2,stream=1;waves=2,stream=1;waves=4,stream=1;waves=4;\
+waves=8,tile=16384,warps=4,stream=1;waves=16,tile=8192,warps=4,stream=1;tpp=16,stream=1;\
+tile=65536,tpp=4,stream=1"}
 for tok in ${PULL_TOKENS:-4096 16384}; do
-  echo "== $tok-token pulls (+$(( $(date +%s) - start )) s)"
-  timeout "${PULL_TIMEOUT:-170}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
-    --tokens "$tok" --reps "${REPS:-7}" --methods "${METHODS:-gather,bounded-8}" \
-    --alone-configs "${CONFIGS:-}" 2>&1 | tee "$OUT/pull$tok.log" | tail -8
+  echo "== 1. $tok-token pulls alone ($(el))"
+  # the default first (an empty spec: DEFAULT_GATHER), then each cut
+  timeout "${PULL_TIMEOUT:-110}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
+    --tokens "$tok" --reps "${REPS:-7}" --methods "," --alone-configs "tpp=4;$CONFIGS" 2>&1 \
+    | tee "$OUT/pull$tok.log" | tail -18
 done
-if [ -n "${STEPS_25-1 2}" ]; then
-  echo "== issue 25 dry run, steps ${STEPS_25-1 2} (+$(( $(date +%s) - start )) s)"
-  OUT="$OUT/two_gpu" STEPS="${STEPS_25-1 2}" timeout "${DRY_TIMEOUT:-240}" \
-    bash bench/gpu_two_gpu_pd.sh 2>&1 | tail -30
+if [ "${SKIP_TESTS:-0}" = 0 ]; then
+  echo "== 2. gpu tests ($(el))"
+  timeout 170 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -m gpu \
+    --timeout 90 tests/kv_transfer/test_cuda_ipc.py tests/kernels/test_block_copy.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -6
 fi
-echo "== done in $(( $(date +%s) - start )) s"
+if [ -n "${STEPS_25-1 2}" ]; then
+  echo "== 3. issue 25 dry run, steps ${STEPS_25-1 2} ($(el))"
+  OUT="$OUT/two_gpu" STEPS="${STEPS_25-1 2}" KERNEL_TIMEOUT=100 PULL_TIMEOUT=150 \
+    timeout "${DRY_TIMEOUT:-260}" bash bench/gpu_two_gpu_pd.sh 2>&1 | tail -24
+fi
+echo "== done in $(el)"
