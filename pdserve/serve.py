@@ -294,6 +294,24 @@ def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
     return [(role, groups[i % len(groups)][0]) for i, role in enumerate(roles)]
 
 
+def local_tp_problem(cfg: ServeConfig, local: list[tuple[str, str | None]],
+                     has_gpu: bool) -> str | None:
+    """Why the local workers cannot run at --tensor-parallel-size, or None: a GPU P/D
+    worker refuses tp > 1 at start (engine/setup.py), so a local cluster on GPUs says so
+    before it starts any."""
+    tp = cfg.tensor_parallel_size
+    if tp == 1:
+        return None
+    on_gpu = sorted({str(d or cfg.device) for _, d in local
+                     if mps.gpu_index(d or cfg.device, has_gpu) is not None})
+    if not on_gpu:
+        return None
+    return (f"--tensor-parallel-size {tp} with workers on GPU ({', '.join(on_gpu)}): P/D "
+            "workers shard a model on the CPU only for now (moving the KV of GPU shards is "
+            "not built yet); run tp 1 with a GPU per worker (--local-devices 0 1), or the "
+            "workers on the CPU (--device cpu)")
+
+
 def gpu_memory_shares(cfg: ServeConfig, local: list[tuple[str, str | None]],
                       has_gpu: bool) -> dict[int, float]:
     """--gpu-memory-utilization is per worker (its weights, activations and KV pool, as in
@@ -728,7 +746,11 @@ def run_serve(cfg: ServeConfig) -> int:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser (hermes or "
                           "llama3_json)", "tool_call_parser")
     if not external:
-        gpu_memory_shares(cfg, _local_roles(cfg), mps.gpu_present())  # likewise
+        has_gpu = mps.gpu_present()
+        local = _local_roles(cfg)
+        gpu_memory_shares(cfg, local, has_gpu)  # likewise
+        if problem := local_tp_problem(cfg, local, has_gpu):
+            raise ConfigError(problem, "tensor_parallel_size")
     port = reserve_port(cfg)  # before anything starts
     workers: list[Managed] = []
     supervisor = None

@@ -62,3 +62,24 @@ def test_groups_that_cannot_be_ranks_are_refused_before_start(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=needle):
         _started(tmp_path, monkeypatch, "--tensor-parallel-size", "2",
                  "--local-devices", *devices)
+
+
+def test_a_gpu_cluster_with_ranks_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """GPU P/D workers refuse tp > 1 at start: serve says so first, with what to do."""
+    from pdserve.serve import run_serve
+
+    monkeypatch.setattr(mps, "gpu_present", lambda env=None: True)
+    started = []
+    monkeypatch.setattr(Managed, "start", lambda self: started.append(self))
+    for argv in (["--local-devices", "0", "1", "2", "3"], []):  # [] = the default device
+        cfg = build_config(ServeConfig, ["--tensor-parallel-size", "2", "--mps", "off", *argv],
+                           env={})
+        with pytest.raises(ConfigError, match=r"--tensor-parallel-size 2 with workers on GPU "
+                           r"\((0, 2|auto)\): P/D workers shard a model on the CPU only"):
+            run_serve(cfg)
+    assert started == []
+    # on the CPU it goes ahead (the workers' start is what this test stubs)
+    from pdserve.serve import local_tp_problem
+
+    cpu = build_config(ServeConfig, ["--tensor-parallel-size", "2", "--device", "cpu"], env={})
+    assert local_tp_problem(cpu, [("prefill", None), ("decode", None)], True) is None
