@@ -11,13 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
 el() { echo "+$(( $(date +%s) - start )) s"; }
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader \
-  | tee "$OUT/gpu.txt"
-eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>"$OUT/wheels.log" || {
-  echo "wheels failed"; tail -5 "$OUT/wheels.log"; exit 1; }
-timeout 90 python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/pip.log" 2>&1 \
-  || echo "pip install -e failed (pip.log)"
+source bench/gpu_setup.sh
 CONFIGS=${CONFIGS:-"stream=1;tpp=8,stream=1;tpp=2,stream=1;tile=16384,tpp=8,warps=4,stream=1;\
 tile=65536,tpp=2,stream=1;waves=2,stream=1;waves=4,stream=1;waves=4;\
 waves=8,tile=16384,warps=4,stream=1;waves=16,tile=8192,warps=4,stream=1;tpp=16,stream=1;\

@@ -20,16 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/two_gpu_out}; mkdir -p "$OUT"
 start=$(date +%s)
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-# NVLink multicast stays off on shared multi-GPU hosts (KINDS.md); children inherit these
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PDSERVE_CACHE_DIR=/tmp/pdserve-cache
-{ nproc; nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
-  nvidia-smi topo -m 2>/dev/null | head -6; } | tee "$OUT/machine.txt"
-eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>"$OUT/wheels.log" || {
-  echo "wheels failed"; tail -5 "$OUT/wheels.log"; exit 1; }
-timeout 90 python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/pip.log" 2>&1 \
-  || echo "pip install -e failed (pip.log)"
+source bench/gpu_setup.sh
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then P=0 D=1; else P=0 D=0; echo "one GPU: a dry run with P and D on GPU 0"; fi
 STEPS=${STEPS:-"1 2 3"}

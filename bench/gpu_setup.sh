@@ -1,0 +1,16 @@
+# Sourced (not run) by the bench/gpu_*.sh scripts of one device call, from the repo root with
+# $OUT set: the environment every step shares, the machine's facts to $OUT/machine.txt, the
+# carried wheels (.whl/, scripts/gpu_wheels.sh) installed, and this checkout installed
+# editable (the pdserve.* namespace maps the top-level folders).
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# NVLink multicast stays off on shared multi-GPU hosts (KINDS.md); children inherit these
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PDSERVE_CACHE_DIR=${PDSERVE_CACHE_DIR:-/tmp/pdserve-cache}
+{ nproc
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.mem \
+    --format=csv,noheader
+  nvidia-smi topo -m 2>/dev/null | head -6; } | tee "$OUT/machine.txt"
+eval "$(bash scripts/gpu_wheels.sh install)" >/dev/null 2>"$OUT/wheels.log" || {
+  echo "wheels failed"; tail -5 "$OUT/wheels.log"; exit 1; }
+timeout 90 python3 -m pip install --no-deps --no-build-isolation -e . -q >"$OUT/pip.log" 2>&1 \
+  || echo "pip install -e failed (pip.log)"
