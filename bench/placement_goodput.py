@@ -74,15 +74,20 @@ class Cluster:
         self.fakes[name] = f"http://127.0.0.1:{port}"
         return self.fakes[name]
 
-    def engine(self, name: str, role: str, gpu: str, budget: int, args: argparse.Namespace,
-               mixed: int | None = None) -> str:
-        """A real worker on GPU `gpu`: Llama-3-8B shapes, dummy bf16 weights (--gpus)."""
+    def gpu_model(self) -> Path:
+        """The real engines' model directory: Llama-3-8B's config.json (dummy weights)."""
         model = self.out.parent / "llama-3-8b"
         if not (model / "config.json").exists():
             from serving_gpu import LLAMA3_8B  # bench/ is this script's folder
 
             model.mkdir(parents=True, exist_ok=True)
             (model / "config.json").write_text(json.dumps(LLAMA3_8B))
+        return model
+
+    def engine(self, name: str, role: str, gpu: str, budget: int, args: argparse.Namespace,
+               mixed: int | None = None) -> str:
+        """A real worker on GPU `gpu`: Llama-3-8B shapes, dummy bf16 weights (--gpus)."""
+        model = self.gpu_model()
         port = free_port(3)  # HTTP, data path, KV
         self.start(name, "-m", "pdserve", "worker", "--role", role, "--port", str(port),
                    "--model", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
@@ -108,6 +113,7 @@ class Cluster:
         self.start("proxy", "-m", "pdserve", "serve", "--port", str(port), *args)
         url = f"http://127.0.0.1:{port}"
         end = time.monotonic() + timeout
+        log = self.out / "proxy.log"
         while time.monotonic() < end:
             try:
                 r = httpx.get(url + "/health", timeout=2)
@@ -115,8 +121,15 @@ class Cluster:
                     return url
             except httpx.HTTPError:
                 pass
+            # a worker the proxy refuses (another model, a bad token) never joins: say so now
+            refused = [ln for ln in log.read_text().splitlines() if "refused:" in ln]
+            if refused:
+                raise RuntimeError(f"the proxy refused a worker: {refused[0]}")
+            dead = [p.args for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"exited before the proxy was ready: {dead[0]}")
             time.sleep(0.3)
-        raise TimeoutError((self.out / "proxy.log").read_text()[-2000:])
+        raise TimeoutError(log.read_text()[-2000:])
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -160,7 +173,8 @@ def start_layout(c: Cluster, name: str, args: argparse.Namespace) -> str:
                 "--slo-itl-ms", str(itl * scale)]
 
     ready_s = 1800.0 if gpus else 120.0  # real engines: weights, CUDA graphs, Triton compiles
-    tokenless = ["--skip-tokenizer-init"] if gpus else []
+    # the proxy serves the workers' model (it refuses workers of another), token ids only
+    tokenless = ["--model", str(c.gpu_model()), "--skip-tokenizer-init"] if gpus else []
     if m := _PD.match(name):
         k, d = int(m[1]), int(m[2])
         if k + d != count:
