@@ -219,13 +219,16 @@ def row(**fields) -> None:
 
 @section("kernel")
 def bench_kernel(info: dict, p_dev: int, d_dev: int, d_pool, tokens: list[int], reps: int) -> None:
-    """One gather launch through the mapping vs one contiguous copy, same GPUs, same bytes."""
-    from pdserve.kernels.block_copy import gather_blocks
+    """One gather launch through the mapping vs one contiguous copy, same GPUs, same bytes.
+    The gather as D's Puller runs it: a BlockGather of the two pools made once (DEFAULT_GATHER),
+    each pull a launch."""
+    from pdserve.kernels.block_copy import BlockGather
     from pdserve.kv_transfer import cuda_ipc
 
     dev = torch.device("cuda", d_dev)
     src = cuda_ipc.open_peer_pool(info, dev)
     try:
+        pull = BlockGather(src, d_pool.tensor)
         rng = random.Random(1)
         block_bytes = d_pool.tensor[0].numel() * d_pool.tensor.element_size()
         for n_tok in tokens:
@@ -236,7 +239,7 @@ def bench_kernel(info: dict, p_dev: int, d_dev: int, d_pool, tokens: list[int], 
 
             def gather(sets=sets, it=it):
                 s, d = sets[next(it) % len(sets)]
-                gather_blocks(src, s, d_pool.tensor, d)
+                pull(s, d)
 
             g_ms = event_ms(gather, dev, reps)
             a = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{p_dev}").random_()
