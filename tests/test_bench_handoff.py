@@ -91,3 +91,48 @@ def test_cpu_fake_run_end_to_end(tmp_path):
     idle = mode["idle_cpu_percent"]
     assert {"proxy", "fake-prefill", "fake-decode"} <= set(idle)
     assert all(v >= 0 for v in idle.values())
+
+
+class _Recorder:
+    """handoff.Cluster's start, recorded (nothing is started)."""
+
+    def __init__(self):
+        self.started: list[tuple[str, list[str]]] = []
+        self.url, self.launched = "", 0.0
+
+    def start(self, label, cmd, env):
+        self.started.append((label, cmd))
+
+
+def _launch(mode: str, gpu: str, tmp_path: Path) -> _Recorder:
+    import argparse
+
+    c = _Recorder()
+    args = argparse.Namespace(gpu=gpu, serve_arg=[], worker_arg=[], gpu_max_model_len=8192,
+                              gpu_kv_bytes=1 << 30)
+    handoff.launch(mode, args, c, tmp_path)
+    return c
+
+
+def _flag(cmd: list[str], flag: str) -> list[str]:
+    return [cmd[i + 1] for i, w in enumerate(cmd) if w == flag]
+
+
+def test_gpu_modes_on_two_gpus_put_p_and_d_apart_and_a_both_role_worker_on_each(tmp_path):
+    (label, cmd), = _launch("gpu-pd", "0,1", tmp_path).started
+    i = cmd.index("--local-devices")
+    assert label == "proxy" and cmd[i + 1:i + 3] == ["0", "1"]  # P on GPU 0, D on GPU 1
+    c = _launch("gpu-both", "0,1", tmp_path)
+    workers = [cmd for label, cmd in c.started if label.startswith("both-worker")]
+    assert [_flag(w, "--device") for w in workers] == [["0"], ["1"]]
+    proxy = dict(c.started)["proxy"]
+    assert len(_flag(proxy, "--worker")) == 2 and _flag(proxy, "--model") == [
+        str(tmp_path / "llama-3-8b")]
+    # one GPU, as before: one both-role worker, P and D sharing it
+    assert [label for label, _ in _launch("gpu-both", "0", tmp_path).started] == [
+        "both-worker", "proxy"]
+    (_, cmd), = _launch("gpu-pd", "0", tmp_path).started
+    i = cmd.index("--local-devices")
+    assert cmd[i + 1:i + 3] == ["0", "0"]
+    with pytest.raises(SystemExit, match="GPU indices"):
+        _launch("gpu-pd", "cuda:0", tmp_path)
