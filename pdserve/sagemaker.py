@@ -19,8 +19,8 @@ this module does the same for pdserve so that such a setup moves over unchanged:
   ...: see `VLLM_DROPPED`; any other unknown name is dropped as "not a pdserve option").
   Which options are shared is read from `ServeConfig` itself, so an option pdserve gains
   (e.g. `--enforce-eager`) is passed on from then on: `SM_VLLM_TENSOR_PARALLEL_SIZE=2` is
-  `--tensor-parallel-size 2`, each local worker sharded over 2 ranks (CPU workers; a GPU P/D
-  worker refuses tp > 1 at start with the reason, as `pdserve serve` does). Options whose
+  `--tensor-parallel-size 2`, each local worker sharded over 2 ranks (CPU workers; on GPUs
+  `pdserve serve` refuses tp > 1 with the reason before starting any worker). Options whose
   silent loss would change what is served are refused: `--pipeline-parallel-size`,
   `--data-parallel-size` unless 1 (then they are no-ops) and `--quantization` unless
   empty/none.
@@ -85,8 +85,8 @@ VLLM_DROPPED: dict[str, str] = {
     "max-log-len": "pdserve does not log request contents",
 }
 # vLLM options that are no-ops at 1 and refused otherwise ({local_devices}, {num_engines},
-# {tensor_parallel}: the option names of the form the user configures). --tensor-parallel-size is not one:
-# serve has it (ServeConfig), so it passes through as any shared option does.
+# {tensor_parallel}: the option names of the form the user configures).
+# --tensor-parallel-size is not one: serve has it, so it passes through as shared options do.
 VLLM_ONLY_ONE: dict[str, str] = {
     "pipeline-parallel-size": "pdserve does not shard a model by layers; use "
     "{tensor_parallel} (ranks over heads), or give each worker its own GPU ({local_devices})",

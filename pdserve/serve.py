@@ -281,8 +281,8 @@ def _local_roles(cfg: ServeConfig) -> list[tuple[str, str | None]]:
                           f"--tensor-parallel-size {tp} give {tp} per worker (each worker's "
                           "ranks)", "local_devices")
     groups = [devs[i:i + tp] for i in range(0, len(devs), tp)]
-    for group in groups:
-        if tp == 1 or all(d == "cpu" for d in group):
+    for group in groups if tp > 1 else []:
+        if all(d == "cpu" for d in group):
             continue
         first = mps.gpu_index(group[0], True)
         if first is None or [mps.gpu_index(d, True) for d in group] != list(
