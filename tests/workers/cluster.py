@@ -14,14 +14,20 @@ from pathlib import Path
 
 import httpx
 
+_HANDED_OUT: set[int] = set()  # ports this process's free_port_block returned
+
 
 def free_port_block(n: int = 3) -> int:
-    """A base port p such that p, p+1 .. p+n-1 were all free a moment ago."""
+    """A base port p such that p, p+1 .. p+n-1 were all free a moment ago and none of them
+    was handed out before by this process: workers started one after another bind their
+    ports only once running, so a block picked for the next worker must not overlap one
+    picked for the last (a CI run's decode worker once got its prefill worker's third port)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = s.getsockname()[1]
-        if base + n >= 65535:
+        block = range(base, base + n)
+        if base + n >= 65535 or _HANDED_OUT.intersection(block):
             continue
         try:
             socks = []
@@ -31,6 +37,7 @@ def free_port_block(n: int = 3) -> int:
                 socks.append(t)
             for t in socks:
                 t.close()
+            _HANDED_OUT.update(block)
             return base
         except OSError:
             for t in socks:
