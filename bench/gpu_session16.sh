@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call (session 16), in order of need, each step under its own time limit:
+#   1. issue 24's bar, the pulls alone (no engine) at 4k and 16k tokens on an H200: the default
+#      gather (DEFAULT_GATHER) and a few GatherConfig cuts beside it, each against the same-run
+#      copy (CONFIGS; PULL_TOKENS);
+#   2. a batch-32 decode step beside back-to-back 16k-token pulls, full grid and bounded-8
+#      (BESIDE_TOKENS; "" = skip);
+#   3. issue 16: the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU.
+# Usage (repo root, on the lent machine; carry [".whl"]): bash bench/gpu_session16.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+start=$(date +%s)
+el() { echo "+$(( $(date +%s) - start )) s"; }
+source bench/gpu_setup.sh
+CONFIGS=${CONFIGS:-"tpp=4;stream=1;tile=65536,tpp=2,stream=1;tpp=16,stream=1"}
+for tok in ${PULL_TOKENS:-4096 16384}; do
+  echo "== 1. $tok-token pulls alone ($(el))"
+  timeout "${PULL_TIMEOUT:-90}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
+    --tokens "$tok" --reps "${REPS:-7}" --methods "," --alone-configs "$CONFIGS" 2>&1 \
+    | tee "$OUT/pull$tok.log" | tail -10
+done
+for tok in ${BESIDE_TOKENS-16384}; do
+  echo "== 2. decode step beside $tok-token pulls ($(el))"
+  timeout "${BESIDE_TIMEOUT:-150}" python3 bench/pull_beside_decode.py --out "$OUT/beside$tok" \
+    --tokens "$tok" --methods gather,bounded-8 2>&1 | tee "$OUT/beside$tok.log" | tail -10
+done
+if [ "${SWEEP:-1}" != 0 ]; then
+  echo "== 3. decode attention sweep ($(el))"
+  # shellcheck disable=SC2086  # SWEEP_ARGS: arguments, word-split
+  timeout "${SWEEP_TIMEOUT:-200}" python3 bench/decode_attention_sweep.py --out "$OUT" \
+    ${SWEEP_ARGS:---splits 64,128,256,512,1024 --block-ns 64,128 --warps 4,8 --stages 2,3 \
+    --budget-s 150} 2>&1 | tee "$OUT/sweep.log" | tail -16
+fi
+echo "== done in $(el)"
