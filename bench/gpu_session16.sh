@@ -5,7 +5,8 @@
 #      copy (CONFIGS; PULL_TOKENS);
 #   2. a batch-32 decode step beside back-to-back 16k-token pulls, full grid and bounded-8
 #      (BESIDE_TOKENS; "" = skip);
-#   3. issue 16: the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU.
+#   3. issue 16: the gpu-marked decode attention tests (compiled: bits equal at any spread);
+#   4. the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU.
 # Usage (repo root, on the lent machine; carry [".whl"]): bash bench/gpu_session16.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +26,17 @@ for tok in ${BESIDE_TOKENS-16384}; do
   timeout "${BESIDE_TIMEOUT:-150}" python3 bench/pull_beside_decode.py --out "$OUT/beside$tok" \
     --tokens "$tok" --methods gather,bounded-8 2>&1 | tee "$OUT/beside$tok.log" | tail -10
 done
+if [ "${SKIP_TESTS:-0}" = 0 ]; then
+  echo "== 3. decode attention gpu tests ($(el))"
+  timeout 150 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -m gpu \
+    --timeout 120 tests/kernels/test_attention.py -k decode 2>&1 | tee "$OUT/gpu_tests.log" \
+    | tail -4
+fi
 if [ "${SWEEP:-1}" != 0 ]; then
-  echo "== 3. decode attention sweep ($(el))"
+  echo "== 4. decode attention sweep ($(el))"
   # shellcheck disable=SC2086  # SWEEP_ARGS: arguments, word-split
   timeout "${SWEEP_TIMEOUT:-200}" python3 bench/decode_attention_sweep.py --out "$OUT" \
-    ${SWEEP_ARGS:---splits 64,128,256,512,1024 --block-ns 64,128 --warps 4,8 --stages 2,3 \
-    --budget-s 150} 2>&1 | tee "$OUT/sweep.log" | tail -16
+    ${SWEEP_ARGS:---splits 32,64,128,256,512 --block-ns 32,64,128 --warps 4,8 --stages 2,3 \
+    --spreads 1,2,4,8,16 --budget-s 150} 2>&1 | tee "$OUT/sweep.log" | tail -16
 fi
 echo "== done in $(el)"

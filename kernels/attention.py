@@ -263,11 +263,13 @@ def decode_attention(
     per_head = programs_per_head or _programs_per_head(B * num_kv_heads, max_splits, q.device)
     if not 1 <= per_head <= max_splits:
         raise ValueError(f"programs_per_head {per_head} must be in [1, {max_splits}]")
-    # partials, fp32: m/l [B, Hq, S], acc [B, Hq, S, D] (contiguous: the kernel relies on it)
-    part_m = torch.empty((B, num_heads, max_splits), dtype=torch.float32, device=q.device)
+    one = per_head == 1  # each (sequence, KV head) in one program: folds in registers
+    # partials, fp32: m/l [B, Hq, S], acc [B, Hq, S, D] (contiguous: the kernel relies on it);
+    # one program per head writes none (placeholders keep the signature)
+    parts = (B, num_heads, 1 if one else max_splits)
+    part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((B, num_heads, max_splits, head_dim), dtype=torch.float32,
-                           device=q.device)
+    part_acc = torch.empty((*parts, head_dim), dtype=torch.float32, device=q.device)
     counters = _split_counters(B * num_kv_heads, q.device)
     group_pad = max(16, triton.next_power_of_2(group))  # a dot needs M >= 16
     _decode_attention_kernel[(B, num_kv_heads, per_head)](
@@ -275,7 +277,7 @@ def decode_attention(
         *q.stride(), *kv.stride(), *out.stride(), *block_tables.stride(), *part_m.stride(),
         GROUP=group, GROUP_PAD=group_pad, GROUP_R=triton.next_power_of_2(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=bn, SPLIT_SIZE=split_size,
-        MERGE_STEP=8, DOT_PRECISION=_dot_precision(q.dtype),
+        MERGE_STEP=8, DOT_PRECISION=_dot_precision(q.dtype), ONE_PROGRAM=one,
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out

@@ -19,14 +19,19 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
 - `_decode_attention_kernel`: decode is bound by K/V bytes. A sequence's context is cut into
   fixed splits of SPLIT_SIZE tokens; each split's partial (max, sum, acc) over the KV head's
   query group (the group's queries are the rows of one dot, padded to 16, so each K/V byte is
-  read once for the group) goes to memory, and the program that finishes last for a
-  (sequence, KV head) (an acq_rel atomic counter, zeroed again after) merges the partials in
-  split order (`_merge_splits`): no second kernel. How many programs share a sequence's
-  splits (grid axis 2, each a contiguous run of splits in one software-pipelined loop) is the
-  launcher's choice by batch size, many at batch 1 (parallelism over the context) and one at
-  large batches (no idle programs, one pass over the KV): it moves work, never changes a
-  value, since every split's partial and the merge are the same code either way. So a
-  sequence's result depends on the split size (fixed) alone, never on its batch.
+  read once for the group) is folded into a running (max, sum, acc) in split order by one
+  code path (`_fold_split`). How many programs share a sequence's splits (grid axis 2, each a
+  contiguous run of splits in one software-pipelined loop) is the launcher's choice by batch
+  size, many at batch 1 (parallelism over the context) and one at large batches:
+  - one program (ONE_PROGRAM): it folds each split as the split ends, in registers, and
+    writes the output; nothing goes to memory but the output, so small splits cost large
+    batches nothing but the fold's few FLOPs;
+  - several: each split's partial goes to memory, and the program that finishes last for a
+    (sequence, KV head) (an acq_rel atomic counter, zeroed again after) folds them all in
+    split order (`_merge_splits`): no second kernel.
+  Both fold the same fp32 values in the same order with the same code (explicit FMAs, so the
+  compiler cannot contract them differently), so a sequence's result depends on the split
+  size (fixed) alone, never on its batch or on the launch's spread.
 """
 
 from __future__ import annotations
@@ -139,6 +144,22 @@ def _prefill_attention_kernel(
 
 
 @triton.jit
+def _fold_split(m_run, l_run, acc_run, m_s, l_s, acc_s):
+    """Fold one split's partial (m_s, l_s, acc_s) into the running one, in log2 units:
+    m = max(m_run, m_s); l = l_run * 2^(m_run - m) + l_s * 2^(m_s - m); acc likewise. The
+    first fold (m_run = -inf, l_run = 0, acc_run = 0) gives the split's own values exactly;
+    a split past the context (m_s = -inf, l_s = 0, acc_s = 0) leaves the running one as it
+    is. Every caller goes through here with fp32 values, so the bits agree wherever the fold
+    runs (registers or after a round trip through memory)."""
+    m_new = tl.maximum(m_run, m_s)
+    alpha = tl.exp2(m_run - m_new)
+    w = tl.exp2(m_s - m_new)
+    l_run = tl.fma(l_run, alpha, w * l_s)
+    acc_run = tl.fma(acc_run, alpha[:, None], w[:, None] * acc_s)
+    return m_new, l_run, acc_run
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cnt_ptr,
     qk_scale,  # softmax scale * log2(e)
@@ -150,6 +171,7 @@ def _decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_SIZE: tl.constexpr, MERGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ONE_PROGRAM: tl.constexpr,  # one program per (sequence, KV head): fold in registers
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -180,6 +202,9 @@ def _decode_attention_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    m_run = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # ONE_PROGRAM's fold
+    l_run = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc_run = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
@@ -187,29 +212,42 @@ def _decode_attention_kernel(
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k_base + kv_off[:, None],
                                              v_base + kv_off[:, None], qk_scale, mask_n,
                                              mask_n[None, :], DOT_PRECISION)
-        # a split's last tile: write its partial, start the next split afresh (masked stores
-        # and selects, no branch: the loop stays one software-pipelined loop)
+        # a split's last tile: fold its partial in (one program) or write it (several), then
+        # start the next split afresh (selects and masked stores, no branch: the loop stays
+        # one software-pipelined loop)
         split_end = ((n0 + BLOCK_N) % SPLIT_SIZE == 0) | (n0 + BLOCK_N >= end)
-        part = part_row + (n0 // SPLIT_SIZE) * stride_ps
-        keep = mask_g & split_end
-        tl.store(part_m_ptr + part, m_i, mask=keep)
-        tl.store(part_l_ptr + part, l_i, mask=keep)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=keep[:, None])
+        if ONE_PROGRAM:
+            m_f, l_f, acc_f = _fold_split(m_run, l_run, acc_run, m_i, l_i, acc)
+            m_run = tl.where(split_end, m_f, m_run)
+            l_run = tl.where(split_end, l_f, l_run)
+            acc_run = tl.where(split_end, acc_f, acc_run)
+        else:
+            part = part_row + (n0 // SPLIT_SIZE) * stride_ps
+            keep = mask_g & split_end
+            tl.store(part_m_ptr + part, m_i, mask=keep)
+            tl.store(part_l_ptr + part, l_i, mask=keep)
+            tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                     mask=keep[:, None])
         m_i = tl.where(split_end, float("-inf"), m_i)
         l_i = tl.where(split_end, 0.0, l_i)
         acc = tl.where(split_end, 0.0, acc)
 
-    # every thread's partials are written before the one (scalar) atomic releases them; the
-    # program that counts last acquires the others' and merges all splits in split order
-    tl.debug_barrier()
-    cnt = cnt_ptr + b * tl.num_programs(1) + hkv  # [B, Hkv]: Hkv programs on axis 1
-    done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-    if done == tl.cdiv(num_splits, per_prog) - 1:
-        _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
-                      stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
-                      GROUP, GROUP_R, HEAD_DIM, MERGE_STEP)
-        tl.store(cnt, 0)  # zero again for the next launch (no other program touches it)
+    if ONE_PROGRAM:
+        l_run = tl.where(mask_g, l_run, 1.0)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh
+                 + offs_d[None, :] * stride_od,
+                 (acc_run / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:
+        # every thread's partials are written before the one (scalar) atomic releases them;
+        # the program that counts last acquires the others' and folds all splits in order
+        tl.debug_barrier()
+        cnt = cnt_ptr + b * tl.num_programs(1) + hkv  # [B, Hkv]: Hkv programs on axis 1
+        done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if done == tl.cdiv(num_splits, per_prog) - 1:
+            _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_splits,
+                          stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
+                          GROUP, GROUP_R, HEAD_DIM, MERGE_STEP)
+            tl.store(cnt, 0)  # zero again for the next launch (no other program touches it)
 
 
 @triton.jit
@@ -217,11 +255,11 @@ def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_spl
                   stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps,
                   GROUP: tl.constexpr, GROUP_R: tl.constexpr, HEAD_DIM: tl.constexpr,
                   MERGE_STEP: tl.constexpr):
-    """Merge the `num_splits` partials of one (sequence, KV head)'s query heads, MERGE_STEP
-    splits at a time in split order: out = sum_s w_s acc_s / sum_s w_s l_s with
-    w_s = exp2(m_s - max_s m_s). One code path for every launch shape, so the output's bits
-    depend on the split size alone. The partials are read past L1 (.cg): other programs
-    wrote them in this launch."""
+    """Fold the `num_splits` partials of one (sequence, KV head)'s query heads in split order
+    with `_fold_split`, as ONE_PROGRAM folds them in registers: out = acc / l. MERGE_STEP
+    splits per round, unrolled (their loads do not wait on the folds before them); splits past
+    num_splits load as (-inf, 0, 0), which the fold leaves out exactly. The partials are read
+    past L1 (.cg): other programs wrote them in this launch."""
     offs_g = tl.arange(0, GROUP_R)
     mask_g = offs_g < GROUP
     heads = hkv * GROUP + offs_g
@@ -231,20 +269,16 @@ def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, b, hkv, num_spl
     l_run = tl.zeros([GROUP_R], dtype=tl.float32)
     acc = tl.zeros([GROUP_R, HEAD_DIM], dtype=tl.float32)
     for s0 in range(0, num_splits, MERGE_STEP):
-        offs_s = s0 + tl.arange(0, MERGE_STEP)
-        mask = mask_g[:, None] & (offs_s < num_splits)[None, :]  # [GROUP_R, MERGE_STEP]
-        part = base[:, None] + offs_s[None, :] * stride_ps
-        m_s = tl.load(part_m_ptr + part, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        m_s = tl.where(mask_g[:, None], m_s, 0.0)  # padding rows: finite, never stored
-        l_s = tl.load(part_l_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
-        acc_s = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                        mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_run, tl.max(m_s, 1))  # finite: the first step has split 0
-        alpha = tl.exp2(m_run - m_new)
-        w = tl.exp2(m_s - m_new[:, None])
-        l_run = l_run * alpha + tl.sum(w * l_s, 1)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * acc_s, 1)
-        m_run = m_new
+        for j in tl.static_range(MERGE_STEP):
+            mask = mask_g & (offs_g * 0 + (s0 + j) < num_splits)  # [GROUP_R]
+            part = base + (s0 + j) * stride_ps
+            m_s = tl.load(part_m_ptr + part, mask=mask, other=float("-inf"),
+                          cache_modifier=".cg")
+            m_s = tl.where(mask_g, m_s, 0.0)  # padding rows: finite, never stored
+            l_s = tl.load(part_l_ptr + part, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_s = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                            mask=mask[:, None], other=0.0, cache_modifier=".cg")
+            m_run, l_run, acc = _fold_split(m_run, l_run, acc, m_s, l_s, acc_s)
     l_run = tl.where(mask_g, l_run, 1.0)
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
              (acc / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=mask_g[:, None])
