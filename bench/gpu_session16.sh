@@ -6,7 +6,9 @@
 #   2. a batch-32 decode step beside back-to-back 16k-token pulls, full grid and bounded-8
 #      (BESIDE_TOKENS; "" = skip);
 #   3. issue 16: the gpu-marked decode attention tests (compiled: bits equal at any spread);
-#   4. the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU.
+#   4. the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU;
+#   5. with BEFORE=<dir> (a `git archive` of an earlier commit in the tree) and/or SERVING=1:
+#      bench/serving_gpu.py from that tree, then from this one (SERVING_ARGS).
 # Usage (repo root, on the lent machine; carry [".whl"]): bash bench/gpu_session16.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,5 +40,19 @@ if [ "${SWEEP:-1}" != 0 ]; then
   timeout "${SWEEP_TIMEOUT:-200}" python3 bench/decode_attention_sweep.py --out "$OUT" \
     ${SWEEP_ARGS:---splits 32,64,128,256,512 --block-ns 32,64,128 --warps 4,8 --stages 2,3 \
     --spreads 1,2,4,8,16 --budget-s 150} 2>&1 | tee "$OUT/sweep.log" | tail -16
+fi
+if [ -n "${BEFORE:-}" ]; then
+  echo "== 5a. serving_gpu.py, before ($BEFORE) ($(el))"
+  mkdir -p "$OUT/before"
+  # shellcheck disable=SC2086  # SERVING_ARGS: arguments, word-split
+  PYTHONPATH="$PWD/$BEFORE${PYTHONPATH:+:$PYTHONPATH}" timeout "${SERVING_TIMEOUT:-150}" \
+    python3 "$BEFORE/bench/serving_gpu.py" --out "$OUT/before" \
+    ${SERVING_ARGS:---runs 1 --no-transformers --no-profile} 2>&1 | tail -8
+fi
+if [ -n "${BEFORE:-}" ] || [ "${SERVING:-0}" != 0 ]; then
+  echo "== 5b. serving_gpu.py, this tree ($(el))"
+  # shellcheck disable=SC2086
+  timeout "${SERVING_TIMEOUT:-150}" python3 bench/serving_gpu.py --out "$OUT" \
+    ${SERVING_ARGS:---runs 1 --no-transformers --no-profile} 2>&1 | tail -8
 fi
 echo "== done in $(el)"
