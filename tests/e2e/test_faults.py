@@ -48,7 +48,10 @@ def served(tmp_path_factory):
     port, base = free_port_block(1), free_port_block(12)
     env = {**os.environ, "PDSERVE_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PDSERVE_CACHE_DIR": str(tmp / "cache"),
-           "PDSERVE_TRANSFER_TIMEOUT": "5"}  # the workers inherit it
+           # the workers inherit these: a failed-over request's reservation on the other D
+           # waits this long for a P offer that never comes before D recomputes it (30 s by
+           # default, which every D-kill test below would wait out)
+           "PDSERVE_TRANSFER_TIMEOUT": "5", "PDSERVE_RESERVATION_TIMEOUT": "5"}
     os.environ["PDSERVE_CACHE_DIR"] = str(tmp / "cache")
     cmd = [sys.executable, "-m", "pdserve", "serve", "--port", str(port), "--api-key", KEY,
            "--internal-token", TOKEN,
