@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 start=$(date +%s)
 el() { echo "+$(( $(date +%s) - start )) s"; }
 source bench/gpu_setup.sh
-CONFIGS=${CONFIGS:-"tpp=4;stream=1;tile=65536,tpp=2,stream=1;tpp=16,stream=1"}
+# DEFAULT_GATHER (tpp=8, streaming) named first: an empty spec is no config
+CONFIGS=${CONFIGS:-"tpp=8,stream=1;tpp=4;stream=1;tile=65536,tpp=2,stream=1"}
 for tok in ${PULL_TOKENS:-4096 16384}; do
   echo "== 1. $tok-token pulls alone ($(el))"
   timeout "${PULL_TIMEOUT:-90}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
