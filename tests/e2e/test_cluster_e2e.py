@@ -18,7 +18,13 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from tests.proxy.openapi_schema import require_spec, validate
-from tests.workers.cluster import TOKEN, free_port_block, start_worker, wait_healthy
+from tests.workers.cluster import (
+    TOKEN,
+    free_port_block,
+    start_worker,
+    stop_workers,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.timeout(900)
 KEY = "sk-test"
@@ -76,8 +82,7 @@ def stop_all(proxy, workers):
     if proxy is not None:
         proxy.terminate()
         proxy.wait(20)
-    for w in workers:
-        w.stop()
+    stop_workers(workers)
 
 
 @pytest.fixture(scope="module")

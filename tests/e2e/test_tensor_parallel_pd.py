@@ -22,7 +22,13 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from tests.e2e.test_cluster_e2e import KEY, prompt_ids, start_proxy
-from tests.workers.cluster import TOKEN, free_port_block, start_worker, wait_healthy
+from tests.workers.cluster import (
+    TOKEN,
+    free_port_block,
+    start_worker,
+    stop_workers,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.timeout(420)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -98,8 +104,7 @@ def cluster():
         if c.proxy is not None:
             c.proxy.terminate()
             c.proxy.wait(20)
-        for w in c.workers:
-            w.stop()
+        stop_workers(c.workers)
 
 
 def gone(pid: int) -> bool:

@@ -19,7 +19,7 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from tests.e2e.test_cluster_e2e import KEY, prompt_ids, start_proxy
-from tests.workers.cluster import TOKEN, Worker, free_port_block, wait_healthy
+from tests.workers.cluster import TOKEN, Worker, free_port_block, stop_workers, wait_healthy
 
 pytestmark = pytest.mark.timeout(600)
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -105,8 +105,7 @@ def two_hosts(tmp_path_factory):
         if proxy is not None:
             proxy.terminate()
             proxy.wait(20)
-        for w in ws:
-            w.stop()
+        stop_workers(ws)
         if namespaced:
             drop_namespace()
 

@@ -17,7 +17,7 @@ import zmq
 from pdserve import LLM, SamplingParams
 from pdserve.common.wire import DATA_PATH, Error, RequestRecord
 from pdserve.proxy.workers import WorkerError, WorkerLink, run_both, run_pd  # noqa: F401 (see fixture)
-from tests.workers.cluster import TOKEN, start_worker, wait_healthy
+from tests.workers.cluster import TOKEN, start_worker, stop_workers, wait_healthy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,8 +39,7 @@ def cluster(tmp_path_factory):
         wait_healthy(list(ws.values()))
         yield ws
     finally:
-        for w in ws.values():
-            w.stop()
+        stop_workers(ws.values())
 
 
 @pytest.fixture(scope="module")
