@@ -15,7 +15,7 @@ import pytest
 from pdserve.common.params import SamplingParams
 from pdserve.common.wire import RequestRecord
 from pdserve.service.gpu_turns import TurnAnnouncer, TurnListener
-from tests.workers.cluster import start_worker, wait_healthy
+from tests.workers.cluster import start_worker, stop_workers, wait_healthy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -112,5 +112,4 @@ def test_pd_taking_turns_equals_offline(tmp_path: Path) -> None:
         holds = re.search(r"^pdserve_gpu_turn_holds_total (\S+)", d.get("/metrics").text, re.M)
         assert holds and float(holds.group(1)) > 0  # D did hold for P's prefills
     finally:
-        p.stop()
-        d.stop()
+        stop_workers([p, d])
