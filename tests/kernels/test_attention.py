@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from pdserve.kernels.attention import (
+    _SM_COUNT,
     _SPLIT_COUNTERS,
+    _programs_per_head,
     decode_attention,
     decode_attention_ref,
     prefill_attention,
@@ -144,6 +146,23 @@ def test_launchers_refuse_bad_shapes():
         decode_attention(torch.randn(1, 4, 16), torch.randn(4, 1, 2, 24, 4, 16), 0, tables,
                          torch.tensor([4]), 1.0, 4)
 
+
+
+def test_spread_is_one_program_per_head_once_the_rows_fill_the_sms(monkeypatch):
+    """The launcher's choice on a GPU (no GPU needed: the SM count is looked up once per
+    device): one program per (sequence, KV head) as soon as the batch's rows give every SM
+    one (its splits fold in registers), about two programs per SM below that, never more
+    than the splits. On the interpreter a few, so the tests exercise shared heads."""
+    gpu = torch.device("cuda", 7)
+    monkeypatch.setitem(_SM_COUNT, gpu, 132)
+    assert _programs_per_head(8, 32, gpu) == 32  # capped by the 32 splits
+    assert _programs_per_head(8, 64, gpu) == 33  # batch 1 at 8 KV heads: ceil(264 / 8)
+    assert _programs_per_head(128, 32, gpu) == 3  # batch 16: 128 rows < 132 SMs
+    assert _programs_per_head(132, 32, gpu) == 1  # the rows fill the SMs
+    assert _programs_per_head(256, 32, gpu) == 1  # batch 32
+    assert _programs_per_head(2048, 32, gpu) == 1  # batch 256
+    assert _programs_per_head(1, 4, gpu) == 4  # never more programs than splits
+    assert _programs_per_head(8, 32, torch.device("cpu")) == 4
 
 # --- compiled, on a GPU ----------------------------------------------------------------------
 
