@@ -9,8 +9,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-start=$(date +%s)
-el() { echo "+$(( $(date +%s) - start )) s"; }
 source bench/gpu_setup.sh
 CONFIGS=${CONFIGS:-"stream=1;tpp=8,stream=1;tpp=2,stream=1;tile=16384,tpp=8,warps=4,stream=1;\
 tile=65536,tpp=2,stream=1;waves=2,stream=1;waves=4,stream=1;waves=4;\

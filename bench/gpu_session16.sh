@@ -13,8 +13,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-start=$(date +%s)
-el() { echo "+$(( $(date +%s) - start )) s"; }
 source bench/gpu_setup.sh
 # DEFAULT_GATHER (tpp=8, streaming) named first: an empty spec is no config
 CONFIGS=${CONFIGS:-"tpp=8,stream=1;tpp=4;stream=1;tile=65536,tpp=2,stream=1"}

@@ -1,7 +1,10 @@
 # Sourced (not run) by the bench/gpu_*.sh scripts of one device call, from the repo root with
 # $OUT set: the environment every step shares, the machine's facts to $OUT/machine.txt, the
 # carried wheels (.whl/, scripts/gpu_wheels.sh) installed, and this checkout installed
-# editable (the pdserve.* namespace maps the top-level folders).
+# editable (the pdserve.* namespace maps the top-level folders). `el` prints the seconds since
+# it was sourced (the call's clock, for each step's banner).
+start=$(date +%s)
+el() { echo "+$(( $(date +%s) - start )) s"; }
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # NVLink multicast stays off on shared multi-GPU hosts (KINDS.md); children inherit these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -18,10 +18,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tp_out}; mkdir -p "$OUT"
-start=$(date +%s)
 source bench/gpu_setup.sh
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-el() { echo "+$(( $(date +%s) - start )) s"; }
 
 echo "== 1. tp=2 == tp=1 over NCCL ($(el))"
 timeout 300 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfEs -m gpu \

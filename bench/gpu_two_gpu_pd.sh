@@ -19,12 +19,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/two_gpu_out}; mkdir -p "$OUT"
-start=$(date +%s)
 source bench/gpu_setup.sh
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$ngpu" -ge 2 ]; then P=0 D=1; else P=0 D=0; echo "one GPU: a dry run with P and D on GPU 0"; fi
 STEPS=${STEPS:-"1 2 3"}
-el() { echo "+$(( $(date +%s) - start )) s"; }
 
 if [[ " $STEPS " == *" 1 "* ]]; then
   echo "== 1. gather vs copy ($(el))"
