@@ -1,6 +1,6 @@
 """The decode step's linear layers at few rows: the unfused path (Triton RMSNorm or
 SiLU-and-mul, then cuBLAS through F.linear) against `linear_skinny` (prologue fused, one
-launch), over tile configs, on Llama-3-8B shapes (issue 16).
+launch, K split over programs), over tile configs and splits, on Llama-3-8B shapes (issue 16).
 
 Each case runs as a CUDA graph of L calls on L different weights (layers), so the weights
 come from HBM as in a real step and launch gaps are a graph's; time per call = replay / L.
@@ -31,8 +31,11 @@ from pdserve.kernels.norm import rms_norm
 # name, prologue, N, K (Llama-3-8B: hidden 4096, 32 q / 8 kv heads of 128, intermediate 14336)
 SHAPES = [("qkv", "norm", 6144, 4096), ("o_proj", "none", 4096, 4096),
           ("gate_up", "norm", 28672, 4096), ("down", "silu", 4096, 14336)]
-CONFIGS = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256)
-           for w in (4, 8) for s in (3, 4)]
+# (BLOCK_N, BLOCK_K, warps, stages, programs per SM the K split aims at), likeliest first:
+# the sweep stops a case at its share of --budget-s
+CONFIGS = [(bn, bk, w, s, t) for t in (4, 2, 8) for bn, bk in ((16, 256), (32, 128), (32, 256),
+                                                              (64, 128), (16, 512))
+           for w in (4, 8) for s in (3,)]
 
 
 def graph_time(fn, reps: int = 20) -> float:
@@ -60,7 +63,7 @@ def graph_time(fn, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
-    ap.add_argument("--rows", default="1,4,16,32")
+    ap.add_argument("--rows", default="1,32")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--budget-s", type=float, default=150.0)
     args = ap.parse_args()
@@ -68,6 +71,7 @@ def main() -> None:
     dtype = torch.bfloat16
     torch.manual_seed(0)
     rate = sg.copy_rate(dev, 1 << 27)  # read + write bytes/s
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     out = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": rate,
            "torch": torch.__version__, "cases": []}
     path = Path(args.out) / "gemv_sweep.json"
@@ -97,12 +101,14 @@ def main() -> None:
             # an equal share of what is left for each case left
             case_end = time.monotonic() + (args.budget_s - (time.monotonic() - t0)) / cases_left
             cases_left -= 1
-            for bn, bk, warps, stages in CONFIGS:
+            for bn, bk, warps, stages, per_sm in CONFIGS:
                 if time.monotonic() > case_end:
                     break
                 if bk > K:
                     continue
-                cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                split = max(1, min(-(-per_sm * sms // -(-N // bn)), -(-K // bk), 16))
+                cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                           split_k=split)
                 try:
                     y = linear_skinny(x, ws[0], **kw, **cfg)[0].float()
                     err = ((y - want).norm() / want.norm()).item()
@@ -127,7 +133,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"{out['device']}, copy {rate / 1e12:.2f} TB/s (read+write); per call, weights from HBM")
     print(f"{'layer':8} {'M':>3} {'unfused µs':>10} {'%copy':>6} {'skinny µs':>9} {'%copy':>6} "
-          f"{'speedup':>7}  best config (bn, bk, warps, stages)")
+          f"{'speedup':>7}  best config (bn, bk, warps, stages, split)")
     for c in out["cases"]:
         b = c["best"]
         if b is None:
@@ -135,7 +141,8 @@ def main() -> None:
             continue
         print(f"{c['name']:8} {c['M']:>3} {c['base_us']:10.1f} {c['base_pct_copy']:6.1f} "
               f"{b['us']:9.1f} {b['pct_copy']:6.1f} {c['base_us'] / b['us']:7.2f}  "
-              f"({b['block_n']}, {b['block_k']}, {b['num_warps']}, {b['num_stages']})")
+              f"({b['block_n']}, {b['block_k']}, {b['num_warps']}, {b['num_stages']}, "
+              f"{b['split_k']})")
 
 
 if __name__ == "__main__":

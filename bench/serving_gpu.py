@@ -305,6 +305,10 @@ def main() -> None:
                     help="ranks (GPUs --device.. on): the engine sharded over them")
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
                     help="torch's BLAS back end for the GEMMs (preferred_blas_library)")
+    ap.add_argument("--skinny-max-rows", type=int, default=None,
+                    help="decode linears of up to this many rows through the fused split-K "
+                    "kernel (kernels/gemv.py SKINNY_MAX_ROWS; default: its value; this "
+                    "process only, so tp 1)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -323,6 +327,11 @@ def main() -> None:
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
     results["blas"] = args.blas
+    from pdserve.kernels import gemv
+
+    if args.skinny_max_rows is not None:
+        gemv.SKINNY_MAX_ROWS = args.skinny_max_rows
+    results["skinny_max_rows"] = gemv.SKINNY_MAX_ROWS
     results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
     results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()

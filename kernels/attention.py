@@ -27,6 +27,7 @@ from pdserve.kernels.triton_utils import (
     check_power_of_two,
     interpreting,
     triton,
+    zeroed_counters,
 )
 
 LOG2E = math.log2(math.e)
@@ -169,23 +170,7 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (128, 4, 2) if head_dim <= 128 else (32, 4, 2)
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _SM_COUNT: dict[torch.device, int] = {}
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros (at least n), the decode kernel's per-(sequence, KV head) counters. The
-    kernel leaves them zero, so one buffer per device serves every launch (decode attention
-    runs one launch at a time per device: the engine's forwards are serial on one stream). A
-    buffer that must grow inside a CUDA graph capture is made per launch (a memset in the
-    graph) instead of kept."""
-    buf = _SPLIT_COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return fresh
-        buf = _SPLIT_COUNTERS[device] = fresh
-    return buf
 
 
 def _programs_per_head(rows: int, max_splits: int, device: torch.device) -> int:
@@ -275,7 +260,7 @@ def decode_attention(
     part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((*parts, head_dim), dtype=torch.float32, device=q.device)
-    counters = _split_counters(B * num_kv_heads, q.device)
+    counters = zeroed_counters("decode_attention", B * num_kv_heads, q.device)
     group_pad = max(16, triton.next_power_of_2(group))  # a dot needs M >= 16
     _decode_attention_kernel[(B, num_kv_heads, per_head)](
         q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, counters, scale * LOG2E,

@@ -11,20 +11,22 @@ on the fly from the (few, L2-resident) input rows:
                      the new residual h is returned (written by program 0)
 - prologue "silu":   x = [gate | up]; y = (silu(gate) * up) @ W^T
 
-Roundings follow the references (`rms_norm_ref`, `silu_and_mul_ref`, then `F.linear`): each
-intermediate rounds to the input dtype where torch would round it, so the only difference
-from the unfused path is the GEMM's summation order. One program owns BLOCK_N output columns
-for every row and walks K once: W's [BLOCK_N, BLOCK_K] tiles are contiguous along K, so the
-loads are wide and the whole weight is read exactly once per call. Rows are padded to a
-tensor-core dot's 16 (a single row is summed with FMAs).
+The residual add and SiLU round to the input dtype where torch would; the norm is applied as
+rms_norm(h) @ W^T = rstd * ((h * w_norm) @ W^T), each row's rstd applied to the fp32 sums
+once every split's sum of squares of h is in (one rounding fewer than the reference). One
+program owns BLOCK_N output columns and a slice of K (`split_k` slices): W's [BLOCK_N,
+BLOCK_K] tiles are contiguous along K, so the loads are wide and the whole weight is read
+exactly once per call. With several slices each program writes an fp32 partial and counts
+in with an atomic; the last of a tile folds the partials in slice order, so the bits depend
+on the configuration alone. Rows are padded to a tensor-core dot's 16 (a single row is
+summed with FMAs).
 
 `linear_skinny_ref` is the unfused composition (the CPU path and the reference);
 `linear_fused` (the Triton ops' linear) takes the skinny kernel up to `SKINNY_MAX_ROWS` rows.
 That is 0 for now: on an H100 (bench/gemv_sweep.py, BENCHMARKS.md session 11) cuBLAS read the
-weights 1.2-4x faster than this kernel at 1-32 rows except o_proj at 4-16 rows (1.15x), and
-the fused launches it saves (~0.3 ms a step at batch 1) do not make up for it: a decode step at
-batch 1 took 9.62 ms with it against 6.10 without. The kernel stays, tested, for the sweep:
-a version that splits K over programs (as cuBLAS's skinny kernels do) is the next try.
+weights 1.2-4x faster than the first version of this kernel (one program walking all of K)
+at 1-32 rows, and a decode step at batch 1 took 9.62 ms with it against 6.10 without. The
+split of K is the retry (session 17).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
-from pdserve.kernels.triton_utils import check_device, tl, triton
+from pdserve.kernels.triton_utils import check_device, tl, triton, zeroed_counters
 
 PROLOGUES = ("none", "norm", "silu")
 SKINNY_MAX_ROWS = 0  # off: cuBLAS measured faster (bench/gemv_sweep.py, BENCHMARKS.md)
@@ -59,46 +61,41 @@ def linear_skinny_ref(
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr,
-    M, N, K, stride_xm, stride_rm, stride_wn, stride_ym, stride_rom, eps,
+    x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, res_out_ptr, part_ptr, ss_ptr, cnt_ptr,
+    M, N, K, K_PER, stride_xm, stride_rm, stride_wn, stride_ym, stride_rom, eps,
     PROLOGUE: tl.constexpr,  # 0 none, 1 norm, 2 silu
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Program (n tile, k split): y[:, tile] over K[k split], from the weight's [BLOCK_N,
+    BLOCK_K] tiles (contiguous along K: wide loads; the weight is read exactly once). With
+    SPLIT_K > 1 each program writes its fp32 partial and counts in; the last of a tile folds
+    all partials in split order (the bits depend on the split, never on arrival order)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     r_rows = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     dtype = x_ptr.dtype.element_ty
 
-    rstd = tl.zeros([M_PAD], dtype=tl.float32)
-    if PROLOGUE == 1:  # first pass: each row's fp32 sum of squares of h = x + residual
-        ss = tl.zeros([M_PAD], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mk = mask_m[:, None] & (offs_k < K)[None, :]
-            h = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0)
-            if HAS_RESIDUAL:
-                r = tl.load(r_rows + offs_k[None, :], mask=mk, other=0.0)
-                h = (r.to(tl.float32) + h.to(tl.float32)).to(dtype)
-            hf = h.to(tl.float32)
-            ss += tl.sum(hf * hf, 1)
-        rstd = 1.0 / tl.sqrt(ss / K + eps)
-
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    for k0 in range(0, K, BLOCK_K):
+    ss = tl.zeros([M_PAD], dtype=tl.float32)  # "norm": this split's sum of squares of h
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             mk = mask_m[:, None]
             w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None], other=0.0)
         else:
-            mk = mask_m[:, None] & (offs_k < K)[None, :]
-            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+            in_k = offs_k < k_hi
+            mk = mask_m[:, None] & in_k[None, :]
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & in_k[None, :],
                         other=0.0)
         if PROLOGUE == 2:  # x = [gate | up], K = the intermediate size
             g = tl.load(x_rows + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
@@ -111,24 +108,63 @@ def _skinny_kernel(
                 if HAS_RESIDUAL:
                     r = tl.load(r_rows + offs_k[None, :], mask=mk, other=0.0)
                     a = (r.to(tl.float32) + a.to(tl.float32)).to(dtype)
-                    if pid == 0:  # the new residual, once
+                    if pid_n == 0:  # the new residual, once (tile 0 of each split)
                         tl.store(res_out_ptr + offs_m[:, None].to(tl.int64) * stride_rom
                                  + offs_k[None, :], a, mask=mk)
-                normed = (a.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
-                nw = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                a = (nw[None, :] * normed).to(dtype)
+                hf = a.to(tl.float32)
+                ss += tl.sum(hf * hf, 1)
+                # rms_norm(h) @ W^T = rstd * ((h * nw) @ W^T): the row's rstd is applied
+                # to the sums at the end, once every split's sum of squares is in
+                nw = tl.load(nw_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+                a = (hf * nw[None, :]).to(dtype)
         if USE_DOT:
             acc = tl.dot(a, tl.trans(w.to(dtype)), acc, input_precision=DOT_PRECISION)
         else:  # [M_PAD, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K], summed over K
             prod = a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, 2)
+
+    if SPLIT_K > 1:
+        # partials [SPLIT_K, M_PAD, N] (and the sums of squares [n tiles, SPLIT_K, M_PAD]);
+        # every thread's are written before the one (scalar) atomic releases them
+        part = part_ptr + (pid_k * M_PAD + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(part, acc, mask=mask_n[None, :])
+        ss_row = ss_ptr + (pid_n * SPLIT_K) * M_PAD + offs_m
+        if PROLOGUE == 1:
+            tl.store(ss_row + pid_k * M_PAD, ss)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:  # the last: fold every split in order (read past L1: .cg)
+            acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+            ss = tl.zeros([M_PAD], dtype=tl.float32)
+            base = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+            for j in tl.static_range(SPLIT_K):
+                acc += tl.load(base + j * M_PAD * N, mask=mask_n[None, :], other=0.0,
+                               cache_modifier=".cg")
+                if PROLOGUE == 1:
+                    ss += tl.load(ss_row + j * M_PAD, cache_modifier=".cg")
+            _skinny_store(acc, ss, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, K, stride_ym,
+                          eps, PROLOGUE, HAS_BIAS)
+            tl.store(cnt_ptr + pid_n, 0)  # zero again for the next launch
+    else:
+        _skinny_store(acc, ss, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, K, stride_ym, eps,
+                      PROLOGUE, HAS_BIAS)
+
+
+@triton.jit
+def _skinny_store(acc, ss, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, K, stride_ym, eps,
+                  PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if PROLOGUE == 1:
+        acc = acc * (1.0 / tl.sqrt(ss / K + eps))[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _default_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+_SM_COUNT: dict[torch.device, int] = {}
+
+
+def _default_config(m: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for M = m rows; bench/gemv_sweep.py."""
     if m >= 16:
         return 32, 128, 4, 4
@@ -137,16 +173,27 @@ def _default_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return 16, 256, 4, 4
 
 
+def _default_split(tiles: int, k_tiles: int, device: torch.device) -> int:
+    """Programs along K: about four programs per SM over the grid (bench/gemv_sweep.py)."""
+    if device.type != "cuda":
+        return min(k_tiles, 3)  # the interpreter: a few splits, so the tests fold partials
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * _SM_COUNT[device], tiles), k_tiles, 16))
+
+
 def linear_skinny(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
     prologue: str = "none", residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None, eps: float = 0.0,
     block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, use_dot: bool | None = None,
+    split_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton `linear_skinny_ref` (same contract), one launch. x [M, K] ([M, 2K] for "silu"),
     weight [N, K] with unit stride along K. The tile options are for the sweep (use_dot:
-    rows padded to 16 for a tensor-core dot; default from one row up)."""
+    rows padded to 16 for a tensor-core dot; default from one row up; split_k: programs
+    along K, whose partials the last one folds)."""
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
     check_device(x, weight)
@@ -171,21 +218,32 @@ def linear_skinny(
     res_out = torch.empty_like(x) if has_res else None
     if M == 0:
         return y, (res_out if has_res else (x if prologue == "norm" else None))
-    bn, bk, warps, stages = _default_config(M, N, K)
+    bn, bk, warps, stages = _default_config(M)
     bn, bk = block_n or bn, block_k or bk
+    tiles = triton.cdiv(N, bn)
+    split = max(1, min(split_k or _default_split(tiles, triton.cdiv(K, bk), x.device),
+                       triton.cdiv(K, bk)))
+    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk  # whole tiles per split
+    split = triton.cdiv(K, k_per)  # no empty split
     if use_dot is None:
         use_dot = M > 1
     m_pad = max(16, triton.next_power_of_2(M)) if use_dot else triton.next_power_of_2(M)
+    if split > 1:
+        part = torch.empty((split, m_pad, N), dtype=torch.float32, device=x.device)
+        ss = torch.empty((tiles, split, m_pad), dtype=torch.float32, device=x.device)
+        cnt = zeroed_counters("linear_skinny", tiles, x.device)
+    else:
+        part = ss = cnt = y  # unused
     res_in = residual if has_res else x
     nw = norm_weight.contiguous() if prologue == "norm" else weight
-    _skinny_kernel[(triton.cdiv(N, bn),)](
+    _skinny_kernel[(tiles, split)](
         x, res_in, nw, weight, bias if bias is not None else weight, y,
-        res_out if has_res else x,
-        M, N, K, x.stride(0), res_in.stride(0), weight.stride(0), y.stride(0),
+        res_out if has_res else x, part, ss, cnt,
+        M, N, K, k_per, x.stride(0), res_in.stride(0), weight.stride(0), y.stride(0),
         res_out.stride(0) if has_res else 0, eps,
         PROLOGUE=PROLOGUES.index(prologue), HAS_RESIDUAL=has_res, HAS_BIAS=bias is not None,
-        M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, EVEN_K=K % bk == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, EVEN_K=K % k_per == 0,
+        SPLIT_K=split, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     new_res = res_out if has_res else (x if prologue == "norm" else None)

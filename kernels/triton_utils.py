@@ -93,3 +93,22 @@ def check_index(name: str, t: torch.Tensor, ndim: int) -> None:
     if t.dim() != ndim or t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a {ndim}-d int32/int64 tensor, got {tuple(t.shape)} "
                          f"{t.dtype}")
+
+
+_COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def zeroed_counters(kernel: str, n: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros (at least n): the per-tile arrival counters of a kernel whose programs
+    count in with an atomic and whose last one folds the others' partials, then zeroes the
+    counter again. The kernel leaves them zero, so one buffer per (kernel, device) serves
+    every launch (the engine's forwards run one launch at a time on one stream). A buffer
+    that must grow inside a CUDA graph capture is made per launch (a memset in the graph)
+    instead of kept."""
+    buf = _COUNTERS.get((kernel, device))
+    if buf is None or buf.numel() < n:
+        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return fresh
+        buf = _COUNTERS[(kernel, device)] = fresh
+    return buf

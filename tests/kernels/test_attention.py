@@ -12,13 +12,13 @@ import torch
 
 from pdserve.kernels.attention import (
     _SM_COUNT,
-    _SPLIT_COUNTERS,
     _programs_per_head,
     decode_attention,
     decode_attention_ref,
     prefill_attention,
     prefill_attention_ref,
 )
+from pdserve.kernels.triton_utils import zeroed_counters
 from tests.kernels.paged import make_paged_batch, poisoned_outputs, rel_err, seed_for
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -88,7 +88,8 @@ def test_decode_attention(case, dtype, request):
     batch = make_paged_batch([1] * len(seq_lens), [s - 1 for s in seq_lens], hq, hkv, head_dim,
                              bs, dtype, "cpu", gen)
     check_decode(batch, dtype, TOL[dtype], split_size=split, block_n=bn)
-    assert not _SPLIT_COUNTERS[batch.q.device].any()  # the kernel leaves its counters zero
+    # the kernel leaves its counters zero
+    assert not zeroed_counters("decode_attention", 1, batch.q.device).any()
 
 
 def check_batch_independence(device: str, dtype: torch.dtype, head_dim: int, hq: int, hkv: int,
@@ -111,7 +112,7 @@ def check_batch_independence(device: str, dtype: torch.dtype, head_dim: int, hq:
                                  batch.block_tables[i:i + 1], batch.seq_lens[i:i + 1], 0.29, n,
                                  **kw)
         assert torch.equal(alone[0], together[i]), f"sequence {i} ({n} tokens)"
-    assert not _SPLIT_COUNTERS[batch.q.device].any()
+    assert not zeroed_counters("decode_attention", 1, batch.q.device).any()
 
 
 def test_decode_result_does_not_depend_on_the_batch(request):
@@ -220,4 +221,4 @@ def test_decode_batch_independence_and_repeats_gpu(request):
     for i in range(30):
         again = decode_attention(*args, split_size=64, programs_per_head=(16, 128, 1)[i % 3])
         assert torch.equal(again, first)
-    assert not _SPLIT_COUNTERS[batch.q.device].any()
+    assert not zeroed_counters("decode_attention", 1, batch.q.device).any()

@@ -36,13 +36,14 @@ def _inputs(device, dtype, m, n, k, prologue, with_residual, bias, request):
     ("norm", False, True), ("silu", False, False),
 ])
 @pytest.mark.parametrize("n,k", [(48, 64), (40, 200)])  # ragged N and K: masked tiles
+@pytest.mark.parametrize("split_k", [1, 3])  # 3: partials folded by the last program
 def test_linear_skinny_matches_unfused(device, dtype, m, prologue, with_residual, bias, n, k,
-                                       request):
+                                       split_k, request):
     x, w, b, res, nw = _inputs(device, dtype, m, n, k, prologue, with_residual, bias, request)
     x0 = x.clone()
     kw = dict(prologue=prologue, residual=res, norm_weight=nw, eps=1e-5)
     with poisoned_outputs():
-        y, new_res = linear_skinny(x, w, b, **kw, block_k=64)
+        y, new_res = linear_skinny(x, w, b, **kw, block_k=32, split_k=split_k)
     assert torch.equal(x, x0)  # inputs never written
     # the reference in fp32 on the same (rounded) inputs
     f = (lambda t: None if t is None else t.float())
@@ -87,3 +88,19 @@ def test_linear_fused_either_path_matches_the_composition(device, dtype, max_row
         from pdserve.kernels.norm import rms_norm
         torch.testing.assert_close(
             y, linear_skinny_ref(x, w, **kw, norm=rms_norm, silu=silu_and_mul)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,dtype", CPU)
+def test_split_k_is_deterministic_and_leaves_its_counters_zero(device, dtype, request):
+    """The last program of each tile folds the splits' partials in split order: repeated
+    calls give the same bits, and every tile's arrival counter is zero again after."""
+    from pdserve.kernels.triton_utils import zeroed_counters
+
+    x, w, b, res, nw = _inputs(device, dtype, 3, 40, 200, "norm", True, True, request)
+    kw = dict(prologue="norm", residual=res, norm_weight=nw, eps=1e-5, block_k=32, split_k=4)
+    y1, r1 = linear_skinny(x, w, b, **kw)
+    y2, r2 = linear_skinny(x, w, b, **kw)
+    assert torch.equal(y1, y2) and torch.equal(r1, r2)
+    assert not zeroed_counters("linear_skinny", 3, x.device).any()
+    want = linear_skinny_ref(x, w, b, prologue="norm", residual=res, norm_weight=nw, eps=1e-5)[0]
+    assert rel_err(y1, want) <= TOL[dtype]
