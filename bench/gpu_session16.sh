@@ -5,7 +5,8 @@
 #      copy (CONFIGS; PULL_TOKENS);
 #   2. a batch-32 decode step beside back-to-back 16k-token pulls, full grid and bounded-8
 #      (BESIDE_TOKENS; "" = skip);
-#   3. issue 16: the gpu-marked decode attention tests (compiled: bits equal at any spread);
+#   3. issue 16: the gpu-marked decode attention tests (compiled: bits equal at any spread;
+#      TESTS: other pytest arguments);
 #   4. the decode attention sweep (SWEEP_ARGS; SWEEP=0 skips) on this GPU;
 #   5. with BEFORE=<dir> (a `git archive` of an earlier commit in the tree) and/or SERVING=1:
 #      bench/serving_gpu.py from that tree, then from this one (SERVING_ARGS).
@@ -29,9 +30,10 @@ for tok in ${BESIDE_TOKENS-16384}; do
 done
 if [ "${SKIP_TESTS:-0}" = 0 ]; then
   echo "== 3. decode attention gpu tests ($(el))"
-  timeout 150 python3 -m pytest -p no:cacheprovider --import-mode=append -q -rfE -m gpu \
-    --timeout 120 tests/kernels/test_attention.py -k decode 2>&1 | tee "$OUT/gpu_tests.log" \
-    | tail -4
+  # shellcheck disable=SC2086  # TESTS: pytest arguments, word-split
+  timeout "${TESTS_TIMEOUT:-150}" python3 -m pytest -p no:cacheprovider --import-mode=append \
+    -q -rfE -m gpu --timeout 120 ${TESTS:-tests/kernels/test_attention.py -k decode} 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -6
 fi
 if [ "${SWEEP:-1}" != 0 ]; then
   echo "== 4. decode attention sweep ($(el))"

@@ -78,15 +78,16 @@ class Attention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        # rotate q and k, write k and v into the cache (one kernel on the GPU); k is cached only
-        q = ops.rotary_write_kv(q, k, v, positions, rope[0], rope[1], kv_cache, self.layer,
-                                meta.slot_mapping)
+        # rotate q and k, write k and v into the cache (k is cached only), attend: at decode
+        # one kernel on the GPU, at prefill the rotation + write kernel, then attention
         if meta.is_decode:
-            out = ops.decode_attention(
-                q, kv_cache, self.layer, meta.block_tables, meta.seq_lens, self.scale,
-                meta.max_seq_len,
+            out = ops.rotary_decode_attention(
+                q, k, v, positions, rope[0], rope[1], kv_cache, self.layer, meta.slot_mapping,
+                meta.block_tables, meta.seq_lens, self.scale, meta.max_seq_len,
             )
         else:
+            q = ops.rotary_write_kv(q, k, v, positions, rope[0], rope[1], kv_cache, self.layer,
+                                    meta.slot_mapping)
             out = ops.prefill_attention(
                 q, kv_cache, self.layer, meta.block_tables, meta.query_start_loc,
                 meta.seq_lens, self.scale, meta.max_query_len, meta.max_seq_len,

@@ -21,6 +21,7 @@ import math
 import torch
 
 from pdserve.kernels.attention_triton import _decode_attention_kernel, _prefill_attention_kernel
+from pdserve.kernels.rotary_kv import check_rotary_kv, rotary_write_kv_ref
 from pdserve.kernels.triton_utils import (
     check_device,
     check_index,
@@ -229,16 +230,26 @@ def decode_attention(
     seq_lens: torch.Tensor, scale: float, max_seq_len: int, *,
     split_size: int = DECODE_SPLIT_SIZE, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    programs_per_head: int | None = None,
+    programs_per_head: int | None = None, rotary: tuple | None = None,
 ) -> torch.Tensor:
     """Triton `decode_attention_ref` (same contract). Contexts are cut into fixed splits of
     `split_size` tokens (a multiple of the tile, block_n), merged in split order in the same
     kernel. split_size, block_n, num_warps and num_stages override the defaults (tests and
     bench/decode_attention_sweep.py use them; a caller must not vary them with the batch);
     programs_per_head overrides the launch's spread of each sequence's splits over programs
-    (the default follows the batch size; it never changes a result)."""
+    (the default follows the batch size; it never changes a result). `rotary` = (k, v,
+    positions, cos_cache, sin_cache, slot_mapping): q and the step's k are unrotated, and the
+    kernel does `rotary_write_kv`'s work first (`rotary_decode_attention`)."""
     group, block_size = _check_attention_inputs(q, kv_cache, layer, block_tables, seq_lens)
     B, num_heads, head_dim = q.shape
+    if rotary is not None:
+        k, v, positions, cos_cache, sin_cache, slot_mapping = rotary
+        check_rotary_kv(q, k, v, positions, cos_cache, sin_cache, kv_cache, layer, slot_mapping)
+        k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+        rot_args = (k, v, positions, slot_mapping, cos_cache, sin_cache)
+        rot_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0))
+    else:
+        rot_args, rot_strides = (q,) * 6, (0,) * 5
     bn, warps, stages = _decode_config(head_dim, q.dtype)
     bn = block_n or min(bn, split_size)
     check_power_of_two("block_n", bn)
@@ -263,11 +274,38 @@ def decode_attention(
     counters = zeroed_counters("decode_attention", B * num_kv_heads, q.device)
     group_pad = max(16, triton.next_power_of_2(group))  # a dot needs M >= 16
     _decode_attention_kernel[(B, num_kv_heads, per_head)](
-        q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, counters, scale * LOG2E,
+        q, kv, out, block_tables, seq_lens, part_m, part_l, part_acc, counters, *rot_args,
+        scale * LOG2E,
         *q.stride(), *kv.stride(), *out.stride(), *block_tables.stride(), *part_m.stride(),
-        GROUP=group, GROUP_PAD=group_pad, GROUP_R=triton.next_power_of_2(group),
+        *rot_strides, GROUP=group, GROUP_PAD=group_pad, GROUP_R=triton.next_power_of_2(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=bn, SPLIT_SIZE=split_size,
         MERGE_STEP=8, DOT_PRECISION=_dot_precision(q.dtype), ONE_PROGRAM=one,
-        num_warps=num_warps or warps, num_stages=num_stages or stages,
+        ROTARY=rotary is not None, num_warps=num_warps or warps, num_stages=num_stages or stages,
     )
     return out
+
+
+def rotary_decode_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    scale: float, max_seq_len: int,
+) -> torch.Tensor:
+    """A decode step's attention from its unrotated q/k/v: `rotary_write_kv_ref` (rotate q and
+    k, write k and v into their slots), then `decode_attention_ref`. Returns [B, Hq, D]."""
+    q = rotary_write_kv_ref(q, k, v, positions, cos_cache, sin_cache, kv_cache, layer,
+                            slot_mapping)
+    return decode_attention_ref(q, kv_cache, layer, block_tables, seq_lens, scale, max_seq_len)
+
+
+def rotary_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+    slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    scale: float, max_seq_len: int, **kw,
+) -> torch.Tensor:
+    """Triton `rotary_decode_attention_ref` (same contract), one launch: the decode kernel
+    with the rotation and the KV write fused in (its ROTARY mode). kw: decode_attention's
+    tile and spread overrides."""
+    return decode_attention(q, kv_cache, layer, block_tables, seq_lens, scale, max_seq_len,
+                            rotary=(k, v, positions, cos_cache, sin_cache, slot_mapping), **kw)

@@ -32,6 +32,10 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
   Both fold the same fp32 values in the same order with the same code (explicit FMAs, so the
   compiler cannot contract them differently), so a sequence's result depends on the split
   size (fixed) alone, never on its batch or on the launch's spread.
+  With ROTARY the kernel also does kernels/rotary_kv.py's work for the step's token (one
+  launch a layer fewer): every program rotates its group's query heads in registers, and
+  the program holding the last split rotates the token's key head and writes it and its
+  value head into the token's cache slot before its first tile load (a barrier orders them).
 """
 
 from __future__ import annotations
@@ -162,16 +166,19 @@ def _fold_split(m_run, l_run, acc_run, m_s, l_s, acc_s):
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, kv_ptr, out_ptr, bt_ptr, seq_lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, cnt_ptr,
+    k_ptr, v_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,  # ROTARY: the step's own k, v, rope
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_ckv, stride_cs, stride_ch, stride_cd,
     stride_ob, stride_oh, stride_od,
     stride_btb, stride_btn,
     stride_pb, stride_ph, stride_ps,  # partial m/l [B, Hq, S]; acc [B, Hq, S, HEAD_DIM] adds D
+    stride_kb, stride_kh, stride_vb, stride_vh, stride_cp,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_SIZE: tl.constexpr, MERGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_PROGRAM: tl.constexpr,  # one program per (sequence, KV head): fold in registers
+    ROTARY: tl.constexpr,  # q and the step's k unrotated: rotate both, write k and v first
 ):
     b = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -191,8 +198,32 @@ def _decode_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask_g = offs_g < GROUP
     heads = hkv * GROUP + offs_g
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=mask_g[:, None], other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_g[:, None],
+                other=0.0)  # [GROUP_PAD, HEAD_DIM]
+    if ROTARY:
+        # rotate-half in place of kernels/rotary.py's kernel, with the same fp32 products:
+        # element d pairs with d +- HALF; cos/sin rows of this token's position
+        pair = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * stride_cp + offs_d % (HEAD_DIM // 2))
+        sin = tl.load(sin_ptr + pos * stride_cp + offs_d % (HEAD_DIM // 2))
+        sin = tl.where(offs_d < HEAD_DIM // 2, -sin, sin)  # x1 cos - x2 sin | x2 cos + x1 sin
+        q_pair = tl.load(q_rows + pair[None, :] * stride_qd, mask=mask_g[:, None], other=0.0)
+        q = (q.to(tl.float32) * cos[None, :]
+             + q_pair.to(tl.float32) * sin[None, :]).to(q_ptr.dtype.element_ty)
+        if end == seq_len:  # the program holding the last split writes the step's K/V first
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            if slot >= 0:
+                k_row = k_ptr + b.to(tl.int64) * stride_kb + hkv * stride_kh
+                k_new = (tl.load(k_row + offs_d).to(tl.float32) * cos
+                         + tl.load(k_row + pair).to(tl.float32) * sin)
+                dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                       + hkv * stride_ch + offs_d * stride_cd)
+                tl.store(dst, k_new.to(kv_ptr.dtype.element_ty))
+                v_new = tl.load(v_ptr + b.to(tl.int64) * stride_vb + hkv * stride_vh + offs_d)
+                tl.store(dst + stride_ckv, v_new.to(kv_ptr.dtype.element_ty))
+            tl.debug_barrier()  # the stores are visible to this program's tile loads below
 
     k_base = kv_ptr + hkv * stride_ch + offs_d[None, :] * stride_cd
     v_base = k_base + stride_ckv

@@ -18,6 +18,8 @@ from pdserve.kernels.attention import (
     decode_attention_ref,
     prefill_attention,
     prefill_attention_ref,
+    rotary_decode_attention,
+    rotary_decode_attention_ref,
 )
 from pdserve.kernels.gemv import linear_fused, linear_skinny_ref
 from pdserve.kernels.kv_cache import write_kv, write_kv_ref
@@ -38,6 +40,8 @@ class KernelOps:
     rotary_write_kv: Callable  # rotary, then write_kv of the rotated k and v: one launch
     prefill_attention: Callable
     decode_attention: Callable
+    # a decode step's rotary_write_kv, then decode_attention (one launch on the GPU)
+    rotary_decode_attention: Callable
     silu_and_mul: Callable
     # a linear layer with its prologue fused ("none" | "norm": residual add + RMSNorm |
     # "silu": SiLU-and-mul): (y, new residual or None); see kernels/gemv.py
@@ -52,6 +56,7 @@ TORCH_OPS = KernelOps(
     rotary_write_kv=rotary_write_kv_ref,
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
+    rotary_decode_attention=rotary_decode_attention_ref,
     silu_and_mul=silu_and_mul_ref,
     linear=linear_skinny_ref,
 )
@@ -64,6 +69,7 @@ TRITON_OPS = KernelOps(
     rotary_write_kv=rotary_write_kv,
     prefill_attention=prefill_attention,
     decode_attention=decode_attention,
+    rotary_decode_attention=rotary_decode_attention,
     silu_and_mul=silu_and_mul,
     linear=linear_fused,
 )

@@ -59,13 +59,13 @@ def _rotary_write_kv_kernel(
                  mask=mask)
 
 
-def rotary_write_kv(
+def check_rotary_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton `rotary_write_kv_ref` (same contract; q, k, v may be strided views of a fused
-    qkv; the returned q is new)."""
+    """The checks of a rotary + KV write launch (here and in kernels/attention.py's decode
+    with the rotation fused in); returns the layer's [NB, 2, bs, Hkv, D] view of the cache."""
     check_device(q, k, v, positions, cos_cache, sin_cache, kv_cache, slot_mapping)
     check_index("positions", positions, 1)
     check_index("slot_mapping", slot_mapping, 1)
@@ -94,6 +94,19 @@ def rotary_write_kv(
     kv = kv_cache[:, layer]  # [NB, 2, bs, Hkv, D], a view
     if kv.stride(-1) != 1:
         raise ValueError("kv_cache's head_dim must be contiguous")
+    return kv
+
+
+def rotary_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Triton `rotary_write_kv_ref` (same contract; q, k, v may be strided views of a fused
+    qkv; the returned q is new)."""
+    kv = check_rotary_kv(q, k, v, positions, cos_cache, sin_cache, kv_cache, layer, slot_mapping)
+    T, num_heads, head_dim = q.shape
+    num_kv_heads, block_size, half = kv.shape[3], kv.shape[2], head_dim // 2
     q_in, k_in, v_in = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T:

@@ -17,7 +17,10 @@ from pdserve.kernels.attention import (
     decode_attention_ref,
     prefill_attention,
     prefill_attention_ref,
+    rotary_decode_attention,
+    rotary_decode_attention_ref,
 )
+from pdserve.kernels.rotary_kv import rotary_write_kv
 from pdserve.kernels.triton_utils import zeroed_counters
 from tests.kernels.paged import make_paged_batch, poisoned_outputs, rel_err, seed_for
 
@@ -222,3 +225,68 @@ def test_decode_batch_independence_and_repeats_gpu(request):
         again = decode_attention(*args, split_size=64, programs_per_head=(16, 128, 1)[i % 3])
         assert torch.equal(again, first)
     assert not zeroed_counters("decode_attention", 1, batch.q.device).any()
+
+
+def check_rotary_decode(device, dtype, head_dim, hq, hkv, bs, seq_lens, gen, spreads, exact,
+                        **kw):
+    """The decode kernel with the rotation and KV write fused in (ROTARY) against
+    `rotary_write_kv` then `decode_attention` on copies of one pool: the same output and the
+    same cache, bit for bit where `exact` (the interpreter), else within TOL, at every spread;
+    a padding row (slot -1) writes nothing; and the torch composition (the CPU path) within
+    TOL of the fp32 reference."""
+    batch = make_paged_batch([1] * len(seq_lens), [n - 1 for n in seq_lens], hq, hkv, head_dim,
+                             bs, dtype, device, gen)
+    B = len(seq_lens)
+    qkv = torch.randn(B, hq + 2 * hkv, head_dim, generator=gen).to(dtype).to(device)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # strided views, as the model's fused qkv
+    last = batch.seq_lens.cpu() - 1
+    tables = batch.block_tables.cpu()
+    slots = torch.stack([tables[b, last[b] // bs] * bs + last[b] % bs for b in range(B)])
+    slots[1] = -1  # a padding row: attends over what its slot already holds
+    slots = slots.to(device)
+    positions = last.to(device)
+    angles = torch.rand(int(last.max()) + 1, head_dim // 2, generator=gen) * 40
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    rope = (positions, cos, sin)
+    meta = (batch.block_tables, batch.seq_lens, 0.29, batch.max_seq_len)
+    split_cache = batch.kv_cache.clone()
+    q_rot = rotary_write_kv(q, k, v, *rope, split_cache, batch.layer, slots)
+    want = decode_attention(q_rot, split_cache, batch.layer, *meta, **kw)
+    qkv0 = qkv.clone()
+    for spread in spreads:
+        cache = batch.kv_cache.clone()
+        with poisoned_outputs():
+            out = rotary_decode_attention(q, k, v, *rope, cache, batch.layer, slots, *meta,
+                                          programs_per_head=spread, **kw)
+        assert torch.equal(qkv, qkv0)  # inputs never written
+        if exact:
+            assert torch.equal(out, want), f"spread {spread}"
+            assert torch.equal(cache, split_cache), f"spread {spread}"
+        else:
+            assert rel_err(out, want) <= TOL[dtype], f"spread {spread}"
+            torch.testing.assert_close(cache, split_cache, rtol=TOL[dtype], atol=TOL[dtype])
+        # [NB, bs, Hkv]: the (slot, KV head)s written, one per head of each real row; the
+        # padding row's slot untouched
+        changed = (cache != batch.kv_cache).any(-1).any(2).any(1)
+        assert int(changed.sum()) == (B - 1) * hkv
+    ref_cache = batch.kv_cache.float()
+    ref = rotary_decode_attention_ref(q.float(), k.float(), v.float(), *rope, ref_cache,
+                                      batch.layer, slots, *meta)
+    assert rel_err(want, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES[1:4], ids=lambda c: f"d{c[0]}-g{c[1] // c[2]}-bs{c[3]}")
+def test_rotary_decode_attention_equals_the_two_kernels(case, dtype, request):
+    head_dim, hq, hkv, bs, seq_lens, split, bn = case
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    check_rotary_decode("cpu", dtype, head_dim, hq, hkv, bs, seq_lens, gen, [1, 2, 3],
+                        exact=True, split_size=split, block_n=bn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_rotary_decode_attention_gpu(dtype, request):
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    check_rotary_decode("cuda", dtype, 128, 32, 8, 16, [1, 17, 513, 1030, 4000, 256], gen,
+                        [1, 2, 5], exact=False)

@@ -24,6 +24,6 @@ def test_backend_choice(monkeypatch):
 
 def test_tables_are_complete():
     for field in ("rms_norm", "rotary", "write_kv", "rotary_write_kv", "prefill_attention",
-                  "decode_attention", "silu_and_mul"):
+                  "decode_attention", "rotary_decode_attention", "silu_and_mul"):
         ref, ours = getattr(TORCH_OPS, field), getattr(TRITON_OPS, field)
         assert ref.__name__ == f"{field}_ref" and ours.__name__ == field
