@@ -25,8 +25,11 @@ summed with FMAs).
 `linear_fused` (the Triton ops' linear) takes the skinny kernel up to `SKINNY_MAX_ROWS` rows.
 That is 0 for now: on an H100 (bench/gemv_sweep.py, BENCHMARKS.md session 11) cuBLAS read the
 weights 1.2-4x faster than the first version of this kernel (one program walking all of K)
-at 1-32 rows, and a decode step at batch 1 took 9.62 ms with it against 6.10 without. The
-split of K is the retry (session 17).
+at 1-32 rows, and a decode step at batch 1 took 9.62 ms with it against 6.10 without. With K
+split over programs (session 17, same card) the best config per projection is on par at one
+row (qkv 0.97x, o_proj 1.02x, gate_up 0.89x, down 1.01x, the prologue launch included) and
+0.26-0.92x at 32 rows (the dot path), so it stays off; tuning it further would win at most
+the ~0.2 ms of small launches a batch-1 step spends around the GEMMs.
 """
 
 from __future__ import annotations
