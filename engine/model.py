@@ -25,6 +25,7 @@ from torch import nn
 
 from pdserve.engine.model_config import ModelConfig
 from pdserve.engine.rope import cos_sin_cache
+from pdserve.kernels.attention import dense_prefill_wanted
 from pdserve.kernels.ops import KernelOps
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor | None
     max_query_len: int
     max_seq_len: int
+    # prefill of fresh sequences only (each chunk from position 0): their lengths, on the
+    # host (the step may take dense_prefill_attention); None otherwise
+    fresh_lens: tuple[int, ...] | None = None
 
 
 class Attention(nn.Module):
@@ -85,6 +89,11 @@ class Attention(nn.Module):
                 q, k, v, positions, rope[0], rope[1], kv_cache, self.layer, meta.slot_mapping,
                 meta.block_tables, meta.seq_lens, self.scale, meta.max_seq_len,
             )
+        elif ops.dense_prefill_attention is not None and dense_prefill_wanted(meta.fresh_lens,
+                                                                               q.device):
+            q, k = ops.rotary_write_kv(q, k, v, positions, rope[0], rope[1], kv_cache,
+                                       self.layer, meta.slot_mapping, return_k=True)
+            out = ops.dense_prefill_attention(q, k, v, meta.fresh_lens, self.scale)
         else:
             q = ops.rotary_write_kv(q, k, v, positions, rope[0], rope[1], kv_cache, self.layer,
                                     meta.slot_mapping)

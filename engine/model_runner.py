@@ -210,6 +210,8 @@ class ModelRunner:
             query_start_loc=None if is_decode else t(starts),
             max_query_len=max(len(c.token_ids) for c in chunks),
             max_seq_len=max(seq_lens),
+            fresh_lens=None if is_decode or any(c.start_pos for c in chunks)
+            else tuple(len(c.token_ids) for c in chunks),
         )
         return t(input_ids), t(positions), meta, t(logit_rows)
 

@@ -16,6 +16,7 @@ from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pdserve.kernels.attention import (
     decode_attention,
     decode_attention_ref,
+    dense_prefill_attention,
     prefill_attention,
     prefill_attention_ref,
     rotary_decode_attention,
@@ -42,6 +43,9 @@ class KernelOps:
     decode_attention: Callable
     # a decode step's rotary_write_kv, then decode_attention (one launch on the GPU)
     rotary_decode_attention: Callable
+    # fresh prompts' attention over their own k/v, torch's SDPA (attention.py), where
+    # dense_prefill_wanted says so; None: always prefill_attention (the CPU references)
+    dense_prefill_attention: Callable | None
     silu_and_mul: Callable
     # a linear layer with its prologue fused ("none" | "norm": residual add + RMSNorm |
     # "silu": SiLU-and-mul): (y, new residual or None); see kernels/gemv.py
@@ -57,6 +61,7 @@ TORCH_OPS = KernelOps(
     prefill_attention=prefill_attention_ref,
     decode_attention=decode_attention_ref,
     rotary_decode_attention=rotary_decode_attention_ref,
+    dense_prefill_attention=None,
     silu_and_mul=silu_and_mul_ref,
     linear=linear_skinny_ref,
 )
@@ -70,6 +75,7 @@ TRITON_OPS = KernelOps(
     prefill_attention=prefill_attention,
     decode_attention=decode_attention,
     rotary_decode_attention=rotary_decode_attention,
+    dense_prefill_attention=dense_prefill_attention,
     silu_and_mul=silu_and_mul,
     linear=linear_fused,
 )

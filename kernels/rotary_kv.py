@@ -23,29 +23,33 @@ from pdserve.kernels.triton_utils import check_device, check_index, check_power_
 def rotary_write_kv_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-    slot_mapping: torch.Tensor,
-) -> torch.Tensor:
+    slot_mapping: torch.Tensor, return_k: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [T, Hq, D], k/v [T, Hkv, D]: rotate q and k by `positions`, write the rotated k and
-    v of `layer` into their slots (slots < 0 skipped); returns the rotated q."""
+    v of `layer` into their slots (slots < 0 skipped); returns the rotated q (return_k: and
+    the rotated k, for an attention that reads k from memory rather than the cache)."""
     q, k = rotary_ref(q, k, positions, cos_cache, sin_cache)
     write_kv_ref(kv_cache, layer, k, v, slot_mapping)
-    return q
+    return (q, k) if return_k else q
 
 
 @triton.jit
 def _rotary_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, q_out_ptr, kv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, kv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_qot, stride_qoh, stride_cp,
+    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cp,
     stride_cb, stride_ckv, stride_cs, stride_ch,  # kv_ptr: the layer's [NB, 2, bs, Hkv, D]
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, K_OUT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _rotate_token_q(q_ptr, q_out_ptr, pos_ptr, cos_ptr, sin_ptr, t, stride_qt,
                                stride_qh, stride_qot, stride_qoh, stride_cp, NUM_Q_HEADS,
                                Q_HEADS_PAD, HALF)
+    if K_OUT:  # the rotated k to memory too (every token, padding ones included)
+        _rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * stride_kot, stride_kh, stride_koh,
+                      cos, sin, NUM_KV_HEADS, KV_HEADS_PAD, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:  # a padding token (slot < 0): its q is rotated (the caller drops it) only
         dst = kv_ptr + (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
@@ -100,24 +104,26 @@ def check_rotary_kv(
 def rotary_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor, kv_cache: torch.Tensor, layer: int,
-    slot_mapping: torch.Tensor,
-) -> torch.Tensor:
+    slot_mapping: torch.Tensor, return_k: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton `rotary_write_kv_ref` (same contract; q, k, v may be strided views of a fused
-    qkv; the returned q is new)."""
+    qkv; the returned q, and k with return_k, are new)."""
     kv = check_rotary_kv(q, k, v, positions, cos_cache, sin_cache, kv_cache, layer, slot_mapping)
     T, num_heads, head_dim = q.shape
     num_kv_heads, block_size, half = kv.shape[3], kv.shape[2], head_dim // 2
     q_in, k_in, v_in = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device) if return_k else q_out
     if T:
         _rotary_write_kv_kernel[(T,)](
-            q_in, k_in, v_in, q_out, kv, positions, slot_mapping, cos_cache, sin_cache,
+            q_in, k_in, v_in, q_out, k_out, kv, positions, slot_mapping, cos_cache, sin_cache,
             q_in.stride(0), q_in.stride(1), k_in.stride(0), k_in.stride(1),
             v_in.stride(0), v_in.stride(1), q_out.stride(0), q_out.stride(1),
+            k_out.stride(0), k_out.stride(1),
             cos_cache.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
             NUM_Q_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
             Q_HEADS_PAD=triton.next_power_of_2(num_heads),
             KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), HALF=half,
-            BLOCK_SIZE=block_size, num_warps=4,
+            BLOCK_SIZE=block_size, K_OUT=return_k, num_warps=4,
         )
-    return q_out
+    return (q_out, k_out) if return_k else q_out

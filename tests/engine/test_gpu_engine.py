@@ -36,6 +36,31 @@ def test_fp32_gpu_greedy_equals_cpu(tiny_checkpoint, arch, eager):
     assert greedy(gpu_parts, prompts) == cpu
 
 
+def test_fp32_dense_prefill_greedy_equals_cpu(tiny_checkpoint, monkeypatch):
+    """Fresh prompts' prefill through torch's SDPA (`dense_prefill_attention`; its length
+    threshold lowered to fit the tiny model's 512 positions): the same greedy tokens as the
+    CPU engine, and the dense path was taken."""
+    import pdserve.engine.model as model_mod
+    from pdserve.kernels import attention
+
+    monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_LEN", 64)
+    taken = []
+
+    def wanted(lens, device):
+        taken.append(attention.dense_prefill_wanted(lens, device))
+        return taken[-1]
+
+    monkeypatch.setattr(model_mod, "dense_prefill_wanted", wanted)
+    path = tiny_checkpoint("llama3")
+    prompts = random_prompts([100, 300, 17], 512, seed=42)
+    cpu = greedy(make_engine_parts(path), prompts)
+    assert not any(taken)  # the CPU path never takes it
+    gpu = greedy(make_engine_parts(path, device="cuda", dtype="float32", max_num_seqs=16),
+                 prompts)
+    assert any(taken)
+    assert gpu == cpu
+
+
 def test_sampled_tokens_equal_on_cpu_and_gpu(tiny_checkpoint):
     """Seeded sampling in fp32: the same uniforms on both devices give the same tokens
     (up to exact probability ties, which random logits do not produce)."""

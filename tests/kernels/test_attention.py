@@ -15,6 +15,7 @@ from pdserve.kernels.attention import (
     _programs_per_head,
     decode_attention,
     decode_attention_ref,
+    dense_prefill_attention,
     prefill_attention,
     prefill_attention_ref,
     rotary_decode_attention,
@@ -290,3 +291,41 @@ def test_rotary_decode_attention_gpu(dtype, request):
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     check_rotary_decode("cuda", dtype, 128, 32, 8, 16, [1, 17, 513, 1030, 4000, 256], gen,
                         [1, 2, 5], exact=False)
+
+
+def check_dense_prefill(device, dtype, lens, hq, hkv, head_dim, gen, tol):
+    """Fresh sequences (no context): `dense_prefill_attention` over the step's own k/v (read
+    out of a paged pool here, v as a strided view) against the paged kernel's reference on
+    that pool, and against the paged Triton kernel."""
+    batch = make_paged_batch(lens, [0] * len(lens), hq, hkv, head_dim, 16, dtype, device, gen)
+    tables, bs = batch.block_tables.cpu(), 16
+    rows = [int(tables[b, p // bs]) * bs + p % bs for b, n in enumerate(lens) for p in range(n)]
+    plane = batch.kv_cache[:, batch.layer].transpose(1, 2).reshape(-1, 2, hkv, head_dim)
+    kv = plane[torch.tensor(rows, device=device)]  # [T, 2, Hkv, D]: the tokens' own K/V
+    k, v = kv[:, 0].contiguous(), kv[:, 1]
+    with poisoned_outputs():
+        out = dense_prefill_attention(batch.q, k, v, tuple(lens), 0.37)
+    args = (batch.kv_cache, batch.layer, batch.block_tables, batch.query_start_loc,
+            batch.seq_lens, 0.37, batch.max_query_len, batch.max_seq_len)
+    ref = prefill_attention_ref(batch.q.float(), batch.kv_cache.float(), *args[1:])
+    assert out.dtype == dtype and out.shape == batch.q.shape
+    assert rel_err(out, ref) <= tol
+    if device == "cuda":
+        assert rel_err(out, prefill_attention(batch.q, *args)) <= tol
+
+
+def test_dense_prefill_attention_matches_the_paged_reference(request):
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    check_dense_prefill("cpu", torch.float32, [5, 17, 40, 1], 8, 2, 32, gen, TOL[torch.float32])
+    check_dense_prefill("cpu", torch.float32, [33], 4, 4, 16, gen, TOL[torch.float32])
+    q = torch.zeros(10, 4, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        dense_prefill_attention(q, q[:, :2], q[:, :2], (4, 5), 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_dense_prefill_attention_gpu(dtype, request):
+    gen = torch.Generator().manual_seed(seed_for(request.node.name))
+    check_dense_prefill("cuda", dtype, [1024, 600, 3000], 32, 8, 128, gen, TOL[dtype])
+    check_dense_prefill("cuda", dtype, [8192], 32, 8, 128, gen, TOL[dtype])

@@ -128,6 +128,14 @@ def test_rotary_write_kv(device, dtype, num_heads, num_kv_heads, head_dim, block
     assert q_out.dtype == dtype and q_out.shape == q.shape
     torch.testing.assert_close(q_out, q_rot, rtol=0, atol=0)
     torch.testing.assert_close(cache, split_cache, rtol=0, atol=0, equal_nan=True)
+    # return_k: the rotated k to memory too (dense prefill reads it there), the same bits
+    k_cache = torch.full_like(cache, float("nan"))
+    q_k, k_k = rotary_write_kv(q, k, v, positions, cos, sin, k_cache, 2, slots, return_k=True)
+    assert torch.equal(q_k, q_rot) and torch.equal(k_k, k_rot)
+    torch.testing.assert_close(k_cache, split_cache, rtol=0, atol=0, equal_nan=True)
+    q_r, k_r = rotary_write_kv_ref(q, k, v, positions, cos, sin, k_cache.clone(), 2, slots,
+                                   return_k=True)
+    assert torch.equal(k_r, rotary_ref(q, k, positions, cos, sin)[1])
     # the fp32 reference: the same slots written (all others NaN), values within TOL
     want_cache = torch.full(cache.shape, float("nan"), dtype=torch.float32, device=device)
     q_want = rotary_write_kv_ref(q.float(), k.float(), v.float(), positions, cos, sin,

@@ -49,3 +49,31 @@ def test_triton_engine_matches_torch_engine(tmp_path):
     worst = (got - want).abs().max().item()
     assert worst <= 1e-4, f"max |logits(triton) - logits(torch)| = {worst:.2e}"
     assert tokens == want_tokens
+
+
+@pytest.mark.timeout(300)
+def test_dense_prefill_in_the_engine_matches_the_torch_engine(tmp_path, monkeypatch):
+    """The Triton ops with fresh prompts' prefill through `dense_prefill_attention` (forced on
+    here: on its own it runs on CUDA only) give the torch ops' logits and tokens."""
+    import pdserve.engine.model as model_mod
+
+    taken = []
+
+    def wanted(lens, device):
+        taken.append(lens)
+        return lens is not None
+
+    path = make_tiny_checkpoint(tmp_path / "tiny", arch="llama", num_hidden_layers=1)
+    results = {}
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            monkeypatch.setattr(model_mod, "dense_prefill_wanted", wanted)
+        parts = build_engine(EngineConfig(model=str(path), device="cpu", kernel_backend=backend,
+                                          num_gpu_blocks_override=64), progress=False)
+        prompts = random_prompts(PROMPT_LENS, vocab=parts.model_config.vocab_size, seed=12)
+        results[backend] = run_steps(parts, prompts)
+    assert tuple(PROMPT_LENS) in taken  # the batched prefill took the dense path
+    (want_tokens, want), (tokens, got) = results["torch"], results["triton"]
+    worst = (got - want).abs().max().item()
+    assert worst <= 1e-4, f"max |logits(triton, dense) - logits(torch)| = {worst:.2e}"
+    assert tokens == want_tokens
