@@ -287,19 +287,21 @@ def decode_attention(
 
 
 # Fresh prompts (every sequence from position 0, nothing cached before it) can skip the paged
-# kernel: their K/V is the step's own, contiguous in memory, so torch's SDPA runs on it (on
-# Hopper its cuDNN kernel: 242 / 525 / 563 TFLOP/s at 1k / 4k / 16k keys against the paged
-# kernel's 184 / 362 / 405 on an H100, BENCHMARKS.md session 10). Only for steps of a few
-# long sequences: one SDPA call per sequence, and short ones spend little in attention.
+# kernel: their K/V is the step's own, contiguous in memory, so torch's SDPA can run on it (on
+# Hopper its cuDNN kernel). One layer on an H100 (bench/prefill_paths.py, BENCHMARKS.md session
+# 17), dense time / paged time: 8 x 1k 2.06, 4 x 2k 1.05, 2 x 4k 0.83, 1 x 8k 0.73, 1 x 16k
+# 0.65. So a step takes it when every sequence has 2k tokens or more and one 4k or more
+# (at most 16: one SDPA call each).
 DENSE_PREFILL_MAX_SEQS = 16
-DENSE_PREFILL_MIN_LEN = 512
+DENSE_PREFILL_MIN_EACH = 2048
+DENSE_PREFILL_MIN_LEN = 4096
 
 
 def dense_prefill_wanted(lens: tuple[int, ...] | None, device: torch.device) -> bool:
     """Whether a prefill step of fresh sequences of `lens` tokens (None: not all fresh)
     takes `dense_prefill_attention` (CUDA only: the CPU path stays the references)."""
     return (lens is not None and device.type == "cuda" and 0 < len(lens) <= DENSE_PREFILL_MAX_SEQS
-            and max(lens) >= DENSE_PREFILL_MIN_LEN)
+            and min(lens) >= DENSE_PREFILL_MIN_EACH and max(lens) >= DENSE_PREFILL_MIN_LEN)
 
 
 def dense_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -38,12 +38,13 @@ def test_fp32_gpu_greedy_equals_cpu(tiny_checkpoint, arch, eager):
 
 def test_fp32_dense_prefill_greedy_equals_cpu(tiny_checkpoint, monkeypatch):
     """Fresh prompts' prefill through torch's SDPA (`dense_prefill_attention`; its length
-    threshold lowered to fit the tiny model's 512 positions): the same greedy tokens as the
+    thresholds lowered to fit the tiny model's 512 positions): the same greedy tokens as the
     CPU engine, and the dense path was taken."""
     import pdserve.engine.model as model_mod
     from pdserve.kernels import attention
 
     monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_LEN", 64)
+    monkeypatch.setattr(attention, "DENSE_PREFILL_MIN_EACH", 16)
     taken = []
 
     def wanted(lens, device):

@@ -329,3 +329,15 @@ def test_dense_prefill_attention_gpu(dtype, request):
     gen = torch.Generator().manual_seed(seed_for(request.node.name))
     check_dense_prefill("cuda", dtype, [1024, 600, 3000], 32, 8, 128, gen, TOL[dtype])
     check_dense_prefill("cuda", dtype, [8192], 32, 8, 128, gen, TOL[dtype])
+
+
+def test_dense_prefill_is_taken_by_long_fresh_steps_on_cuda_only():
+    from pdserve.kernels.attention import dense_prefill_wanted
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert dense_prefill_wanted((8192,), cuda) and dense_prefill_wanted((4096, 2048), cuda)
+    assert not dense_prefill_wanted((8192,), cpu)  # the CPU path stays the references
+    assert not dense_prefill_wanted(None, cuda)  # a step with cached context
+    assert not dense_prefill_wanted((1024,) * 8, cuda)  # short: the paged kernel is faster
+    assert not dense_prefill_wanted((8192, 100), cuda)  # a short one beside a long one
+    assert not dense_prefill_wanted((4096,) * 17, cuda)  # one SDPA call per sequence
