@@ -7,6 +7,7 @@
 #   2. issue 24: a batch-32 decode step beside back-to-back 16k-token pulls (gather, bounded-8);
 #   3. issue 16: bench/serving_gpu.py, median of 3 runs with the per-kernel profile
 #      (SERVING_ARGS), and with BEFORE=<dir> the same from that tree first.
+# BESIDE=0 skips step 2, SERVING=0 step 3 (a short call: the pulls alone only).
 # Usage (repo root, on the lent machine; carry [".whl"]): bash bench/gpu_session17b.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,12 @@ for tok in 4096 16384; do
     --reps 15 --methods "," --alone-configs "tpp=8,stream=1;stream=1;tpp=4" 2>&1 \
     | tee "$OUT/pull$tok.log" | tail -7
 done
-echo "== 2. decode step beside 16k-token pulls ($(el))"
-timeout 150 python3 bench/pull_beside_decode.py --out "$OUT/beside" --tokens 16384 \
-  --methods gather,bounded-8 2>&1 | tee "$OUT/beside.log" | tail -5
+if [ "${BESIDE:-1}" != 0 ]; then
+  echo "== 2. decode step beside 16k-token pulls ($(el))"
+  timeout 150 python3 bench/pull_beside_decode.py --out "$OUT/beside" --tokens 16384 \
+    --methods gather,bounded-8 2>&1 | tee "$OUT/beside.log" | tail -5
+fi
+[ "${SERVING:-1}" = 0 ] && { echo "== done in $(el)"; exit 0; }
 if [ -n "${BEFORE:-}" ]; then
   echo "== 3a. serving_gpu.py, before ($BEFORE) ($(el))"
   mkdir -p "$OUT/before"
