@@ -13,32 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 
-from pdserve.kernels.attention import dense_prefill_attention, prefill_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_transfer import event_ms  # noqa: E402 - the benches' CUDA-event timer
+from pdserve.kernels.attention import dense_prefill_attention, prefill_attention  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DTYPE = torch.bfloat16  # --dtype float32: the CPU smoke test (the interpreter's bf16 dot is off)
 
 
-def timed_us(fn, reps: int = 10) -> float:
-    if not torch.cuda.is_available():
+def timed_us(fn, dev: torch.device, reps: int = 10) -> float:
+    """Median µs of fn() between CUDA events, after 3 calls (nan off CUDA: a smoke test)."""
+    if dev.type != "cuda":
         fn()
         return float("nan")
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
+    return event_ms(fn, dev, reps) * 1e3
 
 
 def measure(shape: str, dev: torch.device, gen: torch.Generator) -> dict:
@@ -70,7 +63,7 @@ def measure(shape: str, dev: torch.device, gen: torch.Generator) -> dict:
 
     err = ((dense().float() - paged().float()).norm() / paged().float().norm()).item()
     flops = 4 * n_seq * length * length / 2 * HQ * D
-    r = {"shape": shape, "paged_us": timed_us(paged), "dense_us": timed_us(dense),
+    r = {"shape": shape, "paged_us": timed_us(paged, dev), "dense_us": timed_us(dense, dev),
          "rel_err": err}
     r["paged_tflops"] = flops / r["paged_us"] / 1e6
     r["dense_tflops"] = flops / r["dense_us"] / 1e6
