@@ -177,16 +177,18 @@ _SM_COUNT: dict[torch.device, int] = {}
 
 def _programs_per_head(rows: int, max_splits: int, device: torch.device) -> int:
     """Programs that share one (sequence, KV head)'s splits: one once the batch's `rows`
-    (sequences x KV heads) give every SM a program (it then folds its splits in registers:
-    on an H100 at batch 32, 91% of the copy rate against 81% with two programs per head,
-    BENCHMARKS.md session 16), else enough for about two programs per SM. Any value gives
-    the same bits (the kernel's docstring)."""
+    (sequences x KV heads) give most SMs (7/8) a program (it then folds its splits in
+    registers: on an H100 at batch 32, 91% of the copy rate against 81% with two programs per
+    head, BENCHMARKS.md session 16; at batch 16, 128 rows on 132 SMs, 30.1 µs a call against
+    32.0 with three, session 17), else enough for about two programs per SM (batch 8, 64
+    rows: 18.7 µs with five against 25.6 with one). Any value gives the same bits (the
+    kernel's docstring)."""
     if device.type != "cuda":
         return min(max_splits, 4)  # the interpreter: a few, so the tests share splits
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     sms = _SM_COUNT[device]
-    if rows >= sms:
+    if 8 * rows >= 7 * sms:
         return 1
     return max(1, min(max_splits, -(-2 * sms // rows)))
 

@@ -155,14 +155,17 @@ def test_launchers_refuse_bad_shapes():
 
 def test_spread_is_one_program_per_head_once_the_rows_fill_the_sms(monkeypatch):
     """The launcher's choice on a GPU (no GPU needed: the SM count is looked up once per
-    device): one program per (sequence, KV head) as soon as the batch's rows give every SM
-    one (its splits fold in registers), about two programs per SM below that, never more
+    device): one program per (sequence, KV head) as soon as the batch's rows give 7/8 of the
+    SMs one (its splits fold in registers), about two programs per SM below that, never more
     than the splits. On the interpreter a few, so the tests exercise shared heads."""
     gpu = torch.device("cuda", 7)
     monkeypatch.setitem(_SM_COUNT, gpu, 132)
     assert _programs_per_head(8, 32, gpu) == 32  # capped by the 32 splits
     assert _programs_per_head(8, 64, gpu) == 33  # batch 1 at 8 KV heads: ceil(264 / 8)
-    assert _programs_per_head(128, 32, gpu) == 3  # batch 16: 128 rows < 132 SMs
+    assert _programs_per_head(64, 32, gpu) == 5  # batch 8: ceil(264 / 64)
+    assert _programs_per_head(115, 32, gpu) == 3  # under 7/8 of the SMs
+    assert _programs_per_head(116, 32, gpu) == 1  # 7/8 of 132 SMs: one program per head
+    assert _programs_per_head(128, 32, gpu) == 1  # batch 16
     assert _programs_per_head(132, 32, gpu) == 1  # the rows fill the SMs
     assert _programs_per_head(256, 32, gpu) == 1  # batch 32
     assert _programs_per_head(2048, 32, gpu) == 1  # batch 256
