@@ -149,6 +149,10 @@ def test_workers_join_drain_and_leave_under_64_streams(tmp_path: Path) -> None:
             urls["C"] = c_url
             await asyncio.to_thread(wait_for, "C taking requests",
                                     lambda: listed(proxy).get("C", {}).get("active", 0) > 0, 120.0, tmp_path)
+            # C, empty, takes the next requests until its load matches B's, so B may just
+            # have finished its last stream (as A above): SIGTERM it while it holds some
+            await asyncio.to_thread(wait_for, "B holding streams",
+                                    lambda: listed(proxy)["B"]["active"] >= 1, 30.0, tmp_path)
             times["b_active_at_sigterm"] = listed(proxy)["B"]["active"]
             b.send_signal(signal.SIGTERM)  # B drains itself
             await asyncio.to_thread(wait_for, "B saying it drains",
