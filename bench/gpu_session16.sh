@@ -17,12 +17,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source bench/gpu_setup.sh
 # DEFAULT_GATHER (tpp=8, streaming) named first: an empty spec is no config
 CONFIGS=${CONFIGS:-"tpp=8,stream=1;tpp=4;stream=1;tile=65536,tpp=2,stream=1"}
-for tok in ${PULL_TOKENS:-4096 16384}; do
-  echo "== 1. $tok-token pulls alone ($(el))"
-  timeout "${PULL_TIMEOUT:-90}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
-    --tokens "$tok" --reps "${REPS:-7}" --methods "," --alone-configs "$CONFIGS" 2>&1 \
-    | tee "$OUT/pull$tok.log" | tail -10
-done
+# shellcheck disable=SC2086  # PULL_TOKENS: token counts, word-split
+pulls_alone "${REPS:-7}" "${PULL_TIMEOUT:-90}" ${PULL_TOKENS:-4096 16384}
 for tok in ${BESIDE_TOKENS-16384}; do
   echo "== 2. decode step beside $tok-token pulls ($(el))"
   timeout "${BESIDE_TIMEOUT:-150}" python3 bench/pull_beside_decode.py --out "$OUT/beside$tok" \

@@ -13,12 +13,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source bench/gpu_setup.sh
 CONFIGS=${CONFIGS:-"tpp=8,stream=1;stream=1;tpp=4"}
-for tok in ${PULL_TOKENS-4096 16384}; do
-  echo "== 1. $tok-token pulls alone ($(el))"
-  timeout "${PULL_TIMEOUT:-90}" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" \
-    --tokens "$tok" --reps "${REPS:-15}" --methods "," --alone-configs "$CONFIGS" 2>&1 \
-    | tee "$OUT/pull$tok.log" | tail -7
-done
+# shellcheck disable=SC2086  # PULL_TOKENS: token counts, word-split
+pulls_alone "${REPS:-15}" "${PULL_TIMEOUT:-90}" ${PULL_TOKENS-4096 16384}
 if [ "${GEMV:-1}" != 0 ]; then
   echo "== 2. skinny linear sweep ($(el))"
   # shellcheck disable=SC2086  # GEMV_ARGS: arguments, word-split

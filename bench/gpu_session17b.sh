@@ -17,12 +17,8 @@ if [[ "$card" != *H200* ]] && [ "${ANY_CARD:-0}" = 0 ]; then
   echo "card: $card (not an H200): nothing run"; exit 0
 fi
 source bench/gpu_setup.sh
-for tok in 4096 16384; do
-  echo "== 1. $tok-token pulls alone ($(el))"
-  timeout 90 python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" --tokens "$tok" \
-    --reps 15 --methods "," --alone-configs "tpp=8,stream=1;stream=1;tpp=4" 2>&1 \
-    | tee "$OUT/pull$tok.log" | tail -7
-done
+CONFIGS="tpp=8,stream=1;stream=1;tpp=4"
+pulls_alone 15 90 4096 16384
 if [ "${BESIDE:-1}" != 0 ]; then
   echo "== 2. decode step beside 16k-token pulls ($(el))"
   timeout 150 python3 bench/pull_beside_decode.py --out "$OUT/beside" --tokens 16384 \

@@ -2,9 +2,22 @@
 # $OUT set: the environment every step shares, the machine's facts to $OUT/machine.txt, the
 # carried wheels (.whl/, scripts/gpu_wheels.sh) installed, and this checkout installed
 # editable (the pdserve.* namespace maps the top-level folders). `el` prints the seconds since
-# it was sourced (the call's clock, for each step's banner).
+# it was sourced (the call's clock, for each step's banner); `pulls_alone` runs issue 24's
+# pulls without an engine.
 start=$(date +%s)
 el() { echo "+$(( $(date +%s) - start )) s"; }
+# Issue 24's pulls alone (no engine), the full-grid cuts in $CONFIGS beside the same-run copy:
+# pulls_alone REPS SECONDS TOKENS... (bench/pull_beside_decode.py --methods ",", one run each)
+pulls_alone() {
+  local reps=$1 limit=$2 tok
+  shift 2
+  for tok in "$@"; do
+    echo "== $tok-token pulls alone ($(el))"
+    timeout "$limit" python3 bench/pull_beside_decode.py --out "$OUT/pull$tok" --tokens "$tok" \
+      --reps "$reps" --methods "," --alone-configs "$CONFIGS" 2>&1 | tee "$OUT/pull$tok.log" \
+      | tail -10
+  done
+}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # NVLink multicast stays off on shared multi-GPU hosts (KINDS.md); children inherit these
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
