@@ -301,6 +301,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-prefill", action="store_true", help="decode steps only")
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="ranks (GPUs --device.. on): the engine sharded over them")
     ap.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
@@ -309,6 +310,9 @@ def main() -> None:
                     help="decode linears of up to this many rows through the fused split-K "
                     "kernel (kernels/gemv.py SKINNY_MAX_ROWS; default: its value; this "
                     "process only, so tp 1)")
+    ap.add_argument("--skinny-pdl", action="store_true",
+                    help="the skinny linears and the decode attention between them as "
+                    "programmatic dependents (kernels/gemv.py SKINNY_PDL)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -332,6 +336,8 @@ def main() -> None:
     if args.skinny_max_rows is not None:
         gemv.SKINNY_MAX_ROWS = args.skinny_max_rows
     results["skinny_max_rows"] = gemv.SKINNY_MAX_ROWS
+    gemv.SKINNY_PDL = gemv.SKINNY_PDL or args.skinny_pdl
+    results["skinny_pdl"] = gemv.SKINNY_PDL
     results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
     results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()
@@ -367,7 +373,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
 
     # ---- prefill (runner level) ------------------------------------------------------------
-    for name, batch, length in (("8x1k", 8, 1024), ("1x8k", 1, 8192)):
+    for name, batch, length in () if args.no_prefill else (("8x1k", 8, 1024), ("1x8k", 1, 8192)):
         length = min(length, parts.max_model_len - 1)
         prompts = [torch.randint(5, vocab - 1, (length,), generator=gen).tolist()
                    for _ in range(batch)]
@@ -448,7 +454,7 @@ def main() -> None:
                   f" {k['kernel']}")
     print("\n| measure | pdserve | roofline | % | transformers |")
     print("|---|---|---|---|---|")
-    for k in ("prefill_8x1k", "prefill_1x8k"):
+    for k in [k for k in ("prefill_8x1k", "prefill_1x8k") if k in results]:
         r = results[k]
         print(f"| {k} | {r['tokens_per_s']:.0f} tok/s | {r['roofline_s'] * 1e3:.1f} ms floor "
               f"vs {r['seconds'] * 1e3:.1f} ms | {100 * r['pct_of_roofline']:.0f}% | |")
