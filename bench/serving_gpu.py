@@ -310,9 +310,6 @@ def main() -> None:
                     help="decode linears of up to this many rows through the fused split-K "
                     "kernel (kernels/gemv.py SKINNY_MAX_ROWS; default: its value; this "
                     "process only, so tp 1)")
-    ap.add_argument("--skinny-pdl", action="store_true",
-                    help="the skinny linears and the decode attention between them as "
-                    "programmatic dependents (kernels/gemv.py SKINNY_PDL)")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -336,8 +333,6 @@ def main() -> None:
     if args.skinny_max_rows is not None:
         gemv.SKINNY_MAX_ROWS = args.skinny_max_rows
     results["skinny_max_rows"] = gemv.SKINNY_MAX_ROWS
-    gemv.SKINNY_PDL = gemv.SKINNY_PDL or args.skinny_pdl
-    results["skinny_pdl"] = gemv.SKINNY_PDL
     results["copy_TBps"] = copy_rate(device, 1 << (28 if cuda else 22)) / 1e12
     results["matmul_TFLOPs"] = matmul_rate(device, 8192 if cuda else 512) / 1e12
     save()

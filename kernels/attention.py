@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.kernels.attention_triton import _decode_attention_kernel, _prefill_attention_kernel
-from pdserve.kernels.gemv import pdl_decode
 from pdserve.kernels.rotary_kv import check_rotary_kv, rotary_write_kv_ref
 from pdserve.kernels.triton_utils import (
     check_device,
@@ -234,7 +233,7 @@ def decode_attention(
     seq_lens: torch.Tensor, scale: float, max_seq_len: int, *,
     split_size: int = DECODE_SPLIT_SIZE, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
-    programs_per_head: int | None = None, rotary: tuple | None = None, pdl: bool | None = None,
+    programs_per_head: int | None = None, rotary: tuple | None = None,
 ) -> torch.Tensor:
     """Triton `decode_attention_ref` (same contract). Contexts are cut into fixed splits of
     `split_size` tokens (a multiple of the tile, block_n), merged in split order in the same
@@ -243,9 +242,7 @@ def decode_attention(
     programs_per_head overrides the launch's spread of each sequence's splits over programs
     (the default follows the batch size; it never changes a result). `rotary` = (k, v,
     positions, cos_cache, sin_cache, slot_mapping): q and the step's k are unrotated, and the
-    kernel does `rotary_write_kv`'s work first (`rotary_decode_attention`). `pdl`: launched
-    as a programmatic dependent that lets the next kernel launch at once (default: where
-    kernels/gemv.py's `pdl_decode` launches the skinny linears so)."""
+    kernel does `rotary_write_kv`'s work first (`rotary_decode_attention`)."""
     group, block_size = _check_attention_inputs(q, kv_cache, layer, block_tables, seq_lens)
     B, num_heads, head_dim = q.shape
     if rotary is not None:
@@ -287,8 +284,6 @@ def decode_attention(
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_N=bn, SPLIT_SIZE=split_size,
         MERGE_STEP=8, DOT_PRECISION=_dot_precision(q.dtype), ONE_PROGRAM=one,
         ROTARY=rotary is not None, num_warps=num_warps or warps, num_stages=num_stages or stages,
-        **({"PDL": True, "launch_pdl": True}
-           if (pdl_decode(B, q.device) if pdl is None else pdl) else {}),
     )
     return out
 

@@ -40,7 +40,7 @@ Softmax is online (flash-attention style) in fp32, in log2 units: scores are sca
 
 from __future__ import annotations
 
-from pdserve.kernels.triton_utils import gdc_launch_dependents, gdc_wait, tl, triton
+from pdserve.kernels.triton_utils import tl, triton
 
 
 @triton.jit
@@ -179,11 +179,7 @@ def _decode_attention_kernel(
     SPLIT_SIZE: tl.constexpr, MERGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_PROGRAM: tl.constexpr,  # one program per (sequence, KV head): fold in registers
     ROTARY: tl.constexpr,  # q and the step's k unrotated: rotate both, write k and v first
-    PDL: tl.constexpr = False,  # launched as a programmatic dependent (kernels/gemv.py)
 ):
-    if PDL:  # the next kernel may launch now (it waits for this one before reading)
-        gdc_launch_dependents()
-        gdc_wait()  # every input may come from the kernel ahead
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     p = tl.program_id(2)

@@ -39,33 +39,10 @@ import torch.nn.functional as F
 
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
-from pdserve.kernels.prefetch import bulk_prefetch_l2
-from pdserve.kernels.triton_utils import (
-    HAVE_PDL,
-    check_device,
-    gdc_launch_dependents,
-    gdc_wait,
-    tl,
-    triton,
-    zeroed_counters,
-)
+from pdserve.kernels.triton_utils import check_device, tl, triton, zeroed_counters
 
 PROLOGUES = ("none", "norm", "silu")
 SKINNY_MAX_ROWS = 0  # off: cuBLAS measured faster (bench/gemv_sweep.py, BENCHMARKS.md)
-# the skinny launches (and the decode attention between them) as programmatic dependents that
-# ask L2 for their weights before waiting for the kernel ahead (PDL 2), where the GPU can
-SKINNY_PDL = False
-_PDL_DEVICES: dict[torch.device, bool] = {}
-
-
-def pdl_decode(rows: int, device: torch.device) -> bool:
-    """Whether a decode step of `rows` rows launches its skinny linears and its attention as
-    programmatic dependents (SKINNY_PDL, within SKINNY_MAX_ROWS, on Hopper or later)."""
-    if not SKINNY_PDL or rows > SKINNY_MAX_ROWS or device.type != "cuda" or not HAVE_PDL:
-        return False
-    if device not in _PDL_DEVICES:
-        _PDL_DEVICES[device] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _PDL_DEVICES[device]
 
 
 def linear_skinny_ref(
@@ -93,8 +70,6 @@ def _skinny_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr = 0,  # 1: launched as a programmatic dependent; 2: also prefetch W
-    W_BYTES: tl.constexpr = 2,  # the weight's element size (PDL 2)
 ):
     """Program (n tile, k split): y[:, tile] over K[k split], from the weight's [BLOCK_N,
     BLOCK_K] tiles (contiguous along K: wide loads; the weight is read exactly once). With
@@ -113,16 +88,6 @@ def _skinny_kernel(
 
     k_lo = pid_k * K_PER
     k_hi = tl.minimum(k_lo + K_PER, K)
-    if PDL > 0:
-        # a programmatic dependent launch starts before the kernel ahead of it is done: let
-        # the next kernel launch, ask L2 for this program's weight slice (no earlier kernel
-        # writes weights), and only then wait for the kernel ahead (it writes x, residual)
-        gdc_launch_dependents()
-        if PDL == 2:
-            nbytes = (k_hi - k_lo) * W_BYTES
-            bulk_prefetch_l2(w_ptr + offs_n.to(tl.int64) * stride_wn + k_lo,
-                             tl.where(mask_n, nbytes, 0))
-        gdc_wait()
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([M_PAD], dtype=tl.float32)  # "norm": this split's sum of squares of h
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -226,7 +191,7 @@ def linear_skinny(
     norm_weight: torch.Tensor | None = None, eps: float = 0.0,
     block_n: int | None = None, block_k: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, use_dot: bool | None = None,
-    split_k: int | None = None, pdl: int = 0,
+    split_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton `linear_skinny_ref` (same contract), one launch. x [M, K] ([M, 2K] for "silu"),
     weight [N, K] with unit stride along K. The tile options are for the sweep (use_dot:
@@ -283,7 +248,6 @@ def linear_skinny(
         M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, EVEN_K=K % k_per == 0,
         SPLIT_K=split, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps or warps, num_stages=num_stages or stages,
-        **({"PDL": pdl, "W_BYTES": weight.element_size(), "launch_pdl": True} if pdl else {}),
     )
     new_res = res_out if has_res else (x if prologue == "norm" else None)
     return y, new_res
@@ -299,7 +263,6 @@ def linear_fused(
     limit = SKINNY_MAX_ROWS if max_rows is None else max_rows
     if x.shape[0] <= limit and x.dtype == weight.dtype and weight.stride(-1) == 1:
         return linear_skinny(x, weight, bias, prologue=prologue, residual=residual,
-                             norm_weight=norm_weight, eps=eps,
-                             pdl=2 if pdl_decode(x.shape[0], x.device) else 0)
+                             norm_weight=norm_weight, eps=eps)
     return linear_skinny_ref(x, weight, bias, prologue=prologue, residual=residual,
                              norm_weight=norm_weight, eps=eps, norm=rms_norm, silu=silu_and_mul)

@@ -65,15 +65,6 @@ except ImportError:  # a CPU install without the gpu extra
     triton = tl = _NoTriton()  # type: ignore[assignment]
     HAVE_TRITON = False
 
-# grid dependency control (programmatic dependent launch, Hopper): the kernels' PDL modes
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAVE_PDL = True
-except ImportError:  # no triton, or one without them
-    gdc_launch_dependents = gdc_wait = None
-    HAVE_PDL = False
-
 
 def interpreting() -> bool:
     """True when triton runs kernels in its (CPU) interpreter."""

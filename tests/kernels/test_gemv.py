@@ -104,32 +104,3 @@ def test_split_k_is_deterministic_and_leaves_its_counters_zero(device, dtype, re
     assert not zeroed_counters("linear_skinny", 3, x.device).any()
     want = linear_skinny_ref(x, w, b, prologue="norm", residual=res, norm_weight=nw, eps=1e-5)[0]
     assert rel_err(y1, want) <= TOL[dtype]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [1, 2])
-@pytest.mark.parametrize("prologue,with_residual", [("none", False), ("norm", True),
-                                                    ("silu", False)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_linear_skinny_pdl_same_bits(pdl, prologue, with_residual, split_k, request):
-    """Launched as a programmatic dependent behind another such launch that writes its input
-    (the writer lets it start at once; the writer reads 32-64 MiB of weights first), with or
-    without the weight asked of L2 before the wait: the same bits as plain launches, so the
-    wait orders the input's reads after the writer's writes."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch and the bulk prefetch need sm_90")
-    x, w, b, res, nw = _inputs("cuda", torch.bfloat16, 1, 4096, 512, prologue, with_residual,
-                               False, request)
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(1, 32768, generator=gen).to(torch.bfloat16).cuda()
-    w_ahead = (torch.randn(x.shape[1], 32768, generator=gen) / 180).to(torch.bfloat16).cuda()
-    kw = dict(prologue=prologue, residual=res, norm_weight=nw, eps=1e-5, split_k=split_k)
-    x_plain = linear_skinny(a, w_ahead, split_k=4)[0]
-    want, want_res = linear_skinny(x_plain, w, **kw)
-    for _ in range(3):
-        x_pdl = linear_skinny(a, w_ahead, split_k=4, pdl=pdl)[0]
-        y, new_res = linear_skinny(x_pdl, w, **kw, pdl=pdl)
-        torch.testing.assert_close(x_pdl, x_plain, rtol=0, atol=0)
-        torch.testing.assert_close(y, want, rtol=0, atol=0)
-        if prologue == "norm":
-            torch.testing.assert_close(new_res, want_res, rtol=0, atol=0)
