@@ -10,6 +10,12 @@ per second / 2: a read-only kernel can pass 100%) and the FLOP rate as a % of th
 matmul rate.
 
     python bench/blas_backends.py --out /tmp/out
+    python bench/blas_backends.py --forms --rows 1,4 --out /tmp/out   # other call forms
+
+`--forms` times, under cuBLAS only, other ways to ask for the same product at few rows (each
+picks its own kernel): "linear" F.linear(x, W) (the engine's), "nn" (W @ x^T)^T (W as the left
+operand), "mv" torch.mv(W, x) (one row only), and "linear_fp32red" F.linear with
+allow_bf16_reduced_precision_reduction off (which changes cuBLAS's split-K choice).
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--rows", default="1,32,256")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--forms", action="store_true", help="other call forms (see above)")
     args = ap.parse_args()
+    if args.forms:
+        forms(args)
+        return
     dev = torch.device("cuda")
     copy, mm = sg.copy_rate(dev, 1 << 27), sg.matmul_rate(dev, 8192)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -77,6 +87,54 @@ def main() -> None:
         a, b = c["cublas"], c["cublaslt"]
         print(f"{c['name']:8} {c['M']:4d} | {a['us']:9.1f} {a['read_pct']:6.1f} {a['flop_pct']:6.1f} | "
               f"{b['us']:11.1f} {b['read_pct']:6.1f} {b['flop_pct']:6.1f} | {a['us'] / b['us']:.2f}")
+
+
+def forms(args: argparse.Namespace) -> None:
+    dev = torch.device("cuda")
+    copy = sg.copy_rate(dev, 1 << 27)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "copy_bytes_per_s": copy, "cases": []}
+    path = Path(args.out) / "blas_forms.json"
+    matmul = torch.backends.cuda.matmul
+    default_red = matmul.allow_bf16_reduced_precision_reduction
+    kinds = {
+        "linear": lambda x, w: F.linear(x, w),
+        "nn": lambda x, w: (w @ x.t()).t(),
+        "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0),
+        "linear_fp32red": lambda x, w: F.linear(x, w),
+    }
+    print(f"{torch.cuda.get_device_name()}: copy {copy / 1e12:.2f} TB/s (r+w); "
+          f"reduced-precision reduction default {default_red}")
+    for name, N, K in SHAPES:
+        layers = 2 if name == "lm_head" else args.layers
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K ** -0.5
+              for _ in range(layers)]
+        for M in (int(m) for m in args.rows.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            case = {"name": name, "N": N, "K": K, "M": M}
+            ref = F.linear(x, ws[0]).float()
+            for kind, fn in kinds.items():
+                if kind == "mv" and M != 1:
+                    continue
+                matmul.allow_bf16_reduced_precision_reduction = (
+                    False if kind == "linear_fp32red" else default_red)
+
+                def run(ws=ws, x=x, fn=fn):
+                    for w in ws:
+                        fn(x, w)
+
+                us = graph_time(run) / layers * 1e6
+                y = fn(x, ws[0]).float()
+                case[kind] = {"us": us, "read_pct_of_copy": 100 * N * K * 2 / (us * 1e-6) / copy,
+                              "rel_diff_vs_linear": ((y - ref).norm() / ref.norm()).item()}
+            matmul.allow_bf16_reduced_precision_reduction = default_red
+            res["cases"].append(case)
+            path.write_text(json.dumps(res, indent=1))
+            print(f"{name:8} M={M:3d} " + "  ".join(
+                f"{k} {v['us']:6.1f} us ({v['read_pct_of_copy']:3.0f}%)"
+                for k, v in case.items() if isinstance(v, dict)), flush=True)
+        ws.clear()
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
