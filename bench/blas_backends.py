@@ -36,6 +36,20 @@ SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096),
           ("down", 4096, 14336), ("lm_head", 128256, 4096)]
 
 
+def _cases(args: argparse.Namespace, dev: torch.device):
+    """Per shape, its layers' weights (2 for the LM head), then per row count of --rows an
+    input: yields (weights, x, the case's record); frees each shape's weights after it."""
+    for name, N, K in SHAPES:
+        layers = 2 if name == "lm_head" else args.layers
+        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K ** -0.5
+              for _ in range(layers)]
+        for M in (int(m) for m in args.rows.split(",")):
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            yield ws, x, {"name": name, "N": N, "K": K, "M": M}
+        ws.clear()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
@@ -52,33 +66,26 @@ def main() -> None:
            "copy_bytes_per_s": copy, "matmul_flops_per_s": mm, "cases": []}
     path = Path(args.out) / "blas_backends.json"
     backends = ["cublas", "cublaslt"]
-    for name, N, K in SHAPES:
-        layers = 2 if name == "lm_head" else args.layers
-        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K ** -0.5
-              for _ in range(layers)]
-        for M in (int(m) for m in args.rows.split(",")):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            case = {"name": name, "N": N, "K": K, "M": M}
-            ref = None
-            for be in backends:
-                torch.backends.cuda.preferred_blas_library(be)
+    for ws, x, case in _cases(args, dev):
+        layers, (M, N, K) = len(ws), (case["M"], case["N"], case["K"])
+        ref = None
+        for be in backends:
+            torch.backends.cuda.preferred_blas_library(be)
 
-                def run(ws=ws, x=x):
-                    for w in ws:
-                        F.linear(x, w)
+            def run(ws=ws, x=x):
+                for w in ws:
+                    F.linear(x, w)
 
-                us = graph_time(run) / layers * 1e6
-                y = F.linear(x, ws[0]).float()
-                if ref is None:
-                    ref = y
-                t = us * 1e-6
-                case[be] = {"us": us, "read_pct": 100 * N * K * 2 / t / (copy / 2),
-                            "flop_pct": 100 * 2 * M * N * K / t / mm,
-                            "rel_diff_vs_cublas": ((y - ref).norm() / ref.norm()).item()}
-            res["cases"].append(case)
-            path.write_text(json.dumps(res, indent=1))
-        ws.clear()
-        torch.cuda.empty_cache()
+            us = graph_time(run) / layers * 1e6
+            y = F.linear(x, ws[0]).float()
+            if ref is None:
+                ref = y
+            t = us * 1e-6
+            case[be] = {"us": us, "read_pct": 100 * N * K * 2 / t / (copy / 2),
+                        "flop_pct": 100 * 2 * M * N * K / t / mm,
+                        "rel_diff_vs_cublas": ((y - ref).norm() / ref.norm()).item()}
+        res["cases"].append(case)
+        path.write_text(json.dumps(res, indent=1))
     torch.backends.cuda.preferred_blas_library("cublas")
     print(f"{res['device']}: copy {copy / 1e12:.2f} TB/s (r+w), matmul {mm / 1e12:.0f} TFLOP/s")
     print(f"{'gemm':8} {'M':>4} | {'cublas µs':>9} {'read%':>6} {'flop%':>6} | "
@@ -105,36 +112,29 @@ def forms(args: argparse.Namespace) -> None:
     }
     print(f"{torch.cuda.get_device_name()}: copy {copy / 1e12:.2f} TB/s (r+w); "
           f"reduced-precision reduction default {default_red}")
-    for name, N, K in SHAPES:
-        layers = 2 if name == "lm_head" else args.layers
-        ws = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * K ** -0.5
-              for _ in range(layers)]
-        for M in (int(m) for m in args.rows.split(",")):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            case = {"name": name, "N": N, "K": K, "M": M}
-            ref = F.linear(x, ws[0]).float()
-            for kind, fn in kinds.items():
-                if kind == "mv" and M != 1:
-                    continue
-                matmul.allow_bf16_reduced_precision_reduction = (
-                    False if kind == "linear_fp32red" else default_red)
+    for ws, x, case in _cases(args, dev):
+        layers, (M, N, K) = len(ws), (case["M"], case["N"], case["K"])
+        ref = F.linear(x, ws[0]).float()
+        for kind, fn in kinds.items():
+            if kind == "mv" and M != 1:
+                continue
+            matmul.allow_bf16_reduced_precision_reduction = (
+                False if kind == "linear_fp32red" else default_red)
 
-                def run(ws=ws, x=x, fn=fn):
-                    for w in ws:
-                        fn(x, w)
+            def run(ws=ws, x=x, fn=fn):
+                for w in ws:
+                    fn(x, w)
 
-                us = graph_time(run) / layers * 1e6
-                y = fn(x, ws[0]).float()
-                case[kind] = {"us": us, "read_pct_of_copy": 100 * N * K * 2 / (us * 1e-6) / copy,
-                              "rel_diff_vs_linear": ((y - ref).norm() / ref.norm()).item()}
-            matmul.allow_bf16_reduced_precision_reduction = default_red
-            res["cases"].append(case)
-            path.write_text(json.dumps(res, indent=1))
-            print(f"{name:8} M={M:3d} " + "  ".join(
-                f"{k} {v['us']:6.1f} us ({v['read_pct_of_copy']:3.0f}%)"
-                for k, v in case.items() if isinstance(v, dict)), flush=True)
-        ws.clear()
-        torch.cuda.empty_cache()
+            us = graph_time(run) / layers * 1e6
+            y = fn(x, ws[0]).float()
+            case[kind] = {"us": us, "read_pct_of_copy": 100 * N * K * 2 / (us * 1e-6) / copy,
+                          "rel_diff_vs_linear": ((y - ref).norm() / ref.norm()).item()}
+        matmul.allow_bf16_reduced_precision_reduction = default_red
+        res["cases"].append(case)
+        path.write_text(json.dumps(res, indent=1))
+        print(f"{case['name']:8} M={M:3d} " + "  ".join(
+            f"{k} {v['us']:6.1f} us ({v['read_pct_of_copy']:3.0f}%)"
+            for k, v in case.items() if isinstance(v, dict)), flush=True)
 
 
 if __name__ == "__main__":
