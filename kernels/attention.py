@@ -28,6 +28,7 @@ from pdserve.kernels.triton_utils import (
     check_index,
     check_power_of_two,
     interpreting,
+    sm_count,
     triton,
     zeroed_counters,
 )
@@ -172,9 +173,6 @@ def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return (128, 4, 2) if head_dim <= 128 else (32, 4, 2)
 
 
-_SM_COUNT: dict[torch.device, int] = {}
-
-
 def _programs_per_head(rows: int, max_splits: int, device: torch.device) -> int:
     """Programs that share one (sequence, KV head)'s splits: one once the batch's `rows`
     (sequences x KV heads) give most SMs (7/8) a program (it then folds its splits in
@@ -185,9 +183,7 @@ def _programs_per_head(rows: int, max_splits: int, device: torch.device) -> int:
     kernel's docstring)."""
     if device.type != "cuda":
         return min(max_splits, 4)  # the interpreter: a few, so the tests share splits
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    sms = _SM_COUNT[device]
+    sms = sm_count(device)
     if 8 * rows >= 7 * sms:
         return 1
     return max(1, min(max_splits, -(-2 * sms // rows)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kernels.triton_utils import check_device, check_index, interpreting, tl, triton
+from pdserve.kernels.triton_utils import check_device, check_index, interpreting, sm_count, tl, triton
 
 
 def gather_blocks_ref(
@@ -128,19 +128,6 @@ DEFAULT_GATHER = GatherConfig(tiles_per_program=8, streaming=True)
 # unbounded one's tuning
 BOUNDED_GATHER = GatherConfig()
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small grid
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(index)
-    if n is None:
-        n = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
-
-
 def _word_view(pool: torch.Tensor, word: torch.dtype) -> torch.Tensor:
     """[num_blocks, words] view of a pool whose blocks are contiguous spans."""
     span = pool[0].numel()
@@ -177,7 +164,7 @@ class BlockGather:
         self.src, self.dst = _word_view(src_pool, word), _word_view(dst_pool, word)
         self.words = self.src.shape[1]
         self.strides = (self.src.stride(0), self.dst.stride(0))
-        self.sms = _sm_count(self.device)
+        self.sms = sm_count(self.device)
         self.full = self._cut(self.config)
         self.bounded = self._cut(BOUNDED_GATHER)
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
 from pdserve.kernels.norm import rms_norm, rms_norm_ref
-from pdserve.kernels.triton_utils import check_device, tl, triton, zeroed_counters
+from pdserve.kernels.triton_utils import check_device, sm_count, tl, triton, zeroed_counters
 
 PROLOGUES = ("none", "norm", "silu")
 SKINNY_MAX_ROWS = 0  # off: cuBLAS measured faster (bench/gemv_sweep.py, BENCHMARKS.md)
@@ -164,9 +164,6 @@ def _skinny_store(acc, ss, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, K, stri
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_SM_COUNT: dict[torch.device, int] = {}
-
-
 def _default_config(m: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) for M = m rows; bench/gemv_sweep.py."""
     if m >= 16:
@@ -180,9 +177,7 @@ def _default_split(tiles: int, k_tiles: int, device: torch.device) -> int:
     """Programs along K: about four programs per SM over the grid (bench/gemv_sweep.py)."""
     if device.type != "cuda":
         return min(k_tiles, 3)  # the interpreter: a few splits, so the tests fold partials
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * _SM_COUNT[device], tiles), k_tiles, 16))
+    return max(1, min(triton.cdiv(4 * sm_count(device), tiles), k_tiles, 16))
 
 
 def linear_skinny(

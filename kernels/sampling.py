@@ -20,13 +20,12 @@ kernels ``name``. Only the low 32 bits of choice_index and position take part in
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from torch import Tensor
 
-from pdserve.kernels.triton_utils import tl, triton
+from pdserve.kernels.triton_utils import sm_count, tl, triton
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key bumps
@@ -262,11 +261,6 @@ def philox_uniform(seeds: Tensor, choices: Tensor, positions: Tensor, vocab_size
     return out
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def exponential_race(probs: Tensor, seeds: Tensor, choices: Tensor, positions: Tensor,
                      block: int = 1024, num_warps: int = 32, splits: int | None = None) -> Tensor:
     """Triton, fused: same contract as exponential_race_ref (int64 [N]), without materialising
@@ -282,7 +276,7 @@ def exponential_race(probs: Tensor, seeds: Tensor, choices: Tensor, positions: T
         return out
     tiles = triton.cdiv(vocab, block)
     if splits is None:
-        splits = triton.cdiv(2 * _sm_count(probs.device), n)
+        splits = triton.cdiv(2 * sm_count(probs.device), n)
     span_tiles = triton.cdiv(tiles, max(1, min(splits, tiles)))
     splits = triton.cdiv(tiles, span_tiles)  # no empty split
     val = torch.empty(n, splits, dtype=torch.float32, device=probs.device)

@@ -95,6 +95,20 @@ def check_index(name: str, t: torch.Tensor, ndim: int) -> None:
                          f"{t.dtype}")
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's multiprocessors (cached per CUDA device); 4 elsewhere (the interpreter:
+    any small grid), for launchers that size grids by the SMs."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 _COUNTERS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdserve.kernels import triton_utils
 from pdserve.kernels.attention import (
-    _SM_COUNT,
     _programs_per_head,
     decode_attention,
     decode_attention_ref,
@@ -159,7 +159,7 @@ def test_spread_is_one_program_per_head_once_the_rows_fill_the_sms(monkeypatch):
     SMs one (its splits fold in registers), about two programs per SM below that, never more
     than the splits. On the interpreter a few, so the tests exercise shared heads."""
     gpu = torch.device("cuda", 7)
-    monkeypatch.setitem(_SM_COUNT, gpu, 132)
+    monkeypatch.setitem(triton_utils._SM_COUNTS, gpu.index, 132)
     assert _programs_per_head(8, 32, gpu) == 32  # capped by the 32 splits
     assert _programs_per_head(8, 64, gpu) == 33  # batch 1 at 8 KV heads: ceil(264 / 8)
     assert _programs_per_head(64, 32, gpu) == 5  # batch 8: ceil(264 / 64)
